@@ -1,0 +1,22 @@
+"""Errors the CLI turns into a clear message and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+
+class VectorlayError(Exception):
+    """An error an operator can act on: `message` says what is wrong, `hint` what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(VectorlayError):
+    exit_code = 2
+
+
+class LiveRootForbidden(RuntimeError):
+    """Raised in tests when code reaches for the real `/` without being told to."""

@@ -1,0 +1,213 @@
+"""The host model: one root directory and one command runner through which everything is done.
+
+On a real box the root is `/` and commands run for real. Against any other root (tests, the demo,
+`--root DIR`) nothing on this machine is read, written or run: paths resolve inside the tree and the
+runner records commands instead of running them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from bootstrap.errors import LiveRootForbidden
+
+# Set by the test suite (conftest) so that code which forgets to pass --root fails loudly.
+FORBID_LIVE_ENV = "VECTORLAY_FORBID_LIVE_ROOT"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class Runner(Protocol):
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float | None = 60.0,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult: ...
+
+
+class SubprocessRunner:
+    """Runs commands on this machine. Only ever used with the root `/`."""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float | None = 60.0,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        full_env = None if env is None else {**os.environ, **env}
+        try:
+            proc = subprocess.run(
+                list(argv),
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=full_env,
+                check=False,
+            )
+        except FileNotFoundError:
+            return CommandResult(tuple(argv), 127, "", f"{argv[0]}: command not found")
+        except subprocess.TimeoutExpired:
+            return CommandResult(tuple(argv), 124, "", f"{argv[0]}: timed out after {timeout}s")
+        return CommandResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+
+
+Handler = Callable[["Host", tuple[str, ...]], CommandResult]
+
+
+@dataclass
+class RecordingRunner:
+    """Records every command instead of running it.
+
+    `handlers` maps a program name (argv[0]'s basename) to a function that simulates it against the
+    host tree; a command without a handler "succeeds" with no output. Tests and the demo register
+    simulators (systemctl, modprobe, ...) where a stage needs an answer.
+    """
+
+    host: Host | None = None
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    commands: list[tuple[str, ...]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float | None = 60.0,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        cmd = tuple(argv)
+        with self._lock:
+            self.commands.append(cmd)
+        handler = self.handlers.get(os.path.basename(cmd[0]))
+        if handler is not None and self.host is not None:
+            return handler(self.host, cmd)
+        return CommandResult(cmd, 0, "", "")
+
+    def render(self) -> list[str]:
+        return [shlex.join(c) for c in self.commands]
+
+
+class Host:
+    """A root directory plus a runner. Every path the tools touch goes through `path()`."""
+
+    def __init__(self, root: Path | str = "/", runner: Runner | None = None) -> None:
+        self.root = Path(root).resolve()
+        if self.is_live and os.environ.get(FORBID_LIVE_ENV) == "1":
+            raise LiveRootForbidden(
+                "this code reached for the real host root '/' under the test suite; pass a --root tree"
+            )
+        if runner is None:
+            runner = SubprocessRunner() if self.is_live else RecordingRunner()
+        if isinstance(runner, RecordingRunner) and runner.host is None:
+            runner.host = self
+        self.runner = runner
+        self.disk_free_override: int | None = None
+
+    @property
+    def is_live(self) -> bool:
+        return self.root == Path("/")
+
+    def __repr__(self) -> str:
+        return f"Host(root={str(self.root)!r})"
+
+    def path(self, p: str | os.PathLike[str]) -> Path:
+        """Map an absolute host path such as `/etc/default/grub` into the root."""
+        s = os.fspath(p)
+        if not s.startswith("/"):
+            raise ValueError(f"host paths are absolute, got {s!r}")
+        if self.is_live:
+            return Path(s)
+        return self.root / s.lstrip("/")
+
+    def to_host(self, real: Path) -> str:
+        """The inverse of path(): a path inside the tree back to its host form."""
+        if self.is_live:
+            return str(real)
+        return "/" + str(Path(real).relative_to(self.root))
+
+    def exists(self, p: str) -> bool:
+        return self.path(p).exists()
+
+    def read_text(self, p: str, default: str | None = None) -> str:
+        try:
+            return self.path(p).read_text(errors="replace")
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            if default is None:
+                raise
+            return default
+
+    def readlink_name(self, p: str) -> str | None:
+        """Basename of a symlink's target (sysfs `driver`, `iommu_group`), or None if absent."""
+        try:
+            return os.path.basename(os.readlink(self.path(p)))
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return None
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float | None = 60.0,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        return self.runner.run(argv, input=input, timeout=timeout, env=env)
+
+    # psutil, pointed at the root: memory comes from <root>/proc/meminfo exactly as on a live box,
+    # and disk figures can be injected because a test tree has no filesystem of its own to measure.
+    def memory_total_bytes(self) -> int:
+        import psutil
+
+        old = psutil.PROCFS_PATH
+        psutil.PROCFS_PATH = str(self.path("/proc"))
+        try:
+            return int(psutil.virtual_memory().total)
+        finally:
+            psutil.PROCFS_PATH = old
+
+    def disk_free_bytes(self, p: str) -> int:
+        """Free bytes on the filesystem holding host path `p` (its nearest existing ancestor)."""
+        if self.disk_free_override is not None:
+            return self.disk_free_override
+        import psutil
+
+        real = self.path(p)
+        while not real.exists() and real != real.parent:
+            real = real.parent
+        return int(psutil.disk_usage(str(real)).free)
+
+
+@contextmanager
+def live_root_allowed() -> Iterator[None]:
+    """For the few tests that read the real machine on purpose."""
+    old = os.environ.pop(FORBID_LIVE_ENV, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[FORBID_LIVE_ENV] = old

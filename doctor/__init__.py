@@ -1,0 +1,1 @@
+"""vectorlay-node-doctor: health checks of a provider node."""

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootstrap.host import FORBID_LIVE_ENV, Host
+from hostsim import build_host, load_topology
+
+
+@pytest.fixture(autouse=True)
+def _forbid_live_root(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Code that forgets --root and reaches for the real / fails, unless the test is marked `live`."""
+    if request.node.get_closest_marker("live") is None:
+        monkeypatch.setenv(FORBID_LIVE_ENV, "1")
+    yield
+
+
+@pytest.fixture
+def make_tree(tmp_path: Path) -> Callable[..., Path]:
+    """Build a named topology (optionally changed by `edit`) under a fresh directory."""
+    counter = iter(range(1_000_000))
+
+    def _make(name: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
+        desc = load_topology(name)
+        if edit is not None:
+            edit(desc)
+        return build_host(tmp_path / f"{name}-{next(counter)}", desc)
+
+    return _make
+
+
+@pytest.fixture
+def make_host(make_tree: Callable[..., Path]) -> Callable[..., Host]:
+    def _make(name: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Host:
+        return Host(make_tree(name, edit))
+
+    return _make
