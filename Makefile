@@ -27,10 +27,10 @@ unit: venv
 test: lint typecheck unit
 
 bench: venv
-	$(BIN)/pytest -q --benchmark-enable --benchmark-only benchmarks
+	$(BIN)/pytest -q --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,max,rounds benchmarks
 
 demo: venv
-	$(BIN)/python -m bootstrap.demo
+	$(BIN)/python -m hostsim.demo
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

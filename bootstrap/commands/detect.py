@@ -33,7 +33,8 @@ def render_inventory(inv: Inventory) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Piped output gets a width that fits a row per device instead of rich's 80-column default.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     io = inv.iommu
     if io.active:
         console.print(f"IOMMU: [green]active[/] ({io.vendor or 'unknown'}, {io.groups} groups)")

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootstrap.errors import LiveRootForbidden
+from bootstrap.fsutil import atomic_symlink, atomic_write
+from bootstrap.host import CommandResult, Host, RecordingRunner, SubprocessRunner
+
+
+def test_paths_resolve_inside_the_root_and_back(tmp_path: Path) -> None:
+    host = Host(tmp_path)
+    assert host.path("/etc/default/grub") == tmp_path / "etc/default/grub"
+    assert host.to_host(tmp_path / "etc/default/grub") == "/etc/default/grub"
+    with pytest.raises(ValueError):
+        host.path("etc/default/grub")
+
+
+def test_a_tree_root_never_runs_commands_it_records_them(tmp_path: Path) -> None:
+    host = Host(tmp_path)
+    assert isinstance(host.runner, RecordingRunner)
+    marker = tmp_path / "would-be-created"
+    result = host.run(["touch", str(marker)])
+    assert result.ok and not marker.exists()
+    assert host.runner.commands == [("touch", str(marker))]
+
+
+def test_recording_runner_hands_a_program_to_its_simulator(tmp_path: Path) -> None:
+    runner = RecordingRunner(handlers={"systemctl": lambda h, argv: CommandResult(argv, 3, "inactive\n")})
+    host = Host(tmp_path, runner)
+    assert host.run(["/usr/bin/systemctl", "is-active", "nomad"]).stdout == "inactive\n"
+    assert host.run(["modprobe", "vfio-pci"]).returncode == 0
+
+
+def test_the_real_root_is_unreachable_under_the_test_suite() -> None:
+    with pytest.raises(LiveRootForbidden):
+        Host("/")
+
+
+@pytest.mark.live
+def test_the_real_root_uses_the_subprocess_runner_when_asked_for() -> None:
+    host = Host("/")
+    assert host.is_live and isinstance(host.runner, SubprocessRunner)
+    assert host.path("/proc/cmdline") == Path("/proc/cmdline")
+
+
+def test_memory_comes_from_the_trees_proc_meminfo(tmp_path: Path) -> None:
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text(
+        "MemTotal:       33554432 kB\nMemFree:        1000 kB\nMemAvailable:   2000 kB\n"
+        "Buffers:        0 kB\nCached:         0 kB\nShmem:          0 kB\nSReclaimable:   0 kB\n"
+        "Active:         0 kB\nInactive:       0 kB\n"
+    )
+    assert Host(tmp_path).memory_total_bytes() == 32 * 1024**3
+
+
+def test_disk_free_can_be_set_for_a_tree(tmp_path: Path) -> None:
+    host = Host(tmp_path)
+    assert host.disk_free_bytes("/var/lib/vectorlay") > 0  # nearest existing ancestor is measured
+    host.disk_free_override = 19 * 10**9
+    assert host.disk_free_bytes("/var/lib/vectorlay") == 19 * 10**9
+
+
+def test_atomic_write_keeps_mode_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    p = tmp_path / "d" / "secret"
+    atomic_write(p, "one", mode=0o600)
+    atomic_write(p, b"two")
+    assert p.read_text() == "two"
+    assert p.stat().st_mode & 0o777 == 0o600
+    assert os.listdir(p.parent) == ["secret"]
+
+
+def test_atomic_write_failure_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "f"
+    p.write_text("old")
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write(p, "new")
+    assert p.read_text() == "old"
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_atomic_symlink_replaces_a_link_in_one_step(tmp_path: Path) -> None:
+    link = tmp_path / "current"
+    atomic_symlink("v1", link)
+    atomic_symlink("v2", link)
+    assert os.readlink(link) == "v2"
+    assert sorted(os.listdir(tmp_path)) == ["current"]

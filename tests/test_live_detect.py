@@ -1,0 +1,47 @@
+"""`vectorlay-bootstrap detect` against the real machine it runs on (reads only; runs no command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bootstrap.discovery import GPU_CLASSES, GPU_VENDORS
+
+
+def _count_gpus_from_sysfs() -> int:
+    """An independent count: walk /sys/bus/pci/devices with nothing but os and open()."""
+    base = "/sys/bus/pci/devices"
+    n = 0
+    for name in os.listdir(base) if os.path.isdir(base) else []:
+        with open(f"{base}/{name}/vendor") as v, open(f"{base}/{name}/class") as c:
+            vendor, klass = v.read().strip()[2:], c.read().strip()[2:6]
+        n += vendor in GPU_VENDORS and klass in GPU_CLASSES
+    return n
+
+
+@pytest.mark.live
+def test_detect_on_this_machine_succeeds_and_counts_its_gpus() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "VECTORLAY_FORBID_LIVE_ROOT"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bootstrap.cli", "detect", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert len(data["gpus"]) == _count_gpus_from_sysfs()
+    assert data["iommu"]["active"] == bool(os.listdir("/sys/kernel/iommu_groups"))
+    table = subprocess.run(
+        [sys.executable, "-m", "bootstrap.cli", "detect"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert table.returncode == 0 and "IOMMU:" in table.stdout and "Traceback" not in table.stderr

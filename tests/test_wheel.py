@@ -1,0 +1,85 @@
+"""The built wheel carries templates/ and units/ and finds them when installed (not editable)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    # No build isolation: hatchling comes from the dev venv, so the test needs no network.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+    )
+    (whl,) = out.glob("vectorlay_node-*.whl")
+    return whl
+
+
+def test_wheel_contains_packages_templates_and_units_but_not_hostsim(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bootstrap/cli.py" in names and "doctor/cli.py" in names
+    assert "bootstrap/_data/templates/node.yaml.j2" in names
+    assert any(n.startswith("bootstrap/_data/units/") for n in names)
+    assert not any(n.startswith(("hostsim/", "tests/")) for n in names)
+
+
+def test_installed_wheel_finds_its_data_and_runs_detect(wheel: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin/python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    # Third-party dependencies come from this test run's environment through a .pth line (which
+    # does not process that directory's own .pth files, so the editable checkout stays invisible).
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    probe = (
+        "import bootstrap, bootstrap.resources as r;"
+        "print(bootstrap.__file__); print(r.templates_dir()); print(r.units_dir())"
+    )
+    out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)
+    pkg, templates, units = out.stdout.split()
+    assert pkg.startswith(site) and templates.startswith(site) and units.startswith(site)
+    assert Path(templates, "node.yaml.j2").is_file()
+
+    tree = tmp_path / "host"
+    (tree / "proc").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [str(venv / "bin/vectorlay-bootstrap"), "detect", "--root", str(tree), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert '"gpus": []' in res.stdout
+    assert (venv / "bin/vectorlay-node-doctor").exists()
