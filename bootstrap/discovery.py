@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from bootstrap.host import Host
+from bootstrap.host import Host, RecordingRunner
 from bootstrap.pci import (
     PciDevice,
     PciNames,
@@ -15,6 +15,7 @@ from bootstrap.pci import (
     iommu_groups,
     list_addresses,
     load_pci_ids,
+    parse_lspci_nn,
     read_device,
     udev_names,
 )
@@ -308,4 +309,18 @@ def _names(host: Host, inv: Inventory) -> dict[str, str]:
         for addr, (_vendor, model) in udev_names(missing).items():
             if model:
                 out[addr] = model
+        missing = [a for a in missing if a not in out]
+    if missing and not isinstance(host.runner, RecordingRunner):
+        # lspci carries its own (possibly compressed) copy of the ID database and reads it even
+        # with no driver loaded. Only asked where commands really run: a recorded call answers nothing.
+        res = host.run(["lspci", "-Dnn"], timeout=10)
+        if res.ok:
+            vendor_names = {v: ids.vendor(v) for v in vendors}
+            for entry in parse_lspci_nn(res.stdout):
+                if entry.address in missing:
+                    name = entry.description
+                    prefix = vendor_names.get(entry.vendor_id)
+                    if prefix and name.startswith(prefix + " "):
+                        name = name[len(prefix) + 1 :]
+                    out[entry.address] = name
     return out

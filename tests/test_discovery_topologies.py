@@ -149,3 +149,39 @@ def test_an_extra_nvswitch_device_id_from_settings_is_recognised(make_host: Make
     host = make_host("cpu-only", add)
     assert discover(host).nvswitches == []
     assert len(discover(host, Settings(extra_nvswitch_device_ids=("2324",))).nvswitches) == 1
+
+
+def test_a_recorded_tree_asks_no_command_for_names(make_tree: Callable[..., Any]) -> None:
+    def no_ids(desc: dict[str, Any]) -> None:
+        desc["pci_ids"] = False
+
+    host = Host(make_tree("gpu-shares-nic", no_ids))
+    discover(host)
+    assert host.runner.commands == []  # type: ignore[attr-defined]
+
+
+def test_names_fall_back_to_lspci_when_pci_ids_lacks_them(make_tree: Callable[..., Any]) -> None:
+    from bootstrap.host import CommandResult
+
+    lspci = (
+        "0000:41:00.0 3D controller [0302]: NVIDIA Corporation GH100 [H100 SXM5 80GB] [10de:2330] (rev a1)\n"
+    )
+
+    class GuestRunner:
+        """Stands for a runner that really executes (the VM harness's), answering lspci."""
+
+        def __init__(self) -> None:
+            self.commands: list[tuple[str, ...]] = []
+
+        def run(self, argv: Any, **kwargs: Any) -> CommandResult:
+            self.commands.append(tuple(argv))
+            return CommandResult(tuple(argv), 0, lspci if argv[0] == "lspci" else "")
+
+    def no_ids(desc: dict[str, Any]) -> None:
+        desc["pci_ids"] = False
+
+    runner = GuestRunner()
+    inv = discover(Host(make_tree("gpu-shares-nic", no_ids), runner))
+    assert runner.commands == [("lspci", "-Dnn")]
+    assert inv.name("0000:41:00.0") == "NVIDIA Corporation GH100 [H100 SXM5 80GB]"
+    assert inv.name("0000:61:00.0") == ""
