@@ -204,3 +204,17 @@ def test_a_broken_node_yaml_is_a_message_and_exit_1(
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: /etc/vectorlay/node.yaml is not valid YAML") and "Traceback" not in err
+
+
+def test_colour_follows_the_terminal_and_no_color(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from doctor.render import use_colour
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as tty, (tmp_path / "out.txt").open("w") as plain:
+        assert use_colour(tty)
+        assert not use_colour(plain)
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert not use_colour(tty)
+    os.close(leader)
