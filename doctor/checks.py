@@ -92,20 +92,15 @@ def _gpu_skip(ctx: Context, name: str) -> CheckResult | None:
     return None
 
 
-def _systemctl_states(ctx: Context, verb: str, units: Iterable[str]) -> dict[str, str]:
-    """`systemctl is-active/is-enabled` answers per unit; a unit it gave no answer for is absent."""
+def _systemctl_states(ctx: Context, verb: str, units: Iterable[str]) -> tuple[dict[str, str], str]:
+    """`systemctl is-active/is-enabled` answers per unit, or ({}, why systemd gave none)."""
     units = list(units)
     res = ctx.host.run(["systemctl", verb, *units], timeout=20)
     answers = res.stdout.splitlines()
-    if len(answers) != len(units):
-        return {}
-    return dict(zip(units, (a.strip() for a in answers), strict=True))
-
-
-def _systemd_error(ctx: Context, verb: str, units: Iterable[str]) -> str:
-    res = ctx.host.run(["systemctl", verb, *units], timeout=20)
+    if len(answers) == len(units):
+        return dict(zip(units, (a.strip() for a in answers), strict=True)), ""
     text = (res.stderr or res.stdout).strip().splitlines()
-    return text[0] if text else f"exit status {res.returncode}"
+    return {}, text[0] if text else f"exit status {res.returncode}"
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -119,12 +114,12 @@ def check_agents(ctx: Context) -> CheckResult:
     missing = [u for u in AGENTS if u not in present]
     if missing:
         return CheckResult(name, Status.FAIL, f"unit(s) missing: {', '.join(missing)}", REINSTALL)
-    states = _systemctl_states(ctx, "is-active", AGENTS)
+    states, why = _systemctl_states(ctx, "is-active", AGENTS)
     if not states:
         return CheckResult(
             name,
             Status.FAIL,
-            f"cannot ask systemd about the agents: {_systemd_error(ctx, 'is-active', AGENTS)}",
+            f"cannot ask systemd about the agents: {why}",
             "run the doctor on the node itself, booted with systemd",
         )
     down = [u for u in AGENTS if states[u] != "active"]
@@ -153,13 +148,13 @@ def check_autoupdate(ctx: Context) -> CheckResult:
         if not any(ctx.host.path(f"{UNIT_DIR}/{u}").exists() for u in AGENTS):
             return CheckResult(name, Status.SKIP, "agents not installed", INSTALL)
         return CheckResult(name, Status.FAIL, f"{UPDATE_TIMER} is not installed", REINSTALL)
-    states = _systemctl_states(ctx, "is-enabled", [UPDATE_TIMER])
+    states, why = _systemctl_states(ctx, "is-enabled", [UPDATE_TIMER])
     state = states.get(UPDATE_TIMER)
     if state is None:
         return CheckResult(
             name,
             Status.FAIL,
-            f"cannot ask systemd about {UPDATE_TIMER}: {_systemd_error(ctx, 'is-enabled', [UPDATE_TIMER])}",
+            f"cannot ask systemd about {UPDATE_TIMER}: {why}",
             "run the doctor on the node itself, booted with systemd",
         )
     if state != "enabled":

@@ -429,3 +429,14 @@ def test_an_unknown_check_name_is_a_usage_error(sim_host: Make) -> None:
 def test_a_warn_or_fail_without_a_hint_cannot_be_built() -> None:
     with pytest.raises(ValueError, match="needs a hint"):
         CheckResult("disk", Status.WARN, "low")
+
+
+def test_agents_installed_without_the_update_timer_fail_autoupdate(
+    sim_host: Make, agents: Callable[..., None]
+) -> None:
+    host = sim_host("cpu-only")
+    agents(host)
+    host.path("/etc/systemd/system/node-agent-update.timer").unlink()
+    result = run_checks(host, env={}, only=["autoupdate"]).get("autoupdate")
+    assert (result.status, result.message) == (Status.FAIL, "node-agent-update.timer is not installed")
+    assert result.hint == "re-run the install one-liner"
