@@ -1,0 +1,517 @@
+"""The doctor's checks: pure functions of the host (root + runner) returning CheckResults.
+
+`run_checks` is the entry point the installer's preflight and verify stages reuse
+(e.g. `run_checks(host, settings, only=["kvm", "memory", "disk"])`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
+from bootstrap.errors import UsageError
+from bootstrap.host import Host
+from bootstrap.settings import Settings
+from doctor.model import CheckResult, Report, Status
+
+GB = 1000**3  # disks and DIMMs are sold in decimal GB; a "32 GB" box must not fail a 32 GB floor
+DISK_FAIL_GB, DISK_WARN_GB = 20, 50
+MEMORY_FAIL_GB, MEMORY_WARN_GB = 32, 64
+
+UNIT_DIR = "/etc/systemd/system"
+AGENTS = ("nebula.service", "nomad.service", "node-agent.service")
+UPDATE_TIMER = "node-agent-update.timer"
+INSTALL = "run the install one-liner"
+REINSTALL = "re-run the install one-liner"
+RESTART_BIND = "sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap"
+
+# Kernel log lines that mean a GPU fell off the bus this boot: the NVIDIA driver's Xid 79, the
+# driver's plain-text report, and the PCI core failing to wake a device from D3cold.
+_KERNEL_LOG_PATTERN = re.compile(
+    r"NVRM: Xid \([^)]*\): 79\b|fallen off the bus|Unable to change power state from D3cold to D0"
+)
+
+
+@dataclass
+class Context:
+    """What the checks share: the host, its settings, and facts computed once on first use."""
+
+    host: Host
+    settings: Settings
+    _inventory: Inventory | None = field(default=None, repr=False)
+    _readiness: list[tuple[Unit, bool, str]] | None = field(default=None, repr=False)
+    _kernel_log: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def inventory(self) -> Inventory:
+        if self._inventory is None:
+            self._inventory = discover(self.host, self.settings)
+        return self._inventory
+
+    @property
+    def mode(self) -> str:
+        """passthrough | container | none: from the settings, or from detection before install."""
+        if self.settings.gpu_mode:
+            return self.settings.gpu_mode
+        return "passthrough" if self.inventory.gpus else "none"
+
+    def readiness(self) -> list[tuple[Unit, bool, str]]:
+        """Per GPU unit: ready to rent?, and the line that says why."""
+        if self._readiness is None:
+            self._readiness = [_unit_readiness(self, u) for u in self.inventory.units]
+        return self._readiness
+
+    def kernel_log(self) -> list[str]:
+        """This boot's kernel lines about GPUs falling off the bus ([] when the log is unreadable)."""
+        if self._kernel_log is None:
+            self._kernel_log = _read_kernel_log(self.host)
+        return self._kernel_log
+
+
+Check = Callable[[Context], CheckResult]
+
+
+def _read_kernel_log(host: Host) -> list[str]:
+    for argv in (["journalctl", "-k", "-b", "--no-pager", "-q"], ["dmesg"]):
+        res = host.run(argv, timeout=20)
+        lines = [ln for ln in res.stdout.splitlines() if ln.strip() and not ln.startswith("-- ")]
+        if res.ok and lines:
+            return [ln.strip() for ln in lines if _KERNEL_LOG_PATTERN.search(ln)]
+    return []
+
+
+def _gpu_skip(ctx: Context, name: str) -> CheckResult | None:
+    """The SKIP a GPU check returns on a node that serves no GPUs, else None."""
+    if not ctx.inventory.gpus:
+        return CheckResult(name, Status.SKIP, "no GPUs (CPU-only node)")
+    if ctx.mode == "none":
+        return CheckResult(name, Status.SKIP, "GPU mode is none: the node serves no GPUs")
+    return None
+
+
+def _systemctl_states(ctx: Context, verb: str, units: Iterable[str]) -> tuple[dict[str, str], str]:
+    """`systemctl is-active/is-enabled` answers per unit, or ({}, why systemd gave none)."""
+    units = list(units)
+    res = ctx.host.run(["systemctl", verb, *units], timeout=20)
+    answers = res.stdout.splitlines()
+    if len(answers) == len(units):
+        return dict(zip(units, (a.strip() for a in answers), strict=True)), ""
+    text = (res.stderr or res.stdout).strip().splitlines()
+    return {}, text[0] if text else f"exit status {res.returncode}"
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def check_agents(ctx: Context) -> CheckResult:
+    name = "agents"
+    present = [u for u in AGENTS if ctx.host.path(f"{UNIT_DIR}/{u}").exists()]
+    if not present:
+        return CheckResult(name, Status.FAIL, "vectorlay agents are not installed", INSTALL)
+    missing = [u for u in AGENTS if u not in present]
+    if missing:
+        return CheckResult(name, Status.FAIL, f"unit(s) missing: {', '.join(missing)}", REINSTALL)
+    states, why = _systemctl_states(ctx, "is-active", AGENTS)
+    if not states:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"cannot ask systemd about the agents: {why}",
+            "run the doctor on the node itself, booted with systemd",
+        )
+    down = [u for u in AGENTS if states[u] != "active"]
+    if down:
+        what = ", ".join(f"{u.removesuffix('.service')} is {states[u]}" for u in down)
+        names = " ".join(u.removesuffix(".service") for u in down)
+        return CheckResult(
+            name,
+            Status.FAIL,
+            what,
+            f"sudo systemctl restart {names}; if it fails again: journalctl -u {down[0]} -n 50",
+        )
+    return CheckResult(name, Status.PASS, "nebula, nomad and node-agent active")
+
+
+def check_autoupdate(ctx: Context) -> CheckResult:
+    name = "autoupdate"
+    if not ctx.settings.autoupdate:
+        return CheckResult(
+            name,
+            Status.WARN,
+            "auto-update opted out (NODE_AGENT_AUTOUPDATE=0): node-agent will not update itself",
+            "to turn it back on, re-run the install one-liner without NODE_AGENT_AUTOUPDATE=0",
+        )
+    if not ctx.host.path(f"{UNIT_DIR}/{UPDATE_TIMER}").exists():
+        if not any(ctx.host.path(f"{UNIT_DIR}/{u}").exists() for u in AGENTS):
+            return CheckResult(name, Status.SKIP, "agents not installed", INSTALL)
+        return CheckResult(name, Status.FAIL, f"{UPDATE_TIMER} is not installed", REINSTALL)
+    states, why = _systemctl_states(ctx, "is-enabled", [UPDATE_TIMER])
+    state = states.get(UPDATE_TIMER)
+    if state is None:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"cannot ask systemd about {UPDATE_TIMER}: {why}",
+            "run the doctor on the node itself, booted with systemd",
+        )
+    if state != "enabled":
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"auto-update is off: {UPDATE_TIMER} is {state}",
+            f"to turn it back on: sudo systemctl enable --now {UPDATE_TIMER}",
+        )
+    return CheckResult(name, Status.PASS, f"{UPDATE_TIMER} enabled")
+
+
+def check_kvm(ctx: Context) -> CheckResult:
+    name = "kvm"
+    host = ctx.host
+    cpu = ctx.inventory.cpu
+    flags = f"CPU flags: {cpu.virtualization}" if cpu.virtualization else "CPU flags: no vmx/svm"
+    module = "kvm_amd" if cpu.vendor == "amd" else "kvm_intel"
+    if not host.exists("/dev/kvm"):
+        if cpu.virtualization is None:
+            bios = "SVM" if cpu.vendor == "amd" else "VT-x"
+            return CheckResult(
+                name,
+                Status.FAIL,
+                f"/dev/kvm does not exist and the CPU shows no {bios}",
+                f"enable {bios} (CPU virtualization) in BIOS/UEFI, then reboot",
+                (flags,),
+            )
+        return CheckResult(
+            name,
+            Status.FAIL,
+            "/dev/kvm does not exist",
+            f"sudo modprobe {module} (if it fails, enable virtualization in BIOS/UEFI)",
+            (flags,),
+        )
+    if not os.access(host.path("/dev/kvm"), os.R_OK | os.W_OK):
+        return CheckResult(
+            name, Status.FAIL, "/dev/kvm is not accessible (permission denied)", "run the doctor with sudo"
+        )
+    if not host.is_live:
+        return CheckResult(name, Status.PASS, "/dev/kvm present (VM creation is probed on a live host)", None)
+    from doctor.probes import probe_kvm
+
+    probe = probe_kvm("/dev/kvm")
+    if not probe.ok:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"/dev/kvm present but cannot create a VM: {probe.detail}",
+            f"enable virtualization in BIOS/UEFI (nested guest: enable nested virt on the host), "
+            f"then sudo modprobe -r {module} && sudo modprobe {module}",
+            (flags,),
+        )
+    note = "" if cpu.virtualization else " (nested guest: KVM works although the flags are hidden)"
+    return CheckResult(name, Status.PASS, f"KVM works: {probe.detail}", None, (flags + note,))
+
+
+def _vendor_iommu_args(vendor: str | None) -> str:
+    return "amd_iommu=on iommu=pt" if vendor == "amd" else "intel_iommu=on iommu=pt"
+
+
+def check_iommu(ctx: Context) -> CheckResult:
+    name = "iommu"
+    skip = _gpu_skip(ctx, name)
+    if skip is not None:
+        return skip
+    if ctx.mode == "container":
+        return CheckResult(name, Status.SKIP, "container GPU mode: no IOMMU needed")
+    inv = ctx.inventory
+    io, vendor = inv.iommu, inv.cpu.vendor or inv.iommu.vendor
+    args = io.cmdline.split()
+    details = []
+    # An IOMMU option for the other vendor does nothing; worth saying when it is the only one given.
+    other = "amd_iommu=on" if vendor == "intel" else "intel_iommu=on"
+    own = "intel_iommu=" if vendor == "intel" else "amd_iommu="
+    if other in args and not any(a.startswith(own) for a in args):
+        details.append(f"{other} has no effect on this {vendor} CPU")
+    if io.active:
+        msg = f"IOMMU active ({io.vendor or vendor or 'unknown vendor'}, {io.groups} groups)"
+        if "iommu=pt" not in args:
+            details.append("iommu=pt not set: host devices pay for DMA translation (the installer adds it)")
+        return CheckResult(name, Status.PASS, msg, None, tuple(details))
+    if io.cmdline:
+        details.insert(0, f"kernel command line: {io.cmdline}")
+    if io.firmware_table is None:
+        if vendor == "amd":
+            bios = "enable AMD-Vi: SVM and IOMMU set to Enabled (not Auto) in BIOS/UEFI, then reboot"
+        else:
+            bios = "enable VT-d in BIOS/UEFI, then reboot"
+        return CheckResult(
+            name,
+            Status.FAIL,
+            "IOMMU off: no DMAR/IVRS ACPI table (disabled in BIOS/UEFI)",
+            f"{bios} and re-run the install one-liner",
+            tuple(details),
+        )
+    off = [a for a in args if a in ("intel_iommu=off", "amd_iommu=off", "iommu=off")]
+    wanted = _vendor_iommu_args(vendor)
+    if off:
+        msg = (
+            f"IOMMU in firmware ({io.firmware_table}) but disabled on the kernel command line "
+            f"({' '.join(off)})"
+        )
+    elif all(w in args for w in wanted.split()):
+        msg = f"IOMMU in firmware ({io.firmware_table}) and {wanted} given, but the kernel enabled none"
+        return CheckResult(
+            name,
+            Status.FAIL,
+            msg,
+            "check VT-d / AMD-Vi in BIOS/UEFI and `journalctl -k -b | grep -i -e DMAR -e AMD-Vi`",
+            tuple(details),
+        )
+    else:
+        msg = f"IOMMU in firmware ({io.firmware_table}) but not enabled by the kernel"
+    return CheckResult(
+        name,
+        Status.FAIL,
+        msg,
+        f"the installer adds {wanted} to the kernel command line: re-run the install one-liner "
+        "(or vectorlay-bootstrap install --only gpu) and reboot",
+        tuple(details),
+    )
+
+
+def _unit_readiness(ctx: Context, unit: Unit) -> tuple[Unit, bool, str]:
+    inv = ctx.inventory
+    group = f"group {unit.iommu_group}" if unit.iommu_group is not None else "no group"
+    gpus = ", ".join(f"{a} {inv.name(a)}".rstrip() for a in unit.gpus)
+    head = f"{group}: {gpus}"
+    if unit.status is UnitStatus.READY:
+        if ctx.host.is_live:
+            from doctor.probes import probe_vfio_group
+
+            probe = probe_vfio_group(f"/dev/vfio/{unit.iommu_group}")
+            if not probe.usable:
+                return unit, False, f"{head}: on vfio-pci but {probe.state}"
+            return unit, True, f"{head}: ready ({probe.state})"
+        return unit, True, f"{head}: ready"
+    if unit.status is UnitStatus.NEEDS_BINDING:
+        drivers = sorted({inv.devices[a].driver or "no driver" for a in unit.unbound if a in inv.devices})
+        return unit, False, f"{head}: not on vfio-pci ({', '.join(unit.unbound)} on {', '.join(drivers)})"
+    if unit.status is UnitStatus.NOT_ISOLATABLE:
+        shared = "; ".join(inv.describe(b) for b in unit.blockers)
+        return unit, False, f"{head}: not isolatable, shares its IOMMU group with {shared}"
+    if unit.status is UnitStatus.WEDGED:
+        return unit, False, f"{head}: WEDGED (fell off the bus)"
+    return unit, False, f"{head}: no IOMMU group"
+
+
+def check_gpu_units(ctx: Context) -> CheckResult:
+    name = "gpu_units"
+    skip = _gpu_skip(ctx, name)
+    if skip is not None:
+        return skip
+    if ctx.mode == "container":
+        return CheckResult(name, Status.SKIP, "container GPU mode: GPUs are shared through runsc, not VFIO")
+    rows = ctx.readiness()
+    ready = sum(1 for _, ok, _ in rows if ok)
+    total = len(rows)
+    message = f"{ready}/{total} GPU unit(s) ready to rent"
+    details = tuple(line for _, _, line in rows)
+    if ready == total:
+        return CheckResult(name, Status.PASS, message, None, details)
+    statuses = {u.status for u, ok, _ in rows if not ok}
+    if UnitStatus.NEEDS_BINDING in statuses or UnitStatus.READY in statuses:
+        hint = RESTART_BIND
+    elif UnitStatus.NOT_ISOLATABLE in statuses:
+        blockers = [b for u, ok, _ in rows if not ok for b in u.blockers]
+        hint = (
+            f"move the GPU to a slot with its own IOMMU group (or enable ACS in BIOS/UEFI): "
+            f"it cannot be passed through while {ctx.inventory.describe(blockers[0])} shares its group"
+        )
+    elif UnitStatus.WEDGED in statuses:
+        hint = "power-cycle the host (see the wedged check)"
+    else:
+        hint = "turn the IOMMU on (see the iommu check)"
+    # Some units ready: the node still rents those, so a warning; none ready: nothing to advertise.
+    return CheckResult(name, Status.FAIL if ready == 0 else Status.WARN, message, hint, details)
+
+
+def check_wedged(ctx: Context) -> CheckResult:
+    name = "wedged"
+    skip = _gpu_skip(ctx, name)
+    if skip is not None:
+        return skip
+    wedged = ctx.inventory.wedged
+    log = ctx.kernel_log()
+    details = tuple(log[-5:])
+    if wedged:
+        addrs = ", ".join(d.address for d in wedged)
+        what = "GPU" if len(wedged) == 1 else "GPUs"
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{what} {addrs} fell off the bus (D3cold reset bug)",
+            "power-cycle the host; a soft reboot may not clear it",
+            details,
+        )
+    if log:
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"kernel log reports a GPU falling off the bus this boot ({len(log)} line(s))",
+            "if a GPU misbehaves, power-cycle the host; a soft reboot may not clear it",
+            details,
+        )
+    n = len(ctx.inventory.gpus) + len(ctx.inventory.nvswitches)
+    return CheckResult(name, Status.PASS, f"no wedged GPU ({n} GPU/NVSwitch function(s) answer)")
+
+
+def check_nvidia_driver(ctx: Context) -> CheckResult:
+    name = "nvidia_driver"
+    skip = _gpu_skip(ctx, name)
+    if skip is not None:
+        return skip
+    host = ctx.host
+    if not host.exists("/sys/module/nvidia"):
+        return CheckResult(
+            name,
+            Status.FAIL,
+            "NVIDIA driver not loaded (no /sys/module/nvidia)",
+            "install the NVIDIA server driver (sudo apt-get install nvidia-driver-550-server), reboot",
+        )
+    version = host.read_text("/sys/module/nvidia/version", default="").strip()
+    loaded = f"NVIDIA driver {version} loaded" if version else "NVIDIA driver loaded"
+    off = [d for d in ctx.inventory.gpus if d.vendor_id == "10de" and d.driver != "nvidia"]
+    if off:
+        listed = ", ".join(f"{d.address} on {d.driver or 'no driver'}" for d in off)
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"{loaded}, but {len(off)} GPU(s) not on it: {listed}",
+            "container mode keeps GPUs on the host driver: re-run the install one-liner with gpu=1",
+        )
+    return CheckResult(name, Status.PASS, loaded)
+
+
+_RUNSC_PATHS = ("/opt/vectorlay/bin/runsc", "/usr/local/bin/runsc", "/usr/local/sbin/runsc", "/usr/bin/runsc")
+
+
+def check_runsc(ctx: Context) -> CheckResult:
+    name = "runsc"
+    skip = _gpu_skip(ctx, name)
+    if skip is not None:
+        return skip
+    candidates = list(_RUNSC_PATHS)
+    if ctx.host.is_live:
+        candidates += [f"{d}/runsc" for d in os.environ.get("PATH", "").split(":") if d.startswith("/")]
+    for p in candidates:
+        real = ctx.host.path(p)
+        if real.is_file():
+            if not os.access(real, os.X_OK):
+                return CheckResult(name, Status.FAIL, f"{p} is not executable", REINSTALL + " with gpu=1")
+            return CheckResult(name, Status.PASS, f"runsc at {p}")
+    return CheckResult(name, Status.FAIL, "runsc (gVisor) not found", REINSTALL + " with gpu=1")
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def check_disk(ctx: Context) -> CheckResult:
+    name = "disk"
+    path = ctx.settings.disk_path
+    try:
+        free = ctx.host.disk_free_bytes(path)
+    except OSError as e:
+        return CheckResult(name, Status.FAIL, f"cannot measure free space at {path}: {e.strerror}", REINSTALL)
+    msg = f"{_gb(free)} free at {path}"
+    if free < DISK_FAIL_GB * GB:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{msg} (needs {DISK_FAIL_GB} GB for VM base images)",
+            f"free at least {_gb(DISK_WARN_GB * GB - free)} at {path}, or set disk_path in "
+            "/etc/vectorlay/node.yaml to a larger disk",
+        )
+    if free < DISK_WARN_GB * GB:
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"{msg} (below {DISK_WARN_GB} GB)",
+            f"free {_gb(DISK_WARN_GB * GB - free)} more at {path} for VM base images",
+        )
+    return CheckResult(name, Status.PASS, msg)
+
+
+def check_memory(ctx: Context) -> CheckResult:
+    name = "memory"
+    try:
+        total = ctx.host.memory_total_bytes()
+    except (OSError, RuntimeError) as e:
+        return CheckResult(name, Status.FAIL, f"cannot read /proc/meminfo: {e}", "run on a Linux host")
+    msg = f"{_gb(total)} RAM"
+    if total < MEMORY_FAIL_GB * GB:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{msg}, below the {MEMORY_FAIL_GB} GB minimum",
+            f"add RAM: provider nodes need at least {MEMORY_FAIL_GB} GB ({MEMORY_WARN_GB} GB+ recommended)",
+        )
+    if total < MEMORY_WARN_GB * GB:
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"{msg}, below the recommended {MEMORY_WARN_GB} GB",
+            f"add RAM: every VM needs system RAM; {MEMORY_WARN_GB} GB+ recommended",
+        )
+    return CheckResult(name, Status.PASS, msg)
+
+
+def check_identity(ctx: Context) -> CheckResult:
+    from doctor.identity import check_identity as check
+
+    return check(ctx.host)
+
+
+CHECKS: dict[str, Check] = {
+    "agents": check_agents,
+    "autoupdate": check_autoupdate,
+    "kvm": check_kvm,
+    "iommu": check_iommu,
+    "gpu_units": check_gpu_units,
+    "nvidia_driver": check_nvidia_driver,
+    "runsc": check_runsc,
+    "wedged": check_wedged,
+    "disk": check_disk,
+    "memory": check_memory,
+    "identity": check_identity,
+}
+CONTAINER_ONLY = ("nvidia_driver", "runsc")
+
+
+def run_checks(
+    host: Host,
+    settings: Settings | None = None,
+    only: Iterable[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Report:
+    """Run the checks for this node's GPU mode (or just `only`, in their usual order)."""
+    if settings is None:
+        from bootstrap.settings import load_settings
+
+        settings = load_settings(host, env)
+    ctx = Context(host, settings)
+    if only is not None:
+        wanted = list(only)
+        unknown = [n for n in wanted if n not in CHECKS]
+        if unknown:
+            raise UsageError(f"unknown check(s): {', '.join(unknown)}", f"known: {', '.join(CHECKS)}")
+        names = [n for n in CHECKS if n in wanted]
+    else:
+        names = [n for n in CHECKS if n not in CONTAINER_ONLY or ctx.mode == "container"]
+    results = tuple(CHECKS[n](ctx) for n in names)
+
+    ready = total = 0
+    if ctx.mode == "passthrough":
+        rows = ctx.readiness()
+        ready, total = sum(1 for _, ok, _ in rows if ok), len(rows)
+    return Report(results, ctx.mode, ready, total, tuple(d.address for d in ctx.inventory.wedged))

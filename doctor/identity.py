@@ -1,0 +1,102 @@
+"""The node's durable identity under /etc/vectorlay/identity/ (DESIGN.md section 6).
+
+`cryptography` is imported only here and only when the node is enrolled: it costs more start-up time
+than the rest of the doctor together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+
+from bootstrap.host import Host
+from doctor.model import CheckResult, Status
+
+IDENTITY_DIR = "/etc/vectorlay/identity"
+EXPIRY_WARN_DAYS = 14
+REENROLL = "re-run the install one-liner to re-enroll (the node keeps its ID and overlay IP)"
+
+
+def _expected_owner(host: Host) -> int:
+    # On a live box "root-owned" means uid 0. A --root tree stands for a whole host whose files were
+    # created by whoever owns the tree, so the tree's owner plays root there.
+    return 0 if host.is_live else host.root.stat().st_uid
+
+
+def check_identity(host: Host, now: dt.datetime | None = None) -> CheckResult:
+    name = "identity"
+    if not host.path(IDENTITY_DIR).is_dir():
+        return CheckResult(name, Status.SKIP, "not enrolled (no /etc/vectorlay/identity/)")
+    crt_p, key_p, ca_p = (f"{IDENTITY_DIR}/{f}" for f in ("node.crt", "node.key", "ca.crt"))
+    missing = [p for p in (crt_p, key_p, ca_p) if not host.path(p).is_file()]
+    if missing:
+        return CheckResult(name, Status.FAIL, f"identity incomplete: {', '.join(missing)} missing", REENROLL)
+
+    try:
+        st = host.path(key_p).stat()
+        crt_pem, key_pem, ca_pem = (host.path(p).read_bytes() for p in (crt_p, key_p, ca_p))
+    except PermissionError:
+        return CheckResult(
+            name, Status.FAIL, f"cannot read {IDENTITY_DIR}: permission denied", "run the doctor with sudo"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    owner = _expected_owner(host)
+    if mode != 0o600 or st.st_uid != owner:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{key_p} is mode {mode:04o} owned by uid {st.st_uid}; it must be 0600 and owned by root",
+            f"sudo chown root:root {key_p} && sudo chmod 600 {key_p}",
+        )
+
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(crt_pem)
+    except ValueError as e:
+        return CheckResult(name, Status.FAIL, f"{crt_p} is not a PEM certificate: {e}", REENROLL)
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError as e:
+        return CheckResult(name, Status.FAIL, f"{ca_p} is not a PEM certificate: {e}", REENROLL)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        return CheckResult(name, Status.FAIL, f"{key_p} is not an unencrypted PEM private key: {e}", REENROLL)
+
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        return CheckResult(name, Status.FAIL, f"{key_p} does not match {crt_p}", REENROLL)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return CheckResult(name, Status.FAIL, f"{crt_p} was not issued by the CA in {ca_p}", REENROLL)
+
+    now = now or dt.datetime.now(dt.timezone.utc)
+    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    subject = cert.subject.rfc4514_string()
+    if now < not_before:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"node certificate is not valid before {not_before:%Y-%m-%d %H:%M} UTC",
+            "the system clock is wrong: enable time sync (sudo timedatectl set-ntp true)",
+        )
+    if now >= not_after:
+        return CheckResult(
+            name, Status.FAIL, f"node certificate expired on {not_after:%Y-%m-%d %H:%M} UTC", REENROLL
+        )
+    left = not_after - now
+    if left < dt.timedelta(days=EXPIRY_WARN_DAYS):
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"node certificate expires in {left.days} day(s), on {not_after:%Y-%m-%d} UTC",
+            REENROLL,
+            (subject,),
+        )
+    return CheckResult(
+        name, Status.PASS, f"node certificate valid until {not_after:%Y-%m-%d} UTC", None, (subject,)
+    )

@@ -1,0 +1,139 @@
+"""Three renderings of one Report: aligned terminal lines, the JSON contract, Prometheus text."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, TextIO
+
+from doctor.model import Report, Status
+
+LABELS = {
+    "agents": "Agents",
+    "autoupdate": "Auto-update",
+    "kvm": "KVM",
+    "iommu": "IOMMU",
+    "gpu_units": "GPU units",
+    "nvidia_driver": "NVIDIA driver",
+    "runsc": "runsc",
+    "wedged": "Wedged GPUs",
+    "disk": "Disk",
+    "memory": "Memory",
+    "identity": "Identity",
+}
+_COLOURS = {Status.PASS: "32", Status.WARN: "33", Status.FAIL: "1;31", Status.SKIP: "2"}
+_LABEL_WIDTH = 15
+_SUMMARY_LAST = frozenset({"gpu_units"})
+_MAX_MESSAGE_WIDTH = 66
+
+
+def use_colour(stream: TextIO) -> bool:
+    # https://no-color.org; and never colour a pipe or a file.
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def render_text(report: Report, colour: bool = False) -> str:
+    """virt-host-validate style: `  Label: message .... : STATUS (fix)`, evidence lines above each."""
+
+    def paint(status: Status) -> str:
+        return f"\033[{_COLOURS[status]}m{status.value}\033[0m" if colour else status.value
+
+    width = min(_MAX_MESSAGE_WIDTH, max((len(r.message) for r in report.results), default=0))
+    lines = []
+    for r in report.results:
+        label = f"{LABELS.get(r.name, r.name)}:"
+        line = f"{r.message:<{width}} : {paint(r.status)}"
+        if r.hint and r.status is not Status.PASS:
+            line += f" ({r.hint})"
+        if r.name in _SUMMARY_LAST and r.details:
+            # The per-unit lines come first and the check's line closes the block with N/M.
+            rows = [*r.details, line]
+        else:
+            rows = [line, *(f"  {d}" for d in r.details)]
+        lines.append(f"  {label:<{_LABEL_WIDTH}}{rows[0]}")
+        lines.extend(f"  {'':<{_LABEL_WIDTH}}{row}" for row in rows[1:])
+    lines.append("")
+    lines.append(f"Verdict: {paint(report.verdict)} ({_verdict_reason(report)})")
+    return "\n".join(lines) + "\n"
+
+
+def _verdict_reason(report: Report) -> str:
+    failed = [r.name for r in report.results if r.status is Status.FAIL]
+    warned = [r.name for r in report.results if r.status is Status.WARN]
+    if failed:
+        return f"{len(failed)} check(s) failed: {', '.join(failed)}"
+    if warned:
+        return f"healthy with {len(warned)} warning(s): {', '.join(warned)}"
+    if report.units_total:
+        return f"healthy; {report.units_ready} GPU unit(s) may be advertised"
+    return "healthy"
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """Exactly DESIGN.md section 5."""
+    return {
+        "verdict": report.verdict.value,
+        "checks": [
+            {"name": r.name, "status": r.status.value, "message": r.message, "hint": r.hint}
+            for r in report.results
+        ],
+        "gpu_units": {"ready": report.units_ready, "total": report.units_total},
+    }
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(to_json(report), indent=2) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+PREFIX = "vectorlay_node_doctor"
+_VERDICTS = (Status.PASS, Status.WARN, Status.FAIL)
+
+
+def render_prometheus(report: Report, now: float | None = None) -> str:
+    """node_exporter textfile-collector format: one gauge line per (check, status), like its
+    systemd collector's unit state, so alerts can match `status="FAIL"` without knowing the checks."""
+    out: list[str] = []
+
+    def gauge(name: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        out.append(f"# HELP {PREFIX}_{name} {help_text}")
+        out.append(f"# TYPE {PREFIX}_{name} gauge")
+        out.extend(f"{PREFIX}_{name}{labels} {_number(value)}" for labels, value in samples)
+
+    gauge(
+        "check_status",
+        "Result of each doctor check: 1 on the line of the status it has, 0 on the others.",
+        [
+            (f'{{check="{_label(r.name)}",status="{s.value}"}}', 1 if r.status is s else 0)
+            for r in report.results
+            for s in Status
+        ],
+    )
+    gauge(
+        "verdict",
+        "The doctor's verdict: 1 on the line of the verdict, 0 on the others.",
+        [(f'{{verdict="{v.value}"}}', 1 if report.verdict is v else 0) for v in _VERDICTS],
+    )
+    gauge("gpu_units_ready", "GPU units (IOMMU groups) ready to rent.", [("", report.units_ready)])
+    gauge("gpu_units_total", "GPU units (IOMMU groups) on the node.", [("", report.units_total)])
+    gauge("wedged_gpus", "GPUs and NVSwitches that fell off the bus.", [("", len(report.wedged))])
+    if report.wedged:
+        gauge(
+            "gpu_wedged",
+            "1 for each GPU or NVSwitch that fell off the bus, by PCI address.",
+            [(f'{{address="{_label(a)}"}}', 1) for a in report.wedged],
+        )
+    gauge(
+        "last_run_timestamp_seconds",
+        "When the doctor wrote this file (Unix time).",
+        [("", round(time.time() if now is None else now, 3))],
+    )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootstrap.host import Host, RecordingRunner
+from hostsim import systemd
+
+# Minimal but real unit files: what the agents stage installs (DESIGN.md section 6).
+UNIT_FILES = {
+    "nebula.service": "[Unit]\nDescription=Nebula overlay\n[Service]\nExecStart=/opt/vectorlay/bin/nebula\n"
+    "[Install]\nWantedBy=multi-user.target\n",
+    "nomad.service": "[Unit]\nDescription=Nomad client\nAfter=nebula.service\n[Service]\n"
+    "ExecStart=/opt/vectorlay/bin/nomad agent\n[Install]\nWantedBy=multi-user.target\n",
+    "node-agent.service": "[Unit]\nDescription=vectorlay node agent\n[Service]\n"
+    "ExecStart=/opt/vectorlay/bin/node-agent\n[Install]\nWantedBy=multi-user.target\n",
+    "node-agent-update.service": "[Unit]\nDescription=vectorlay node-agent update\n[Service]\nType=oneshot\n"
+    "ExecStart=/opt/vectorlay/venv/bin/vectorlay-bootstrap update\n",
+    "node-agent-update.timer": "[Unit]\nDescription=hourly node-agent update\n[Timer]\nOnCalendar=hourly\n"
+    "RandomizedDelaySec=20min\n[Install]\nWantedBy=timers.target\n",
+}
+AGENT_UNITS = ("nebula.service", "nomad.service", "node-agent.service", "node-agent-update.timer")
+
+GB = 1000**3
+
+
+def install_agents(host: Host, *, start: bool = True, timer: bool = True) -> None:
+    """Write the agent units into the tree and enable (and start) them through the simulator."""
+    unit_dir = host.path("/etc/systemd/system")
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in UNIT_FILES.items():
+        (unit_dir / name).write_text("# Managed by vectorlay-bootstrap\n" + text)
+    host.run(["systemctl", "daemon-reload"])
+    units = list(AGENT_UNITS if timer else AGENT_UNITS[:-1])
+    res = host.run(["systemctl", "enable", *(["--now"] if start else []), *units])
+    assert res.ok, res.stderr
+
+
+def to_vfio(desc: dict[str, Any]) -> None:
+    """The same topology after the passthrough stage: every GPU and NVSwitch on vfio-pci."""
+    for d in desc["devices"]:
+        if str(d["id"]).startswith("10de:"):
+            d["driver"] = "vfio-pci"
+    desc.setdefault("loaded_drivers", ["pcieport"]).append("vfio-pci")
+
+
+@pytest.fixture
+def sim_host(make_tree: Callable[..., Path]) -> Callable[..., Host]:
+    """A host tree whose runner answers systemctl from the tree, with a fixed free-disk figure."""
+
+    def _make(name: str, edit: Callable[[dict[str, Any]], None] | None = None, **kw: Any) -> Host:
+        host = Host(make_tree(name, edit), systemd.install(RecordingRunner()))
+        host.disk_free_override = kw.get("disk_free", 500 * GB)
+        return host
+
+    return _make
+
+
+@pytest.fixture
+def agents() -> Callable[..., None]:
+    return install_agents
+
+
+@pytest.fixture
+def vfio() -> Callable[[dict[str, Any]], None]:
+    return to_vfio

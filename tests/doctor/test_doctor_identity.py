@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from bootstrap.host import Host
+from doctor.checks import run_checks
+from doctor.identity import check_identity
+from doctor.model import Status
+
+NOW = dt.datetime.now(dt.timezone.utc)
+Key = ec.EllipticCurvePrivateKey
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _ca(cn: str = "vectorlay node CA") -> tuple[Key, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=365))
+        .not_valid_after(NOW + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _node_cert(
+    ca: tuple[Key, x509.Certificate], key: Key, *, days_left: float = 365, days_old: float = 1
+) -> x509.Certificate:
+    ca_key, ca_cert = ca
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name("node-7f3a"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=days_old))
+        .not_valid_after(NOW + dt.timedelta(days=days_left))
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: Key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def enroll(
+    host: Host,
+    *,
+    days_left: float = 365,
+    days_old: float = 1,
+    key_mode: int = 0o600,
+    other_key: bool = False,
+    other_ca: bool = False,
+) -> Path:
+    """Lay out /etc/vectorlay/identity/ as the enroll stage does."""
+    ca = _ca()
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _node_cert(ca, key, days_left=days_left, days_old=days_old)
+    d = host.path("/etc/vectorlay/identity")
+    d.mkdir(parents=True, mode=0o700)
+    (d / "node.crt").write_bytes(_pem(cert))
+    (d / "ca.crt").write_bytes(_pem(_ca("some other CA")[1] if other_ca else ca[1]))
+    key_path = d / "node.key"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT, key_mode)
+    os.write(fd, _key_pem(ec.generate_private_key(ec.SECP256R1()) if other_key else key))
+    os.close(fd)
+    os.chmod(key_path, key_mode)
+    return d
+
+
+@pytest.fixture
+def host(make_host: Callable[..., Host]) -> Host:
+    return make_host("cpu-only")
+
+
+def test_a_node_that_never_enrolled_skips_identity(host: Host) -> None:
+    result = check_identity(host)
+    assert (result.status, result.message) == (Status.SKIP, "not enrolled (no /etc/vectorlay/identity/)")
+
+
+def test_a_valid_identity_passes_with_its_expiry_date(host: Host) -> None:
+    enroll(host, days_left=200)
+    result = run_checks(host, env={}, only=["identity"]).get("identity")
+    assert result.status is Status.PASS
+    assert result.message == f"node certificate valid until {NOW + dt.timedelta(days=200):%Y-%m-%d} UTC"
+    assert result.details == ("CN=node-7f3a",)
+
+
+def test_a_certificate_expiring_within_14_days_warns(host: Host) -> None:
+    enroll(host, days_left=10)
+    result = check_identity(host)
+    assert result.status is Status.WARN
+    assert result.message.startswith("node certificate expires in 9 day(s)")
+    assert result.hint is not None and "re-enroll" in result.hint
+
+
+def test_a_certificate_with_15_days_left_does_not_warn(host: Host) -> None:
+    enroll(host, days_left=15)
+    assert check_identity(host).status is Status.PASS
+
+
+def test_an_expired_certificate_fails(host: Host) -> None:
+    enroll(host, days_left=-1, days_old=90)
+    result = check_identity(host)
+    assert result.status is Status.FAIL and result.message.startswith("node certificate expired on ")
+
+
+def test_a_certificate_from_the_future_blames_the_clock(host: Host) -> None:
+    enroll(host, days_old=-2)
+    result = check_identity(host)
+    assert result.status is Status.FAIL
+    assert result.hint == "the system clock is wrong: enable time sync (sudo timedatectl set-ntp true)"
+
+
+def test_a_world_readable_key_fails_with_the_chmod_fix(host: Host) -> None:
+    enroll(host, key_mode=0o644)
+    result = check_identity(host)
+    assert result.status is Status.FAIL
+    assert "node.key is mode 0644" in result.message
+    assert result.hint == (
+        "sudo chown root:root /etc/vectorlay/identity/node.key"
+        " && sudo chmod 600 /etc/vectorlay/identity/node.key"
+    )
+
+
+def test_a_key_that_does_not_match_the_certificate_fails(host: Host) -> None:
+    enroll(host, other_key=True)
+    result = check_identity(host)
+    assert result.status is Status.FAIL
+    assert (
+        result.message == "/etc/vectorlay/identity/node.key does not match /etc/vectorlay/identity/node.crt"
+    )
+
+
+def test_a_certificate_not_issued_by_the_stored_ca_fails(host: Host) -> None:
+    enroll(host, other_ca=True)
+    result = check_identity(host)
+    assert result.status is Status.FAIL
+    assert result.message == (
+        "/etc/vectorlay/identity/node.crt was not issued by the CA in /etc/vectorlay/identity/ca.crt"
+    )
+
+
+def test_a_missing_file_fails_naming_it(host: Host) -> None:
+    enroll(host).joinpath("ca.crt").unlink()
+    result = check_identity(host)
+    assert result.message == "identity incomplete: /etc/vectorlay/identity/ca.crt missing"
+
+
+def test_garbage_in_the_certificate_is_a_fail_not_a_crash(host: Host) -> None:
+    enroll(host).joinpath("node.crt").write_text("not a certificate\n")
+    result = check_identity(host)
+    assert result.status is Status.FAIL and "is not a PEM certificate" in result.message
