@@ -252,7 +252,7 @@ def simulated_reboot(root: Path, desc: dict[str, Any], *, firmware_iommu: bool |
     given; AMD's is on unless amd_iommu=off. Functions named by the udev rule come up with
     driver_override=vfio-pci and, with the IOMMU on and vfio-pci available, on vfio-pci; with it
     off they stay without a driver, as vfio-pci refuses them and the override keeps others away.
-    /etc, /usr, /var and /opt are kept: only what the kernel makes (sys, proc, dev) is rebuilt.
+    /etc, /usr, /var and /opt are kept; what the kernel makes (sys, proc, dev) is rebuilt, /run emptied.
     """
     new = copy.deepcopy(desc)
     cmdline = (root / "proc/cmdline").read_text().strip()
@@ -294,6 +294,7 @@ def simulated_reboot(root: Path, desc: dict[str, Any], *, firmware_iommu: bool |
     fresh = root.parent / f".{root.name}.boot"
     shutil.rmtree(fresh, ignore_errors=True)
     build_host(fresh, new)
+    shutil.rmtree(root / "run", ignore_errors=True)  # a tmpfs: empty after every boot
     for part in ("sys", "proc", "dev"):
         shutil.rmtree(root / part, ignore_errors=True)
         if (fresh / part).exists():

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -347,3 +348,43 @@ def test_the_nic_sharing_unit_is_reported_and_does_not_hold_the_node_back(make_t
     rules = (root / "etc/udev/rules.d/99-vectorlay-vfio.rules").read_text()
     assert "0000:41:00.0" not in rules and "0000:42:00.0" not in rules
     assert "0000:61:00.0" in rules
+
+
+def test_a_gpu_held_at_runtime_ends_in_a_reboot_and_the_boot_time_rule_takes_it(make_tree: MakeTree) -> None:
+    desc = load_topology("workstation-consumer")
+    root = make_tree("workstation-consumer")
+    host, sim, services = simulated_host(root)
+    services.bind_timeout = 0.2
+    held = threading.Event()
+    sim.hang["0000:01:00.0"] = held  # a display server keeps the console GPU open
+    try:
+        code, out = install(root, host=host)
+    finally:
+        held.set()
+        for t in threading.enumerate():  # the unbind that was waiting finishes now
+            if t.name.startswith("sysfs"):
+                t.join(5)
+    assert code == 3, out
+    assert "systemctl restart vectorlay-vfio-bind.service failed (exit 1)" in out
+    assert "0000:01:00.0: unbinding from nvidia did not return within 0.2s" in out
+    assert out.strip().endswith("reboot required: reboot, then re-run the same command")
+
+    simulated_reboot(root, desc)
+    host, sim, _ = simulated_host(root)
+    code, out = install(root, host=host)
+    assert code == 0, out
+    assert "1/1 GPU unit(s) ready for passthrough" in out
+    for fn in range(4):
+        assert host.readlink_name(f"/sys/bus/pci/devices/0000:01:00.{fn}/driver") == "vfio-pci"
+
+
+def test_only_detect_runs_detection_alone(make_tree: MakeTree, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_tree("hgx-h100")
+    before = snapshot(root, skip=("run",))
+    with pytest.raises(SystemExit) as e:
+        main(["install", "--root", str(root), "--only", "detect"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "detect: 8 GPU(s), 4 NVSwitch(es), IOMMU active (intel), 0/8 GPU unit(s) ready" in out
+    assert "gpu:" not in out
+    assert snapshot(root, skip=("run",)) == before
