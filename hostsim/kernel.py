@@ -243,11 +243,18 @@ def _next_cmdline(root: Path, current: str) -> str:
     return f"BOOT_IMAGE={m[1]} {m[2]}".strip()
 
 
-def simulated_reboot(root: Path, desc: dict[str, Any], *, firmware_iommu: bool | None = None) -> str:
+def simulated_reboot(
+    root: Path,
+    desc: dict[str, Any],
+    *,
+    firmware_iommu: bool | None = None,
+    run_update_grub: bool = False,
+) -> str:
     """Reboot the tree built from `desc`; returns the new boot id.
 
     The kernel starts with the command line of grub.cfg's first entry (unchanged when grub.cfg was
-    never regenerated). The IOMMU comes up when the firmware describes one (`firmware_iommu`
+    never regenerated; `run_update_grub` regenerates it first, for runs whose commands were only
+    recorded). The IOMMU comes up when the firmware describes one (`firmware_iommu`
     overrides the topology: False is VT-d/AMD-Vi disabled in BIOS) and, on Intel, intel_iommu=on is
     given; AMD's is on unless amd_iommu=off. Functions named by the udev rule come up with
     driver_override=vfio-pci and, with the IOMMU on and vfio-pci available, on vfio-pci; with it
@@ -255,6 +262,8 @@ def simulated_reboot(root: Path, desc: dict[str, Any], *, firmware_iommu: bool |
     /etc, /usr, /var and /opt are kept; what the kernel makes (sys, proc, dev) is rebuilt, /run emptied.
     """
     new = copy.deepcopy(desc)
+    if run_update_grub:
+        _grub_mkconfig(Host(root), ("update-grub",))
     cmdline = (root / "proc/cmdline").read_text().strip()
     cmdline = _next_cmdline(root, cmdline)
     args = cmdline.split()

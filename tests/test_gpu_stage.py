@@ -388,3 +388,17 @@ def test_only_detect_runs_detection_alone(make_tree: MakeTree, capsys: pytest.Ca
     assert "detect: 8 GPU(s), 4 NVSwitch(es), IOMMU active (intel), 0/8 GPU unit(s) ready" in out
     assert "gpu:" not in out
     assert snapshot(root, skip=("run",)) == before
+
+
+def test_a_cli_run_whose_commands_were_only_recorded_can_be_rebooted_with_update_grub(
+    make_tree: MakeTree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    desc = load_topology("amd-mi300x")
+    root = make_tree("amd-mi300x")
+    assert install(root)[0] == 3
+    simulated_reboot(root, desc, run_update_grub=True)
+    assert (root / "proc/cmdline").read_text().split()[-1] == "iommu=pt"
+    with pytest.raises(SystemExit) as e:
+        main(["install", "--root", str(root), "--only", "gpu"])
+    assert e.value.code == 0
+    assert "8/8 GPU unit(s) ready for passthrough" in capsys.readouterr().out
