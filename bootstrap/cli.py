@@ -42,6 +42,46 @@ def detect(
     run_detect(root, json_out)
 
 
+@app.command()
+def install(
+    root: Path = RootOption,
+    plan: bool = typer.Option(False, "--plan", help="Print every change with unified diffs; change nothing."),
+    only: str | None = typer.Option(None, "--only", help="Run one stage (and what it needs), e.g. gpu."),
+    api: str | None = typer.Option(None, "--api", help="Control-plane URL."),
+    ca_file: Path | None = typer.Option(None, "--ca-file", help="Trust this CA for the control plane."),
+    gpu_mode: str | None = typer.Option(None, "--gpu-mode", help="passthrough, container or none."),
+) -> None:
+    """Run the installer's stages. Exit 0 done, 1 failed or blocked, 2 usage, 3 reboot required."""
+    from bootstrap.commands.install import run_install
+
+    code = run_install(root, plan_only=plan, only=only, api=api, ca_file=ca_file, gpu_mode=gpu_mode)
+    raise typer.Exit(code)
+
+
+@app.command()
+def uninstall(
+    root: Path = RootOption,
+    plan: bool = typer.Option(
+        False, "--plan", help="Print what would be removed or restored; change nothing."
+    ),
+) -> None:
+    """Remove what the installer owns and restore the files it replaced."""
+    from bootstrap.commands.uninstall import run_uninstall
+
+    raise typer.Exit(run_uninstall(root, plan_only=plan))
+
+
+@app.command("vfio-bind")
+def vfio_bind(
+    root: Path = RootOption,
+    timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds to wait for each sysfs step."),
+) -> None:
+    """Bind every passthrough GPU unit and NVSwitch to vfio-pci (vectorlay-vfio-bind.service runs this)."""
+    from bootstrap.commands.vfio_bind import run_vfio_bind
+
+    raise typer.Exit(run_vfio_bind(root, timeout=timeout))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: operator errors become a message and an exit code, never a traceback.
 

@@ -127,6 +127,8 @@ class Host:
             runner.host = self
         self.runner = runner
         self.disk_free_override: int | None = None
+        # Simulators of the kernel's reaction to sysfs writes (hostsim.kernel); empty on a real box.
+        self.sysfs_hooks: list[Callable[[str, str], None]] = []
 
     @property
     def is_live(self) -> bool:
@@ -177,6 +179,25 @@ class Host:
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
         return self.runner.run(argv, input=input, timeout=timeout, env=env)
+
+    def sysfs_write(self, p: str, data: str) -> None:
+        """Write a sysfs attribute (`driver_override`, `drivers_probe`, ...) at host path `p`.
+
+        A real kernel acts on the write itself. In a tree, registered hooks play the kernel: they
+        receive the host path and the data and change the tree as the kernel would (or raise the
+        OSError it would return); without hooks the data just lands in the file.
+        """
+        if self.sysfs_hooks:
+            for hook in self.sysfs_hooks:
+                hook(p, data)
+            return
+        # One write() call, unbuffered: sysfs takes an attribute's value from a single write.
+        flags = os.O_WRONLY if self.is_live else (os.O_WRONLY | os.O_TRUNC)
+        fd = os.open(self.path(p), flags)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
 
     # psutil, pointed at the root: memory comes from <root>/proc/meminfo exactly as on a live box,
     # and disk figures can be injected because a test tree has no filesystem of its own to measure.

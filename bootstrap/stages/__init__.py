@@ -1,0 +1,112 @@
+"""The installer's stages as data (DESIGN.md section 2), and what a stage receives and returns.
+
+A stage is a module with `run(ctx) -> StageResult`; `module=None` marks one that is not implemented
+yet. `--only STAGE` runs that stage and the stages it needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+from bootstrap.discovery import Inventory
+from bootstrap.errors import UsageError, VectorlayError
+from bootstrap.host import Host
+from bootstrap.settings import Settings
+from bootstrap.state import RunState
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    module: str | None
+    needs: tuple[str, ...] = ()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("preflight", "root, OS, virtualization, memory, disk, API and token checks", None),
+    Stage("detect", "PCI devices, GPUs, NVSwitches, IOMMU groups, GPU units", "bootstrap.stages.detect"),
+    Stage(
+        "gpu", "GPU passthrough: IOMMU, vfio, bind service, reboot gate", "bootstrap.stages.gpu", ("detect",)
+    ),
+    Stage("enroll", "key pair, CSR, token exchanged for a durable identity", None, ("detect",)),
+    Stage("artifacts", "nebula, nomad, node-agent from the signed manifest", None, ("enroll",)),
+    Stage("agents", "units and configs of the agents, update timer", None, ("artifacts",)),
+    Stage("verify", "the doctor's checks: the run's verdict", None, ("agents",)),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+class Outcome(str, Enum):
+    OK = "ok"
+    PLANNED = "planned"
+    REBOOT = "reboot"
+
+
+@dataclass
+class StageResult:
+    outcome: Outcome
+    message: str = ""
+
+
+@dataclass
+class Context:
+    host: Host
+    settings: Settings
+    state: RunState
+    plan_only: bool = False
+    gpu_mode: str | None = None
+    api: str | None = None
+    ca_file: Path | None = None
+    token_expires_at: datetime | None = None
+    out: Callable[[str], None] = print
+    inventory: Inventory | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class StageModule(Protocol):
+    def run(self, ctx: Context) -> StageResult: ...
+
+
+def _closure(name: str) -> list[Stage]:
+    order = [s.name for s in STAGES]
+    wanted: set[str] = set()
+
+    def visit(n: str) -> None:
+        if n in wanted:
+            return
+        wanted.add(n)
+        for dep in BY_NAME[n].needs:
+            visit(dep)
+
+    visit(name)
+    return [BY_NAME[n] for n in order if n in wanted]
+
+
+def select(only: str | None) -> tuple[list[Stage], list[Stage]]:
+    """(stages to run, stages skipped because they are not implemented yet)."""
+    if only is None:
+        return [s for s in STAGES if s.module], [s for s in STAGES if not s.module]
+    if only not in BY_NAME:
+        raise UsageError(f"unknown stage {only!r}", "choose one of: " + ", ".join(s.name for s in STAGES))
+    chosen = _closure(only)
+    missing = [s.name for s in chosen if s.module is None]
+    if missing:
+        raise VectorlayError(
+            f"stage {only!r} is not implemented yet"
+            + (f" (it needs {', '.join(missing)})" if missing != [only] else ""),
+            "run 'vectorlay-bootstrap install --only gpu' or '--only detect' for now",
+        )
+    return chosen, []
+
+
+def load(stage: Stage) -> StageModule:
+    assert stage.module is not None
+    module: StageModule = importlib.import_module(stage.module)
+    return module

@@ -1,0 +1,258 @@
+"""Stage `gpu` (passthrough): IOMMU on the kernel command line, vfio modules, the boot-time bind
+service and udev rule, initramfs and GRUB regenerated, then the reboot gate.
+
+The node is never enrolled while its GPUs cannot be passed through: when the running kernel does not
+yet have the IOMMU on or the GPUs on vfio-pci, the run stops with "reboot required" (exit 3) and
+records the boot id, so the run after the reboot can tell "not rebooted yet" from "the firmware has
+the IOMMU switched off".
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from bootstrap import grub, vfio
+from bootstrap.discovery import Inventory, UnitStatus, discover
+from bootstrap.errors import VectorlayError
+from bootstrap.host import Host
+from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, apply, compute, render
+from bootstrap.resources import units_dir
+from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.state import boot_id, reboot_message, save_state
+from bootstrap.templating import render as render_template
+
+MODULES_LOAD = "/etc/modules-load.d/vectorlay-vfio.conf"
+MODPROBE = "/etc/modprobe.d/vectorlay-vfio.conf"
+UDEV_RULE = "/etc/udev/rules.d/99-vectorlay-vfio.rules"
+INITRAMFS_HOOK = "/etc/initramfs-tools/hooks/vectorlay-vfio"
+UNIT_NAME = "vectorlay-vfio-bind.service"
+UNIT = f"/etc/systemd/system/{UNIT_NAME}"
+UNIT_WANTS = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
+INITRAMFS_INPUTS = (MODULES_LOAD, MODPROBE, UDEV_RULE, INITRAMFS_HOOK)
+
+BIOS_HINTS = {
+    "intel": "enable VT-x/VT-d in BIOS/UEFI, then reboot and re-run",
+    "amd": "enable SVM + IOMMU set to Enabled, not Auto in BIOS/UEFI, then reboot and re-run",
+}
+BIOS_HINT_ANY = (
+    "enable VT-x/VT-d (Intel) or SVM + IOMMU set to Enabled, not Auto (AMD) in BIOS/UEFI, "
+    "then reboot and re-run"
+)
+
+
+def _debian_family(host: Host) -> bool:
+    text = host.read_text("/etc/os-release", default="")
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    ids = {fields.get("ID", "").strip('"')} | set(fields.get("ID_LIKE", "").strip('"').split())
+    return "debian" in ids or "ubuntu" in ids
+
+
+def cpu_vendor(inv: Inventory) -> str | None:
+    return inv.cpu.vendor or inv.iommu.vendor
+
+
+def wanted_args(host: Host, inv: Inventory) -> list[str]:
+    return grub.iommu_args(cpu_vendor(inv), vfio_pci_builtin=vfio.vfio_pci_builtin(host))
+
+
+def desired(host: Host, inv: Inventory, notes: list[str]) -> list[Change]:
+    """The whole passthrough configuration as a list of changes. Raises when the host is blocked
+    (a boot loader the installer cannot configure), before anything is written."""
+    args = wanted_args(host, inv)
+    changes: list[Change] = []
+    loader = grub.detect_loader(host)
+    if loader.kind == "grub" and loader.update is not None:
+        changes += grub.plan_changes(host, loader, args)
+    else:
+        running = set(inv.iommu.cmdline.split())
+        if not all(a in running for a in args):
+            raise grub.blocked_message(loader, [a for a in args if a not in running])
+        notes.append(f"kernel command line already carries {' '.join(args)} ({loader.kind}); left alone")
+
+    builtin = vfio.builtin_modules(host)
+    modules = [m for m in vfio.VFIO_MODULES if m not in builtin]
+    if modules:
+        changes.append(
+            FileChange(MODULES_LOAD, render_template("modules-load-vfio.conf.j2", modules=modules).encode())
+        )
+    else:
+        changes.append(Removal(MODULES_LOAD, reason="vfio is built into the kernel"))
+    if "vfio_pci" in builtin:
+        notes.append("vfio-pci is built into the kernel: its D3cold option goes on the kernel command line")
+    changes.append(
+        FileChange(
+            MODPROBE,
+            render_template(
+                "modprobe-vfio.conf.j2",
+                softdep_before=[] if "vfio_pci" in builtin else list(vfio.HOST_DRIVERS),
+                vfio_pci_builtin="vfio_pci" in builtin,
+            ).encode(),
+        )
+    )
+    changes.append(
+        FileChange(
+            UDEV_RULE, render_template("99-vectorlay-vfio.rules.j2", devices=_rule_devices(inv)).encode()
+        )
+    )
+    debian = _debian_family(host)
+    if debian:
+        changes.append(
+            FileChange(
+                INITRAMFS_HOOK, render_template("initramfs-hook-vfio.sh.j2", modules=modules).encode(), 0o755
+            )
+        )
+    changes.append(FileChange(UNIT, (units_dir() / UNIT_NAME).read_bytes()))
+    changes.append(Symlink(UNIT_WANTS, UNIT))
+    changes.append(Command(("systemctl", "daemon-reload"), after=(UNIT, UNIT_WANTS)))
+    changes.append(Command(("udevadm", "control", "--reload"), after=(UDEV_RULE,)))
+    if debian:
+        changes.append(Command(("update-initramfs", "-u"), after=INITRAMFS_INPUTS))
+    else:
+        notes.append("not a Debian/Ubuntu host: the initramfs is not regenerated")
+    pending = [
+        a for u in inv.units + inv.nvswitch_units if u.status is UnitStatus.NEEDS_BINDING for a in u.unbound
+    ]
+    if inv.iommu.active and pending:
+        changes.append(
+            Command(
+                ("systemctl", "restart", UNIT_NAME),
+                force=True,
+                reason=f"bind {len(pending)} function(s) to vfio-pci now",
+                timeout=330.0,
+                # A bind that does not take at runtime is what the reboot gate is for.
+                check=False,
+            )
+        )
+    return changes
+
+
+def _rule_devices(inv: Inventory) -> list[dict[str, str]]:
+    return [{"address": a} for a in vfio.reserved_addresses(inv)]
+
+
+def owned_changes(host: Host) -> list[Change]:
+    """What `uninstall` undoes: every file this stage writes, then the commands that pick it up."""
+    changes: list[Change] = [
+        Removal(grub.DROPIN),
+        Removal(MODULES_LOAD),
+        Removal(MODPROBE),
+        Removal(UDEV_RULE),
+        Removal(INITRAMFS_HOOK),
+        Removal(UNIT_WANTS),
+        Removal(UNIT),
+    ]
+    loader = grub.detect_loader(host)
+    if loader.kind == "grub" and loader.update is not None:
+        changes.append(Command(loader.update, after=(grub.DROPIN,)))
+    changes.append(Command(("systemctl", "daemon-reload"), after=(UNIT, UNIT_WANTS)))
+    changes.append(Command(("udevadm", "control", "--reload"), after=(UDEV_RULE,)))
+    if _debian_family(host):
+        changes.append(Command(("update-initramfs", "-u"), after=INITRAMFS_INPUTS))
+    return changes
+
+
+def _warnings(inv: Inventory) -> list[str]:
+    out = []
+    _targets, skipped = vfio.select(inv)
+    for s in skipped:
+        if s.reason.startswith("no IOMMU group"):
+            continue
+        out.append(s.reason)
+    for d in inv.gpus:
+        if d.boot_vga and d.driver != "vfio-pci":
+            out.append(
+                f"{d.address} drives the local console (boot_vga=1): once it is on vfio-pci the console "
+                "goes dark; manage this box over SSH, serial or IPMI"
+            )
+    return out
+
+
+def run(ctx: Context) -> StageResult:
+    host = ctx.host
+    inv = ctx.inventory or discover(host, ctx.settings)
+    mode = ctx.gpu_mode or ctx.settings.gpu_mode or ("passthrough" if inv.gpus else "none")
+    if mode == "container":
+        raise VectorlayError(
+            "GPU mode 'container' is not implemented yet", "use --gpu-mode passthrough, or none"
+        )
+    if mode == "none" or not (inv.gpus or inv.nvswitches):
+        why = "no GPU found" if not inv.gpus else "GPU mode none"
+        ctx.out(f"gpu: {why}; passthrough not configured")
+        return StageResult(Outcome.OK, why)
+
+    notes: list[str] = []
+    plan = compute(host, desired(host, inv, notes), ctx.state)
+    ctx.out(f"gpu: passthrough for {len(inv.gpus)} GPU(s), {len(inv.nvswitches)} NVSwitch(es)")
+    for line in render(plan, diffs=ctx.plan_only):
+        ctx.out(line)
+    for w in _warnings(inv):
+        ctx.out(f"  warning: {w}")
+    for n in notes:
+        ctx.out(f"  note: {n}")
+    if ctx.plan_only:
+        return StageResult(Outcome.PLANNED)
+
+    apply(host, plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
+    after = discover(host, ctx.settings) if plan.changes else inv
+    ctx.inventory = after
+    return gate(ctx, after)
+
+
+def _isolatable(inv: Inventory) -> list[str]:
+    return [
+        a
+        for u in inv.units + inv.nvswitch_units
+        if u.status in (UnitStatus.NEEDS_BINDING, UnitStatus.NO_IOMMU)
+        for a in (u.unbound or u.devices)
+    ]
+
+
+def gate(ctx: Context, inv: Inventory) -> StageResult:
+    """Reboot required, blocked, or passthrough ready."""
+    host, state = ctx.host, ctx.state
+    not_bound = _isolatable(inv)
+    if inv.iommu.active and not not_bound:
+        ready = sum(1 for u in inv.units if u.status is UnitStatus.READY)
+        if state.reboot_requested_boot_id is not None:
+            state.reboot_requested_boot_id = None
+            state.reboot_requested_at = None
+        state.stage = "gpu"
+        save_state(host, state)
+        msg = f"{ready}/{len(inv.units)} GPU unit(s) ready for passthrough"
+        ctx.out(f"gpu: {msg}")
+        return StageResult(Outcome.OK, msg)
+
+    now_boot = boot_id(host)
+    asked_at = state.reboot_requested_boot_id
+    if asked_at is not None and now_boot is not None and asked_at != now_boot:
+        vendor = cpu_vendor(inv)
+        if not inv.iommu.active:
+            running = set(inv.iommu.cmdline.split())
+            missing = [a for a in grub.iommu_args(vendor) if a not in running and a.startswith("intel_iommu")]
+            if missing:
+                raise VectorlayError(
+                    f"the host rebooted but the kernel was started without {' '.join(missing)}, although "
+                    f"{grub.DROPIN} asks for it",
+                    "run update-grub, check the 'linux' lines in /boot/grub/grub.cfg and the boot entry "
+                    "the firmware starts, then reboot and re-run",
+                )
+            raise VectorlayError(
+                "the host rebooted but the IOMMU is still off: the firmware has it disabled",
+                BIOS_HINTS.get(vendor or "", BIOS_HINT_ANY),
+            )
+        raise VectorlayError(
+            f"after a reboot, {len(not_bound)} function(s) are still not on vfio-pci: {', '.join(not_bound)}",
+            f"sudo systemctl restart {UNIT_NAME}; see journalctl -u {UNIT_NAME}; then re-run",
+        )
+
+    if asked_at != now_boot or state.reboot_requested_at is None:
+        # Asked again in the same boot: the first time stands (and the state file stays untouched).
+        state.reboot_requested_boot_id = now_boot
+        state.reboot_requested_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    state.stage = "gpu"
+    save_state(host, state)
+    msg = reboot_message(ctx.token_expires_at)
+    if not inv.iommu.active and inv.iommu.firmware_table is None:
+        hint = BIOS_HINTS.get(cpu_vendor(inv) or "", BIOS_HINT_ANY).split(", then")[0]
+        msg += f"; the firmware reports no IOMMU either: {hint} while you reboot"
+    return StageResult(Outcome.REBOOT, msg)

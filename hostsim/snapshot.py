@@ -1,0 +1,27 @@
+"""A fingerprint of a whole tree (content, mode, mtime, link targets) to prove a run wrote nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def snapshot(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, int, int, str]]:
+    """`skip`: top-level entries left out, e.g. "run" (tmpfs on a real box: the run lock lives there)."""
+    out: dict[str, tuple[str, int, int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = ("link", st.st_mode, st.st_mtime_ns, os.readlink(p))
+            elif os.path.isdir(p):
+                out[rel] = ("dir", st.st_mode, st.st_mtime_ns, "")
+            else:
+                digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+                out[rel] = ("file", st.st_mode, st.st_mtime_ns, digest)
+    return out
