@@ -26,6 +26,7 @@ from typing import Any
 
 from bootstrap.host import CommandResult, Host, RecordingRunner
 from hostsim.builder import build_host, expand_devices
+from hostsim.systemd import Systemd, active_units, set_active_state
 
 _OVERRIDE = re.compile(r"^/sys/bus/pci/devices/([^/]+)/driver_override$")
 _UNBIND = re.compile(r"^/sys/bus/pci/drivers/([^/]+)/unbind$")
@@ -173,41 +174,45 @@ def _grub_mkconfig(host: Host, argv: tuple[str, ...]) -> CommandResult:
     return CommandResult(argv, 0)
 
 
-class Services:
-    """systemctl against a tree: which units are active; restarting the bind unit runs the bind."""
+class Services(Systemd):
+    """systemctl against a tree (hostsim.systemd) where restarting the bind unit runs the bind code."""
 
-    def __init__(self, active: set[str] | None = None, bind_timeout: float = 0.5) -> None:
-        self.active = set(active or ())
+    def __init__(
+        self, active: set[str] | None = None, bind_timeout: float = 0.5, spawn: bool = False
+    ) -> None:
+        super().__init__(hooks={"vectorlay-vfio-bind.service": self._bind}, spawn=spawn)
+        self.initially_active = set(active or ())
         self.bind_timeout = bind_timeout
+        self.host: Host | None = None
 
-    def __call__(self, host: Host, argv: tuple[str, ...]) -> CommandResult:
+    def attach(self, host: Host) -> None:
+        self.host = host
+        for unit in self.initially_active:
+            set_active_state(host, unit, "active")
+
+    @property
+    def active(self) -> set[str]:
+        return active_units(self.host) if self.host is not None else set(self.initially_active)
+
+    def _bind(self, host: Host, argv: tuple[str, ...]) -> CommandResult | None:
         from bootstrap.commands.vfio_bind import run_bind
         from bootstrap.errors import VectorlayError
 
-        args = [a for a in argv[1:] if not a.startswith("-")]
-        verb, units = (args[0], args[1:]) if args else ("", [])
-        if verb == "is-active":
-            return CommandResult(argv, 0 if all(u in self.active for u in units) else 3)
-        if verb == "stop":
-            self.active.difference_update(units)
-        elif verb in ("start", "restart") and "vectorlay-vfio-bind.service" in units:
-            try:
-                result = run_bind(host, timeout=self.bind_timeout)
-            except VectorlayError as e:
-                return CommandResult(argv, 1, "", e.message)
-            if result.failed:
-                why = "; ".join(f"{a}: {w}" for a, w in result.failed)
-                return CommandResult(argv, 1, "", f"vectorlay-vfio-bind.service failed: {why}")
-            self.active.update(units)
-        elif verb in ("start", "restart"):
-            self.active.update(units)
-        return CommandResult(argv, 0)
+        try:
+            result = run_bind(host, timeout=self.bind_timeout)
+        except VectorlayError as e:
+            return CommandResult(argv, 1, "", e.message)
+        if result.failed:
+            why = "; ".join(f"{a}: {w}" for a, w in result.failed)
+            return CommandResult(argv, 1, "", f"vectorlay-vfio-bind.service failed: {why}")
+        return None
 
 
 def install_handlers(host: Host, services: Services | None = None) -> Services:
     runner = host.runner
     assert isinstance(runner, RecordingRunner)
     services = services or Services()
+    services.attach(host)
     runner.handlers.update(
         {
             "modprobe": _modprobe,

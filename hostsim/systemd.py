@@ -12,11 +12,22 @@ agrees with what `systemctl` answers:
   runtime state, which a real box keeps in PID 1's memory and loses at reboot just like /run.
 
 Exit codes and messages follow systemd 252 (Debian 12).
+
+`Systemd` is the handler object: per-unit start hooks (the kernel simulator makes restarting
+vectorlay-vfio-bind.service run the real bind code) and, with `spawn=True`, real daemons: starting a
+service whose ExecStart binary exists in the tree runs it (with VECTORLAY_ROOT pointing at the tree),
+`is-active` asks whether that process still lives, `stop` and `kill --signal=` signal it.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootstrap.host import CommandResult, Host, RecordingRunner
@@ -32,9 +43,101 @@ EXIT_NO_UNIT = 4
 EXIT_NOT_LOADED = 5
 
 
-def install(runner: RecordingRunner) -> RecordingRunner:
+# A start hook returns None when the unit started, or the failing CommandResult.
+StartHook = Callable[[Host, tuple[str, ...]], "CommandResult | None"]
+
+
+@dataclass
+class Systemd:
+    hooks: dict[str, StartHook] = field(default_factory=dict)
+    spawn: bool = False
+    _procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+
+    def __call__(self, host: Host, argv: tuple[str, ...]) -> CommandResult:
+        return systemctl(host, argv, self)
+
+    def pid_alive(self, pid: int) -> bool:
+        proc = self._procs.get(pid)
+        if proc is not None:
+            return proc.poll() is None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    def start(self, host: Host, unit: str, argv: tuple[str, ...]) -> CommandResult | None:
+        hook = self.hooks.get(unit)
+        if hook is not None:
+            failed = hook(host, argv)
+            if failed is not None:
+                return failed
+        if not self.spawn:
+            return None
+        exec_start = _exec_start(host, unit)
+        if exec_start is None or not host.path(exec_start[0]).exists():
+            return None
+        self.stop(host, unit)
+        log = host.path(f"{STATE_DIR}/{unit}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [str(host.path(exec_start[0])), *exec_start[1:]],
+                env={**os.environ, "VECTORLAY_ROOT": str(host.root)},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        self._procs[proc.pid] = proc
+        set_active_state(host, unit, f"active {proc.pid}")
+        return None
+
+    def stop(self, host: Host, unit: str, sig: int = signal.SIGTERM, wait: float = 5.0) -> None:
+        pid = _pid(host, unit)
+        if pid is None or not self.pid_alive(pid):
+            return
+        os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while self.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        proc = self._procs.pop(pid, None)
+        if proc is not None:
+            proc.wait()
+
+    def stop_all(self, host: Host) -> None:
+        """End every daemon this simulator started (a test's teardown, a simulated power-off)."""
+        state_dir = host.path(STATE_DIR)
+        for f in sorted(state_dir.iterdir()) if state_dir.is_dir() else []:
+            if not f.name.endswith(".log"):
+                self.stop(host, f.name)
+
+
+def _exec_start(host: Host, unit: str) -> list[str] | None:
+    path = unit_file(host, unit)
+    if path is None:
+        return None
+    for raw in path.read_text(errors="replace").splitlines():
+        key, sep, value = raw.strip().partition("=")
+        if sep and key.strip() == "ExecStart":
+            words = shlex.split(value.strip().lstrip("-@:+!"))
+            return words or None
+    return None
+
+
+def _pid(host: Host, unit: str) -> int | None:
+    try:
+        words = host.path(f"{STATE_DIR}/{unit}").read_text().split()
+    except OSError:
+        return None
+    return int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+
+
+def install(runner: RecordingRunner, sim: Systemd | None = None) -> RecordingRunner:
     """Register the simulator on `runner` (returned for chaining)."""
-    runner.handlers["systemctl"] = systemctl
+    runner.handlers["systemctl"] = sim or Systemd()
     return runner
 
 
@@ -96,13 +199,31 @@ def enabled_state(host: Host, unit: str) -> str | None:
     return "disabled"
 
 
-def active_state(host: Host, unit: str) -> str:
+def active_state(host: Host, unit: str, sim: Systemd | None = None) -> str:
     try:
-        state = host.path(f"{STATE_DIR}/{unit}").read_text().strip()
+        words = host.path(f"{STATE_DIR}/{unit}").read_text().split()
     except OSError:
         return "inactive"
     # A unit whose file was removed while it ran keeps running until stopped, as on a real box.
-    return state or "inactive"
+    if not words:
+        return "inactive"
+    if len(words) > 1 and words[1].isdigit():
+        # A spawned daemon: active while its process lives; one that exited on its own failed.
+        pid = int(words[1])
+        alive = sim.pid_alive(pid) if sim is not None else Systemd().pid_alive(pid)
+        return words[0] if alive else "failed"
+    return words[0]
+
+
+def active_units(host: Host) -> set[str]:
+    state_dir = host.path(STATE_DIR)
+    if not state_dir.is_dir():
+        return set()
+    return {
+        f.name
+        for f in state_dir.iterdir()
+        if not f.name.endswith(".log") and active_state(host, f.name) == "active"
+    }
 
 
 def set_active_state(host: Host, unit: str, state: str) -> None:
@@ -141,7 +262,9 @@ def _disable(host: Host, unit: str) -> str:
     return "".join(messages)
 
 
-def systemctl(host: Host, argv: tuple[str, ...]) -> CommandResult:
+def systemctl(host: Host, argv: tuple[str, ...], sim: Systemd | None = None) -> CommandResult:
+    sim = sim or Systemd()
+    signame = next((a.split("=", 1)[1] for a in argv if a.startswith(("--signal=", "-s="))), "SIGTERM")
     args = [a for a in argv[1:] if a not in ("--no-pager", "--system", "--no-block", "--no-ask-password")]
     quiet = any(a in ("-q", "--quiet") for a in args)
     now = "--now" in args
@@ -158,11 +281,11 @@ def systemctl(host: Host, argv: tuple[str, ...]) -> CommandResult:
         return CommandResult(argv, 1, "", "Too few arguments.\n")
 
     if verb == "is-active":
-        states = [active_state(host, u) for u in names]
+        states = [active_state(host, u, sim) for u in names]
         out = [f"{s}\n" for s in states]
         rc = 0 if "active" in states else EXIT_INACTIVE
     elif verb == "is-failed":
-        states = [active_state(host, u) for u in names]
+        states = [active_state(host, u, sim) for u in names]
         out = [f"{s}\n" for s in states]
         rc = 0 if "failed" in states else 1
     elif verb == "is-enabled":
@@ -184,11 +307,18 @@ def systemctl(host: Host, argv: tuple[str, ...]) -> CommandResult:
                 if not ok:
                     rc = 1
                     continue
-                if now:
-                    set_active_state(host, u, "active")
+                if now and active_state(host, u, sim) != "active":
+                    failed = sim.start(host, u, argv)
+                    if failed is not None:
+                        set_active_state(host, u, "failed")
+                        err.append(failed.stderr)
+                        rc = 1
+                    elif _pid(host, u) is None:
+                        set_active_state(host, u, "active")
             elif verb == "disable":
                 err.append(_disable(host, u))
                 if now:
+                    sim.stop(host, u)
                     set_active_state(host, u, "inactive")
             elif verb == "mask":
                 link = host.path(f"{ETC}/{u}")
@@ -203,10 +333,17 @@ def systemctl(host: Host, argv: tuple[str, ...]) -> CommandResult:
             elif _is_masked(host, u):
                 host.path(f"{ETC}/{u}").unlink()
                 err.append(f"Removed {ETC}/{u}.\n")
+    elif verb == "kill":
+        rc = 0
+        for u in names:
+            pid = _pid(host, u)
+            if pid is not None and sim.pid_alive(pid):
+                os.kill(pid, getattr(signal, signame if signame.startswith("SIG") else f"SIG{signame}"))
     elif verb in ("start", "restart", "reload-or-restart", "try-restart", "stop", "reload"):
         rc = 0
         for u in names:
             if verb == "stop":
+                sim.stop(host, u)
                 set_active_state(host, u, "inactive")
                 continue
             if unit_file(host, u) is None:
@@ -217,9 +354,20 @@ def systemctl(host: Host, argv: tuple[str, ...]) -> CommandResult:
                 err.append(f"Failed to {verb} {u}: Unit {u} is masked.\n")
                 rc = 1
                 continue
-            if verb == "try-restart" and active_state(host, u) != "active":
+            if verb == "try-restart" and active_state(host, u, sim) != "active":
                 continue
-            set_active_state(host, u, "active")
+            if verb == "start" and active_state(host, u, sim) == "active":
+                continue  # starting an active unit does nothing
+            if verb == "reload" and active_state(host, u, sim) == "active":
+                continue
+            failed = sim.start(host, u, argv)
+            if failed is not None:
+                set_active_state(host, u, "failed")
+                err.append(failed.stderr)
+                rc = failed.returncode or 1
+                continue
+            if _pid(host, u) is None:
+                set_active_state(host, u, "active")
     else:
         return CommandResult(argv, 1, "", f"hostsim systemctl: verb {verb!r} is not simulated\n")
 
