@@ -141,6 +141,17 @@ def _stored_credentials(host: Host) -> tuple[Identity | None, ClientCert | None,
     return current, ClientCert(current.cert_file, current.key_file), current.node_token()
 
 
+def _credentials_for(host: Host, api: ApiClient) -> tuple[Identity | None, ClientCert | None, str | None]:
+    current, cert, token = _stored_credentials(host)
+    if current is not None and current.api and current.api.rstrip("/") != api.base_url:
+        # Credentials of another control plane would only fail its TLS handshake here.
+        log.warning(
+            "the existing identity belongs to %s, not %s: enrolling as a new node", current.api, api.base_url
+        )
+        return None, None, None
+    return current, cert, token
+
+
 def _make_csr(hostname: str) -> tuple[ec.EllipticCurvePrivateKey, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
@@ -199,7 +210,7 @@ def enroll(
     On any error before the switch the existing identity is left exactly as it was.
     """
     hook: FaultHook = fault or (lambda point: None)
-    current, cert, node_token = _stored_credentials(host)
+    current, cert, node_token = _credentials_for(host, api)
     hostname = hostname or _hostname(host)
     key, csr_pem = _make_csr(hostname)
     client = api.with_client_cert(cert)

@@ -26,7 +26,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,10 @@ class Identity:
     def cert_not_after(self) -> datetime:
         from cryptography import x509
 
-        return x509.load_pem_x509_certificate(self.cert_file.read_bytes()).not_valid_after_utc
+        cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+        if hasattr(cert, "not_valid_after_utc"):  # cryptography >= 42
+            return cert.not_valid_after_utc
+        return cert.not_valid_after.replace(tzinfo=timezone.utc)  # pragma: no cover
 
     def enrollment(self) -> dict[str, Any]:
         """The non-secret enrollment data (nebula, nomad) saved for the agents stage."""

@@ -78,7 +78,10 @@ def serve(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    server.prepare()
+    try:
+        server.prepare()
+    except OSError as e:
+        _fail(f"cannot listen on {listen}: {e.strerror or e}")
     bound_host, bound_port = server.bind_addr[:2]
     print(f"serving https://{bound_host}:{bound_port} (CA: {state_dir / 'ca.crt'})", flush=True)
     try:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -348,7 +348,7 @@ class ControlPlane:
         gpu_mode: str,
         hardware: dict[str, Any],
         node_token: str,
-        now: Any,
+        now: datetime,
     ) -> tuple[str, str, bool]:
         if org["node_quota"] is not None:
             (count,) = conn.execute("SELECT COUNT(*) FROM nodes WHERE org_id = ?", (org["id"],)).fetchone()

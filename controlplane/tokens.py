@@ -7,15 +7,11 @@ brute-force that a slow password hash would protect. Only the hash ever reaches 
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 
 PROVISIONING_PREFIX = "vtk_"
 NODE_TOKEN_PREFIX = "vnt_"
 API_KEY_PREFIX = "vlk_"
-
-_BODY = r"[A-Za-z0-9_-]{32,128}"
-PROVISIONING_RE = re.compile(rf"^{PROVISIONING_PREFIX}{_BODY}$")
 
 
 def new_secret(prefix: str) -> str:

@@ -388,3 +388,127 @@ def test_an_unreachable_control_plane_is_retried_with_backoff_then_reported_with
     assert e.value.message.startswith(f"could not reach {dead}/v1/nodes/enroll")
     assert "gave up after 4 attempt(s)" in e.value.message
     assert snapshot(root) == before
+
+
+def test_reenrollment_without_ca_file_trusts_the_ca_pinned_at_the_first_enrollment(
+    make_tree: Callable[..., Path], control_plane: Any, run_cli: Run
+) -> None:
+    root = make_tree("cpu-only")
+    control_plane.org("acme")
+    assert run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))[0] == 0
+    first = load_identity(Host(root))
+    assert first is not None
+    code, out, err = run_cli(
+        "enroll", "--root", str(root), "--api", control_plane.url, token=control_plane.token("acme")
+    )
+    assert code == 0, err
+    assert out.startswith(f"re-enrolled node {first.node_id} ")
+
+
+def test_the_control_plane_itself_refuses_an_expired_token_with_401(
+    make_tree: Callable[..., Path], start_control_plane: Callable[..., Any]
+) -> None:
+    cp = start_control_plane(env={"VECTORLAY_CP_CLOCK_OFFSET": str(3601)})
+    cp.org("acme")
+    token = cp.token("acme")  # minted by the real clock: expired by the server's
+    root = make_tree("cpu-only")
+    with pytest.raises(ApiError) as e:
+        enroll(
+            Host(root), ApiClient(cp.url, ca_file=cp.ca_file, attempts=1), token, gpu_mode="none", hardware={}
+        )
+    assert (e.value.status, e.value.code) == (401, "TOKEN_EXPIRED")
+    assert "401 bad, missing or expired token" in e.value.message
+    assert e.value.hint == "ask for a new one in the dashboard"
+    assert not (root / "etc/vectorlay").exists()
+
+
+def test_an_identity_from_another_control_plane_is_not_presented_and_the_node_enrolls_anew(
+    make_tree: Callable[..., Path], start_control_plane: Callable[..., Any]
+) -> None:
+    old_cp, new_cp = start_control_plane(), start_control_plane()
+    for cp in (old_cp, new_cp):
+        cp.org("acme")
+    root = make_tree("cpu-only")
+    first = enroll(
+        Host(root),
+        ApiClient(old_cp.url, ca_file=old_cp.ca_file),
+        old_cp.token("acme"),
+        gpu_mode="none",
+        hardware={},
+    )
+    moved = enroll(
+        Host(root),
+        ApiClient(new_cp.url, ca_file=new_cp.ca_file),
+        new_cp.token("acme"),
+        gpu_mode="none",
+        hardware={},
+    )
+    assert moved.reenrolled is False and moved.node_id != first.node_id
+    assert load_identity(Host(root)).api == new_cp.url  # type: ignore[union-attr]
+
+
+class _Flaky:
+    """An HTTPS server (the control plane's own certificate) answering 503 a given number of times."""
+
+    def __init__(self, cp: Any, failures: int) -> None:
+        import http.server
+
+        outer = self
+        self.hits = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                outer.hits += 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                ok = outer.hits > failures
+                body = json.dumps(
+                    {"valid": True, "expires_at": None}
+                    if ok
+                    else {"error": {"code": "UNAVAILABLE", "message": "database is restarting"}}
+                ).encode()
+                self.send_response(200 if ok else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cp.state_dir / "server.crt"), str(cp.state_dir / "server.key"))
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("failures", [2, 10])
+def test_5xx_answers_are_retried_with_backoff_and_reported_with_url_and_status(
+    control_plane: Any, failures: int
+) -> None:
+    from bootstrap.enroll import introspect_token
+
+    flaky = _Flaky(control_plane, failures)
+    slept: list[float] = []
+    api = ApiClient(flaky.url, ca_file=control_plane.ca_file, attempts=4, backoff=0.5, sleep=slept.append)
+    try:
+        if failures < 4:
+            assert introspect_token(api, "vtk_" + "a" * 43).valid is True
+            assert slept == [0.5, 1.0]
+        else:
+            with pytest.raises(ApiError) as e:
+                introspect_token(api, "vtk_" + "a" * 43)
+            assert e.value.message == (
+                f"POST {flaky.url}/v1/provisioning-tokens/introspect returned 503: UNAVAILABLE: "
+                "database is restarting (gave up after 4 attempt(s))"
+            )
+            assert slept == [0.5, 1.0, 2.0]
+    finally:
+        api.close()
+        flaky.close()

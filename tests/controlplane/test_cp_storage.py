@@ -98,3 +98,24 @@ def test_the_admin_cli_creates_orgs_tokens_and_api_keys(control_plane: Any) -> N
 
     upd = control_plane.cli("org", "update", "acme", "--no-provider")
     assert upd.returncode == 0 and json.loads(upd.stdout)["provider"] is False
+
+
+def test_serve_on_a_port_in_use_fails_with_a_message_not_a_traceback(
+    control_plane: Any, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    port = control_plane.url.rsplit(":", 1)[1]
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "controlplane.cli", "serve", "--db", str(tmp_path / "db.sqlite")),
+            *("--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "state")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
