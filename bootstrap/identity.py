@@ -139,6 +139,11 @@ def load_identity(host: Host) -> Identity | None:
                 raise IdentityError(f"{IDENTITY_DIR} points at a missing directory", REENROLL_HINT)
             return None
         path = legacy
+    dir_mode = path.stat().st_mode & 0o777
+    if dir_mode & 0o077:
+        raise IdentityError(
+            f"{IDENTITY_DIR} is open to others (mode {dir_mode:04o})", f"chmod 700 {IDENTITY_DIR}"
+        )
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
         raise IdentityError(
@@ -199,7 +204,13 @@ def remove_stale_generations(host: Host) -> list[str]:
     if not link.parent.is_dir():
         return removed
     for entry in sorted(link.parent.iterdir()):
-        if entry.name.startswith(_GEN_PREFIX) and entry.name != keep and entry.name != _LEGACY:
+        # atomic_symlink's own temporary link (".identity.<pid>.tmp") can be left by a kill, too.
+        stale_link = entry.name.startswith(".identity.") and entry.name.endswith(".tmp")
+        stale_gen = entry.name.startswith(_GEN_PREFIX) and entry.name not in (keep, _LEGACY)
+        if stale_link:
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+        elif stale_gen:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     if removed:

@@ -28,6 +28,13 @@ from controlplane.pki import CertificateAuthority
 Run = Callable[..., tuple[int, str, str]]
 
 
+def _gpus_on_vfio(desc: dict[str, Any]) -> None:
+    """The HGX with its GPUs already bound to vfio-pci: eight ready GPU units."""
+    for dev in desc["devices"]:
+        if dev["id"] == "10de:2330":
+            dev["driver"] = "vfio-pci"
+
+
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Run:
     """`vectorlay-bootstrap ARGS` through the console-script entry, with the token in the environment."""
@@ -85,7 +92,7 @@ def node_self(cp: Any, root: Path, *, token: str | None = None, cert_dir: Path |
 def test_first_enrollment_writes_a_complete_identity_the_control_plane_accepts(
     make_tree: Callable[..., Path], control_plane: Any, run_cli: Run
 ) -> None:
-    root = make_tree("hgx-h100")
+    root = make_tree("hgx-h100", _gpus_on_vfio)
     org = control_plane.org("acme")
     code, out, err = run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))
     assert code == 0, err
@@ -244,16 +251,10 @@ def test_an_org_that_is_not_a_provider_gets_403_and_its_token_is_not_consumed(
     assert code == 0, err
 
 
-def _gpus_on_vfio(desc: dict[str, Any]) -> None:
-    for dev in desc["devices"]:
-        if dev["id"] == "10de:2330":
-            dev["driver"] = "vfio-pci"
-
-
 def test_decommission_then_reenroll_brings_the_node_back(
     make_tree: Callable[..., Path], control_plane: Any, run_cli: Run
 ) -> None:
-    root = make_tree("hgx-h100", _gpus_on_vfio)  # eight ready GPU units
+    root = make_tree("hgx-h100", _gpus_on_vfio)
     org = control_plane.org("acme")
     key = control_plane.api_key("acme")
     assert run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))[0] == 0
@@ -512,3 +513,24 @@ def test_5xx_answers_are_retried_with_backoff_and_reported_with_url_and_status(
     finally:
         api.close()
         flaky.close()
+
+
+def test_a_gpu_box_whose_gpus_cannot_be_passed_through_yet_is_not_enrolled(
+    make_tree: Callable[..., Path], control_plane: Any, run_cli: Run
+) -> None:
+    control_plane.org("acme")
+    token = control_plane.token("acme")
+    root = make_tree("hgx-h100")  # GPUs still on the nvidia driver
+    code, _, err = run_cli(*enroll_args(root, control_plane), token=token)
+    assert code == 1
+    assert "GPU passthrough is not working yet: 0/8 GPU unit(s) ready" in err
+    assert not (root / "etc/vectorlay").exists()
+    assert control_plane.admin.introspect(token)["valid"] is True
+
+    # Container mode keeps the GPUs on the host driver: nothing to wait for.
+    code, _, err = run_cli(
+        *enroll_args(root, control_plane), token=token, env={"VECTORLAY_GPU_MODE": "container"}
+    )
+    assert code == 0, err
+    ident = load_identity(Host(root))
+    assert ident is not None and ident.enrollment()["gpu_mode"] == "container"

@@ -38,7 +38,7 @@ def test_the_provisioning_token_is_in_no_file_log_line_or_output_after_an_enroll
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     control_plane.org("acme")
-    root = make_tree("hgx-h100")
+    root = make_tree("cpu-only")
     args = [
         "enroll",
         "--root",
