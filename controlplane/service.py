@@ -254,6 +254,7 @@ class ControlPlane:
                 raise ApiError(403, "NOT_A_PROVIDER", f"org {org['name']} isn't an approved provider yet")
 
             node = self._node_from_credentials(conn, cert_fp, node_token)
+            reenrolled = node is not None
             if node is None and replay_node is not None:
                 node = conn.execute("SELECT * FROM nodes WHERE id = ?", (replay_node,)).fetchone()
             if node is not None and node["org_id"] != org["id"]:
@@ -261,13 +262,13 @@ class ControlPlane:
 
             new_token = new_secret(NODE_TOKEN_PREFIX)
             if node is None:
-                node_id, overlay_ip, reenrolled = self._insert_node(
+                node_id, overlay_ip = self._insert_node(
                     conn, org, hostname, gpu_mode, hardware, new_token, now
                 )
                 cert = self.ca.sign_node_csr(csr_pem, node_id, org["id"], wall_now())
                 conn.execute("UPDATE nodes SET cert_fp = ? WHERE id = ?", (fingerprint(cert), node_id))
             else:
-                node_id, overlay_ip, reenrolled = node["id"], node["overlay_ip"], True
+                node_id, overlay_ip = node["id"], node["overlay_ip"]
                 cert = self.ca.sign_node_csr(csr_pem, node_id, org["id"], wall_now())
                 self._rotate(conn, node, cert_fp, node_token, fingerprint(cert), new_token)
                 conn.execute(
@@ -349,7 +350,7 @@ class ControlPlane:
         hardware: dict[str, Any],
         node_token: str,
         now: datetime,
-    ) -> tuple[str, str, bool]:
+    ) -> tuple[str, str]:
         if org["node_quota"] is not None:
             (count,) = conn.execute("SELECT COUNT(*) FROM nodes WHERE org_id = ?", (org["id"],)).fetchone()
             if count >= org["node_quota"]:
@@ -378,7 +379,7 @@ class ControlPlane:
                 to_iso(now),
             ),
         )
-        return node_id, overlay_ip, False
+        return node_id, overlay_ip
 
     def _rotate(
         self,

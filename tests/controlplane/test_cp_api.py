@@ -71,6 +71,7 @@ def test_a_retried_enrollment_with_the_same_key_is_answered_again_and_anyone_els
     again = _post(control_plane, "/v1/nodes/enroll", _enroll_body(token, csr))
     assert first.status_code == again.status_code == 200
     assert first.json()["node_id"] == again.json()["node_id"]
+    assert first.json()["reenrolled"] is again.json()["reenrolled"] is False
     assert first.json()["node_token"] != again.json()["node_token"]
     other = _post(control_plane, "/v1/nodes/enroll", _enroll_body(token, _csr()))
     assert other.status_code == 401 and other.json()["error"]["code"] == "TOKEN_USED"
