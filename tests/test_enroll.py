@@ -8,6 +8,7 @@ import os
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,11 @@ def test_a_client_certificate_from_a_foreign_ca_is_refused_by_node_self(
     # TLS 1.3 finishes the client's handshake first; the server then aborts instead of answering.
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         get_self(forged_file)
+    # The refusal is the server's verification, as its log says (written just after the alert).
+    deadline = time.monotonic() + 10
+    while control_plane.log().count("CERTIFICATE_VERIFY_FAILED") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert control_plane.log().count("CERTIFICATE_VERIFY_FAILED") == 2
 
 
 def test_two_concurrent_enrollments_with_one_token_have_exactly_one_winner(
