@@ -11,12 +11,12 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { echo "python3 -m venv failed: run 'sudo apt-get install python3-venv'"; exit 1; }
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,controlplane]'
 	@touch $@
 
 lint: venv
-	$(BIN)/ruff check bootstrap doctor hostsim tests benchmarks
-	$(BIN)/ruff format --check bootstrap doctor hostsim tests benchmarks
+	$(BIN)/ruff check bootstrap doctor hostsim controlplane tests benchmarks
+	$(BIN)/ruff format --check bootstrap doctor hostsim controlplane tests benchmarks
 
 typecheck: venv
 	$(BIN)/mypy

@@ -82,6 +82,36 @@ def vfio_bind(
     raise typer.Exit(run_vfio_bind(root, timeout=timeout))
 
 
+@app.command()
+def enroll(
+    root: Path = RootOption,
+    api: str | None = typer.Option(None, "--api", help="Control plane URL (https://...)."),
+    ca_file: Path | None = typer.Option(
+        None, "--ca-file", help="Trust this CA for the control plane (default: the system trust store)."
+    ),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="Read the provisioning token from FILE ('-': stdin); else VECTORLAY_TOKEN."
+    ),
+) -> None:
+    """Exchange a provisioning token for this node's durable identity (or re-enroll it)."""
+    from bootstrap.commands.enroll import run_enroll
+
+    run_enroll(root, api, ca_file, token_file)
+
+
+@app.command()
+def decommission(
+    api: str = typer.Option(..., "--api", help="Control plane URL (https://...)."),
+    org: str = typer.Option(..., "--org", help="Your org ID or name."),
+    node: str = typer.Option(..., "--node", help="The node ID to remove."),
+    ca_file: Path | None = typer.Option(None, "--ca-file", help="Trust this CA for the control plane."),
+) -> None:
+    """Mark a node removed (frees its GPU units); the API key comes from VL_KEY."""
+    from bootstrap.commands.decommission import run_decommission
+
+    run_decommission(api, org, node, ca_file)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: operator errors become a message and an exit code, never a traceback.
 

@@ -38,3 +38,26 @@ def make_host(make_tree: Callable[..., Path]) -> Callable[..., Host]:
         return Host(make_tree(name, edit))
 
     return _make
+
+
+@pytest.fixture
+def start_control_plane(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start real control planes on loopback (fresh port, database, state dir); stopped afterwards."""
+    from controlplane import testing
+
+    started: list[testing.RunningControlPlane] = []
+    counter = iter(range(1_000_000))
+
+    def _start(**kwargs: Any) -> testing.RunningControlPlane:
+        cp = testing.start(tmp_path / f"control-plane-{next(counter)}", **kwargs)
+        started.append(cp)
+        return cp
+
+    yield _start
+    for cp in started:
+        testing.stop(cp)
+
+
+@pytest.fixture
+def control_plane(start_control_plane: Callable[..., Any]) -> Any:
+    return start_control_plane()

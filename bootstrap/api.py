@@ -1,0 +1,241 @@
+"""The control plane's HTTP client, as the node sees it (DESIGN.md section 7).
+
+TLS is always verified: against `--ca-file` when given, else the system trust store plus the CA
+pinned at the first enrollment. There is deliberately no way to turn verification off.
+Network errors and 5xx answers are retried with exponential backoff; then, and for every 4xx, the
+caller gets a VectorlayError worded as the provider documentation's troubleshooting table.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from bootstrap.errors import VectorlayError
+
+log = logging.getLogger(__name__)
+
+TOKEN_HINT = "ask for a new one in the dashboard"
+
+
+class ApiError(VectorlayError):
+    """A definitive answer from the control plane (4xx), or one that stayed bad after retries."""
+
+    def __init__(
+        self, message: str, hint: str | None, *, status: int | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, hint)
+        self.status = status
+        self.code = code
+
+
+class _ContextAdapter(HTTPAdapter):
+    """Hands urllib3 our own SSLContext (trust set and client certificate) for every connection."""
+
+    def __init__(self, context: ssl.SSLContext, **kwargs: Any) -> None:
+        self._context = context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        # requests would add certifi's bundle to our context here; the trust set is ours alone.
+        conn.cert_reqs = "CERT_REQUIRED"
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    cert_file: Path
+    key_file: Path
+
+
+class ApiClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ca_file: Path | None = None,
+        pinned_ca: Path | None = None,
+        client_cert: ClientCert | None = None,
+        timeout: float = 30.0,
+        attempts: int = 5,
+        backoff: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not base_url.startswith("https://"):
+            raise VectorlayError(
+                f"control plane URL {base_url!r} is not https://",
+                "the API is only spoken over HTTPS; pass --api https://...",
+            )
+        self.base_url = base_url.rstrip("/")
+        self.ca_file = ca_file
+        self.pinned_ca = pinned_ca
+        self.client_cert = client_cert
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self.backoff = backoff
+        self.sleep = sleep
+        self._session: requests.Session | None = None
+
+    def with_client_cert(self, client_cert: ClientCert | None) -> ApiClient:
+        return ApiClient(
+            self.base_url,
+            ca_file=self.ca_file,
+            pinned_ca=self.pinned_ca,
+            client_cert=client_cert,
+            timeout=self.timeout,
+            attempts=self.attempts,
+            backoff=self.backoff,
+            sleep=self.sleep,
+        )
+
+    def _context(self) -> ssl.SSLContext:
+        try:
+            if self.ca_file is not None:
+                # --ca-file names the one CA to trust, as for a private deployment.
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies peer and hostname
+                ctx.load_verify_locations(cafile=str(self.ca_file))
+            else:
+                ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+                if self.pinned_ca is not None and self.pinned_ca.exists():
+                    ctx.load_verify_locations(cafile=str(self.pinned_ca))
+        except (OSError, ssl.SSLError) as e:
+            raise VectorlayError(
+                f"cannot load the CA certificate {self.ca_file or self.pinned_ca}: {e}",
+                "pass --ca-file with the control plane's CA certificate (PEM)",
+            ) from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.client_cert is not None:
+            try:
+                ctx.load_cert_chain(str(self.client_cert.cert_file), str(self.client_cert.key_file))
+            except (OSError, ssl.SSLError) as e:
+                raise VectorlayError(
+                    f"cannot load the node's certificate {self.client_cert.cert_file}: {e}",
+                    "re-run enrollment with a new token",
+                ) from None
+        return ctx
+
+    def session(self) -> requests.Session:
+        if self._session is None:
+            s = requests.Session()
+            s.trust_env = False  # no proxy or CA-bundle environment overrides the verification set here
+            s.mount("https://", _ContextAdapter(self._context()))
+            s.headers["User-Agent"] = "vectorlay-bootstrap"
+            self._session = s
+        return self._session
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        bearer: str | None = None,
+        retry: bool = True,
+    ) -> Any:
+        """JSON in, JSON out. `bearer` goes in the Authorization header, never in the URL."""
+        url = self.base_url + path
+        headers = {"Accept": "application/json"}
+        if bearer is not None:
+            headers["Authorization"] = f"Bearer {bearer}"
+        attempts = self.attempts if retry else 1
+        last: str = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                resp = self.session().request(
+                    method, url, json=json, headers=headers, timeout=self.timeout, verify=True
+                )
+            except requests.exceptions.SSLError as e:
+                # A certificate that does not verify will not verify on the next attempt either.
+                raise _tls_error(url, e, self.ca_file) from None
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+                last = f"could not reach {url}: {_short(e)}"
+            else:
+                if resp.status_code < 500:
+                    return _answer(method, url, resp)
+                last = f"{method} {url} returned {resp.status_code}{_server_message(resp)}"
+            if attempt < attempts:
+                delay = self.backoff * (2 ** (attempt - 1))
+                log.warning("%s; retrying in %.1fs (attempt %d of %d)", last, delay, attempt, attempts)
+                self.sleep(delay)
+        raise ApiError(
+            f"{last} (gave up after {attempts} attempt(s))",
+            "check the node's outbound HTTPS (443) to the API and re-run; the node's state is unchanged",
+        )
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _server_message(resp: requests.Response) -> str:
+    try:
+        err = resp.json()["error"]
+        return f": {err['code']}: {err['message']}"
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _tls_error(url: str, e: Exception, ca_file: Path | None) -> VectorlayError:
+    text = _short(e)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        hint = (
+            "the server's certificate did not verify against --ca-file (wrong CA file, or a wrong clock)"
+            if ca_file
+            else "pass --ca-file with the control plane's CA (the reference one writes <state-dir>/ca.crt)"
+        )
+        return VectorlayError(f"TLS verification of {url} failed: {text}", hint)
+    return VectorlayError(
+        f"TLS connection to {url} failed: {text}",
+        "the control plane refused this node's client certificate or the connection; re-run enrollment",
+    )
+
+
+def _answer(method: str, url: str, resp: requests.Response) -> Any:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if resp.ok:
+        if body is None:
+            raise ApiError(
+                f"{method} {url} returned {resp.status_code} without a JSON body",
+                "is --api the control plane's URL?",
+                status=resp.status_code,
+            )
+        return body
+    code = message = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        code, message = body["error"].get("code"), body["error"].get("message")
+    detail = f" ({code}: {message})" if code else ""
+    if resp.status_code == 401:
+        raise ApiError(f"{url}: 401 bad, missing or expired token{detail}", TOKEN_HINT, status=401, code=code)
+    if resp.status_code == 403 and code == "NOT_A_PROVIDER":
+        raise ApiError(
+            f"{url}: 403 NOT_A_PROVIDER: this org isn't an approved provider yet",
+            "ask vectorlay to approve your org as a provider, then re-run with a new token",
+            status=403,
+            code=code,
+        )
+    raise ApiError(
+        f"{method} {url} returned {resp.status_code}{detail}",
+        None,
+        status=resp.status_code,
+        code=code,
+    )

@@ -1,0 +1,306 @@
+"""Enrollment: a one-time provisioning token exchanged for the node's durable mTLS identity.
+
+The key pair is generated here and only the CSR leaves the box. A node that already has an
+identity presents it (client certificate over mTLS, node token as bearer), so the control plane
+keeps its node ID and overlay IP, rotates its token and consumes no quota.
+The provisioning token is held in memory only: never logged, never written, never in argv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import re
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from bootstrap.api import ApiClient, ApiError, ClientCert
+from bootstrap.errors import VectorlayError
+from bootstrap.host import Host
+from bootstrap.identity import (
+    IDENTITY_DIR,
+    FaultHook,
+    Identity,
+    IdentityError,
+    NewIdentity,
+    identity_path,
+    load_identity,
+    write_identity,
+)
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "VECTORLAY_TOKEN"
+TOKEN_RE = re.compile(r"^vtk_[A-Za-z0-9_-]{16,256}$")
+# Points before the identity writer's own (identity.WRITE_POINTS) where enroll() calls its hook.
+ENROLL_POINTS = ("before-request", "response-received")
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    valid: bool
+    expires_at: datetime | None
+    reason: str | None = None  # "used", "expired", "unknown" when not valid
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    node_id: str
+    org_id: str
+    overlay_ip: str
+    reenrolled: bool
+    identity: Identity
+
+
+def read_token(
+    token_file: Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: TextIO | None = None,
+) -> str:
+    """The provisioning token from --token-file, else VECTORLAY_TOKEN, else standard input."""
+    env = os.environ if env is None else env
+    stdin = sys.stdin if stdin is None else stdin
+    if token_file is not None and str(token_file) != "-":
+        try:
+            raw = token_file.read_text()
+        except OSError as e:
+            raise VectorlayError(
+                f"cannot read the token file {token_file}: {e.strerror}",
+                "check the path given to --token-file",
+            ) from None
+        source = str(token_file)
+    elif token_file is None and env.get(TOKEN_ENV, "").strip():
+        raw, source = env[TOKEN_ENV], TOKEN_ENV
+    elif stdin.isatty():
+        raw, source = getpass.getpass("Provisioning token (vtk_...): "), "the terminal"
+    else:
+        raw, source = stdin.readline(), "standard input"
+    token = raw.strip()
+    if not token:
+        raise VectorlayError(
+            "no provisioning token given",
+            f"set {TOKEN_ENV}, pass --token-file FILE, or pipe the token on standard input",
+        )
+    if not TOKEN_RE.match(token):
+        # The value itself is never echoed: a mangled token is still mostly a secret.
+        raise VectorlayError(
+            f"the provisioning token from {source} is not a vectorlay token (expected vtk_ and 16+ letters)",
+            "copy the whole token from the dashboard (Providers -> Add node)",
+        )
+    return token
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def introspect_token(api: ApiClient, token: str) -> TokenInfo:
+    """Ask whether the token would be accepted, and until when, without consuming it."""
+    body = api.request("POST", "/v1/provisioning-tokens/introspect", json={"token": token})
+    if not isinstance(body, dict) or "valid" not in body:
+        raise VectorlayError(
+            f"{api.base_url}: unexpected introspection answer", "is --api the control plane?"
+        )
+    return TokenInfo(bool(body["valid"]), _parse_time(body.get("expires_at")), body.get("reason"))
+
+
+def _stored_credentials(host: Host) -> tuple[Identity | None, ClientCert | None, str | None]:
+    """What this node can prove about itself: the complete identity, or what survives of it."""
+    try:
+        current = load_identity(host)
+    except IdentityError as e:
+        log.warning("the existing identity is damaged (%s); presenting what is left of it", e.message)
+        path = identity_path(host)
+        cert = ClientCert(path / "node.crt", path / "node.key")
+        token = None
+        with contextlib.suppress(OSError):
+            token = (path / "node-token").read_text().strip() or None
+        usable = cert.cert_file.is_file() and cert.key_file.is_file()
+        return None, cert if usable else None, token
+    if current is None:
+        return None, None, None
+    return current, ClientCert(current.cert_file, current.key_file), current.node_token()
+
+
+def _credentials_for(host: Host, api: ApiClient) -> tuple[Identity | None, ClientCert | None, str | None]:
+    current, cert, token = _stored_credentials(host)
+    if current is not None and current.api and current.api.rstrip("/") != api.base_url:
+        # Credentials of another control plane would only fail its TLS handshake here.
+        log.warning(
+            "the existing identity belongs to %s, not %s: enrolling as a new node", current.api, api.base_url
+        )
+        return None, None, None
+    return current, cert, token
+
+
+def _make_csr(hostname: str) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "node")]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _check_response(body: Any, key: ec.EllipticCurvePrivateKey, url: str) -> dict[str, Any]:
+    """The enrollment answer is only saved if it is a usable identity for *this* key."""
+
+    def bad(why: str) -> VectorlayError:
+        return VectorlayError(
+            f"{url} returned an unusable enrollment: {why}", "re-run; report if it persists"
+        )
+
+    if not isinstance(body, dict):
+        raise bad("not a JSON object")
+    for field in ("node_id", "org_id", "overlay_ip", "certificate_pem", "ca_pem", "node_token"):
+        if not isinstance(body.get(field), str) or not body[field]:
+            raise bad(f"{field} missing")
+    try:
+        cert = x509.load_pem_x509_certificate(body["certificate_pem"].encode())
+        ca = x509.load_pem_x509_certificate(body["ca_pem"].encode())
+    except ValueError:
+        raise bad("certificate_pem or ca_pem is not PEM") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = serialization.Encoding.PEM
+    if cert.public_key().public_bytes(pem, spki) != key.public_key().public_bytes(pem, spki):
+        raise bad("the certificate is not for this node's key")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise bad("the certificate is not signed by ca_pem") from None
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns or cns[0].value != body["node_id"]:
+        raise bad("the certificate does not name the node ID")
+    return body
+
+
+def enroll(
+    host: Host,
+    api: ApiClient,
+    token: str,
+    *,
+    gpu_mode: str,
+    hardware: dict[str, Any],
+    hostname: str | None = None,
+    fault: FaultHook | None = None,
+) -> EnrollResult:
+    """Enroll (or re-enroll) this node and switch its identity to the one the control plane issued.
+
+    `fault` is called at ENROLL_POINTS and identity.WRITE_POINTS; tests use it to kill the run there.
+    On any error before the switch the existing identity is left exactly as it was.
+    """
+    hook: FaultHook = fault or (lambda point: None)
+    current, cert, node_token = _credentials_for(host, api)
+    hostname = hostname or _hostname(host)
+    key, csr_pem = _make_csr(hostname)
+    client = api.with_client_cert(cert)
+    body = {
+        "token": token,
+        "csr_pem": csr_pem,
+        "hostname": hostname,
+        "hardware": hardware,
+        "gpu_mode": gpu_mode,
+    }
+    hook("before-request")
+    try:
+        answer = client.request("POST", "/v1/nodes/enroll", json=body, bearer=node_token)
+    except ApiError as e:
+        if e.code == "BAD_NODE_CREDENTIALS":
+            raise VectorlayError(
+                f"the control plane no longer accepts this node's identity ({e.message})",
+                f"to enroll as a new node, move {IDENTITY_DIR} away and re-run with a new token",
+            ) from None
+        raise
+    finally:
+        client.close()
+    hook("response-received")
+    answer = _check_response(answer, key, client.base_url)
+
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    node = {
+        "node_id": answer["node_id"],
+        "org_id": answer["org_id"],
+        "overlay_ip": answer["overlay_ip"],
+        "api": api.base_url,
+    }
+    enrollment = {
+        **node,
+        "gpu_mode": gpu_mode,
+        "hostname": hostname,
+        "nebula": answer.get("nebula") or {},
+        "nomad": answer.get("nomad") or {},
+    }
+    identity = write_identity(
+        host,
+        NewIdentity(
+            key_pem=key_pem,
+            cert_pem=answer["certificate_pem"].encode(),
+            ca_pem=answer["ca_pem"].encode(),
+            node_token=answer["node_token"],
+            node=node,
+            enrollment=enrollment,
+        ),
+        fault=hook,
+    )
+    reenrolled = bool(answer.get("reenrolled", current is not None))
+    _confirm(api, identity)
+    log.info(
+        "%s node %s (overlay IP %s)",
+        "re-enrolled" if reenrolled else "enrolled",
+        identity.node_id,
+        identity.overlay_ip,
+    )
+    return EnrollResult(identity.node_id, identity.org_id, identity.overlay_ip, reenrolled, identity)
+
+
+def _confirm(api: ApiClient, identity: Identity) -> None:
+    """First use of the new credentials, which retires the previous ones on the control plane.
+
+    Until this succeeds both pairs work, so a failure here costs nothing: the next use of the new
+    identity (by the agents or the next enrollment) completes the rotation.
+    """
+    client = ApiClient(
+        api.base_url,
+        ca_file=api.ca_file,
+        pinned_ca=identity.ca_file,
+        client_cert=ClientCert(identity.cert_file, identity.key_file),
+        timeout=api.timeout,
+        attempts=2,
+        backoff=api.backoff,
+        sleep=api.sleep,
+    )
+    try:
+        client.request("GET", "/v1/node/self", bearer=identity.node_token())
+    except VectorlayError as e:
+        log.warning("the new identity was saved but not yet confirmed with the control plane: %s", e.message)
+    finally:
+        client.close()
+
+
+def _hostname(host: Host) -> str:
+    name = host.read_text("/etc/hostname", default="").strip()
+    if not name and host.is_live:
+        name = socket.gethostname()
+    return name or "node"

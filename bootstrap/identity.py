@@ -1,0 +1,271 @@
+"""The node's durable identity under /etc/vectorlay/identity/, replaced as one atomic switch.
+
+Layout: `/etc/vectorlay/identity` is a symlink to a generation directory next to it
+(`/etc/vectorlay/.identity-<id>/`, 0700) holding
+
+    node.key         0600  the node's private key (generated here, never leaves the box)
+    node.crt         0644  its client certificate, signed by the control plane's CA
+    ca.crt           0644  the control plane's CA, pinned at enrollment
+    node-token       0600  the durable node token
+    node.json        0644  node_id, org_id, overlay_ip, api
+    enrollment.json  0644  what the agents stage needs (nebula, nomad), no secrets
+
+A new identity is written completely into a fresh generation directory and fsynced; then the
+symlink is renamed over (`rename(2)` is atomic), and only then is the old generation removed. A
+crash at any point therefore leaves `identity` pointing at a complete directory, the old or the new.
+Readers that follow the symlink never see a mix either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bootstrap.errors import VectorlayError
+from bootstrap.fsutil import atomic_symlink, fsync_dir
+from bootstrap.host import Host
+
+log = logging.getLogger(__name__)
+
+IDENTITY_DIR = "/etc/vectorlay/identity"
+_GEN_PREFIX = ".identity-"
+# A plain directory found at IDENTITY_DIR (not made by this writer) is moved here before the first
+# switch, so the window in which `identity` does not exist can be recovered from.
+_LEGACY = ".identity-legacy"
+
+SECRET_FILES = ("node.key", "node-token")
+REQUIRED_FILES = ("node.key", "node.crt", "ca.crt", "node-token", "node.json")
+
+# Where the writer calls its fault hook, in order. Tests kill the process at each of them.
+WRITE_POINTS = (
+    "generation-created",
+    "wrote:node.key",
+    "wrote:node.crt",
+    "wrote:ca.crt",
+    "wrote:node-token",
+    "wrote:node.json",
+    "wrote:enrollment.json",
+    "generation-synced",
+    "switched",
+    "old-removed",
+)
+
+FaultHook = Callable[[str], None]
+REENROLL_HINT = "re-enroll the node with a new token (vectorlay-bootstrap enroll)"
+
+
+class IdentityError(VectorlayError):
+    pass
+
+
+@dataclass(frozen=True)
+class Identity:
+    path: Path  # the identity directory as seen through the symlink
+    node_id: str
+    org_id: str
+    overlay_ip: str
+    api: str | None
+
+    @property
+    def key_file(self) -> Path:
+        return self.path / "node.key"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.path / "node.crt"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def token_file(self) -> Path:
+        return self.path / "node-token"
+
+    def node_token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def cert_not_after(self) -> datetime:
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+        if hasattr(cert, "not_valid_after_utc"):  # cryptography >= 42
+            return cert.not_valid_after_utc
+        return cert.not_valid_after.replace(tzinfo=timezone.utc)  # pragma: no cover
+
+    def enrollment(self) -> dict[str, Any]:
+        """The non-secret enrollment data (nebula, nomad) saved for the agents stage."""
+        try:
+            data = json.loads((self.path / "enrollment.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class NewIdentity:
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+    node_token: str
+    node: dict[str, Any]  # node.json
+    enrollment: dict[str, Any]  # enrollment.json; must hold no secret
+
+
+def identity_path(host: Host) -> Path:
+    return host.path(IDENTITY_DIR)
+
+
+def load_identity(host: Host) -> Identity | None:
+    """The identity in force, None if the node was never enrolled.
+
+    Raises IdentityError when one exists but is damaged (a file missing or unreadable, a secret
+    readable by others): the doctor reports it and re-enrollment repairs it.
+    """
+    path = identity_path(host)
+    if not path.exists():
+        legacy = path.parent / _LEGACY
+        if path.is_symlink() or not legacy.is_dir():
+            if path.is_symlink():
+                raise IdentityError(f"{IDENTITY_DIR} points at a missing directory", REENROLL_HINT)
+            return None
+        path = legacy
+    dir_mode = path.stat().st_mode & 0o777
+    if dir_mode & 0o077:
+        raise IdentityError(
+            f"{IDENTITY_DIR} is open to others (mode {dir_mode:04o})", f"chmod 700 {IDENTITY_DIR}"
+        )
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if missing:
+        raise IdentityError(
+            f"{IDENTITY_DIR} is incomplete: {', '.join(missing)} missing",
+            REENROLL_HINT,
+        )
+    for name in SECRET_FILES:
+        mode = (path / name).stat().st_mode & 0o777
+        if mode & 0o077:
+            raise IdentityError(
+                f"{IDENTITY_DIR}/{name} is readable by others (mode {mode:04o})",
+                f"chmod 600 {IDENTITY_DIR}/{name}",
+            )
+    try:
+        node = json.loads((path / "node.json").read_text())
+        return Identity(
+            path=path,
+            node_id=str(node["node_id"]),
+            org_id=str(node["org_id"]),
+            overlay_ip=str(node["overlay_ip"]),
+            api=node.get("api"),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IdentityError(f"{IDENTITY_DIR}/node.json is unreadable: {e}", REENROLL_HINT) from None
+
+
+def _owner_root(fd: int) -> None:
+    if os.geteuid() == 0:
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, 0, 0)
+
+
+def _write_file(directory: Path, name: str, data: bytes, mode: int) -> None:
+    fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        _owner_root(fd)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _current_generation(link: Path) -> str | None:
+    try:
+        return os.readlink(link)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def remove_stale_generations(host: Host) -> list[str]:
+    """Delete generation directories `identity` does not point at (left by an interrupted write)."""
+    link = identity_path(host)
+    keep = _current_generation(link)
+    removed: list[str] = []
+    if not link.parent.is_dir():
+        return removed
+    for entry in sorted(link.parent.iterdir()):
+        # atomic_symlink's own temporary link (".identity.<pid>.tmp") can be left by a kill, too.
+        stale_link = entry.name.startswith(".identity.") and entry.name.endswith(".tmp")
+        stale_gen = entry.name.startswith(_GEN_PREFIX) and entry.name not in (keep, _LEGACY)
+        if stale_link:
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+        elif stale_gen:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    if removed:
+        fsync_dir(link.parent)
+    return removed
+
+
+def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = None) -> Identity:
+    """Replace the node's identity with `new` in one atomic switch (see the module docstring)."""
+    hook: FaultHook = fault or (lambda point: None)
+    link = identity_path(host)
+    parent = link.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_generations(host)
+    if link.is_dir() and not link.is_symlink():
+        # A plain directory cannot be renamed over atomically; move it aside once, then switch.
+        os.rename(link, parent / _LEGACY)
+        atomic_symlink(_LEGACY, link)
+
+    gen_name = f"{_GEN_PREFIX}{datetime.now().strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+    gen = parent / gen_name
+    os.mkdir(gen, 0o700)
+    with contextlib.suppress(PermissionError):
+        if os.geteuid() == 0:
+            os.chown(gen, 0, 0)
+    os.chmod(gen, 0o700)
+    hook("generation-created")
+
+    node_json = json.dumps(new.node, indent=2, sort_keys=True) + "\n"
+    enrollment_json = json.dumps(new.enrollment, indent=2, sort_keys=True) + "\n"
+    if new.node_token in enrollment_json or new.node_token in node_json:
+        raise ValueError("node.json/enrollment.json must not contain the node token")
+    for name, data, mode in (
+        ("node.key", new.key_pem, 0o600),
+        ("node.crt", new.cert_pem, 0o644),
+        ("ca.crt", new.ca_pem, 0o644),
+        ("node-token", (new.node_token + "\n").encode(), 0o600),
+        ("node.json", node_json.encode(), 0o644),
+        ("enrollment.json", enrollment_json.encode(), 0o644),
+    ):
+        _write_file(gen, name, data, mode)
+        hook(f"wrote:{name}")
+    fsync_dir(gen)
+    fsync_dir(parent)
+    hook("generation-synced")
+
+    atomic_symlink(gen_name, link)  # the commit point
+    hook("switched")
+    remove_stale_generations(host)
+    legacy = parent / _LEGACY
+    if legacy.is_dir():
+        shutil.rmtree(legacy, ignore_errors=True)
+    hook("old-removed")
+
+    identity = load_identity(host)
+    assert identity is not None
+    log.info("identity of node %s written to %s", identity.node_id, IDENTITY_DIR)
+    return identity

@@ -1,0 +1,98 @@
+"""The HTTP face of the control plane (DESIGN.md section 7), as a Flask application.
+
+The TLS layer (server.py) has already verified any client certificate against the control plane's
+CA and hands it over in the WSGI environ as `SSL_CLIENT_CERT` (PEM), the same variable Apache and
+nginx set; nothing here trusts a certificate the TLS layer did not verify.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from controlplane.artifacts import register_artifacts
+from controlplane.service import ApiError, ControlPlane
+
+log = logging.getLogger("controlplane")
+
+
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def _client_cert() -> str | None:
+    if request.environ.get("SSL_CLIENT_VERIFY") != "SUCCESS":
+        return None
+    pem = request.environ.get("SSL_CLIENT_CERT")
+    return pem if isinstance(pem, str) and pem else None
+
+
+def _json_body() -> Any:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError(400, "BAD_REQUEST", "the body must be JSON (Content-Type: application/json)")
+    return body
+
+
+def create_app(cp: ControlPlane, artifacts_dir: Path | None = None) -> Flask:
+    app = Flask("controlplane")
+    app.config["MAX_CONTENT_LENGTH"] = 1 << 20
+
+    @app.errorhandler(ApiError)
+    def _api_error(e: ApiError) -> tuple[Response, int]:
+        return jsonify({"error": {"code": e.code, "message": e.message}}), e.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException) -> tuple[Response, int]:
+        code = (e.name or "error").upper().replace(" ", "_")
+        return jsonify({"error": {"code": code, "message": e.description}}), e.code or 500
+
+    @app.errorhandler(Exception)
+    def _internal(e: Exception) -> tuple[Response, int]:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return jsonify({"error": {"code": "INTERNAL", "message": "internal error"}}), 500
+
+    @app.post("/v1/provisioning-tokens")
+    def create_token() -> Response:
+        return jsonify(cp.api_create_token(_bearer()))
+
+    @app.post("/v1/provisioning-tokens/introspect")
+    def introspect() -> Response:
+        body = _json_body()
+        return jsonify(cp.introspect(body.get("token") if isinstance(body, dict) else None))
+
+    @app.post("/v1/nodes/enroll")
+    def enroll() -> Response:
+        result = cp.enroll(_json_body(), _client_cert(), _bearer())
+        log.info(
+            "enrolled node %s (org %s, %s)",
+            result["node_id"],
+            result["org_id"],
+            "re-enrollment" if result["reenrolled"] else "new",
+        )
+        return jsonify(result)
+
+    @app.get("/v1/node/self")
+    def node_self() -> Response:
+        return jsonify(cp.node_self(_client_cert(), _bearer()))
+
+    @app.patch("/v1/orgs/<org>/provider/nodes/<node_id>")
+    def patch_node(org: str, node_id: str) -> Response:
+        result = cp.set_node_status(_bearer(), org, node_id, _json_body())
+        log.info("node %s removed by the provider API (%d unit(s) freed)", node_id, result["units_freed"])
+        return jsonify(result)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"ok": True})
+
+    register_artifacts(app, artifacts_dir)
+    return app

@@ -1,0 +1,163 @@
+"""`vectorlay-control-plane`: run the reference control plane and administer its database."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+import typer
+
+from controlplane.clock import Clock, wall_now
+from controlplane.db import Database
+from controlplane.service import ApiError, ControlPlane
+
+app = typer.Typer(
+    name="vectorlay-control-plane",
+    help="The reference vectorlay control plane (DESIGN.md section 7) and its admin commands.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+org_app = typer.Typer(help="Organisations (providers).", no_args_is_help=True)
+token_app = typer.Typer(help="Provisioning tokens (vtk_...).", no_args_is_help=True)
+apikey_app = typer.Typer(help="API keys for the provider API (vlk_...).", no_args_is_help=True)
+app.add_typer(org_app, name="org")
+app.add_typer(token_app, name="token")
+app.add_typer(apikey_app, name="apikey")
+
+DbOption = typer.Option(..., "--db", help="SQLite database file (created and migrated on first use).")
+
+
+def _plane(db: Path) -> ControlPlane:
+    # Admin commands sign nothing: only `serve` loads the CA.
+    return ControlPlane(Database(db), None, Clock.from_env())
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise typer.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8443", param_hint="--listen")
+    return host.strip("[]"), int(port)
+
+
+@app.command()
+def serve(
+    db: Path = DbOption,
+    listen: str = typer.Option("127.0.0.1:8443", "--listen", help="HOST:PORT (port 0: any free port)."),
+    state_dir: Path = typer.Option(..., "--state-dir", help="CA and server keys; nodes trust its ca.crt."),
+    artifacts: Path | None = typer.Option(None, "--artifacts", help="Directory with manifest.json."),
+    public_host: str | None = typer.Option(
+        None, "--public-host", help="Address nodes reach nebula/nomad at (default: the listen host)."
+    ),
+    threads: int = typer.Option(32, "--threads", min=1, help="Worker threads."),
+) -> None:
+    """Serve the API over HTTPS (mTLS for node endpoints) until SIGINT/SIGTERM."""
+    from controlplane.app import create_app
+    from controlplane.pki import CertificateAuthority
+    from controlplane.server import build_server
+    from controlplane.service import Network
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host, port = _parse_listen(listen)
+    clock = Clock.from_env()
+    ca = CertificateAuthority.load_or_create(state_dir, wall_now())
+    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host))
+    server = build_server(create_app(plane, artifacts), host, port, ca, state_dir, threads)
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.prepare()
+    except OSError as e:
+        _fail(f"cannot listen on {listen}: {e.strerror or e}")
+    bound_host, bound_port = server.bind_addr[:2]
+    print(f"serving https://{bound_host}:{bound_port} (CA: {state_dir / 'ca.crt'})", flush=True)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@org_app.command("create")
+def org_create(
+    name: str = typer.Argument(..., help="Org name (unique)."),
+    db: Path = DbOption,
+    provider: bool = typer.Option(False, "--provider", help="An approved provider (may enroll nodes)."),
+    node_quota: int | None = typer.Option(None, "--node-quota", min=0, help="Most nodes it may enroll."),
+) -> None:
+    """Create an org; prints it as JSON."""
+    try:
+        print(json.dumps(_plane(db).create_org(name, provider=provider, node_quota=node_quota)))
+    except ApiError as e:
+        _fail(e.message)
+
+
+@org_app.command("update")
+def org_update(
+    name: str = typer.Argument(..., help="Org name or ID."),
+    db: Path = DbOption,
+    provider: bool | None = typer.Option(None, "--provider/--no-provider", help="Approve or revoke."),
+    node_quota: int | None = typer.Option(None, "--node-quota", min=0),
+) -> None:
+    """Approve an org as a provider or change its node quota."""
+    try:
+        print(json.dumps(_plane(db).update_org(name, provider=provider, node_quota=node_quota)))
+    except ApiError as e:
+        _fail(e.message)
+
+
+@org_app.command("show")
+def org_show(name: str = typer.Argument(..., help="Org name or ID."), db: Path = DbOption) -> None:
+    """An org and its nodes, as JSON."""
+    try:
+        print(json.dumps(_plane(db).org_summary(name), indent=2))
+    except ApiError as e:
+        _fail(e.message)
+
+
+@token_app.command("create")
+def token_create(
+    org: str = typer.Option(..., "--org", help="Org name or ID."),
+    db: Path = DbOption,
+) -> None:
+    """Mint a provisioning token (1 hour, single use); prints only the token."""
+    try:
+        result = _plane(db).create_provisioning_token(org)
+    except ApiError as e:
+        _fail(e.message)
+    print(result["token"])
+    print(f"expires at {result['expires_at']}", file=sys.stderr)
+
+
+@apikey_app.command("create")
+def apikey_create(
+    org: str = typer.Option(..., "--org", help="Org name or ID."),
+    db: Path = DbOption,
+) -> None:
+    """Mint an API key for the provider API; prints only the key (shown once, stored hashed)."""
+    try:
+        print(_plane(db).create_api_key(org))
+    except ApiError as e:
+        _fail(e.message)
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name="vectorlay-control-plane")
+
+
+if __name__ == "__main__":
+    main()

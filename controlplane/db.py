@@ -1,0 +1,116 @@
+"""SQLite storage: one connection per thread, WAL, and schema migrations kept in code.
+
+`MIGRATIONS` is append-only: each entry moves the schema from version i to i+1 and the database
+records where it is in `PRAGMA user_version`. Opening a database applies whatever is missing, inside
+one transaction per step, so a crash mid-migration leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: orgs, their API keys, provisioning tokens, nodes and their GPU units.
+    """
+    CREATE TABLE orgs (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        is_provider INTEGER NOT NULL DEFAULT 0,
+        node_quota  INTEGER,                     -- NULL: no limit
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        key_hash    TEXT PRIMARY KEY,
+        org_id      TEXT NOT NULL REFERENCES orgs(id),
+        created_at  TEXT NOT NULL,
+        revoked_at  TEXT
+    );
+    CREATE TABLE provisioning_tokens (
+        token_hash  TEXT PRIMARY KEY,
+        org_id      TEXT NOT NULL REFERENCES orgs(id),
+        created_at  TEXT NOT NULL,
+        expires_at  TEXT NOT NULL,
+        used_at     TEXT,
+        -- which key pair consumed it: a retried request from the same node is answered again
+        used_by_key TEXT,
+        used_for_node TEXT
+    );
+    CREATE TABLE nodes (
+        id            TEXT PRIMARY KEY,
+        org_id        TEXT NOT NULL REFERENCES orgs(id),
+        seq           INTEGER NOT NULL UNIQUE,    -- drives the overlay address
+        overlay_ip    TEXT NOT NULL UNIQUE,
+        hostname      TEXT NOT NULL,
+        gpu_mode      TEXT NOT NULL,
+        hardware      TEXT NOT NULL,              -- JSON as reported at the last enrollment
+        status        TEXT NOT NULL CHECK (status IN ('active', 'removed')),
+        -- The credentials the node holds. A rotation is two-phase: the new pair is `pending` until
+        -- the node first uses it, and the current pair keeps working until then, so a node that
+        -- crashed before saving its new identity still has a working one.
+        cert_fp       TEXT NOT NULL,
+        token_hash    TEXT NOT NULL,
+        pending_cert_fp    TEXT,
+        pending_token_hash TEXT,
+        enrollments   INTEGER NOT NULL DEFAULT 1,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL
+    );
+    CREATE INDEX nodes_org ON nodes(org_id);
+    CREATE TABLE gpu_units (
+        node_id     TEXT NOT NULL REFERENCES nodes(id),
+        iommu_group TEXT NOT NULL,
+        gpus        TEXT NOT NULL,                -- JSON list of PCI addresses
+        status      TEXT NOT NULL,                -- as the node reported it
+        allocatable INTEGER NOT NULL,             -- 0 once the node is removed
+        PRIMARY KEY (node_id, iommu_group)
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION; returns the version found before."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {found} is newer than this control plane's ({SCHEMA_VERSION})"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        # executescript() commits first; the explicit BEGIN makes the step and the version bump one
+        # transaction.
+        conn.executescript(
+            f"BEGIN IMMEDIATE;\n{MIGRATIONS[version]}\nPRAGMA user_version = {version + 1};\nCOMMIT;"
+        )
+    return found
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode = WAL")
+    # FULL: an enrollment the node was told about must survive a power cut of the control plane.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+class Database:
+    """Per-thread connections to one SQLite file (sqlite3 connections must not be shared)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        migrate(self.conn())
+
+    def conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+        return conn

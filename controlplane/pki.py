@@ -1,0 +1,205 @@
+"""The control plane's own CA: it signs the HTTPS server certificate and every node's client certificate.
+
+ECDSA P-256 throughout: signing is cheap enough to do inside the enrollment transaction, and every
+TLS library a node runs understands it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# Node certificates live as long as the node (the docs' "durable identity"); they are not revoked by
+# expiry but by the server accepting only the fingerprints it currently holds for each node.
+NODE_CERT_DAYS = 3650
+CA_DAYS = 3650
+SERVER_CERT_DAYS = 825
+
+
+class CsrError(ValueError):
+    pass
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def key_fingerprint(public_key: object) -> str:
+    assert isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey))
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@dataclass
+class CertificateAuthority:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def cert_pem(self) -> str:
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path, now: datetime) -> CertificateAuthority:
+        """The CA of `state_dir`, created (ca.key 0600, ca.crt) on first use."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        key_path, cert_path = state_dir / "ca.key", state_dir / "ca.crt"
+        if key_path.exists() and cert_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{key_path} is not an EC key")
+            return cls(x509.load_pem_x509_certificate(cert_path.read_bytes()), key)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vectorlay reference control plane CA")])
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        # Key first: a crash between the two writes leaves no ca.crt, so the next start makes a new
+        # pair instead of loading a certificate without its key.
+        _write_private(key_path, _pem_key(key))
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        cert_path.chmod(0o644)
+        return cls(cert, key)
+
+    def _leaf(
+        self,
+        subject: x509.Name,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey,
+        now: datetime,
+        days: int,
+        usage: x509.ObjectIdentifier,
+        san: list[x509.GeneralName],
+    ) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def write_server_cert(self, state_dir: Path, host: str, now: datetime) -> tuple[Path, Path]:
+        """A fresh server key and certificate for `host` (plus localhost), every start."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        san: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]
+        try:
+            addr = ipaddress.ip_address(host)
+            if str(addr) != "127.0.0.1":
+                san.append(x509.IPAddress(addr))
+        except ValueError:
+            if host != "localhost":
+                san.append(x509.DNSName(host))
+        cert = self._leaf(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]),
+            key.public_key(),
+            now,
+            SERVER_CERT_DAYS,
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            san,
+        )
+        key_path, cert_path = state_dir / "server.key", state_dir / "server.crt"
+        _write_private(key_path, _pem_key(key))
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem.encode())
+        return cert_path, key_path
+
+    def sign_node_csr(self, csr_pem: str, node_id: str, org_id: str, now: datetime) -> x509.Certificate:
+        """The node's client certificate: subject and SAN are set here, never taken from the CSR."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except (ValueError, TypeError):
+            raise CsrError("csr_pem is not a PEM certificate signing request") from None
+        try:
+            valid = csr.is_signature_valid
+        except InvalidSignature:
+            valid = False
+        if not valid:
+            raise CsrError("the CSR's signature does not match its public key")
+        public_key = csr.public_key()
+        if isinstance(public_key, rsa.RSAPublicKey):
+            if public_key.key_size < 2048:
+                raise CsrError("RSA keys must have at least 2048 bits")
+        elif not isinstance(public_key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+            raise CsrError("the CSR's key must be EC, Ed25519 or RSA")
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, org_id),
+                x509.NameAttribute(NameOID.COMMON_NAME, node_id),
+            ]
+        )
+        san: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(f"spiffe://vectorlay/org/{org_id}/node/{node_id}")
+        ]
+        return self._leaf(subject, public_key, now, NODE_CERT_DAYS, ExtendedKeyUsageOID.CLIENT_AUTH, san)
+
+
+def csr_key_fingerprint(csr_pem: str) -> str:
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except (ValueError, TypeError):
+        raise CsrError("csr_pem is not a PEM certificate signing request") from None
+    return key_fingerprint(csr.public_key())

@@ -1,0 +1,515 @@
+"""What the control plane does, apart from HTTP: orgs, tokens, enrollment, node state.
+
+Every operation that changes state runs in one `BEGIN IMMEDIATE` transaction, which SQLite
+serialises: that is what makes a provisioning token single-use under concurrency (two enrollments
+with one token: the second sees it used) and quota checks race-free.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from controlplane.clock import Clock, from_iso, to_iso, wall_now
+from controlplane.db import Database
+from controlplane.pki import CertificateAuthority, CsrError, csr_key_fingerprint, fingerprint
+from controlplane.tokens import (
+    API_KEY_PREFIX,
+    NODE_TOKEN_PREFIX,
+    PROVISIONING_PREFIX,
+    hash_secret,
+    new_id,
+    new_secret,
+)
+
+PROVISIONING_TTL = timedelta(hours=1)
+GPU_MODES = ("passthrough", "container", "none")
+DEFAULT_OVERLAY = "100.64.0.0/10"
+
+
+class ApiError(Exception):
+    """An error the API reports as {"error": {"code", "message"}} with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def unauthorized(message: str, code: str = "UNAUTHORIZED") -> ApiError:
+    return ApiError(401, code, message)
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "BAD_REQUEST", message)
+
+
+@dataclass
+class Network:
+    """What nodes are told about the overlay (nebula) and the scheduler (nomad)."""
+
+    public_host: str = "127.0.0.1"
+    overlay: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network(DEFAULT_OVERLAY))
+    nebula_port: int = 4242
+    nomad_port: int = 4647
+
+    @property
+    def lighthouse_ip(self) -> str:
+        return str(self.overlay.network_address + 1)
+
+    def overlay_ip(self, seq: int) -> str:
+        # .1 is the lighthouse; nodes follow in enrollment order.
+        addr = self.overlay.network_address + 1 + seq
+        if addr not in self.overlay or addr == self.overlay.broadcast_address:
+            raise ApiError(409, "OVERLAY_FULL", f"the overlay network {self.overlay} has no address left")
+        return str(addr)
+
+
+class ControlPlane:
+    def __init__(
+        self, db: Database, ca: CertificateAuthority | None, clock: Clock, network: Network | None = None
+    ) -> None:
+        self.db = db
+        self._ca = ca
+        self.clock = clock
+        self.network = network or Network()
+        # SQLite allows one writer; waiting on its busy handler means sleeps of up to 100 ms, so
+        # this process's writers queue on a lock instead and the database lock is never contended
+        # from here.
+        self._write_lock = threading.Lock()
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        if self._ca is None:
+            raise RuntimeError("this ControlPlane was opened without its CA (admin use only)")
+        return self._ca
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self.db.conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # --- orgs, keys, tokens (admin CLI and API-key endpoints) -------------------------------
+
+    def create_org(self, name: str, *, provider: bool, node_quota: int | None) -> dict[str, Any]:
+        if node_quota is not None and node_quota < 0:
+            raise bad_request("node quota must be 0 or more")
+        org_id = new_id("org_")
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM orgs WHERE name = ?", (name,)).fetchone():
+                raise ApiError(409, "CONFLICT", f"an org named {name!r} already exists")
+            conn.execute(
+                "INSERT INTO orgs (id, name, is_provider, node_quota, created_at) VALUES (?, ?, ?, ?, ?)",
+                (org_id, name, int(provider), node_quota, to_iso(self.clock.now())),
+            )
+        return {"id": org_id, "name": name, "provider": provider, "node_quota": node_quota}
+
+    def update_org(self, ref: str, *, provider: bool | None, node_quota: int | None) -> dict[str, Any]:
+        with self._tx() as conn:
+            org = self._org(conn, ref)
+            if provider is not None:
+                conn.execute("UPDATE orgs SET is_provider = ? WHERE id = ?", (int(provider), org["id"]))
+            if node_quota is not None:
+                conn.execute("UPDATE orgs SET node_quota = ? WHERE id = ?", (node_quota, org["id"]))
+            org = self._org(conn, org["id"])
+        return _org_json(org)
+
+    def _org(self, conn: sqlite3.Connection, ref: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT * FROM orgs WHERE id = ? OR name = ?", (ref, ref)
+        ).fetchone()
+        if row is None:
+            raise ApiError(404, "NOT_FOUND", f"no org {ref!r}")
+        return row
+
+    def create_api_key(self, org_ref: str) -> str:
+        key = new_secret(API_KEY_PREFIX)
+        with self._tx() as conn:
+            org = self._org(conn, org_ref)
+            conn.execute(
+                "INSERT INTO api_keys (key_hash, org_id, created_at) VALUES (?, ?, ?)",
+                (hash_secret(key), org["id"], to_iso(self.clock.now())),
+            )
+        return key
+
+    def create_provisioning_token(self, org_ref: str) -> dict[str, Any]:
+        token = new_secret(PROVISIONING_PREFIX)
+        now = self.clock.now()
+        expires = now + PROVISIONING_TTL
+        with self._tx() as conn:
+            org = self._org(conn, org_ref)
+            conn.execute(
+                "INSERT INTO provisioning_tokens (token_hash, org_id, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?)",
+                (hash_secret(token), org["id"], to_iso(now), to_iso(expires)),
+            )
+        return {"token": token, "expires_at": to_iso(expires), "org_id": org["id"]}
+
+    def org_for_api_key(self, key: str | None) -> sqlite3.Row:
+        if not key or not key.startswith(API_KEY_PREFIX):
+            raise unauthorized("missing or malformed API key")
+        row: sqlite3.Row | None = (
+            self.db.conn()
+            .execute(
+                "SELECT orgs.* FROM api_keys JOIN orgs ON orgs.id = api_keys.org_id"
+                " WHERE key_hash = ? AND revoked_at IS NULL",
+                (hash_secret(key),),
+            )
+            .fetchone()
+        )
+        if row is None:
+            raise unauthorized("bad API key")
+        return row
+
+    def api_create_token(self, api_key: str | None) -> dict[str, Any]:
+        org = self.org_for_api_key(api_key)
+        if not org["is_provider"]:
+            raise ApiError(403, "NOT_A_PROVIDER", f"org {org['name']} isn't an approved provider yet")
+        result = self.create_provisioning_token(org["id"])
+        return {"token": result["token"], "expires_at": result["expires_at"]}
+
+    # --- provisioning tokens ------------------------------------------------------------------
+
+    def introspect(self, token: Any) -> dict[str, Any]:
+        """Whether a token would be accepted now, and until when. Never consumes it."""
+        if not isinstance(token, str) or not token:
+            raise bad_request('body must be {"token": "vtk_..."}')
+        row = (
+            self.db.conn()
+            .execute("SELECT * FROM provisioning_tokens WHERE token_hash = ?", (hash_secret(token),))
+            .fetchone()
+        )
+        if row is None:
+            return {"valid": False, "expires_at": None, "reason": "unknown"}
+        expires = from_iso(row["expires_at"])
+        if row["used_at"] is not None:
+            reason: str | None = "used"
+        elif expires <= self.clock.now():
+            reason = "expired"
+        else:
+            reason = None
+        return {"valid": reason is None, "expires_at": row["expires_at"], "reason": reason}
+
+    # --- enrollment ---------------------------------------------------------------------------
+
+    def enroll(self, body: Any, client_cert_pem: str | None, node_token: str | None) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise bad_request("body must be a JSON object")
+        token, csr_pem = body.get("token"), body.get("csr_pem")
+        hostname, hardware, gpu_mode = body.get("hostname"), body.get("hardware", {}), body.get("gpu_mode")
+        if not isinstance(token, str) or not token:
+            raise unauthorized("missing provisioning token")
+        if not isinstance(csr_pem, str):
+            raise bad_request("csr_pem is required")
+        if not isinstance(hostname, str) or not hostname or len(hostname) > 253:
+            raise bad_request("hostname is required")
+        if not isinstance(hardware, dict):
+            raise bad_request("hardware must be an object")
+        if gpu_mode not in GPU_MODES:
+            raise bad_request(f"gpu_mode must be one of {', '.join(GPU_MODES)}")
+        try:
+            key_fp = csr_key_fingerprint(csr_pem)
+        except CsrError as e:
+            raise bad_request(str(e)) from None
+        cert_fp = None
+        if client_cert_pem:
+            cert_fp = fingerprint(x509.load_pem_x509_certificate(client_cert_pem.encode()))
+
+        now = self.clock.now()
+        with self._tx() as conn:
+            tok = conn.execute(
+                "SELECT * FROM provisioning_tokens WHERE token_hash = ?", (hash_secret(token),)
+            ).fetchone()
+            if tok is None:
+                raise unauthorized("bad provisioning token")
+            if from_iso(tok["expires_at"]) <= now:
+                raise unauthorized("provisioning token expired", "TOKEN_EXPIRED")
+            replay_node: str | None = None
+            if tok["used_at"] is not None:
+                # The same key pair asking again with the same token is a retry of a request whose
+                # answer was lost on the way; anyone else is refused.
+                if tok["used_by_key"] != key_fp or tok["used_for_node"] is None:
+                    raise unauthorized("provisioning token already used", "TOKEN_USED")
+                replay_node = tok["used_for_node"]
+            org = self._org(conn, tok["org_id"])
+            if not org["is_provider"]:
+                raise ApiError(403, "NOT_A_PROVIDER", f"org {org['name']} isn't an approved provider yet")
+
+            node = self._node_from_credentials(conn, cert_fp, node_token)
+            reenrolled = node is not None
+            if node is None and replay_node is not None:
+                node = conn.execute("SELECT * FROM nodes WHERE id = ?", (replay_node,)).fetchone()
+            if node is not None and node["org_id"] != org["id"]:
+                raise ApiError(409, "CONFLICT", "this node is enrolled in another org")
+
+            new_token = new_secret(NODE_TOKEN_PREFIX)
+            if node is None:
+                node_id, overlay_ip = self._insert_node(
+                    conn, org, hostname, gpu_mode, hardware, new_token, now
+                )
+                cert = self.ca.sign_node_csr(csr_pem, node_id, org["id"], wall_now())
+                conn.execute("UPDATE nodes SET cert_fp = ? WHERE id = ?", (fingerprint(cert), node_id))
+            else:
+                node_id, overlay_ip = node["id"], node["overlay_ip"]
+                cert = self.ca.sign_node_csr(csr_pem, node_id, org["id"], wall_now())
+                self._rotate(conn, node, cert_fp, node_token, fingerprint(cert), new_token)
+                conn.execute(
+                    "UPDATE nodes SET status = 'active', hostname = ?, gpu_mode = ?, hardware = ?,"
+                    " enrollments = enrollments + 1, updated_at = ? WHERE id = ?",
+                    (hostname, gpu_mode, json.dumps(hardware), to_iso(now), node_id),
+                )
+            if replay_node is None:
+                cur = conn.execute(
+                    "UPDATE provisioning_tokens SET used_at = ?, used_by_key = ?, used_for_node = ?"
+                    " WHERE token_hash = ? AND used_at IS NULL",
+                    (to_iso(now), key_fp, node_id, tok["token_hash"]),
+                )
+                if cur.rowcount != 1:
+                    raise unauthorized("provisioning token already used", "TOKEN_USED")
+            self._register_units(conn, node_id, hardware)
+
+        return {
+            "node_id": node_id,
+            "org_id": org["id"],
+            "overlay_ip": overlay_ip,
+            "reenrolled": reenrolled,
+            "certificate_pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+            "ca_pem": self.ca.cert_pem,
+            "node_token": new_token,
+            "nebula": {
+                "overlay_cidr": str(self.network.overlay),
+                "overlay_ip": overlay_ip,
+                "lighthouses": {
+                    self.network.lighthouse_ip: [f"{self.network.public_host}:{self.network.nebula_port}"]
+                },
+                "listen_port": self.network.nebula_port,
+                "am_lighthouse": False,
+            },
+            "nomad": {
+                "servers": [f"{self.network.public_host}:{self.network.nomad_port}"],
+                "datacenter": "vectorlay",
+                "node_class": gpu_mode,
+                "meta": {"vectorlay_node_id": node_id, "vectorlay_org_id": org["id"]},
+            },
+        }
+
+    def _node_from_credentials(
+        self, conn: sqlite3.Connection, cert_fp: str | None, node_token: str | None
+    ) -> sqlite3.Row | None:
+        """The node the presented credentials belong to; presented but unknown ones are refused.
+
+        Refusing (instead of enrolling a new node) keeps a node with stale credentials from silently
+        getting a second identity.
+        """
+        found: list[sqlite3.Row] = []
+        if cert_fp is not None:
+            row = conn.execute(
+                "SELECT * FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?", (cert_fp, cert_fp)
+            ).fetchone()
+            if row is None:
+                raise unauthorized("the node's client certificate is not current", "BAD_NODE_CREDENTIALS")
+            found.append(row)
+        if node_token:
+            h = hash_secret(node_token)
+            row = conn.execute(
+                "SELECT * FROM nodes WHERE token_hash = ? OR pending_token_hash = ?", (h, h)
+            ).fetchone()
+            if row is None:
+                raise unauthorized("the node token is not current", "BAD_NODE_CREDENTIALS")
+            found.append(row)
+        if not found:
+            return None
+        if len({r["id"] for r in found}) != 1:
+            raise unauthorized("the client certificate and node token belong to different nodes")
+        return found[0]
+
+    def _insert_node(
+        self,
+        conn: sqlite3.Connection,
+        org: sqlite3.Row,
+        hostname: str,
+        gpu_mode: str,
+        hardware: dict[str, Any],
+        node_token: str,
+        now: datetime,
+    ) -> tuple[str, str]:
+        if org["node_quota"] is not None:
+            (count,) = conn.execute("SELECT COUNT(*) FROM nodes WHERE org_id = ?", (org["id"],)).fetchone()
+            if count >= org["node_quota"]:
+                raise ApiError(
+                    409,
+                    "NODE_QUOTA_EXCEEDED",
+                    f"org {org['name']} has used its node quota ({org['node_quota']})",
+                )
+        (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM nodes").fetchone()
+        node_id = new_id("node_")
+        overlay_ip = self.network.overlay_ip(seq)
+        conn.execute(
+            "INSERT INTO nodes (id, org_id, seq, overlay_ip, hostname, gpu_mode, hardware, status,"
+            " cert_fp, token_hash, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'active', '', ?, ?, ?)",
+            (
+                node_id,
+                org["id"],
+                seq,
+                overlay_ip,
+                hostname,
+                gpu_mode,
+                json.dumps(hardware),
+                hash_secret(node_token),
+                to_iso(now),
+                to_iso(now),
+            ),
+        )
+        return node_id, overlay_ip
+
+    def _rotate(
+        self,
+        conn: sqlite3.Connection,
+        node: sqlite3.Row,
+        cert_fp: str | None,
+        node_token: str | None,
+        new_cert_fp: str,
+        new_token: str,
+    ) -> None:
+        """Issue new credentials as `pending`; whichever pair the node presented stays valid.
+
+        If the node presented its pending pair, it evidently saved it: that pair becomes current.
+        """
+        presented_pending = (cert_fp is not None and cert_fp == node["pending_cert_fp"]) or (
+            node_token is not None and hash_secret(node_token) == node["pending_token_hash"]
+        )
+        if presented_pending:
+            conn.execute(
+                "UPDATE nodes SET cert_fp = pending_cert_fp, token_hash = pending_token_hash WHERE id = ?",
+                (node["id"],),
+            )
+        conn.execute(
+            "UPDATE nodes SET pending_cert_fp = ?, pending_token_hash = ? WHERE id = ?",
+            (new_cert_fp, hash_secret(new_token), node["id"]),
+        )
+
+    def _register_units(self, conn: sqlite3.Connection, node_id: str, hardware: dict[str, Any]) -> None:
+        conn.execute("DELETE FROM gpu_units WHERE node_id = ?", (node_id,))
+        units = hardware.get("units") or []
+        if not isinstance(units, list):
+            raise bad_request("hardware.units must be a list")
+        for unit in units:
+            if not isinstance(unit, dict) or not isinstance(unit.get("iommu_group"), str):
+                raise bad_request("each hardware unit needs an iommu_group")
+            conn.execute(
+                "INSERT OR REPLACE INTO gpu_units (node_id, iommu_group, gpus, status, allocatable)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    node_id,
+                    unit["iommu_group"],
+                    json.dumps(unit.get("gpus") or []),
+                    str(unit.get("status") or "unknown"),
+                    int(unit.get("status") == "ready"),
+                ),
+            )
+
+    # --- node endpoints (mTLS) -----------------------------------------------------------------
+
+    def node_self(self, client_cert_pem: str | None, node_token: str | None) -> dict[str, Any]:
+        """The node behind a client certificate + node token pair, both required and current."""
+        if not client_cert_pem:
+            raise unauthorized("a client certificate is required", "CLIENT_CERT_REQUIRED")
+        if not node_token:
+            raise unauthorized("a node token is required (Authorization: Bearer vnt_...)")
+        cert_fp = fingerprint(x509.load_pem_x509_certificate(client_cert_pem.encode()))
+        token_hash = hash_secret(node_token)
+        with self._tx() as conn:
+            node = conn.execute(
+                "SELECT * FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?", (cert_fp, cert_fp)
+            ).fetchone()
+            if node is None:
+                raise unauthorized("the client certificate is not current", "BAD_NODE_CREDENTIALS")
+            if node["status"] == "removed":
+                raise ApiError(403, "NODE_REMOVED", "this node was decommissioned; re-enroll to revive it")
+            if (node["cert_fp"], node["token_hash"]) == (cert_fp, token_hash):
+                pass
+            elif (node["pending_cert_fp"], node["pending_token_hash"]) == (cert_fp, token_hash):
+                # First use of the pair issued at the last enrollment: the node has it, so the
+                # previous pair stops working now.
+                conn.execute(
+                    "UPDATE nodes SET cert_fp = pending_cert_fp, token_hash = pending_token_hash,"
+                    " pending_cert_fp = NULL, pending_token_hash = NULL WHERE id = ?",
+                    (node["id"],),
+                )
+            else:
+                raise unauthorized("the node token is not current", "BAD_NODE_CREDENTIALS")
+            units = conn.execute(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(allocatable), 0) AS a FROM gpu_units WHERE node_id = ?",
+                (node["id"],),
+            ).fetchone()
+        return {
+            "node_id": node["id"],
+            "org_id": node["org_id"],
+            "status": node["status"],
+            "overlay_ip": node["overlay_ip"],
+            "hostname": node["hostname"],
+            "gpu_mode": node["gpu_mode"],
+            "gpu_units": {"total": units["n"], "allocatable": units["a"]},
+        }
+
+    # --- provider API (API key) ----------------------------------------------------------------
+
+    def set_node_status(self, api_key: str | None, org_ref: str, node_id: str, body: Any) -> dict[str, Any]:
+        key_org = self.org_for_api_key(api_key)
+        if not isinstance(body, dict) or body.get("status") != "removed":
+            raise bad_request('only {"status": "removed"} is supported; re-enroll a node to bring it back')
+        if org_ref not in (key_org["id"], key_org["name"]):
+            raise ApiError(404, "NOT_FOUND", f"no node {node_id} in org {org_ref}")
+        if not key_org["is_provider"]:
+            raise ApiError(403, "NOT_A_PROVIDER", f"org {key_org['name']} isn't an approved provider yet")
+        with self._tx() as conn:
+            node = conn.execute(
+                "SELECT * FROM nodes WHERE id = ? AND org_id = ?", (node_id, key_org["id"])
+            ).fetchone()
+            if node is None:
+                raise ApiError(404, "NOT_FOUND", f"no node {node_id} in org {org_ref}")
+            freed = conn.execute(
+                "UPDATE gpu_units SET allocatable = 0 WHERE node_id = ? AND allocatable = 1", (node_id,)
+            ).rowcount
+            conn.execute(
+                "UPDATE nodes SET status = 'removed', updated_at = ? WHERE id = ?",
+                (to_iso(self.clock.now()), node_id),
+            )
+        return {"node_id": node_id, "status": "removed", "units_freed": freed}
+
+    def org_summary(self, org_ref: str) -> dict[str, Any]:
+        conn = self.db.conn()
+        org = self._org(conn, org_ref)
+        nodes = [
+            {"node_id": r["id"], "status": r["status"], "overlay_ip": r["overlay_ip"]}
+            for r in conn.execute("SELECT * FROM nodes WHERE org_id = ? ORDER BY seq", (org["id"],))
+        ]
+        return {**_org_json(org), "nodes": nodes}
+
+
+def _org_json(org: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": org["id"],
+        "name": org["name"],
+        "provider": bool(org["is_provider"]),
+        "node_quota": org["node_quota"],
+    }
