@@ -21,6 +21,10 @@ from bootstrap.errors import LiveRootForbidden
 
 # Set by the test suite (conftest) so that code which forgets to pass --root fails loudly.
 FORBID_LIVE_ENV = "VECTORLAY_FORBID_LIVE_ROOT"
+# For a tree root only: "module:function" building the host's simulators (e.g.
+# hostsim.kernel:simulate), so that the real CLI run against a tree by the demo or a test answers
+# systemctl, modprobe and sysfs writes the way a booted box would. Ignored for the live root.
+TREE_SIMULATOR_ENV = "VECTORLAY_TREE_SIMULATOR"
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class Host:
             raise LiveRootForbidden(
                 "this code reached for the real host root '/' under the test suite; pass a --root tree"
             )
+        simulator = None if self.is_live or runner is not None else os.environ.get(TREE_SIMULATOR_ENV)
         if runner is None:
             runner = SubprocessRunner() if self.is_live else RecordingRunner()
         if isinstance(runner, RecordingRunner) and runner.host is None:
@@ -129,6 +134,11 @@ class Host:
         self.disk_free_override: int | None = None
         # Simulators of the kernel's reaction to sysfs writes (hostsim.kernel); empty on a real box.
         self.sysfs_hooks: list[Callable[[str, str], None]] = []
+        if simulator:
+            import importlib
+
+            module, _, func = simulator.partition(":")
+            getattr(importlib.import_module(module), func)(self)
 
     @property
     def is_live(self) -> bool:

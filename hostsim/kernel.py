@@ -231,6 +231,13 @@ def simulated_host(root: Path, *, active: set[str] | None = None) -> tuple[Host,
     return host, sim, install_handlers(host, Services(active))
 
 
+def simulate(host: Host) -> None:
+    """The VECTORLAY_TREE_SIMULATOR entry (`hostsim.kernel:simulate`): kernel, boot tools, and a
+    systemd that really runs the agents' daemons, for the real CLI run against a tree."""
+    KernelSim(host).attach()
+    install_handlers(host, Services(spawn=True))
+
+
 # --- reboot -----------------------------------------------------------------------------------------
 
 _LINUX_LINE = re.compile(r"^\s*linux\s+(\S+)\s+(.*)$", re.M)

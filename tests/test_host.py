@@ -92,3 +92,18 @@ def test_atomic_symlink_replaces_a_link_in_one_step(tmp_path: Path) -> None:
     atomic_symlink("v2", link)
     assert os.readlink(link) == "v2"
     assert sorted(os.listdir(tmp_path)) == ["current"]
+
+
+def test_a_tree_simulator_named_in_the_environment_is_installed_for_tree_roots_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bootstrap.host import TREE_SIMULATOR_ENV
+
+    monkeypatch.setenv(TREE_SIMULATOR_ENV, "hostsim.kernel:simulate")
+    host = Host(tmp_path)
+    assert isinstance(host.runner, RecordingRunner)
+    assert "systemctl" in host.runner.handlers and "modprobe" in host.runner.handlers
+    assert host.sysfs_hooks
+    # A runner given explicitly is left alone.
+    plain = Host(tmp_path, RecordingRunner())
+    assert plain.runner.handlers == {}  # type: ignore[attr-defined]
