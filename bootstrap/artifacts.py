@@ -1,0 +1,214 @@
+"""Artifacts from the signed manifest: streamed to disk while hashed, unpacked into versioned
+directories, and switched into use by renaming a `current` link.
+
+Layout under /opt/vectorlay/releases/<name>/:
+    <version>/            unpacked tarball; complete once it exists (renamed from a staging dir)
+    <version>/.sha256     the artifact's sha256, so a present, verified version is not fetched again
+    current -> <version>  what the units run; switched by renaming a fresh link over it
+    previous -> <version> the last version that ran before current: the rollback target
+Only the versions behind `current` and `previous` are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tarfile
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from bootstrap.errors import VectorlayError
+from bootstrap.fsutil import atomic_symlink, fsync_dir
+from bootstrap.host import Host
+from bootstrap.manifest import STALE_HINT, Artifact
+
+RELEASES = "/opt/vectorlay/releases"
+MARKER = ".sha256"
+
+
+class Downloader(Protocol):
+    def stream(self, url: str) -> AbstractContextManager[Iterable[bytes]]:
+        """Open `url` (absolute, or relative to the control plane) and yield its body in chunks."""
+        ...
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    name: str
+    version: str
+    downloaded: bool
+
+
+def release_root(host: Host, name: str) -> Path:
+    return host.path(f"{RELEASES}/{name}")
+
+
+def _link_target(link: Path) -> str | None:
+    try:
+        return os.readlink(link)
+    except OSError:
+        return None
+
+
+def current_version(host: Host, name: str) -> str | None:
+    return _link_target(release_root(host, name) / "current")
+
+
+def previous_version(host: Host, name: str) -> str | None:
+    return _link_target(release_root(host, name) / "previous")
+
+
+def is_installed(host: Host, art: Artifact) -> bool:
+    marker = release_root(host, art.name) / art.version / MARKER
+    try:
+        return marker.read_text().strip() == art.sha256
+    except OSError:
+        return False
+
+
+def _mismatch(art: Artifact, what: str) -> VectorlayError:
+    return VectorlayError(f"checksum mismatch / 502 ARTIFACT: {art.name} {art.version}: {what}", STALE_HINT)
+
+
+def _download(downloader: Downloader, art: Artifact, part: Path) -> None:
+    digest = hashlib.sha256()
+    size = 0
+    with open(part, "wb") as f, downloader.stream(art.url) as chunks:
+        for chunk in chunks:
+            size += len(chunk)
+            if size > art.size:
+                raise _mismatch(art, f"more than the {art.size} bytes the manifest announces")
+            digest.update(chunk)
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    if size != art.size:
+        raise _mismatch(art, f"got {size} bytes, the manifest announces {art.size}")
+    if digest.hexdigest() != art.sha256:
+        raise _mismatch(art, f"sha256 {digest.hexdigest()} does not match the signed manifest's {art.sha256}")
+
+
+def _safe_members(tar: tarfile.TarFile, art: Artifact) -> Iterator[tarfile.TarInfo]:
+    for m in tar.getmembers():
+        p = PurePosixPath(m.name)
+        if p.is_absolute() or ".." in p.parts:
+            raise _mismatch(art, f"unsafe path {m.name!r} in the archive")
+        if m.issym() or m.islnk():
+            target = PurePosixPath(m.linkname)
+            if target.is_absolute() or ".." in (p.parent / target).parts:
+                raise _mismatch(art, f"link {m.name!r} points outside the release")
+        elif not (m.isfile() or m.isdir()):
+            raise _mismatch(art, f"special file {m.name!r} in the archive")
+        m.mode &= 0o755  # no setuid/setgid/world-writable bits from an archive
+        m.uid = m.gid = 0
+        m.uname = m.gname = "root"
+        yield m
+
+
+def _unpack(part: Path, staging: Path, art: Artifact) -> None:
+    staging.mkdir(mode=0o755)
+    try:
+        with tarfile.open(part, "r:*") as tar:
+            members = list(_safe_members(tar, art))
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, members=members, filter="data")
+            else:  # Python < 3.11.4 / 3.10.12: the members were vetted above
+                tar.extractall(staging, members=members)
+    except tarfile.TarError as e:
+        raise _mismatch(art, f"not a readable tar archive ({e})") from None
+    marker = staging / MARKER
+    marker.write_text(art.sha256 + "\n")
+    for dirpath, _dirs, files in os.walk(staging):
+        for fname in files:
+            fp = os.path.join(dirpath, fname)
+            if not os.path.islink(fp):
+                with open(fp, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(Path(dirpath))
+
+
+def install(host: Host, downloader: Downloader, art: Artifact) -> InstallResult:
+    """Make <name>/<version> present and verified; does not switch `current`."""
+    if is_installed(host, art):
+        return InstallResult(art.name, art.version, downloaded=False)
+    base = release_root(host, art.name)
+    base.mkdir(parents=True, exist_ok=True)
+    part = base / f".download-{art.version}.part"
+    staging = base / f".staging-{art.version}"
+    # Leftovers of a run killed half-way are never trusted: they are removed and fetched anew.
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _download(downloader, art, part)
+        _unpack(part, staging, art)
+        final = base / art.version
+        if final.exists():
+            # Present without a matching marker: damaged or of another build. Swap it out whole.
+            trash = base / f".trash-{art.version}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(final, trash)
+            os.rename(staging, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+        fsync_dir(base)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
+    return InstallResult(art.name, art.version, downloaded=True)
+
+
+def activate(host: Host, name: str, version: str) -> str | None:
+    """Point `current` at `version`; the version it replaces becomes `previous`. Returns that one."""
+    base = release_root(host, name)
+    if not (base / version / MARKER).exists():
+        raise VectorlayError(f"{name} {version} is not installed; cannot switch to it")
+    old = current_version(host, name)
+    if old == version:
+        return None
+    if old is not None:
+        atomic_symlink(old, base / "previous")
+    atomic_symlink(version, base / "current")
+    return old
+
+
+def rollback(host: Host, name: str) -> str:
+    """Switch `current` back to `previous` (the last version that worked)."""
+    base = release_root(host, name)
+    prev = previous_version(host, name)
+    if prev is None or not (base / prev / MARKER).exists():
+        raise VectorlayError(f"{name}: no previous version to roll back to")
+    bad = current_version(host, name)
+    atomic_symlink(prev, base / "current")
+    if bad is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (base / "previous").unlink()
+    return prev
+
+
+def prune(host: Host, name: str) -> list[str]:
+    """Remove every version but `current` and `previous`; returns what was removed."""
+    base = release_root(host, name)
+    keep = {current_version(host, name), previous_version(host, name)}
+    removed = []
+    try:
+        entries = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        path = base / entry
+        if entry in ("current", "previous") or entry in keep or path.is_symlink() or not path.is_dir():
+            continue
+        if entry.startswith("."):
+            shutil.rmtree(path, ignore_errors=True)  # staging/trash of an interrupted run
+            continue
+        shutil.rmtree(path)
+        removed.append(entry)
+    return removed

@@ -1,0 +1,139 @@
+"""The control plane's artifact manifest: Ed25519-signed, verified against pinned keys.
+
+The signature covers the manifest without its `signature` field, serialised canonically (sorted
+keys, no whitespace, UTF-8). `jq -cS 'del(.signature)'` produces the same bytes, which is how
+install.sh checks the manifest with nothing but jq and openssl.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bootstrap.errors import VectorlayError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+STALE_HINT = "a stale artifact — re-run; artifacts are re-fetched and verified each run"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    version: str
+    url: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    artifacts: tuple[Artifact, ...]
+
+    def get(self, name: str) -> Artifact:
+        for a in self.artifacts:
+            if a.name == name:
+                return a
+        raise VectorlayError(
+            f"the control plane's manifest {self.version} has no artifact named {name!r}",
+            "re-run later; if it persists, contact support with this message",
+        )
+
+
+def canonical_bytes(doc: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign_manifest(doc: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    signed = dict(doc)
+    signed["signature"] = base64.b64encode(key.sign(canonical_bytes(doc))).decode()
+    return signed
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    """A pinned key: PEM (SubjectPublicKeyInfo) or the raw 32 bytes in base64."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    text = text.strip()
+    try:
+        if text.startswith("-----BEGIN"):
+            key = load_pem_public_key(text.encode())
+            if not isinstance(key, Ed25519PublicKey):
+                raise ValueError("not an Ed25519 key")
+            return key
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except (ValueError, binascii.Error) as e:
+        raise VectorlayError(
+            f"the pinned manifest key is unreadable ({e})", "re-run the install one-liner to restore it"
+        ) from None
+
+
+def _parse(doc: dict[str, Any]) -> Manifest:
+    version = doc.get("version")
+    items = doc.get("artifacts")
+    if not isinstance(version, str) or not isinstance(items, list):
+        raise ValueError("needs a string 'version' and a list 'artifacts'")
+    arts = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ValueError("an artifact entry is not an object")
+        name, ver, url, sha, size = (item.get(k) for k in ("name", "version", "url", "sha256", "size"))
+        if not (isinstance(name, str) and _NAME.match(name)):
+            raise ValueError(f"bad artifact name {name!r}")
+        if not (isinstance(ver, str) and _VERSION.match(ver)):
+            raise ValueError(f"bad version {ver!r} for {name}")
+        if not (isinstance(sha, str) and _SHA256.match(sha)):
+            raise ValueError(f"bad sha256 for {name}")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            raise ValueError(f"bad size for {name}")
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"bad url for {name}")
+        arts.append(Artifact(name, ver, url, sha, size))
+    return Manifest(version, tuple(arts))
+
+
+def verify_manifest(
+    doc: Any, keys: Sequence[Ed25519PublicKey], source: str = "the control plane"
+) -> Manifest:
+    """Check the signature against any pinned key, then parse. Raises VectorlayError (502 ARTIFACT)."""
+    from cryptography.exceptions import InvalidSignature
+
+    if not isinstance(doc, dict):
+        raise VectorlayError(f"the artifact manifest from {source} is not a JSON object", STALE_HINT)
+    sig_text = doc.get("signature")
+    try:
+        sig = base64.b64decode(str(sig_text or ""), validate=True)
+    except binascii.Error:
+        sig = b""
+    message = canonical_bytes(doc)
+    for key in keys:
+        try:
+            key.verify(sig, message)
+            break
+        except InvalidSignature:
+            continue
+    else:
+        raise VectorlayError(
+            f"the artifact manifest from {source} does not carry a valid signature of the pinned key "
+            "(502 ARTIFACT): refusing to install anything from it",
+            "re-run; if it persists, the manifest was tampered with on the way — contact support",
+        )
+    try:
+        return _parse(doc)
+    except ValueError as e:
+        raise VectorlayError(
+            f"the signed artifact manifest from {source} is malformed: {e}", STALE_HINT
+        ) from None

@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# vectorlay-node installer: turns this box into a vectorlay provider node.
+#
+#   curl -fsSL https://<api>/install.sh | sudo VECTORLAY_TOKEN=vtk_... bash -s -- [gpu=1] [api=URL]
+#
+# Arguments (key=value): token=vtk_... (prefer the VECTORLAY_TOKEN environment variable),
+# gpu=1 (container-GPU mode: gVisor + nvproxy instead of VFIO passthrough), api=URL,
+# NODE_AGENT_AUTOUPDATE=0 (no automatic agent updates on this node).
+#
+# Everything below runs inside one function that is called on the very last line: a download cut
+# short anywhere defines at most part of a function and runs nothing. The call ends in a sentinel
+# argument, so a line cut mid-way (`vectorlay_install "$@" --end-of-scr`) is refused too.
+
+vectorlay_install() {
+    set -euo pipefail
+    umask 022
+    if [ "$#" -eq 0 ] || [ "${!#}" != --end-of-script ]; then
+        printf 'error: install.sh was cut short in transit\n  fix: re-run the command\n' >&2
+        return 1
+    fi
+    set -- "${@:1:$#-1}"
+    printf 'vectorlay-node installer: starting\n'
+
+    # Filled in by the control plane that serves this script; a copy from the repository needs api=.
+    local default_api='@@VECTORLAY_API@@'
+    local ca_pem='@@VECTORLAY_CA_PEM@@'
+    local manifest_key='@@VECTORLAY_MANIFEST_KEY@@'
+
+    local root="${VECTORLAY_ROOT:-}"  # tests and the demo point this at a tree; a real box leaves it empty
+    local api="" gpu_mode="" token_arg="" autoupdate="${NODE_AGENT_AUTOUPDATE:-}"
+    local -a passthrough_args=()
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            token=*) token_arg="${arg#token=}" ;;
+            api=*) api="${arg#api=}" ;;
+            gpu=1) gpu_mode=container ;;
+            gpu=0) gpu_mode="" ;;
+            NODE_AGENT_AUTOUPDATE=0 | NODE_AGENT_AUTOUPDATE=1) autoupdate="${arg#NODE_AGENT_AUTOUPDATE=}" ;;
+            *)
+                printf 'error: unknown argument %q\n' "$arg" >&2
+                printf '  fix: use token=vtk_..., gpu=1, api=URL or NODE_AGENT_AUTOUPDATE=0\n' >&2
+                return 2
+                ;;
+        esac
+        [ "${arg%%=*}" = token ] || passthrough_args+=("$arg")
+    done
+
+    # A token given as an argument is visible in the process list: move it into the environment
+    # and start again without it, before anything else runs.
+    if [ -n "$token_arg" ]; then
+        export VECTORLAY_TOKEN="$token_arg"
+        exec bash -c "$(declare -f vectorlay_install); vectorlay_install \"\$@\" --end-of-script" vectorlay-install \
+            "${passthrough_args[@]+"${passthrough_args[@]}"}"
+    fi
+
+    if [ -z "$api" ]; then
+        case "$default_api" in
+            @@*) printf 'error: no control plane given\n  fix: add api=https://... to the command\n' >&2; return 2 ;;
+            *) api="$default_api" ;;
+        esac
+    fi
+    api="${api%/}"
+    case "$api" in
+        https://*) ;;
+        *) printf 'error: api=%s is not an https:// URL\n' "$api" >&2; return 2 ;;
+    esac
+
+    if [ -z "${VECTORLAY_TOKEN:-}" ] && ! [ -s "$root/etc/vectorlay/identity/node.crt" ]; then
+        printf 'error: no provisioning token\n  fix: run with VECTORLAY_TOKEN=vtk_... (from the dashboard)\n' >&2
+        return 1
+    fi
+
+    if [ "${EUID:-$(id -u)}" -ne 0 ]; then
+        printf 'error: the installer must run as root\n  fix: pipe it to "sudo bash -s --"\n' >&2
+        return 1
+    fi
+
+    local os_id="" os_version="" os_pretty="" key value
+    if [ -r "$root/etc/os-release" ]; then
+        while IFS='=' read -r key value; do
+            value="${value#\"}"; value="${value%\"}"
+            case "$key" in
+                ID) os_id="$value" ;;
+                VERSION_ID) os_version="$value" ;;
+                PRETTY_NAME) os_pretty="$value" ;;
+            esac
+        done < "$root/etc/os-release"
+    fi
+    case "$os_id:$os_version" in
+        ubuntu:22.04 | ubuntu:24.04 | debian:12) ;;
+        *)
+            printf 'error: unsupported OS: %s\n' "${os_pretty:-${os_id:-unknown} ${os_version}}" >&2
+            printf '  fix: vectorlay-node supports Ubuntu 22.04, Ubuntu 24.04 and Debian 12\n' >&2
+            return 1
+            ;;
+    esac
+
+    local arch
+    arch="$(uname -m)"
+    if [ "$arch" != x86_64 ]; then
+        printf 'error: unsupported architecture %s\n  fix: vectorlay-node runs on x86_64 hosts\n' "$arch" >&2
+        return 1
+    fi
+    printf 'vectorlay-node installer: %s (%s), control plane %s\n' "${os_pretty:-$os_id $os_version}" "$arch" "$api"
+
+    local -a missing=()
+    local pkg
+    for pkg in python3-venv jq tar unzip pciutils curl ca-certificates openssl; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        printf 'vectorlay-node installer: installing %s\n' "${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+
+    local etc="$root/etc/vectorlay" opt="$root/opt/vectorlay"
+    mkdir -p "$etc" "$opt/venvs" "$opt/wheelhouse"
+    local -a curl_tls=(--proto "=https" --tlsv1.2 --fail --silent --show-error --location
+        --retry 3 --retry-connrefused --max-time 300)
+    local -a ca_args=()
+    case "$ca_pem" in
+        @@*) ;;
+        *)
+            # The control plane's own CA, pinned by the script it served: written once, atomically.
+            printf '%s\n' "$ca_pem" > "$etc/.control-plane-ca.crt.tmp"
+            mv -f "$etc/.control-plane-ca.crt.tmp" "$etc/control-plane-ca.crt"
+            ;;
+    esac
+    if [ -n "${VECTORLAY_CA_FILE:-}" ]; then
+        ca_args=(--ca-file "$VECTORLAY_CA_FILE")
+        curl_tls+=(--cacert "$VECTORLAY_CA_FILE")
+    elif [ -s "$etc/control-plane-ca.crt" ]; then
+        ca_args=(--ca-file "$etc/control-plane-ca.crt")
+        curl_tls+=(--cacert "$etc/control-plane-ca.crt")
+    fi
+
+    local work
+    work="$(mktemp -d "$opt/.install.XXXXXX")"
+    # shellcheck disable=SC2064  # expand now: $work is local to this function
+    trap "rm -rf '$work'" EXIT
+
+    printf 'vectorlay-node installer: fetching the signed artifact manifest\n'
+    if ! curl "${curl_tls[@]}" -o "$work/manifest.json" "$api/v1/artifacts/manifest"; then
+        printf 'error: could not fetch %s/v1/artifacts/manifest\n' "$api" >&2
+        printf '  fix: check outbound HTTPS (443) to the control plane, then re-run\n' >&2
+        return 1
+    fi
+    if ! jq -e 'type == "object" and (.artifacts | type == "array")' "$work/manifest.json" > /dev/null 2>&1; then
+        printf 'error: %s/v1/artifacts/manifest did not answer with a manifest (HTML or garbage?)\n' "$api" >&2
+        printf '  fix: check api=; re-run with curl -sS -w %s to see what it answers\n' "'HTTP %{http_code}\\n'" >&2
+        return 1
+    fi
+    case "$manifest_key" in
+        @@*)
+            if [ -n "${VECTORLAY_MANIFEST_KEY_FILE:-}" ]; then
+                cp "$VECTORLAY_MANIFEST_KEY_FILE" "$work/manifest-key.pem"
+            else
+                printf 'error: this copy of install.sh pins no manifest key\n' >&2
+                printf '  fix: fetch install.sh from your control plane (https://<api>/install.sh)\n' >&2
+                return 1
+            fi
+            ;;
+        *) printf '%s\n' "$manifest_key" > "$work/manifest-key.pem" ;;
+    esac
+    jq -cSj 'del(.signature)' "$work/manifest.json" > "$work/manifest.signed"
+    if ! jq -r '.signature // ""' "$work/manifest.json" | base64 -d > "$work/manifest.sig" 2>/dev/null \
+        || ! openssl pkeyutl -verify -pubin -inkey "$work/manifest-key.pem" -rawin \
+            -in "$work/manifest.signed" -sigfile "$work/manifest.sig" > /dev/null 2>&1; then
+        printf 'error: the artifact manifest is not signed by the pinned key (502 ARTIFACT)\n' >&2
+        printf '  fix: a stale artifact — re-run; artifacts are re-fetched and verified each run\n' >&2
+        return 1
+    fi
+
+    local wh_version wh_url wh_sha wh_size
+    wh_version="$(jq -r '.artifacts[] | select(.name == "installer") | .version' "$work/manifest.json")"
+    wh_url="$(jq -r '.artifacts[] | select(.name == "installer") | .url' "$work/manifest.json")"
+    wh_sha="$(jq -r '.artifacts[] | select(.name == "installer") | .sha256' "$work/manifest.json")"
+    wh_size="$(jq -r '.artifacts[] | select(.name == "installer") | .size' "$work/manifest.json")"
+    if [ -z "$wh_version" ] || [ -z "$wh_sha" ]; then
+        printf 'error: the manifest names no installer artifact (502 ARTIFACT)\n  fix: re-run later\n' >&2
+        return 1
+    fi
+    case "$wh_url" in
+        /*) wh_url="$api$wh_url" ;;
+    esac
+    local venv="$opt/venvs/$wh_sha"
+    if [ -x "$venv/bin/vectorlay-bootstrap" ] && [ "$(cat "$venv/.complete" 2>/dev/null)" = "$wh_sha" ]; then
+        printf 'vectorlay-node installer: installer %s already in place\n' "$wh_version"
+    else
+        printf 'vectorlay-node installer: fetching installer %s\n' "$wh_version"
+        curl "${curl_tls[@]}" -o "$work/wheelhouse.tar.gz" "$wh_url"
+        if [ "$(stat -c %s "$work/wheelhouse.tar.gz")" != "$wh_size" ] \
+            || ! printf '%s  %s\n' "$wh_sha" "$work/wheelhouse.tar.gz" | sha256sum -c --status; then
+            printf 'error: checksum mismatch / 502 ARTIFACT: installer %s\n' "$wh_version" >&2
+            printf '  fix: a stale artifact — re-run; artifacts are re-fetched and verified each run\n' >&2
+            return 1
+        fi
+        mkdir -p "$work/wheelhouse"
+        tar -xzf "$work/wheelhouse.tar.gz" -C "$work/wheelhouse" --no-same-owner
+        # A venv holds its own path in its scripts, so each installer gets its own directory and
+        # /opt/vectorlay/venv is switched to it by renaming a link: never a half-updated venv.
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --no-index --find-links "$work/wheelhouse" \
+            --disable-pip-version-check vectorlay-node
+        printf '%s\n' "$wh_sha" > "$venv/.complete"
+    fi
+    ln -sfn "venvs/$wh_sha" "$opt/.venv.new"
+    mv -T "$opt/.venv.new" "$opt/venv"
+    local old
+    for old in "$opt"/venvs/*; do
+        [ "$old" = "$venv" ] || rm -rf "$old"
+    done
+
+    local -a install_args=(install --api "$api")
+    [ -z "$root" ] || install_args+=(--root "$root")
+    [ -z "$gpu_mode" ] || install_args+=(--gpu-mode "$gpu_mode")
+    install_args+=("${ca_args[@]+"${ca_args[@]}"}")
+    [ -z "$autoupdate" ] || export NODE_AGENT_AUTOUPDATE="$autoupdate"
+    trap - EXIT
+    rm -rf "$work"
+    printf 'vectorlay-node installer: handing over to vectorlay-bootstrap\n'
+    exec "$opt/venv/bin/vectorlay-bootstrap" "${install_args[@]}"
+}
+
+vectorlay_install "$@" --end-of-script
