@@ -1,0 +1,152 @@
+"""Agent upgrades: drain, switch, restart, check health, and roll back when the new version is sick.
+
+Used by `vectorlay-bootstrap update` (what node-agent-update.timer runs) and by the install run's
+artifacts stage. Health is what systemd says (the unit stays active through a settle window) and,
+for an agent that serves one, its health socket (/run/vectorlay-<name>/health.sock answering `ok`).
+Draining: SIGUSR1 asks the agent to stop accepting and finish in-flight sessions; it announces the
+end by creating /run/vectorlay-<name>/drained (and answering `drained`). The wait is bounded.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from bootstrap import artifacts
+from bootstrap.host import Host
+from bootstrap.manifest import Manifest
+
+SERVICES = {"nebula": "nebula.service", "nomad": "nomad.service", "node-agent": "node-agent.service"}
+
+
+@dataclass
+class Timing:
+    settle: float = 5.0  # the unit must stay active this long after a restart
+    healthy_timeout: float = 60.0
+    drain_timeout: float = 120.0
+    poll: float = 0.25
+    sleep: Callable[[float], None] = time.sleep
+    monotonic: Callable[[], float] = time.monotonic
+
+
+@dataclass
+class UpdateReport:
+    upgraded: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # name -> (old, new)
+    rolled_back: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (bad, restored)
+    unchanged: list[str] = field(default_factory=list)
+    downloaded: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.rolled_back
+
+
+def health_socket(name: str) -> str:
+    return f"/run/vectorlay-{name}/health.sock"
+
+
+def probe(host: Host, name: str, timeout: float = 2.0) -> str | None:
+    """The agent's own answer on its health socket (`ok ...`, `drained ...`), None when silent."""
+    path = host.path(health_socket(name))
+    if not path.exists():
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        data = s.recv(256)
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return data.decode(errors="replace").strip() or None
+
+
+def is_active(host: Host, unit: str) -> bool:
+    return host.run(["systemctl", "is-active", "--quiet", unit], timeout=30).returncode == 0
+
+
+def wait_healthy(host: Host, name: str, timing: Timing, needs_probe: bool) -> bool:
+    """Active through the settle window and, where the agent serves one, answering `ok`."""
+    unit = SERVICES[name]
+    deadline = timing.monotonic() + timing.healthy_timeout
+    active_since: float | None = None
+    while timing.monotonic() < deadline:
+        now = timing.monotonic()
+        if not is_active(host, unit):
+            active_since = None
+            # A unit that failed outright will not recover by waiting (Restart= brings it back only
+            # to fail again): give it one settle window, not the whole timeout.
+            if now - (deadline - timing.healthy_timeout) > timing.settle:
+                return False
+        else:
+            active_since = now if active_since is None else active_since
+            answer = probe(host, name) if needs_probe else "ok"
+            if answer is not None and answer.startswith("ok") and now - active_since >= timing.settle:
+                return True
+        timing.sleep(timing.poll)
+    return False
+
+
+def drain(host: Host, name: str, timing: Timing) -> bool:
+    """Ask a running agent to drain; True once it says it has, False when the bounded wait ran out."""
+    unit = SERVICES[name]
+    if not is_active(host, unit):
+        return True
+    host.path(f"/run/vectorlay-{name}/drained").unlink(missing_ok=True)
+    host.run(["systemctl", "kill", "--signal=SIGUSR1", unit], timeout=30)
+    deadline = timing.monotonic() + timing.drain_timeout
+    while timing.monotonic() < deadline:
+        if host.path(f"/run/vectorlay-{name}/drained").exists():
+            return True
+        answer = probe(host, name)
+        if answer is not None and answer.startswith("drained"):
+            return True
+        timing.sleep(timing.poll)
+    return False
+
+
+def upgrade(
+    host: Host,
+    downloader: artifacts.Downloader,
+    manifest: Manifest,
+    names: Iterable[str],
+    timing: Timing | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> UpdateReport:
+    """Bring each named agent to the manifest's version, one at a time, rolling back a sick one."""
+    timing = timing or Timing()
+    report = UpdateReport()
+    for name in names:
+        art = manifest.get(name)
+        if artifacts.install(host, downloader, art).downloaded:
+            report.downloaded.append(name)
+        old = artifacts.current_version(host, name)
+        if old == art.version:
+            report.unchanged.append(name)
+            continue
+        # node-agent is vectorlay's own and serves the health socket; nebula and nomad are judged
+        # by systemd alone.
+        needs_probe = name == "node-agent"
+        if old is not None:
+            drained = drain(host, name, timing)
+            log(f"{name}: {'drained' if drained else 'drain timed out; switching anyway'}")
+        artifacts.activate(host, name, art.version)
+        host.run(["systemctl", "restart", SERVICES[name]], timeout=120)
+        if wait_healthy(host, name, timing, needs_probe):
+            report.upgraded[name] = (old, art.version)
+            artifacts.prune(host, name)
+            log(f"{name}: {old or 'none'} -> {art.version}, healthy")
+            continue
+        if old is None:
+            report.rolled_back[name] = (art.version, "none")
+            log(f"{name}: {art.version} is not healthy and there is no earlier version to go back to")
+            continue
+        restored = artifacts.rollback(host, name)
+        host.run(["systemctl", "restart", SERVICES[name]], timeout=120)
+        wait_healthy(host, name, timing, needs_probe)
+        report.rolled_back[name] = (art.version, restored)
+        log(f"{name}: {art.version} failed its health check; rolled back to {restored}")
+    return report
