@@ -152,8 +152,10 @@ def _credentials_for(host: Host, api: ApiClient) -> tuple[Identity | None, Clien
     return current, cert, token
 
 
-def _make_csr(hostname: str) -> tuple[ec.EllipticCurvePrivateKey, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _make_csr(
+    hostname: str, key: ec.EllipticCurvePrivateKey | None = None
+) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "node")]))
@@ -203,16 +205,19 @@ def enroll(
     hardware: dict[str, Any],
     hostname: str | None = None,
     fault: FaultHook | None = None,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> EnrollResult:
     """Enroll (or re-enroll) this node and switch its identity to the one the control plane issued.
 
     `fault` is called at ENROLL_POINTS and identity.WRITE_POINTS; tests use it to kill the run there.
-    On any error before the switch the existing identity is left exactly as it was.
+    On any error before the switch the existing identity is left exactly as it was. `key`: the key
+    pair to enroll (one kept from an interrupted attempt lets the control plane recognise the retry
+    of a token it already consumed); a fresh one by default.
     """
     hook: FaultHook = fault or (lambda point: None)
     current, cert, node_token = _credentials_for(host, api)
     hostname = hostname or _hostname(host)
-    key, csr_pem = _make_csr(hostname)
+    key, csr_pem = _make_csr(hostname, key)
     client = api.with_client_cert(cert)
     body = {
         "token": token,

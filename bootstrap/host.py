@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bootstrap.errors import LiveRootForbidden
+from bootstrap.fsutil import fault_point
 
 # Set by the test suite (conftest) so that code which forgets to pass --root fails loudly.
 FORBID_LIVE_ENV = "VECTORLAY_FORBID_LIVE_ROOT"
@@ -188,6 +189,7 @@ class Host:
         timeout: float | None = 60.0,
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
+        fault_point("run " + shlex.join(argv))
         return self.runner.run(argv, input=input, timeout=timeout, env=env)
 
     def sysfs_write(self, p: str, data: str) -> None:
