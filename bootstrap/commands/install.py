@@ -360,7 +360,7 @@ def _run_stages(ctx: Context, chosen: list[Stage], display: Display) -> list[Fin
         except VectorlayError as e:
             err = e
         except OSError as e:
-            err = _os_error(stage, e)
+            err = _os_error(ctx.host, stage, e)
         except Exception as e:  # a bug: the operator gets a message, the log the traceback
             log.exception("stage %s crashed", stage.name)
             err = InternalError(
@@ -382,8 +382,13 @@ def _run_stages(ctx: Context, chosen: list[Stage], display: Display) -> list[Fin
     return ran
 
 
-def _os_error(stage: Stage, e: OSError) -> VectorlayError:
-    where = f" ({e.filename})" if e.filename else ""
+def _os_error(host: Host, stage: Stage, e: OSError) -> VectorlayError:
+    where = ""
+    if e.filename:
+        name = str(e.filename)
+        with contextlib.suppress(ValueError):
+            name = host.to_host(Path(name))  # the path as the operator knows it, also in a tree
+        where = f" ({name})"
     if e.errno == errno.ENOSPC:
         return VectorlayError(
             f"disk full: no space left on device while the {stage.name} stage was writing{where}",

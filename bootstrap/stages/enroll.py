@@ -89,7 +89,15 @@ def run(ctx: Context) -> StageResult:
     key = _pending_key(ctx)
     api = client(ctx)
     try:
-        result = enroll(host, api, token, gpu_mode=gpu_mode, hardware=hardware, key=key)
+        result = enroll(
+            host,
+            api,
+            token,
+            gpu_mode=gpu_mode,
+            hardware=hardware,
+            key=key,
+            fault=lambda point: fault_point(f"enroll {point}"),
+        )
     except ApiError as e:
         if retry and was_enrolled and e.status == 401:
             return _kept(ctx, "the interrupted re-enrollment's token can no longer be used")
