@@ -298,3 +298,32 @@ def test_the_update_command_upgrades_and_rolls_back_with_the_durable_identity(no
 
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert "Traceback" not in res.stderr
+
+
+def test_container_mode_installs_runsc_and_registers_it_with_docker_keeping_foreign_settings(
+    node: Node,
+) -> None:
+    publish(node.art_dir, "runsc", "20241118", agent_tarball("runsc", "20241118"))
+    daemon = node.root / "etc/docker/daemon.json"
+    daemon.parent.mkdir(parents=True)
+    foreign = b'{"log-driver": "journald", "runtimes": {"kata": {"path": "/usr/bin/kata-runtime"}}}\n'
+    daemon.write_bytes(foreign)
+    unit = node.root / "usr/lib/systemd/system/docker.service"  # docker.io is installed
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Unit]\nDescription=Docker\n[Service]\nExecStart=/usr/bin/dockerd\n")
+    host, _out = node.run_stages(env={"VECTORLAY_GPU_MODE": "container"})
+    assert artifacts.current_version(host, "runsc") == "20241118"
+    data = json.loads(daemon.read_text())
+    assert data["log-driver"] == "journald"
+    assert data["runtimes"]["kata"] == {"path": "/usr/bin/kata-runtime"}
+    assert data["runtimes"]["runsc"] == {
+        "path": "/opt/vectorlay/releases/runsc/current/bin/runsc",
+        "runtimeArgs": ["--nvproxy=true"],
+    }
+    assert (node.root / "var/lib/vectorlay/backup/etc/docker/daemon.json").read_bytes() == foreign
+    hcl = host.read_text("/etc/vectorlay/nomad.d/client.hcl")
+    assert 'plugin "docker"' in hcl and 'allow_runtimes = ["runc", "runsc"]' in hcl
+    runner = host.runner
+    assert isinstance(runner, RecordingRunner)
+    assert ("systemctl", "reload-or-restart", "docker.service") in runner.commands
+    assert "gpu_mode: container" in host.read_text("/etc/vectorlay/node.yaml")
