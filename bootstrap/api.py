@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,48 @@ class ApiClient:
         raise ApiError(
             f"{last} (gave up after {attempts} attempt(s))",
             "check the node's outbound HTTPS (443) to the API and re-run; the node's state is unchanged",
+        )
+
+    @contextmanager
+    def stream(self, url: str) -> Iterator[Iterable[bytes]]:
+        """GET an artifact (absolute URL, or a path on the control plane) and yield its body in chunks.
+
+        Connection errors and 5xx before the body starts are retried like `request`; the caller
+        verifies what arrives against the signed manifest, so a broken body is caught there.
+        """
+        full = url if url.startswith("https://") else self.base_url + url
+        last = ""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                resp = self.session().get(full, stream=True, timeout=self.timeout, verify=True)
+            except requests.exceptions.SSLError as e:
+                raise _tls_error(full, e, self.ca_file) from None
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+                last = f"could not reach {full}: {_short(e)}"
+            else:
+                if resp.status_code == 200:
+                    try:
+                        yield resp.iter_content(1 << 16)
+                    except (
+                        requests.exceptions.ConnectionError,
+                        requests.exceptions.ChunkedEncodingError,
+                    ) as e:
+                        raise ApiError(
+                            f"the download of {full} broke off: {_short(e)}",
+                            "a stale artifact — re-run; artifacts are re-fetched and verified each run",
+                        ) from None
+                    finally:
+                        resp.close()
+                    return
+                last = f"GET {full} returned {resp.status_code}{_server_message(resp)}"
+                resp.close()
+                if resp.status_code < 500:
+                    break
+            if attempt < self.attempts:
+                self.sleep(self.backoff * (2 ** (attempt - 1)))
+        raise ApiError(
+            f"{last} (502 ARTIFACT)",
+            "a stale artifact — re-run; artifacts are re-fetched and verified each run",
         )
 
 

@@ -76,6 +76,14 @@ def uninstall(
     raise typer.Exit(run_uninstall(root, plan_only=plan))
 
 
+@app.command()
+def update(root: Path = RootOption) -> None:
+    """Update the agents from the signed manifest (node-agent-update.timer runs this)."""
+    from bootstrap.commands.update import run_update
+
+    raise typer.Exit(run_update(root))
+
+
 @app.command("vfio-bind")
 def vfio_bind(
     root: Path = RootOption,

@@ -256,6 +256,8 @@ def enroll(
         "hostname": hostname,
         "nebula": answer.get("nebula") or {},
         "nomad": answer.get("nomad") or {},
+        # Public keys only: what the artifacts stage verifies the signed manifest against.
+        "manifest_keys": [k for k in answer.get("manifest_keys") or [] if isinstance(k, str)],
     }
     identity = write_identity(
         host,

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from controlplane.artifacts import register_artifacts
+from controlplane.artifacts import ArtifactStore, register_artifacts
 from controlplane.service import ApiError, ControlPlane
 
 log = logging.getLogger("controlplane")
@@ -42,7 +42,12 @@ def _json_body() -> Any:
     return body
 
 
-def create_app(cp: ControlPlane, artifacts_dir: Path | None = None) -> Flask:
+def create_app(
+    cp: ControlPlane,
+    artifacts_dir: Path | None = None,
+    state_dir: Path | None = None,
+    public_url: str | None = None,
+) -> Flask:
     app = Flask("controlplane")
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
 
@@ -69,9 +74,18 @@ def create_app(cp: ControlPlane, artifacts_dir: Path | None = None) -> Flask:
         body = _json_body()
         return jsonify(cp.introspect(body.get("token") if isinstance(body, dict) else None))
 
+    store: ArtifactStore | None = None
+    if state_dir is not None:
+        from controlplane.artifacts import load_or_create_signing_key
+
+        store = ArtifactStore(artifacts_dir, load_or_create_signing_key(state_dir))
+
     @app.post("/v1/nodes/enroll")
     def enroll() -> Response:
         result = cp.enroll(_json_body(), _client_cert(), _bearer())
+        if store is not None:
+            # The node pins the manifest key from here: an answer it got over the pinned TLS channel.
+            result["manifest_keys"] = [store.public_pem]
         log.info(
             "enrolled node %s (org %s, %s)",
             result["node_id"],
@@ -94,5 +108,7 @@ def create_app(cp: ControlPlane, artifacts_dir: Path | None = None) -> Flask:
     def healthz() -> Response:
         return jsonify({"ok": True})
 
-    register_artifacts(app, artifacts_dir)
+    if store is not None:
+        ca_pem = cp.ca.cert_pem if cp.ca is not None else ""
+        register_artifacts(app, store, ca_pem, public_url)
     return app

@@ -1,34 +1,173 @@
-"""Artifact endpoints: the manifest and the files it names.
+"""Artifact endpoints, and the install script that fetches the first of them.
 
-The reference control plane serves whatever an operator (or the artifact builder) put in the
-`--artifacts DIR` given to `serve`: `DIR/manifest.json` verbatim and `DIR/<name>/<version>/<file>`
-as bytes. Without a directory, or before a manifest exists, the manifest is 404.
+The reference control plane serves what an operator (or the release pipeline, or the demo) put in
+the `--artifacts DIR` given to `serve`: `DIR/<name>/<version>/<one file>`. The version it offers for
+a name is the one `DIR/<name>/current` names (a symlink or a one-line file), else the highest by
+natural order. The manifest listing them is built and signed here, with the control plane's own
+Ed25519 key (`<state-dir>/manifest-signing.key`, created on first start); nodes pin its public half
+from install.sh and from their enrollment, and refuse a manifest it did not sign.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from flask import Flask, Response, send_file
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flask import Flask, Response, request, send_file
 
+from bootstrap.manifest import sign_manifest
+from controlplane.pki import _write_private
 from controlplane.service import ApiError
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+SIGNING_KEY = "manifest-signing.key"
+SIGNING_PUB = "manifest-signing.pub"
+_PLACEHOLDERS = ("@@VECTORLAY_API@@", "@@VECTORLAY_CA_PEM@@", "@@VECTORLAY_MANIFEST_KEY@@")
 
 
-def register_artifacts(app: Flask, artifacts_dir: Path | None) -> None:
+def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
+    path = state_dir / SIGNING_KEY
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_private(path, pem)
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 key")
+    pub = loaded.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if not (state_dir / SIGNING_PUB).exists() or (state_dir / SIGNING_PUB).read_bytes() != pub:
+        (state_dir / SIGNING_PUB).write_bytes(pub)
+    return loaded
+
+
+def _natural(version: str) -> list[tuple[int, str]]:
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", version) if p]
+
+
+@dataclass
+class ArtifactStore:
+    root: Path | None
+    key: Ed25519PrivateKey
+    _hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def public_pem(self) -> str:
+        return (
+            self.key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+
+    def _file(self, name: str, version: str) -> Path | None:
+        if self.root is None or not (_SAFE.match(name) and _SAFE.match(version)) or version == "current":
+            return None
+        files = sorted(p for p in (self.root / name / version).glob("*") if p.is_file())
+        return files[0] if len(files) == 1 else None
+
+    def _current(self, name: str) -> str | None:
+        assert self.root is not None
+        base = self.root / name
+        pointer = base / "current"
+        if pointer.is_symlink():
+            return os.path.basename(os.readlink(pointer))
+        if pointer.is_file():
+            return pointer.read_text().strip() or None
+        versions = [
+            p.name for p in base.iterdir() if p.is_dir() and not p.is_symlink() and self._file(name, p.name)
+        ]
+        return max(versions, key=_natural) if versions else None
+
+    def _sha256(self, path: Path) -> tuple[str, int]:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._hashes.get(key)
+        if cached is None:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            cached = h.hexdigest()
+            with self._lock:
+                self._hashes[key] = cached
+        return cached, st.st_size
+
+    def manifest(self) -> dict[str, Any]:
+        if self.root is None or not self.root.is_dir():
+            raise ApiError(404, "NOT_FOUND", "this control plane publishes no artifacts")
+        entries = []
+        for base in sorted(p for p in self.root.iterdir() if p.is_dir() and _SAFE.match(p.name)):
+            version = self._current(base.name)
+            path = self._file(base.name, version) if version else None
+            if version is None or path is None:
+                continue
+            sha, size = self._sha256(path)
+            entries.append(
+                {
+                    "name": base.name,
+                    "version": version,
+                    "url": f"/v1/artifacts/{base.name}/{version}",
+                    "sha256": sha,
+                    "size": size,
+                }
+            )
+        digest = hashlib.sha256(
+            repr([(e["name"], e["version"], e["sha256"]) for e in entries]).encode()
+        ).hexdigest()
+        return sign_manifest({"version": digest[:16], "artifacts": entries}, self.key)
+
+
+def install_script() -> str:
+    """install.sh as shipped: beside this package in a checkout, inside it in the wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_data" / "install.sh", here.parent / "install.sh"):
+        if candidate.is_file():
+            return candidate.read_text()
+    raise ApiError(404, "NOT_FOUND", "this control plane ships no install.sh")
+
+
+def render_install_script(api_url: str, ca_pem: str, manifest_key_pem: str) -> str:
+    script = install_script()
+    for placeholder, value in zip(
+        _PLACEHOLDERS, (api_url, ca_pem.strip(), manifest_key_pem.strip()), strict=True
+    ):
+        if "'" in value:
+            raise ValueError(f"refusing to embed a value with a quote for {placeholder}")
+        script = script.replace(placeholder, value)
+    return script
+
+
+def register_artifacts(app: Flask, store: ArtifactStore, ca_pem: str, public_url: str | None) -> None:
     @app.get("/v1/artifacts/manifest")
     def manifest() -> Response:
-        if artifacts_dir is None or not (artifacts_dir / "manifest.json").is_file():
-            raise ApiError(404, "NOT_FOUND", "this control plane publishes no artifacts")
-        return send_file(artifacts_dir / "manifest.json", mimetype="application/json", max_age=0)
+        return Response(
+            json.dumps(store.manifest()), mimetype="application/json", headers={"Cache-Control": "no-store"}
+        )
 
     @app.get("/v1/artifacts/<name>/<version>")
     def artifact(name: str, version: str) -> Response:
-        if artifacts_dir is None or not (_SAFE.match(name) and _SAFE.match(version)):
+        path = store._file(name, version)
+        if path is None:
             raise ApiError(404, "NOT_FOUND", f"no artifact {name} {version}")
-        files = sorted(p for p in (artifacts_dir / name / version).glob("*") if p.is_file())
-        if len(files) != 1:
-            raise ApiError(404, "NOT_FOUND", f"no artifact {name} {version}")
-        return send_file(files[0], mimetype="application/octet-stream", max_age=0)
+        return send_file(path, mimetype="application/octet-stream", max_age=0)
+
+    @app.get("/install.sh")
+    def install_sh() -> Response:
+        # Nodes are told the URL they reached this script at, unless the operator fixed one.
+        url = public_url or request.host_url.rstrip("/")
+        body = render_install_script(url, ca_pem, store.public_pem)
+        return Response(body, mimetype="text/x-shellscript", headers={"Cache-Control": "no-store"})

@@ -55,7 +55,12 @@ def serve(
     db: Path = DbOption,
     listen: str = typer.Option("127.0.0.1:8443", "--listen", help="HOST:PORT (port 0: any free port)."),
     state_dir: Path = typer.Option(..., "--state-dir", help="CA and server keys; nodes trust its ca.crt."),
-    artifacts: Path | None = typer.Option(None, "--artifacts", help="Directory with manifest.json."),
+    artifacts: Path | None = typer.Option(
+        None, "--artifacts", help="Directory of DIR/<name>/<version>/<file> to serve, in a signed manifest."
+    ),
+    public_url: str | None = typer.Option(
+        None, "--public-url", help="URL install.sh tells nodes to use (default: the URL it was fetched at)."
+    ),
     public_host: str | None = typer.Option(
         None, "--public-host", help="Address nodes reach nebula/nomad at (default: the listen host)."
     ),
@@ -72,7 +77,9 @@ def serve(
     clock = Clock.from_env()
     ca = CertificateAuthority.load_or_create(state_dir, wall_now())
     plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host))
-    server = build_server(create_app(plane, artifacts), host, port, ca, state_dir, threads)
+    server = build_server(
+        create_app(plane, artifacts, state_dir, public_url), host, port, ca, state_dir, threads
+    )
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt

@@ -320,23 +320,39 @@ def test_a_full_run_without_a_control_plane_stops_at_preflight_and_says_what_to_
     assert "not run yet: detect, gpu, enroll" in captured.out
 
 
-@pytest.mark.parametrize("stage", ["artifacts", "agents"])
-def test_stages_not_built_yet_refuse_clearly(
-    make_tree: MakeTree, capsys: pytest.CaptureFixture[str], stage: str
+def test_container_mode_names_what_the_host_lacks_and_writes_nothing(
+    make_tree: MakeTree, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = make_tree("cpu-only")
-    with pytest.raises(SystemExit) as e:
-        main(["install", "--root", str(root), "--only", stage])
-    assert e.value.code == 1
-    assert f"stage {stage!r} is not implemented yet" in capsys.readouterr().err
-
-
-def test_container_mode_is_refused_for_now(make_tree: MakeTree, capsys: pytest.CaptureFixture[str]) -> None:
     root = make_tree("iommu-off")
+    before = snapshot(root, skip=("run", "var/log"))
     with pytest.raises(SystemExit) as e:
         main(["install", "--root", str(root), "--only", "gpu", "--gpu-mode", "container"])
     assert e.value.code == 1
-    assert "'container' is not implemented yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        "container-GPU mode (gpu=1) needs the NVIDIA kernel driver (nvidia module loaded) and Docker" in err
+    )
+    assert "ubuntu-drivers install" in err
+    assert snapshot(root, skip=("run", "var/log")) == before
+
+
+def test_container_mode_with_driver_docker_and_toolkit_changes_no_iommu_or_vfio_setting(
+    make_tree: MakeTree, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def ready(desc: dict[str, Any]) -> None:
+        desc["files"] = {
+            "/sys/module/nvidia/version": "550.90.07\n",
+            "/usr/bin/dockerd": "",
+            "/usr/bin/nvidia-container-runtime-hook": "",
+        }
+
+    root = make_tree("iommu-off", ready)
+    with pytest.raises(SystemExit) as e:
+        main(["install", "--root", str(root), "--only", "gpu", "--gpu-mode", "container"])
+    assert e.value.code == 0
+    assert "container mode: 2 GPU(s) stay on the nvidia driver" in capsys.readouterr().out
+    assert not (root / "etc/default/grub.d").exists()
+    assert not (root / "etc/modprobe.d/vectorlay-vfio.conf").exists()
 
 
 def test_a_bad_gpu_mode_is_a_usage_error(make_tree: MakeTree) -> None:

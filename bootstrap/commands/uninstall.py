@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bootstrap.host import Host
 from bootstrap.plan import BACKUP_DIR, Change, Removal, apply, compute, render
-from bootstrap.stages import gpu
+from bootstrap.stages import agents, gpu
 from bootstrap.state import load_state
 
 
@@ -21,7 +21,7 @@ def _backed_up(host: Host) -> list[str]:
 
 
 def uninstall_changes(host: Host) -> list[Change]:
-    changes = gpu.owned_changes(host)
+    changes = agents.owned_changes(host) + gpu.owned_changes(host)
     known = {c.path for c in changes if isinstance(c, Removal)}
     # Backups of files a later stage replaced are restored too, before the commands run.
     extra: list[Change] = [Removal(p) for p in _backed_up(host) if p not in known]

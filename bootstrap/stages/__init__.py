@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from bootstrap.discovery import Inventory
 from bootstrap.errors import UsageError, VectorlayError
 from bootstrap.host import Host
+from bootstrap.manifest import Artifact
 from bootstrap.settings import Settings
 from bootstrap.state import RunState
 
@@ -39,8 +40,15 @@ STAGES: tuple[Stage, ...] = (
         "gpu", "GPU passthrough: IOMMU, vfio, bind service, reboot gate", "bootstrap.stages.gpu", ("detect",)
     ),
     Stage("enroll", "key pair, CSR, token exchanged for an identity", "bootstrap.stages.enroll", ("detect",)),
-    Stage("artifacts", "nebula, nomad, node-agent from the signed manifest", None, ("enroll",)),
-    Stage("agents", "units and configs of the agents, update timer", None, ("artifacts",)),
+    Stage(
+        "artifacts",
+        "nebula, nomad, node-agent from the signed manifest",
+        "bootstrap.stages.artifacts",
+        ("enroll",),
+    ),
+    Stage(
+        "agents", "units and configs of the agents, update timer", "bootstrap.stages.agents", ("artifacts",)
+    ),
     Stage("verify", "the doctor's checks: the run's verdict", "bootstrap.stages.verify", ("agents",)),
 )
 BY_NAME = {s.name: s for s in STAGES}
@@ -72,6 +80,8 @@ class Context:
     out: Callable[[str], None] = print
     inventory: Inventory | None = None
     notes: list[str] = field(default_factory=list)
+    # Stage artifacts -> agents: what the signed manifest offers for each agent.
+    targets: dict[str, Artifact] = field(default_factory=dict)
     # The provisioning token: read once (VECTORLAY_TOKEN, --token-file, standard input), held in
     # memory only. `token_state` is what introspection said: valid, used, expired, unknown, or None.
     token_file: Path | None = None

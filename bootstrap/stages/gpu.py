@@ -172,9 +172,7 @@ def run(ctx: Context) -> StageResult:
     inv = ctx.inventory or discover(host, ctx.settings)
     mode = ctx.gpu_mode or ctx.settings.gpu_mode or ("passthrough" if inv.gpus else "none")
     if mode == "container":
-        raise VectorlayError(
-            "GPU mode 'container' is not implemented yet", "use --gpu-mode passthrough, or none"
-        )
+        return container_mode(ctx, inv)
     if mode == "none" or not (inv.gpus or inv.nvswitches):
         why = "no GPU found" if not inv.gpus else "GPU mode none"
         ctx.out(f"gpu: {why}; passthrough not configured")
@@ -196,6 +194,46 @@ def run(ctx: Context) -> StageResult:
     after = discover(host, ctx.settings) if plan.changes else inv
     ctx.inventory = after
     return gate(ctx, after)
+
+
+CONTAINER_NEEDS = (
+    # (what, host paths any of which shows it is there, how to get it)
+    (
+        "the NVIDIA kernel driver (nvidia module loaded)",
+        ("/sys/module/nvidia",),
+        "install the NVIDIA driver (e.g. sudo ubuntu-drivers install) and reboot",
+    ),
+    ("Docker (dockerd)", ("/usr/bin/dockerd", "/usr/sbin/dockerd"), "sudo apt-get install docker.io"),
+    (
+        "the NVIDIA Container Toolkit (nvidia-container-runtime-hook)",
+        ("/usr/bin/nvidia-container-runtime-hook", "/usr/bin/nvidia-ctk"),
+        "install nvidia-container-toolkit from NVIDIA's repository",
+    ),
+)
+
+
+def container_mode(ctx: Context, inv: Inventory) -> StageResult:
+    """Container-GPU mode: GPUs stay on the host driver and are shared through gVisor's nvproxy. No
+    IOMMU or VFIO change is made; the host must have what nvproxy stands on."""
+    missing = [
+        (what, how) for what, paths, how in CONTAINER_NEEDS if not any(ctx.host.exists(p) for p in paths)
+    ]
+    if missing:
+        raise VectorlayError(
+            "container-GPU mode (gpu=1) needs "
+            + " and ".join(w for w, _ in missing)
+            + ", which this host lacks",
+            "; ".join(h for _, h in missing) + "; then re-run",
+        )
+    held = [g.address for g in inv.gpus if g.driver != "nvidia"]
+    if held:
+        raise VectorlayError(
+            f"container-GPU mode needs every GPU on the nvidia driver; not on it: {', '.join(held)}",
+            "a GPU on vfio-pci is configured for passthrough: run 'vectorlay-bootstrap uninstall' and "
+            "reboot first, or keep passthrough mode",
+        )
+    ctx.out(f"gpu: container mode: {len(inv.gpus)} GPU(s) stay on the nvidia driver, shared through nvproxy")
+    return StageResult(Outcome.OK, "container mode")
 
 
 def _isolatable(inv: Inventory) -> list[str]:

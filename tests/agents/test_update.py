@@ -57,7 +57,7 @@ def test_first_install_starts_the_agent_and_it_answers_its_health_probe(
     env: tuple[Host, Systemd, DirectoryDownloader],
 ) -> None:
     host, _sim, mirror = env
-    report = upgrade(host, mirror, _release(mirror, {"node-agent": "1.0.0"}), ["node-agent"], FAST)
+    report = upgrade(host, mirror, _release(mirror, {"node-agent": "1.0.0"}).artifacts, FAST)
     assert report.ok and report.upgraded == {"node-agent": (None, "1.0.0")}
     assert active_state(host, "node-agent.service") == "active"
     assert (probe(host, "node-agent") or "").startswith("ok node-agent 1.0.0")
@@ -67,11 +67,9 @@ def test_an_upgrade_drains_the_old_agent_then_runs_the_new_one(
     env: tuple[Host, Systemd, DirectoryDownloader],
 ) -> None:
     host, _sim, mirror = env
-    upgrade(host, mirror, _release(mirror, {"node-agent": "1.0.0"}), ["node-agent"], FAST)
+    upgrade(host, mirror, _release(mirror, {"node-agent": "1.0.0"}).artifacts, FAST)
     logs: list[str] = []
-    report = upgrade(
-        host, mirror, _release(mirror, {"node-agent": "1.1.0"}), ["node-agent"], FAST, logs.append
-    )
+    report = upgrade(host, mirror, _release(mirror, {"node-agent": "1.1.0"}).artifacts, FAST, logs.append)
     assert report.upgraded == {"node-agent": ("1.0.0", "1.1.0")}
     assert logs[0] == "node-agent: drained"
     assert ("systemctl", "kill", "--signal=SIGUSR1", "node-agent.service") in host.runner.commands  # type: ignore[attr-defined]
@@ -83,12 +81,11 @@ def test_a_new_version_that_fails_its_health_check_is_rolled_back_and_the_old_on
     env: tuple[Host, Systemd, DirectoryDownloader],
 ) -> None:
     host, _sim, mirror = env
-    upgrade(host, mirror, _release(mirror, {"node-agent": "1.0.0"}), ["node-agent"], FAST)
+    upgrade(host, mirror, _release(mirror, {"node-agent": "1.0.0"}).artifacts, FAST)
     report = upgrade(
         host,
         mirror,
-        _release(mirror, {"node-agent": "2.0.0"}, broken=frozenset({"node-agent"})),
-        ["node-agent"],
+        _release(mirror, {"node-agent": "2.0.0"}, broken=frozenset({"node-agent"})).artifacts,
         FAST,
     )
     assert not report.ok and report.rolled_back == {"node-agent": ("2.0.0", "1.0.0")}
@@ -104,11 +101,11 @@ def test_an_unchanged_manifest_restarts_nothing_and_downloads_nothing(
 ) -> None:
     host, _sim, mirror = env
     manifest = _release(mirror, {"nebula": "1.9.5", "nomad": "1.8.4", "node-agent": "1.0.0"})
-    upgrade(host, mirror, manifest, ["nebula", "nomad", "node-agent"], FAST)
+    upgrade(host, mirror, manifest.artifacts, FAST)
     runner = host.runner
     assert isinstance(runner, RecordingRunner)
     before = len(runner.commands)
     fetched = len(mirror.fetched)
-    report = upgrade(host, mirror, manifest, ["nebula", "nomad", "node-agent"], FAST)
+    report = upgrade(host, mirror, manifest.artifacts, FAST)
     assert report.unchanged == ["nebula", "nomad", "node-agent"] and not report.downloaded
     assert runner.commands[before:] == [] and len(mirror.fetched) == fetched

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,22 +121,82 @@ def test_patching_a_node_needs_the_orgs_own_key_and_only_removal_is_accepted(con
 def test_the_artifact_manifest_is_404_until_an_artifacts_directory_provides_one(
     control_plane: Any, start_control_plane: Callable[..., Any], tmp_path: Path
 ) -> None:
+    from bootstrap.manifest import public_key_from_text, verify_manifest
+
     r = requests.get(
         control_plane.url + "/v1/artifacts/manifest", verify=str(control_plane.ca_file), timeout=30
     )
     assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
 
     art = tmp_path / "artifacts"
-    (art / "nebula" / "1.9.5").mkdir(parents=True)
-    (art / "nebula" / "1.9.5" / "nebula-linux-amd64.tar.gz").write_bytes(b"\x1f\x8bpayload")
-    manifest = {"version": "1", "artifacts": [], "signature": ""}
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    for version, payload in (("1.9.4", b"\x1f\x8bold"), ("1.9.10", b"\x1f\x8bpayload")):
+        (art / "nebula" / version).mkdir(parents=True)
+        (art / "nebula" / version / "nebula-linux-amd64.tar.gz").write_bytes(payload)
     cp = start_control_plane(args=("--artifacts", str(art)))
     got = requests.get(cp.url + "/v1/artifacts/manifest", verify=str(cp.ca_file), timeout=30)
-    assert got.status_code == 200 and got.json() == manifest
-    blob = requests.get(cp.url + "/v1/artifacts/nebula/1.9.5", verify=str(cp.ca_file), timeout=30)
+    assert got.status_code == 200
+    key = public_key_from_text((cp.state_dir / "manifest-signing.pub").read_text())
+    manifest = verify_manifest(got.json(), [key])
+    # 1.9.10 is newer than 1.9.4 (natural order), and offered as the current version.
+    (nebula,) = manifest.artifacts
+    assert (nebula.version, nebula.size, nebula.url) == ("1.9.10", 9, "/v1/artifacts/nebula/1.9.10")
+    blob = requests.get(cp.url + "/v1/artifacts/nebula/1.9.10", verify=str(cp.ca_file), timeout=30)
     assert blob.status_code == 200 and blob.content == b"\x1f\x8bpayload"
+    # An operator pins the offered version with a `current` pointer.
+    (art / "nebula" / "current").write_text("1.9.4\n")
+    again = requests.get(cp.url + "/v1/artifacts/manifest", verify=str(cp.ca_file), timeout=30).json()
+    assert verify_manifest(again, [key]).get("nebula").version == "1.9.4"
     assert (
         requests.get(cp.url + "/v1/artifacts/nebula/..", verify=str(cp.ca_file), timeout=30).status_code
         == 404
     )
+
+
+def test_install_sh_is_served_with_the_api_url_ca_and_manifest_key_filled_in(
+    start_control_plane: Callable[..., Any], tmp_path: Path
+) -> None:
+    cp = start_control_plane(args=("--artifacts", str(tmp_path)))
+    r = requests.get(cp.url + "/install.sh", verify=str(cp.ca_file), timeout=30)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/x-shellscript")
+    script = r.text
+    assert "@@VECTORLAY" not in script
+    assert f"local default_api='{cp.url}'" in script
+    assert cp.ca_file.read_text().strip() in script
+    assert (cp.state_dir / "manifest-signing.pub").read_text().strip() in script
+    assert script.rstrip().endswith('vectorlay_install "$@" --end-of-script')
+    assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
+
+
+def test_enrollment_answers_carry_the_manifest_key_to_pin(
+    start_control_plane: Callable[..., Any], tmp_path: Path
+) -> None:
+    cp = start_control_plane(args=("--artifacts", str(tmp_path)))
+    cp.org("acme", provider=True)
+    token = cp.token("acme")
+    from bootstrap.host import Host
+    from bootstrap.identity import load_identity
+
+    root = tmp_path / "node"
+    root.mkdir()
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bootstrap.cli",
+            "enroll",
+            "--root",
+            str(root),
+            "--api",
+            cp.url,
+            "--ca-file",
+            str(cp.ca_file),
+        ],
+        env={**os.environ, "VECTORLAY_TOKEN": token, "VECTORLAY_GPU_MODE": "none"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    ident = load_identity(Host(root))
+    assert ident is not None
+    assert ident.enrollment()["manifest_keys"] == [(cp.state_dir / "manifest-signing.pub").read_text()]

@@ -1,0 +1,43 @@
+"""`vectorlay-bootstrap update`: what node-agent-update.timer runs. Fetch the signed manifest with
+the node's durable identity, install what is newer, switch one agent at a time (drain, restart,
+health check) and roll back one that does not come up. Output goes to the journal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bootstrap.commands.install import run_lock
+from bootstrap.errors import VectorlayError
+from bootstrap.host import Host
+from bootstrap.identity import load_identity
+from bootstrap.settings import load_settings
+from bootstrap.stages.artifacts import agent_names, fetch_manifest, node_client
+from bootstrap.update import Timing, upgrade
+
+
+def run_update(root: Path, *, host: Host | None = None) -> int:
+    host = host or Host(root)
+    ident = load_identity(host)
+    if ident is None:
+        raise VectorlayError(
+            "this node is not enrolled: there is nothing to update", "run the install one-liner"
+        )
+    settings = load_settings(host)
+    with run_lock(host):
+        client = node_client(ident, settings.api)
+        try:
+            manifest = fetch_manifest(client, ident)
+            arts = [manifest.get(n) for n in agent_names(settings.gpu_mode or "none")]
+            print(f"update: manifest {manifest.version}: " + ", ".join(f"{a.name} {a.version}" for a in arts))
+            report = upgrade(host, client, arts, Timing.from_env(), log=lambda m: print(f"update: {m}"))
+        finally:
+            client.close()
+    if report.rolled_back:
+        for name, (bad, back) in report.rolled_back.items():
+            print(f"update: FAILED: {name} {bad} did not pass its health check; running {back} again")
+        return 1
+    if report.upgraded:
+        print("update: done: " + ", ".join(f"{n} {new}" for n, (_old, new) in report.upgraded.items()))
+    else:
+        print("update: everything is current")
+    return 0

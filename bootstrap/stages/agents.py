@@ -1,0 +1,227 @@
+"""Stage `agents`: nebula, nomad and node-agent units and configs from the enrollment, the update
+timer, the settings file, and in container-GPU mode runsc registered with docker (nvproxy on).
+
+Services are touched only when something of theirs changed: `daemon-reload` when a unit file did,
+a restart of exactly the service whose unit or config changed, a start of one found stopped, and a
+version switch (drain, switch, restart, health check, roll back) of the one whose binary changed.
+A second run on an unchanged node writes nothing and restarts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bootstrap import artifacts
+from bootstrap.discovery import UnitStatus
+from bootstrap.errors import VectorlayError
+from bootstrap.host import Host
+from bootstrap.identity import Identity, load_identity
+from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, apply, compute, render
+from bootstrap.resources import units_dir
+from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.stages.artifacts import gpu_mode_of
+from bootstrap.templating import render as render_template
+from bootstrap.update import SERVICES, Timing, is_active, services_really_run, switch
+
+ETC_UNITS = "/etc/systemd/system"
+TIMER = "node-agent-update.timer"
+UPDATE_SERVICE = "node-agent-update.service"
+UNIT_FILES = (*SERVICES.values(), UPDATE_SERVICE, TIMER)
+NEBULA_CONFIG = "/etc/vectorlay/nebula/config.yml"
+NOMAD_CONFIG = "/etc/vectorlay/nomad.d/client.hcl"
+AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
+SETTINGS_FILE = "/etc/vectorlay/node.yaml"
+NOMAD_VFIO_DROPIN = f"{ETC_UNITS}/nomad.service.d/10-vectorlay-vfio.conf"
+DOCKER_DAEMON = "/etc/docker/daemon.json"
+RUNSC = "/opt/vectorlay/releases/runsc/current/bin/runsc"
+IDENTITY_DIR = "/etc/vectorlay/identity"
+
+CONFIGS = {
+    "nebula": (NEBULA_CONFIG,),
+    "nomad": (NOMAD_CONFIG, NOMAD_VFIO_DROPIN),
+    "node-agent": (AGENT_CONFIG,),
+}
+
+
+def unit_path(unit: str) -> str:
+    return f"{ETC_UNITS}/{unit}"
+
+
+def wants_path(unit: str) -> str:
+    target = "timers.target" if unit.endswith(".timer") else "multi-user.target"
+    return f"{ETC_UNITS}/{target}.wants/{unit}"
+
+
+def _docker_daemon_json(host: Host) -> bytes:
+    """Docker's daemon.json with runsc added as a runtime (nvproxy on); everything else kept."""
+    text = host.read_text(DOCKER_DAEMON, default="")
+    try:
+        data: Any = json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        raise VectorlayError(
+            f"{DOCKER_DAEMON} is not valid JSON ({e})", f"fix {DOCKER_DAEMON}, then re-run"
+        ) from None
+    if not isinstance(data, dict):
+        raise VectorlayError(f"{DOCKER_DAEMON} must hold a JSON object", f"fix {DOCKER_DAEMON}, then re-run")
+    runtimes = data.setdefault("runtimes", {})
+    if not isinstance(runtimes, dict):
+        raise VectorlayError(f"{DOCKER_DAEMON}: 'runtimes' must be an object", f"fix {DOCKER_DAEMON}")
+    runtimes["runsc"] = {"path": RUNSC, "runtimeArgs": ["--nvproxy=true"]}
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _gpu_meta(ctx: Context, mode: str) -> dict[str, str]:
+    inv = ctx.inventory
+    units = inv.units if inv is not None else []
+    ready = [u for u in units if u.status is UnitStatus.READY]
+    meta = {"vectorlay_gpu_mode": mode, "vectorlay_gpu_units_total": str(len(units))}
+    if mode == "passthrough":
+        meta["vectorlay_gpu_units_ready"] = str(len(ready))
+        meta["vectorlay_gpu_units"] = ",".join(u.iommu_group or "" for u in ready)
+        meta["vectorlay_gpu_addresses"] = ";".join(",".join(u.gpus) for u in ready)
+    elif mode == "container" and inv is not None:
+        meta["vectorlay_gpus"] = ",".join(g.address for g in inv.gpus)
+    return meta
+
+
+def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
+    host, settings = ctx.host, ctx.settings
+    enrollment = ident.enrollment()
+    nebula = enrollment.get("nebula") or {}
+    nomad = enrollment.get("nomad") or {}
+    common = {
+        "identity_dir": IDENTITY_DIR,
+        "node_id": ident.node_id,
+        "org_id": ident.org_id,
+        "overlay_ip": ident.overlay_ip,
+        "gpu_mode": mode,
+        "api": ident.api or ctx.api or settings.api,
+        "disk_path": settings.disk_path,
+    }
+    changes: list[Change] = [
+        FileChange(
+            SETTINGS_FILE,
+            render_template(
+                "node.yaml.j2",
+                api=common["api"],
+                gpu_mode=mode,
+                autoupdate=settings.autoupdate,
+                disk_path=settings.disk_path,
+                extra_gpu_vendor_ids=list(settings.extra_gpu_vendor_ids),
+                extra_nvswitch_device_ids=list(settings.extra_nvswitch_device_ids),
+            ).encode(),
+        ),
+        FileChange(
+            NEBULA_CONFIG,
+            render_template(
+                "nebula-config.yml.j2", lighthouses=nebula.get("lighthouses") or {}, **common
+            ).encode(),
+            mode=0o600,
+        ),
+        FileChange(
+            NOMAD_CONFIG,
+            render_template(
+                "nomad-client.hcl.j2",
+                datacenter=nomad.get("datacenter", "vectorlay"),
+                node_class=nomad.get("node_class", mode),
+                servers=nomad.get("servers") or [],
+                meta={**(nomad.get("meta") or {}), **_gpu_meta(ctx, mode)},
+                **common,
+            ).encode(),
+            mode=0o600,
+        ),
+        FileChange(AGENT_CONFIG, render_template("node-agent.yaml.j2", **common).encode(), mode=0o600),
+    ]
+    for unit in UNIT_FILES:
+        changes.append(FileChange(unit_path(unit), (units_dir() / unit).read_bytes()))
+    if mode == "passthrough":
+        changes.append(FileChange(NOMAD_VFIO_DROPIN, render_template("nomad-vfio.conf.j2").encode()))
+    else:
+        changes.append(Removal(NOMAD_VFIO_DROPIN))
+    if mode == "container":
+        changes.append(FileChange(DOCKER_DAEMON, _docker_daemon_json(host)))
+
+    # Enabling is what `systemctl enable` does: a link in the target's .wants/ directory.
+    for unit in SERVICES.values():
+        changes.append(Symlink(wants_path(unit), unit_path(unit)))
+    if settings.autoupdate:
+        changes.append(Symlink(wants_path(TIMER), unit_path(TIMER)))
+    else:
+        changes.append(Removal(wants_path(TIMER)))
+
+    unit_files = (*(unit_path(u) for u in UNIT_FILES), NOMAD_VFIO_DROPIN)
+    links = tuple(wants_path(u) for u in (*SERVICES.values(), TIMER))
+    changes.append(Command(("systemctl", "daemon-reload"), after=unit_files + links))
+    if mode == "container":
+        changes.append(Command(("systemctl", "reload-or-restart", "docker.service"), after=(DOCKER_DAEMON,)))
+
+    # Agents whose binary changes are restarted by the version switch after this plan, with drain
+    # and health check; the others are restarted here when their unit or config changed, and
+    # started when found stopped.
+    switching = {n for n, art in ctx.targets.items() if artifacts.current_version(host, n) != art.version}
+    for name, unit in SERVICES.items():
+        if name in switching:
+            continue
+        triggers = (unit_path(unit), *CONFIGS[name])
+        if services_really_run(host) and not is_active(host, unit):
+            changes.append(Command(("systemctl", "start", unit), force=True, reason=f"{unit} is not running"))
+        else:
+            changes.append(Command(("systemctl", "restart", unit), after=triggers))
+    if settings.autoupdate:
+        if services_really_run(host) and not is_active(host, TIMER):
+            changes.append(
+                Command(("systemctl", "start", TIMER), force=True, reason=f"{TIMER} is not running")
+            )
+    elif services_really_run(host) and is_active(host, TIMER):
+        changes.append(Command(("systemctl", "stop", TIMER), force=True, reason="auto-update opted out"))
+    return changes
+
+
+def owned_changes(host: Host) -> list[Change]:
+    """What `uninstall` undoes of this stage. The identity and the releases stay, so that a later
+    install keeps the node's ID; decommissioning is a separate, deliberate step."""
+    installed = [u for u in UNIT_FILES if host.exists(unit_path(u))]
+    changes: list[Change] = []
+    if installed:
+        changes.append(Command(("systemctl", "stop", *installed), force=True, reason="stop the agents"))
+    changes += [Removal(wants_path(u)) for u in (*SERVICES.values(), TIMER)]
+    changes += [Removal(unit_path(u)) for u in UNIT_FILES]
+    changes += [
+        Removal(p) for p in (NOMAD_VFIO_DROPIN, NEBULA_CONFIG, NOMAD_CONFIG, AGENT_CONFIG, SETTINGS_FILE)
+    ]
+    changes.append(Command(("systemctl", "daemon-reload"), after=tuple(unit_path(u) for u in UNIT_FILES)))
+    return changes
+
+
+def run(ctx: Context) -> StageResult:
+    host = ctx.host
+    ident = load_identity(host)
+    if ident is None:
+        ctx.out("agents: not enrolled yet; the agents are configured after enrollment")
+        return StageResult(Outcome.PLANNED if ctx.plan_only else Outcome.OK, "not enrolled")
+    mode = gpu_mode_of(ctx)
+    plan = compute(host, desired(ctx, ident, mode), ctx.state)
+    ctx.out(
+        f"agents: nebula, nomad, node-agent ({mode} mode; "
+        f"auto-update {'on' if ctx.settings.autoupdate else 'off'})"
+    )
+    for line in render(plan, diffs=ctx.plan_only):
+        ctx.out(line)
+    pending = [a for n, a in ctx.targets.items() if artifacts.current_version(host, n) != a.version]
+    for art in pending:
+        old = artifacts.current_version(host, art.name)
+        verb = "would switch" if ctx.plan_only else "switching"
+        ctx.out(f"agents: {verb} {art.name} {old or '(none)'} -> {art.version}")
+    if ctx.plan_only:
+        return StageResult(Outcome.PLANNED)
+
+    apply(host, plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
+    report = switch(host, pending, Timing.from_env(), log=lambda m: ctx.out(f"  {m}"))
+    if report.rolled_back:
+        bad = ", ".join(f"{n} {b} (back on {r})" for n, (b, r) in report.rolled_back.items())
+        raise VectorlayError(
+            f"agent update failed its health check and was rolled back: {bad}",
+            "re-run later; journalctl -u node-agent shows why the new version did not come up",
+        )
+    return StageResult(Outcome.OK, f"{len(report.upgraded)} agent(s) switched")

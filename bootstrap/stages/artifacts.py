@@ -1,0 +1,85 @@
+"""Stage `artifacts`: fetch the control plane's signed manifest with the node's durable identity,
+verify it against the pinned key, and make every agent's offered version present and verified in
+/opt/vectorlay/releases. Switching to a version is the agents stage's job (it drains and checks
+health); this stage only downloads what is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bootstrap import artifacts
+from bootstrap.api import ApiClient, ClientCert
+from bootstrap.errors import VectorlayError
+from bootstrap.identity import Identity, load_identity
+from bootstrap.manifest import Manifest, public_key_from_text, verify_manifest
+from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.update import SERVICES
+
+CONTAINER_ONLY = ("runsc",)
+
+
+def agent_names(gpu_mode: str) -> list[str]:
+    return [*SERVICES, *(CONTAINER_ONLY if gpu_mode == "container" else ())]
+
+
+def node_client(ident: Identity, api: str | None = None, ca_file: Path | None = None) -> ApiClient:
+    """The control plane as the enrolled node reaches it: mTLS with its durable identity, the CA it
+    pinned at enrollment trusted. An API given to this run (--api, install.sh's api=) wins over the
+    one the node enrolled with."""
+    url = api or ident.api
+    if not url:
+        raise VectorlayError(
+            "no control plane URL known", "pass --api https://... (or api=... to install.sh)"
+        )
+    return ApiClient(
+        url, ca_file=ca_file, pinned_ca=ident.ca_file, client_cert=ClientCert(ident.cert_file, ident.key_file)
+    )
+
+
+def fetch_manifest(client: ApiClient, ident: Identity) -> Manifest:
+    keys = [public_key_from_text(k) for k in ident.enrollment().get("manifest_keys") or []]
+    if not keys:
+        raise VectorlayError(
+            "this node has no pinned manifest key, so it cannot verify the artifacts it would install",
+            "re-run the install one-liner with a new token to re-enroll",
+        )
+    doc = client.request("GET", "/v1/artifacts/manifest")
+    return verify_manifest(doc, keys, source=client.base_url)
+
+
+def gpu_mode_of(ctx: Context) -> str:
+    inv = ctx.inventory
+    return (
+        ctx.gpu_mode or ctx.settings.gpu_mode or ("passthrough" if inv is not None and inv.gpus else "none")
+    )
+
+
+def run(ctx: Context) -> StageResult:
+    ident = load_identity(ctx.host)
+    if ident is None:
+        # Only reachable when enrollment did not run (--only, or a plan): the enroll stage fails a
+        # run that cannot enroll.
+        ctx.out(
+            "artifacts: not enrolled yet; the agents are fetched from the signed manifest after enrollment"
+        )
+        return StageResult(Outcome.PLANNED if ctx.plan_only else Outcome.OK, "not enrolled")
+    client = node_client(ident, ctx.api, ctx.ca_file)
+    try:
+        manifest = fetch_manifest(client, ident)
+        for name in agent_names(gpu_mode_of(ctx)):
+            art = manifest.get(name)
+            ctx.targets[name] = art
+            if artifacts.is_installed(ctx.host, art):
+                ctx.out(f"artifacts: {name} {art.version} present and verified")
+            elif ctx.plan_only:
+                ctx.out(
+                    f"artifacts: would download {name} {art.version} "
+                    f"({art.size} bytes, sha256 {art.sha256[:12]}…)"
+                )
+            else:
+                artifacts.install(ctx.host, client, art)
+                ctx.out(f"artifacts: {name} {art.version} downloaded, sha256 verified, unpacked")
+    finally:
+        client.close()
+    return StageResult(Outcome.PLANNED if ctx.plan_only else Outcome.OK)
