@@ -61,7 +61,11 @@ def _remove_stale_temps(directory: Path, name: str) -> None:
                 os.unlink(directory / entry)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path, *, fault: bool = True) -> None:
+    # A directory made durable marks a step of a multi-file write (an unpacked release, an identity
+    # generation): a kill point. atomic_write's own calls pass fault=False (their point is the rename).
+    if fault:
+        fault_point(f"sync {path}")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -111,7 +115,7 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(path.parent, fault=False)
 
 
 def atomic_symlink(target: str, link: Path) -> None:
@@ -129,4 +133,4 @@ def atomic_symlink(target: str, link: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(link.parent)
+    fsync_dir(link.parent, fault=False)

@@ -243,7 +243,10 @@ def final_screen(ctx: Context, chosen: list[Stage], ran: list[Finished], log_pat
         width = max(len(f.stage.name) for f in done)
         for f in done:
             assert f.result is not None
-            lines.append(f"    {f.stage.name:<{width}}  {f.result.message or f.result.outcome.value}")
+            what = f.result.message or f.result.outcome.value
+            if f.result.outcome is Outcome.REBOOT:
+                what = "configured; takes effect after a reboot"
+            lines.append(f"    {f.stage.name:<{width}}  {what}")
     not_run = [s.name for s in chosen if s.name not in {f.stage.name for f in ran}]
     left: list[str] = []
     last = ran[-1] if ran else None
@@ -337,6 +340,8 @@ def run_install(
                 ctx.out("skipped (not implemented yet): " + ", ".join(s.name for s in skipped))
             ran = _run_stages(ctx, chosen, display)
             display.close()
+            if only is None and not plan_only and ran and _verdict(ran, plan_only)[1] == EXIT_OK:
+                _drop_stale_commands(ctx)
             # The stage reached, recorded by runs that did not fail and did more than read the host.
             if ran and not plan_only and ran[-1].error is None and {f.stage.name for f in ran} - READ_ONLY:
                 state.stage = ran[-1].stage.name
@@ -380,6 +385,16 @@ def _run_stages(ctx: Context, chosen: list[Stage], display: Display) -> list[Fin
         ran.append(Finished(stage, None, err))
         break
     return ran
+
+
+def _drop_stale_commands(ctx: Context) -> None:
+    """After a complete, successful run every stage has planned again, and each plan runs the
+    journalled commands it still wants; one still journalled is wanted by none (e.g. `systemctl start`
+    of a timer that a killed run did start, so the agents stage no longer asks for it)."""
+    if ctx.state.pending_commands:
+        for argv in ctx.state.pending_commands:
+            log.info("dropped from the command journal, no stage needs it any more: %s", " ".join(argv))
+        ctx.state.pending_commands = []
 
 
 def _os_error(host: Host, stage: Stage, e: OSError) -> VectorlayError:

@@ -172,9 +172,8 @@ def test_the_final_screen_says_what_was_done_what_is_left_and_where_the_log_is(
     out = res.stdout
     screen = out[out.index("vectorlay-node: REBOOT REQUIRED") :]
     assert "  done:\n    preflight  provisioning token valid until " in screen
-    assert (
-        "    gpu        reboot, then re-run the same command within the hour (your token expires at" in screen
-    )
+    assert "    gpu        configured; takes effect after a reboot\n" in screen
+    assert "  left:\n    reboot, then re-run the same command within the hour (your token expires" in screen
     assert "not run yet: enroll" in screen
     assert "doctor: not run" in screen
     assert f"log: {root / LOG_PATH.lstrip('/')}" in screen
