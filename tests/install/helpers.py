@@ -7,13 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from hostsim.systemd import STATE_DIR
 
 SIMULATOR = "hostsim.kernel:simulate"
+# Stand-in agents are healthy at once: a short settle window keeps the runs quick.
+FAST = {"VECTORLAY_HEALTH_SETTLE": "0.2"}
 
 
 def gpus_on_vfio(desc: dict[str, Any]) -> None:
@@ -69,3 +71,33 @@ def _runs_for(pid: int, root: Path) -> bool:
     except OSError:
         return False
     return f"VECTORLAY_ROOT={root.resolve()}".encode() in environ
+
+
+@contextlib.contextmanager
+def installed_demo_node(base: Path) -> Iterator[tuple[Any, Path, str]]:
+    """The demo's node, installed: an HGX H100 (GPUs on nvidia, IOMMU off) taken through the first run,
+    a simulated reboot and the second run. Yields (control plane, root, the token used); the control
+    plane and the agents are stopped afterwards."""
+    from controlplane import testing
+    from hostsim import build_host
+    from hostsim.agents import publish_agents
+    from hostsim.demo import example_host
+    from hostsim.kernel import simulated_reboot
+
+    publish_agents(base / "artifacts")
+    cp = testing.start(base / "cp", args=("--artifacts", str(base / "artifacts")))
+    root = base / "host"
+    try:
+        cp.org("acme", provider=True)
+        token = cp.token("acme")
+        desc = example_host()
+        build_host(root, desc)
+        first = install(root, cp=cp, token=token, env=FAST)
+        assert first.returncode == 3, first.stdout[-2000:] + first.stderr
+        simulated_reboot(root, desc)
+        second = install(root, cp=cp, token=token, env=FAST)
+        assert second.returncode == 0, second.stdout[-2000:] + second.stderr
+        yield cp, root, token
+    finally:
+        stop_daemons(root)
+        testing.stop(cp)
