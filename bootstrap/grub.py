@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
-from bootstrap.plan import Change, Command, FileChange, Removal
+from bootstrap.plan import Change, Command, FileChange, Removal, backup_path
 from bootstrap.templating import render
 
 DEFAULT_GRUB = "/etc/default/grub"
@@ -363,7 +363,10 @@ def plan_changes(host: Host, loader: BootLoader, wanted: list[str]) -> list[Chan
         changes.append(FileChange(DROPIN, render_dropin(missing), 0o644, reason="IOMMU kernel arguments"))
     else:
         present = set(" ".join(effective_values(host, with_dropin=True).values()).split())
-        if all(a in present for a in wanted):
+        # Removing the drop-in would put back the backed-up foreign file it replaced, which undoes
+        # the arguments again: once a foreign file was replaced, the neutral drop-in stays.
+        replaced_foreign = host.exists(backup_path(DROPIN))
+        if all(a in present for a in wanted) and not replaced_foreign:
             changes.append(Removal(DROPIN, reason="every IOMMU argument is already set elsewhere"))
         else:
             # Someone else's file at the drop-in's path undoes arguments set before it: it is backed

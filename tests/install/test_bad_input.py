@@ -4,9 +4,11 @@ traceback, and nothing on the host damaged. The README's troubleshooting table l
 from __future__ import annotations
 
 import http.server
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from controlplane.pki import CertificateAuthority
+from hostsim import build_host, load_topology
 from hostsim.snapshot import snapshot
 from tests.install.helpers import gpus_on_vfio, install
 
@@ -246,3 +249,44 @@ def test_odd_but_valid_grub_quoting_is_understood(make_tree: MakeTree) -> None:
     assert (root / "etc/default/grub").read_text() == grub
     cfg = (root / "boot/grub/grub.cfg").read_text()
     assert "console=ttyS0,115200 quiet splash intel_iommu=on iommu=pt" in cfg
+
+
+def test_a_foreign_nebula_service_is_backed_up_and_reported(make_tree: MakeTree) -> None:
+    from controlplane import testing
+    from hostsim.agents import publish_agents
+    from tests.install.helpers import FAST, stop_daemons
+
+    foreign = (
+        b"[Unit]\nDescription=nebula (installed by hand)\n\n[Service]\nExecStart=/usr/local/bin/nebula\n"
+    )
+    base = Path(tempfile.mkdtemp(prefix="vlf", dir="/tmp"))  # short: the agents' socket paths
+    root = base / "host"
+    try:
+        publish_agents(base / "artifacts")
+        cp = testing.start(base / "cp", args=("--artifacts", str(base / "artifacts")))
+        try:
+            cp.org("acme", provider=True)
+            desc = load_topology("hgx-h100")
+            gpus_on_vfio(desc)
+            desc["files"] = {"/etc/systemd/system/nebula.service": foreign.decode()}
+            build_host(root, desc)
+            res = install(root, cp=cp, token=cp.token("acme"), env=FAST)
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+            assert (
+                "changed  file     /etc/systemd/system/nebula.service (0644)  "
+                "[update, backed up first: not owned by vectorlay-bootstrap]" in res.stdout
+            )
+            backup = root / "var/lib/vectorlay/backup/etc/systemd/system/nebula.service"
+            assert backup.read_bytes() == foreign
+            unit = (root / "etc/systemd/system/nebula.service").read_text()
+            assert unit.startswith("# Managed by vectorlay-bootstrap")
+            log = (root / "var/log/vectorlay/bootstrap.log").read_text()
+            assert "wrote /etc/systemd/system/nebula.service" in log
+            # A second run leaves the backup of the original alone.
+            assert install(root, cp=cp, env=FAST).returncode == 0
+            assert backup.read_bytes() == foreign
+        finally:
+            stop_daemons(root)
+            testing.stop(cp)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
