@@ -178,3 +178,17 @@ def test_the_final_screen_says_what_was_done_what_is_left_and_where_the_log_is(
     assert "doctor: not run" in screen
     assert f"log: {root / LOG_PATH.lstrip('/')}" in screen
     assert time.time() - start < 60
+
+
+def test_a_terminal_gets_rich_progress_and_a_pipe_plain_numbered_lines(ready_tree: Path) -> None:
+    from bootstrap.commands.install import run_install
+
+    rich_out, plain_out = io.StringIO(), io.StringIO()
+    assert run_install(ready_tree, only="gpu", stream=rich_out, rich=True) == 0
+    assert run_install(ready_tree, only="gpu", stream=plain_out) == 0
+    plain = plain_out.getvalue()
+    assert "[1/2] detect: PCI devices, GPUs, NVSwitches, IOMMU groups, GPU units\n" in plain
+    assert "\n✓ gpu: 8/8 GPU unit(s) ready for passthrough\n" in plain
+    fancy = rich_out.getvalue()
+    assert "✓ gpu: 8/8 GPU unit(s) ready for passthrough" in fancy
+    assert "[1/2] detect:" not in fancy  # the stage heading lives in the status line, not the scrollback
