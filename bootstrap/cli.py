@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from bootstrap.errors import VectorlayError
+from bootstrap.errors import VectorlayError, exit_with
 
 app = typer.Typer(
     name="vectorlay-bootstrap",
@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except VectorlayError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"  fix: {e.hint}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        exit_with(e)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 
 class VectorlayError(Exception):
     """An error an operator can act on: `message` says what is wrong, `hint` what to do."""
@@ -20,3 +23,11 @@ class UsageError(VectorlayError):
 
 class LiveRootForbidden(RuntimeError):
     """Raised in tests when code reaches for the real `/` without being told to."""
+
+
+def exit_with(e: VectorlayError) -> NoReturn:
+    """What every console script does with an operator error: message, fix, exit code."""
+    print(f"error: {e.message}", file=sys.stderr)
+    if e.hint:
+        print(f"  fix: {e.hint}", file=sys.stderr)
+    sys.exit(e.exit_code)

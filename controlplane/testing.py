@@ -54,6 +54,28 @@ class RunningControlPlane:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def enroll(self, root: Path, org: str, *, gpu_mode: str = "none") -> subprocess.CompletedProcess[str]:
+        """Enroll the node tree `root` with a fresh token of `org`, through the real CLI."""
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bootstrap.cli",
+                "enroll",
+                "--root",
+                str(root),
+                "--api",
+                self.url,
+                "--ca-file",
+                str(self.ca_file),
+            ],
+            env={**os.environ, "VECTORLAY_TOKEN": self.token(org), "VECTORLAY_GPU_MODE": gpu_mode},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
 
 def start(
     workdir: Path,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bootstrap.errors import VectorlayError
+from bootstrap.errors import VectorlayError, exit_with
 
 if TYPE_CHECKING:
     import typer
@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except VectorlayError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"  fix: {e.hint}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        exit_with(e)
     except Exception as e:  # a doctor must still answer: report the bug, not a traceback
         print(f"error: the doctor crashed: {type(e).__name__}: {e}", file=sys.stderr)
         print("  fix: report this with the output of: vectorlay-node-doctor --json", file=sys.stderr)

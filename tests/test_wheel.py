@@ -11,29 +11,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    # No build isolation: hatchling comes from the dev venv, so the test needs no network.
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            str(REPO),
-        ],
-        check=True,
-    )
-    (whl,) = out.glob("vectorlay_node-*.whl")
+    # No build isolation (hatchling comes from the dev venv), so the test needs no network.
+    from hostsim.wheelhouse import project_wheel
+
+    whl = project_wheel(out)
     return whl
 
 

@@ -83,24 +83,7 @@ def node(
     # Unix socket paths (the agents' health sockets) are limited to 108 bytes: a short root.
     base = Path(tempfile.mkdtemp(prefix="vl", dir="/tmp"))
     root = build_host(base / "r", load_topology("cpu-only"))
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bootstrap.cli",
-            "enroll",
-            "--root",
-            str(root),
-            "--api",
-            cp.url,
-            "--ca-file",
-            str(cp.ca_file),
-        ],
-        env={**os.environ, "VECTORLAY_TOKEN": cp.token("acme"), "VECTORLAY_GPU_MODE": "none"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    res = cp.enroll(root, "acme")
     assert res.returncode == 0, res.stderr
     n = Node(root, cp, art_dir, Systemd(spawn=True))
     try:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,30 +170,12 @@ def test_enrollment_answers_carry_the_manifest_key_to_pin(
 ) -> None:
     cp = start_control_plane(args=("--artifacts", str(tmp_path)))
     cp.org("acme", provider=True)
-    token = cp.token("acme")
     from bootstrap.host import Host
     from bootstrap.identity import load_identity
 
     root = tmp_path / "node"
     root.mkdir()
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bootstrap.cli",
-            "enroll",
-            "--root",
-            str(root),
-            "--api",
-            cp.url,
-            "--ca-file",
-            str(cp.ca_file),
-        ],
-        env={**os.environ, "VECTORLAY_TOKEN": token, "VECTORLAY_GPU_MODE": "none"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    res = cp.enroll(root, "acme")
     assert res.returncode == 0, res.stderr
     ident = load_identity(Host(root))
     assert ident is not None
