@@ -113,6 +113,20 @@ def _parse_time(value: Any) -> datetime | None:
         return None
 
 
+def token_state_words(reason: str | None) -> str:
+    """How an unusable token is described: 'already used', 'expired' or 'not known'."""
+    return {"used": "already used", "expired": "expired"}.get(reason or "", "not known")
+
+
+def token_refused(api_url: str | None, reason: str | None) -> VectorlayError:
+    """The documentation's 401 for a token introspection says the control plane would refuse."""
+    why = token_state_words(reason)
+    return VectorlayError(
+        f"{api_url}: 401 bad, missing or expired token (the provisioning token is {why})",
+        "ask for a new one in the dashboard",
+    )
+
+
 def introspect_token(api: ApiClient, token: str) -> TokenInfo:
     """Ask whether the token would be accepted, and until when, without consuming it."""
     body = api.request("POST", "/v1/provisioning-tokens/introspect", json={"token": token})

@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bootstrap.api import ApiError
-from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_write, fault_point, fsync_dir
 from bootstrap.identity import load_identity
 from bootstrap.stages import Context, Outcome, StageResult
@@ -59,7 +58,7 @@ def _kept(ctx: Context, why: str) -> StageResult:
 
 def run(ctx: Context) -> StageResult:
     from bootstrap.commands.enroll import hardware_report
-    from bootstrap.enroll import enroll
+    from bootstrap.enroll import enroll, token_refused, token_state_words
 
     host = ctx.host
     token = obtain_token(ctx)
@@ -74,11 +73,8 @@ def run(ctx: Context) -> StageResult:
     if state != "valid" and not retry:
         if was_enrolled:
             # A token that is used or expired cannot re-enroll; the working identity stays.
-            return _kept(ctx, f"the provisioning token is {_why(state)}")
-        raise VectorlayError(
-            f"{ctx.api}: 401 bad, missing or expired token (the provisioning token is {_why(state)})",
-            "ask for a new one in the dashboard",
-        )
+            return _kept(ctx, f"the provisioning token is {token_state_words(state)}")
+        raise token_refused(ctx.api, state)
     # The passthrough gate: refuses while no GPU unit is ready.
     gpu_mode, hardware = hardware_report(host, ctx.gpu_mode or ctx.settings.gpu_mode)
     verb = "re-enroll" if was_enrolled else "enroll"
@@ -111,7 +107,3 @@ def run(ctx: Context) -> StageResult:
     msg = f"{done} node {result.node_id} (org {result.org_id}, overlay IP {result.overlay_ip})"
     ctx.out(f"enroll: {msg}")
     return StageResult(Outcome.OK, msg)
-
-
-def _why(state: str) -> str:
-    return {"used": "already used", "expired": "expired"}.get(state, "not known")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from bootstrap.api import ApiError
+from bootstrap.enroll import token_refused, token_state_words
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.stages import Context, Outcome, StageResult
@@ -104,15 +105,8 @@ def run(ctx: Context) -> StageResult:
     elif state == "used" and host.exists(PENDING_KEY):
         msg = "provisioning token already used by this node's interrupted enrollment: retrying it"
     elif enrolled(ctx):
-        msg = f"the provisioning token is {_why(state)}; the node keeps its identity (no re-enrollment)"
+        msg = f"the provisioning token is {token_state_words(state)}; the node keeps its identity"
     else:
-        raise VectorlayError(
-            f"{api}: 401 bad, missing or expired token (the provisioning token is {_why(state)})",
-            "ask for a new one in the dashboard",
-        )
+        raise token_refused(api, state)
     ctx.out(f"  control plane {api} reachable; {msg}")
     return StageResult(Outcome.OK, msg)
-
-
-def _why(state: str) -> str:
-    return {"used": "already used", "expired": "expired"}.get(state, "not known")
