@@ -9,10 +9,10 @@ import signal
 import tempfile
 from pathlib import Path
 
-# Crash-consistency tests only: VECTORLAY_FAULT_AT=N kills this process (SIGKILL) at the N-th
-# fault point (every file and link switch, every command), or with VECTORLAY_FAULT_KIND=enospc fails
-# that write as a full disk would; VECTORLAY_FAULT_LOG=FILE lists the points as they pass. Unset,
-# fault_point costs two dict lookups.
+# Crash-consistency tests only: VECTORLAY_FAULT_AT=N kills this process (SIGKILL) at the N-th fault
+# point (every file and link switch, directory sync and changing command), or at the first one named
+# so (e.g. "enroll response-received"); with VECTORLAY_FAULT_KIND=enospc that write fails as on a full
+# disk instead. VECTORLAY_FAULT_LOG=FILE lists the points as they pass. Unset: two dict lookups.
 FAULT_AT_ENV = "VECTORLAY_FAULT_AT"
 FAULT_KIND_ENV = "VECTORLAY_FAULT_KIND"
 FAULT_LOG_ENV = "VECTORLAY_FAULT_LOG"
@@ -28,7 +28,7 @@ def fault_point(what: str) -> None:
     if log:
         with open(log, "a") as f:
             f.write(f"{_fault_count}\t{what}\n")
-    if at is not None and int(at) == _fault_count:
+    if at is not None and (at == what if not at.isdigit() else int(at) == _fault_count):
         if os.environ.get(FAULT_KIND_ENV) == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what.partition(" ")[2])
         os.kill(os.getpid(), signal.SIGKILL)

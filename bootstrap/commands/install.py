@@ -99,6 +99,20 @@ def run_log(host: Host, secrets: Callable[[], Iterable[str]]) -> Iterator[Path]:
         stream.close()
 
 
+@contextlib.contextmanager
+def _quiet_log() -> Iterator[None]:
+    """--plan writes no log: the run's own records go nowhere (not to stderr through logging's
+    last-resort handler); the libraries' warnings still do."""
+    handler = logging.NullHandler()
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield None
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+
+
 # --- the lock ---------------------------------------------------------------------------------------
 
 
@@ -331,7 +345,7 @@ def run_install(
     ctx.out = out
     lock = contextlib.nullcontext() if plan_only else run_lock(host)
     with lock:
-        logging_ = contextlib.nullcontext(None) if plan_only else run_log(host, secrets)
+        logging_ = _quiet_log() if plan_only else run_log(host, secrets)
         with logging_ as log_path:
             started = time.monotonic()
             names = ", ".join(s.name for s in chosen)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bootstrap.api import ApiError
+from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_write, fault_point, fsync_dir
 from bootstrap.identity import load_identity
 from bootstrap.stages import Context, Outcome, StageResult
@@ -75,9 +76,15 @@ def run(ctx: Context) -> StageResult:
             # A token that is used or expired cannot re-enroll; the working identity stays.
             return _kept(ctx, f"the provisioning token is {token_state_words(state)}")
         raise token_refused(ctx.api, state)
-    # The passthrough gate: refuses while no GPU unit is ready.
-    gpu_mode, hardware = hardware_report(host, ctx.gpu_mode or ctx.settings.gpu_mode)
     verb = "re-enroll" if was_enrolled else "enroll"
+    # The passthrough gate: refuses while no GPU unit is ready.
+    try:
+        gpu_mode, hardware = hardware_report(host, ctx.gpu_mode or ctx.settings.gpu_mode)
+    except VectorlayError as e:
+        if not ctx.plan_only:
+            raise
+        ctx.out(f"enroll: would {verb} once passthrough works ({e.message})")
+        return StageResult(Outcome.PLANNED, f"would {verb} after the reboot the gpu stage asks for")
     if ctx.plan_only:
         ctx.out(f"enroll: would {verb} this node ({gpu_mode}) with {ctx.api}")
         return StageResult(Outcome.PLANNED, f"would {verb}")

@@ -213,3 +213,29 @@ def test_an_install_killed_at_any_point_and_resumed_ends_as_if_never_interrupted
         print(f"\ncrash consistency ({scenario}): {len(points)} kill points, each killed and resumed")
     assert problems == [], "\n".join(problems)
     assert len(points) >= (60 if scenario == "ready" else 15)
+
+
+@pytest.mark.parametrize("point", ["enroll before-request", "enroll response-received", "enroll switched"])
+def test_a_re_enrollment_killed_mid_way_keeps_the_node_and_completes_with_the_same_token(
+    base: Path, cp: testing.RunningControlPlane, point: str
+) -> None:
+    root = _tree(base, f"reenroll-{point.split()[-1]}", "ready")
+    try:
+        assert install(root, "--only", "enroll", cp=cp, token=cp.token("acme"), env=ENV).returncode == 0
+        first = load_identity(Host(root))
+        assert first is not None
+        old_token = first.node_token()
+        token = cp.token("acme")
+        killed = install(root, "--only", "enroll", cp=cp, token=token, env={"VECTORLAY_FAULT_AT": point})
+        assert killed.returncode == -9
+        assert _credentials_intact(root) is None
+        assert _identity_works(cp, root) == first.node_id  # whatever is on disk still works
+        resumed = install(root, "--only", "enroll", cp=cp, token=token, env=ENV)
+        assert resumed.returncode == 0, resumed.stderr
+        after = load_identity(Host(root))
+        assert after is not None and (after.node_id, after.overlay_ip) == (first.node_id, first.overlay_ip)
+        assert after.node_token() != old_token
+        assert _identity_works(cp, root) == first.node_id
+        assert not (root / PENDING_KEY.lstrip("/")).exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

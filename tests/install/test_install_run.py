@@ -192,3 +192,27 @@ def test_a_terminal_gets_rich_progress_and_a_pipe_plain_numbered_lines(ready_tre
     fancy = rich_out.getvalue()
     assert "✓ gpu: 8/8 GPU unit(s) ready for passthrough" in fancy
     assert "[1/2] detect:" not in fancy  # the stage heading lives in the status line, not the scrollback
+
+
+def test_a_full_plan_on_the_demo_host_shows_every_stage_and_writes_nothing(
+    tmp_path: Path, control_plane: Any
+) -> None:
+    from hostsim import build_host
+    from hostsim.demo import example_host
+    from hostsim.snapshot import snapshot
+
+    root = build_host(tmp_path / "host", example_host())
+    before = snapshot(root)
+    token = control_plane.token(control_plane.org("acme"))
+    res = install(root, "--plan", cp=control_plane, token=token)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    assert "+GRUB_CMDLINE_LINUX_DEFAULT=" in res.stdout
+    assert "~ enroll: would enroll after the reboot the gpu stage asks for" in res.stdout
+    assert "vectorlay-node: PLAN ONLY: nothing was changed" in res.stdout
+    assert snapshot(root) == before
+    # The token was only looked at: a real run can still use it.
+    assert (
+        "provisioning token valid until"
+        in install(root, "--only", "preflight", cp=control_plane, token=token).stdout
+    )
