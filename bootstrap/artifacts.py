@@ -147,6 +147,9 @@ def install(host: Host, downloader: Downloader, art: Artifact) -> InstallResult:
     try:
         _download(downloader, art, part)
         _unpack(part, staging, art)
+        # Gone before the switch: a kill right after it would leave the download behind for good,
+        # since the next run finds the version installed and never comes back here.
+        part.unlink()
         final = base / art.version
         if final.exists():
             # Present without a matching marker: damaged or of another build. Swap it out whole.

@@ -50,11 +50,16 @@ def install(
     api: str | None = typer.Option(None, "--api", help="Control-plane URL."),
     ca_file: Path | None = typer.Option(None, "--ca-file", help="Trust this CA for the control plane."),
     gpu_mode: str | None = typer.Option(None, "--gpu-mode", help="passthrough, container or none."),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="Read the provisioning token from FILE ('-': stdin); else VECTORLAY_TOKEN."
+    ),
 ) -> None:
     """Run the installer's stages. Exit 0 done, 1 failed or blocked, 2 usage, 3 reboot required."""
     from bootstrap.commands.install import run_install
 
-    code = run_install(root, plan_only=plan, only=only, api=api, ca_file=ca_file, gpu_mode=gpu_mode)
+    code = run_install(
+        root, plan_only=plan, only=only, api=api, ca_file=ca_file, gpu_mode=gpu_mode, token_file=token_file
+    )
     raise typer.Exit(code)
 
 

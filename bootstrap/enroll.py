@@ -113,6 +113,20 @@ def _parse_time(value: Any) -> datetime | None:
         return None
 
 
+def token_state_words(reason: str | None) -> str:
+    """How an unusable token is described: 'already used', 'expired' or 'not known'."""
+    return {"used": "already used", "expired": "expired"}.get(reason or "", "not known")
+
+
+def token_refused(api_url: str | None, reason: str | None) -> VectorlayError:
+    """The documentation's 401 for a token introspection says the control plane would refuse."""
+    why = token_state_words(reason)
+    return VectorlayError(
+        f"{api_url}: 401 bad, missing or expired token (the provisioning token is {why})",
+        "ask for a new one in the dashboard",
+    )
+
+
 def introspect_token(api: ApiClient, token: str) -> TokenInfo:
     """Ask whether the token would be accepted, and until when, without consuming it."""
     body = api.request("POST", "/v1/provisioning-tokens/introspect", json={"token": token})
@@ -152,8 +166,10 @@ def _credentials_for(host: Host, api: ApiClient) -> tuple[Identity | None, Clien
     return current, cert, token
 
 
-def _make_csr(hostname: str) -> tuple[ec.EllipticCurvePrivateKey, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _make_csr(
+    hostname: str, key: ec.EllipticCurvePrivateKey | None = None
+) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "node")]))
@@ -203,16 +219,19 @@ def enroll(
     hardware: dict[str, Any],
     hostname: str | None = None,
     fault: FaultHook | None = None,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> EnrollResult:
     """Enroll (or re-enroll) this node and switch its identity to the one the control plane issued.
 
     `fault` is called at ENROLL_POINTS and identity.WRITE_POINTS; tests use it to kill the run there.
-    On any error before the switch the existing identity is left exactly as it was.
+    On any error before the switch the existing identity is left exactly as it was. `key`: the key
+    pair to enroll (one kept from an interrupted attempt lets the control plane recognise the retry
+    of a token it already consumed); a fresh one by default.
     """
     hook: FaultHook = fault or (lambda point: None)
     current, cert, node_token = _credentials_for(host, api)
     hostname = hostname or _hostname(host)
-    key, csr_pem = _make_csr(hostname)
+    key, csr_pem = _make_csr(hostname, key)
     client = api.with_client_cert(cert)
     body = {
         "token": token,

@@ -3,12 +3,69 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import tempfile
 from pathlib import Path
 
+# Crash-consistency tests only: VECTORLAY_FAULT_AT=N kills this process (SIGKILL) at the N-th fault
+# point (every file and link switch, directory sync and changing command), or at the first one named
+# so (e.g. "enroll response-received"); with VECTORLAY_FAULT_KIND=enospc that write fails as on a full
+# disk instead. VECTORLAY_FAULT_LOG=FILE lists the points as they pass. Unset: two dict lookups.
+FAULT_AT_ENV = "VECTORLAY_FAULT_AT"
+FAULT_KIND_ENV = "VECTORLAY_FAULT_KIND"
+FAULT_LOG_ENV = "VECTORLAY_FAULT_LOG"
+_fault_count = 0
 
-def fsync_dir(path: Path) -> None:
+
+def fault_point(what: str) -> None:
+    global _fault_count
+    at, log = os.environ.get(FAULT_AT_ENV), os.environ.get(FAULT_LOG_ENV)
+    if at is None and log is None:
+        return
+    _fault_count += 1
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{_fault_count}\t{what}\n")
+    if at is not None and (at == what if not at.isdigit() else int(at) == _fault_count):
+        if os.environ.get(FAULT_KIND_ENV) == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what.partition(" ")[2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(directory: Path, name: str) -> None:
+    """Temp files of `name` left by a writer that died (its pid is in the name) are removed, so an
+    interrupted run leaves nothing behind once the file is written again."""
+    prefix = f".{name}."
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(directory / entry)
+
+
+def fsync_dir(path: Path, *, fault: bool = True) -> None:
+    # A directory made durable marks a step of a multi-file write (an unpacked release, an identity
+    # generation): a kill point. atomic_write's own calls pass fault=False (their point is the rename).
+    if fault:
+        fault_point(f"sync {path}")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -41,7 +98,8 @@ def atomic_write(
     final_uid = keep_uid if uid is None else uid
     final_gid = keep_gid if gid is None else gid
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -51,25 +109,28 @@ def atomic_write(
                     os.fchown(f.fileno(), final_uid, final_gid)
             os.fchmod(f.fileno(), final_mode)
             os.fsync(f.fileno())
+        fault_point(f"write {path}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(path.parent, fault=False)
 
 
 def atomic_symlink(target: str, link: Path) -> None:
     """Point `link` at `target` by renaming a fresh link over it: readers never see it missing."""
     link.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(link.parent, link.name)
     tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(target, tmp)
     try:
+        fault_point(f"link {link}")
         os.replace(tmp, link)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(link.parent)
+    fsync_dir(link.parent, fault=False)

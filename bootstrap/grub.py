@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
-from bootstrap.plan import Change, Command, FileChange, Removal
+from bootstrap.plan import Change, Command, FileChange, Removal, backup_path
 from bootstrap.templating import render
 
 DEFAULT_GRUB = "/etc/default/grub"
@@ -302,16 +302,71 @@ def blocked_message(loader: BootLoader, args: list[str]) -> VectorlayError:
     )
 
 
+def shell_problem(text: str) -> str | None:
+    """What would make `source FILE` go wrong in grub-mkconfig: CRLF line endings (bash reads the
+    carriage return into every value, e.g. GRUB_DEFAULT="0\r"), or a quote that is never closed
+    (bash fails, and update-grub with it). None when the file is fine."""
+    if "\r\n" in text:
+        line = text[: text.index("\r\n")].count("\n") + 1
+        return f"has Windows (CRLF) line endings (first at line {line})"
+    i, n, quote, opened = 0, len(text), "", 0
+    spans: int | None = None  # the first quoted value that runs past its line: where a quote is missing
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == "\n" and spans is None:
+                spans = opened
+            if quote == "'":
+                if c == "'":
+                    quote = ""
+            elif c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c == "\\":
+            i += 1
+        elif c == "#" and (i == 0 or text[i - 1] in " \t\n;"):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "'\"`":
+            quote, opened = c, text[:i].count("\n") + 1
+        i += 1
+    if quote:
+        return f"has a {quote} quote that is never closed (look at line {spans or opened})"
+    return None
+
+
+def check_sourced(host: Host) -> None:
+    """Refuse, before anything is written, files grub-mkconfig could not source correctly."""
+    for f in sourced_files(host):
+        if f == DROPIN:
+            continue
+        # Bytes, not read_text(): universal newlines would hide the carriage returns.
+        problem = shell_problem(host.path(f).read_bytes().decode(errors="replace"))
+        if problem is not None:
+            fix = (
+                f"convert it (sudo sed -i 's/\\r$//' {f}) and re-run"
+                if "CRLF" in problem
+                else f"close the quote in {f} (check with: bash -n {f}) and re-run"
+            )
+            raise VectorlayError(f"{f} {problem}; nothing was written", fix)
+
+
 def plan_changes(host: Host, loader: BootLoader, wanted: list[str]) -> list[Change]:
     """The drop-in (or its removal when every argument is already present) and the GRUB update."""
     assert loader.kind == "grub" and loader.update is not None
+    check_sourced(host)
     missing = missing_args(host, wanted)
     changes: list[Change] = []
     if missing:
         changes.append(FileChange(DROPIN, render_dropin(missing), 0o644, reason="IOMMU kernel arguments"))
     else:
         present = set(" ".join(effective_values(host, with_dropin=True).values()).split())
-        if all(a in present for a in wanted):
+        # Removing the drop-in would put back the backed-up foreign file it replaced, which undoes
+        # the arguments again: once a foreign file was replaced, the neutral drop-in stays.
+        replaced_foreign = host.exists(backup_path(DROPIN))
+        if all(a in present for a in wanted) and not replaced_foreign:
             changes.append(Removal(DROPIN, reason="every IOMMU argument is already set elsewhere"))
         else:
             # Someone else's file at the drop-in's path undoes arguments set before it: it is backed

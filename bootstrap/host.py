@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bootstrap.errors import LiveRootForbidden
+from bootstrap.fsutil import fault_point
 
 # Set by the test suite (conftest) so that code which forgets to pass --root fails loudly.
 FORBID_LIVE_ENV = "VECTORLAY_FORBID_LIVE_ROOT"
@@ -116,6 +117,24 @@ class RecordingRunner:
         return [shlex.join(c) for c in self.commands]
 
 
+# Queries change nothing: killing the run at one is the same as killing it after the change before,
+# and their number varies with timing (health polls), so they are not fault points.
+_QUERY_PROGRAMS = frozenset({"journalctl", "dmesg"})
+_SYSTEMCTL_QUERIES = frozenset(
+    {"is-active", "is-enabled", "is-failed", "show", "status", "cat", "list-units"}
+)
+
+
+def _changes_something(argv: Sequence[str]) -> bool:
+    prog = os.path.basename(argv[0]) if argv else ""
+    if prog in _QUERY_PROGRAMS:
+        return False
+    if prog == "systemctl":
+        verb = next((a for a in argv[1:] if not a.startswith("-")), "")
+        return verb not in _SYSTEMCTL_QUERIES
+    return True
+
+
 class Host:
     """A root directory plus a runner. Every path the tools touch goes through `path()`."""
 
@@ -188,6 +207,8 @@ class Host:
         timeout: float | None = 60.0,
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
+        if _changes_something(argv):
+            fault_point("run " + shlex.join(argv))
         return self.runner.run(argv, input=input, timeout=timeout, env=env)
 
     def sysfs_write(self, p: str, data: str) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from bootstrap.errors import VectorlayError
-from bootstrap.fsutil import atomic_symlink, atomic_write, fsync_dir
+from bootstrap.fsutil import atomic_symlink, atomic_write, fault_point, fsync_dir
 from bootstrap.host import Host
 from bootstrap.state import RunState, load_state, save_state
 
@@ -300,6 +300,7 @@ def _write_backup(host: Host, path: str) -> None:
 
 def _remove(host: Host, path: str) -> None:
     real = host.path(path)
+    fault_point(f"remove {real}")
     with contextlib.suppress(FileNotFoundError):
         real.unlink()
         fsync_dir(real.parent)

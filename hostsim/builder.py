@@ -177,6 +177,7 @@ def build_host(root: Path, desc: dict[str, Any]) -> Path:
     )
     _write(root / "proc/sys/kernel/osrelease", kernel + "\n")
     _write(root / "etc/os-release", OS_RELEASES[str(desc.get("os_release", "ubuntu-22.04"))])
+    (root / "var/log").mkdir(parents=True, exist_ok=True)  # every installed system has it
     (root / "usr/lib/modules" / kernel).mkdir(parents=True, exist_ok=True)
     _write(
         root / "usr/lib/modules" / kernel / "modules.builtin",

@@ -1,39 +1,160 @@
-"""`make demo`: build an example host tree and run the real installer's commands against it."""
+"""`make demo`: the whole provider flow on one machine, nothing on it touched.
+
+A reference control plane on loopback (its own CA, SQLite, stand-in agent artifacts signed with its
+own key), a provider org and a one-time token minted with its admin CLI, and an example HGX H100 host
+tree whose GPUs are still on the nvidia driver with the IOMMU off. The real installer CLI runs against
+the tree twice, as a provider would run the one-liner: the first run configures passthrough and ends
+in "reboot required"; the tree is rebooted (the kernel starts with the new command line, the udev rule
+hands the GPUs to vfio-pci); the second run enrolls, installs and starts the agents (real processes)
+and ends with the doctor's verdict. The control plane and the agents are stopped at the end, also on
+failure; the tree, logs and state stay for you to look at.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from hostsim import build_host, load_topology
 
+REBOOT_REQUIRED = 3
 
-def _run(argv: list[str]) -> int:
-    print(f"\n$ {' '.join(argv)}", flush=True)
-    return subprocess.run(argv, check=False).returncode
+
+def example_host() -> dict[str, Any]:
+    """HGX H100 (8 GPUs, 4 NVSwitches) with the GPUs on nvidia and the IOMMU off on the command line."""
+    desc = load_topology("hgx-h100")
+    desc["iommu"] = False
+    desc["cmdline"] = "BOOT_IMAGE=/boot/vmlinuz-6.8.0-45-generic root=UUID=0b1e ro quiet splash"
+    return desc
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def run(argv: list[str], env: Mapping[str, str] | None = None, shown: list[str] | None = None) -> int:
+    """Run a command with its output on this terminal; `shown` is how it is printed (secrets out)."""
+    print(f"$ {shlex.join(shown or argv)}", flush=True)
+    return subprocess.run(
+        argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, check=False
+    ).returncode
 
 
 def main() -> int:
+    from controlplane import testing
+    from hostsim.agents import publish_agents
+    from hostsim.kernel import simulated_reboot
+
+    started = time.monotonic()
     bindir = Path(sys.executable).parent
-    workdir = Path(os.environ.get("VECTORLAY_DEMO_DIR") or tempfile.mkdtemp(prefix="vectorlay-demo-"))
-    root = workdir / "hgx-h100"
-    if root.exists():
-        shutil.rmtree(root)
-    build_host(root, load_topology("hgx-h100"))
-    print(f"Example host: an HGX H100 box (8 GPUs on the nvidia driver, 4 NVSwitches, IOMMU on) in {root}")
-    print(
-        "Its /sys, /proc and /etc are laid out the way the kernel does; nothing on this machine is touched."
+    # Short: the agents' health sockets live under the tree and Unix socket paths stop at 108 bytes.
+    workdir = Path(os.environ.get("VECTORLAY_DEMO_DIR") or tempfile.mkdtemp(prefix="vl-demo-", dir="/tmp"))
+    root = workdir / "host"
+    say(f"Working in {workdir}")
+
+    art_dir = workdir / "artifacts"
+    built = publish_agents(art_dir)
+    say(
+        "Reference control plane on loopback, serving stand-in agents: "
+        + ", ".join(f"{a.name} {a.version}" for a in built)
     )
-    rc = _run([str(bindir / "vectorlay-bootstrap"), "detect", "--root", str(root)])
-    if rc != 0:
-        return rc
-    rc = _run([str(bindir / "vectorlay-bootstrap"), "detect", "--root", str(root), "--json"])
-    print(f"\nThe tree stays in {workdir} for you to look at (e.g. ls -l {root}/sys/bus/pci/devices/).")
-    return rc
+    cp = testing.start(workdir / "control-plane", args=("--artifacts", str(art_dir)))
+    tree_env: dict[str, str] = {}
+    try:
+        print(f"  {cp.url} (CA {cp.ca_file}, database {cp.db_path})")
+        res = cp.cli("org", "create", "acme-gpus", "--provider")
+        print(f"$ vectorlay-control-plane org create acme-gpus --provider --db {cp.db_path}")
+        print(res.stdout.strip())
+        if res.returncode != 0:
+            print(res.stderr, file=sys.stderr)
+            return 1
+        res = cp.cli("token", "create", "--org", "acme-gpus")
+        token = res.stdout.strip().split()[-1] if res.returncode == 0 else ""
+        print(f"$ vectorlay-control-plane token create --org acme-gpus --db {cp.db_path}")
+        print("vtk_... (one-time, valid for an hour; kept out of this output)")
+        if not token.startswith("vtk_"):
+            print(res.stderr, file=sys.stderr)
+            return 1
+
+        desc = example_host()
+        build_host(root, desc)
+        say(f"Example host in {root}: HGX H100, 8 GPUs on the nvidia driver, 4 NVSwitches, IOMMU off")
+        print("  /sys, /proc, /etc and /boot laid out as the kernel and Ubuntu do; systemctl, modprobe and")
+        print("  update-grub answered by simulators (hostsim.kernel:simulate); the agents run as real")
+        print("  processes.")
+
+        tree_env = {
+            "VECTORLAY_TREE_SIMULATOR": "hostsim.kernel:simulate",
+            "VECTORLAY_TOKEN": token,
+            # Stand-in agents are healthy at once; a real node waits 5 s per agent.
+            "VECTORLAY_HEALTH_SETTLE": "0.3",
+        }
+        install = [
+            str(bindir / "vectorlay-bootstrap"),
+            "install",
+            "--root",
+            str(root),
+            "--api",
+            cp.url,
+            "--ca-file",
+            str(cp.ca_file),
+        ]
+        shown = ["VECTORLAY_TOKEN=vtk_...", *install]
+
+        say("First run of the installer (what the one-liner hands over to)")
+        code = run(install, tree_env, shown)
+        if code != REBOOT_REQUIRED:
+            print(f"\ndemo: expected 'reboot required' (exit 3), got exit {code}", file=sys.stderr)
+            return 1
+
+        say("Simulated reboot: the kernel starts with grub.cfg's command line, the udev rule binds the GPUs")
+        simulated_reboot(root, desc)
+        print(f"  /proc/cmdline: {(root / 'proc/cmdline').read_text().strip()}")
+
+        say("Second run: the same command")
+        code = run(install, tree_env, shown)
+        if code != 0:
+            print(f"\ndemo: the second run failed (exit {code})", file=sys.stderr)
+            return code
+
+        say("The doctor, as a provider runs it afterwards")
+        doctor_env = {k: v for k, v in tree_env.items() if k != "VECTORLAY_TOKEN"}
+        code = run([str(bindir / "vectorlay-node-doctor"), "--root", str(root)], doctor_env)
+
+        say(f"Done in {time.monotonic() - started:.1f}s. Where to look:")
+        for what, path in (
+            ("the host tree", root),
+            ("installer log", root / "var/log/vectorlay/bootstrap.log"),
+            ("run state", root / "var/lib/vectorlay/state.json"),
+            ("node identity", root / "etc/vectorlay/identity/"),
+            ("agent units", root / "etc/systemd/system/"),
+            ("agent releases", root / "opt/vectorlay/releases/"),
+            ("kernel command line", root / "boot/grub/grub.cfg"),
+            ("control plane log", cp.log_path),
+        ):
+            print(f"  {what:<20} {path}")
+        return code
+    finally:
+        stop_agents(root)
+        testing.stop(cp)
+        print("  (control plane and agents stopped)")
+
+
+def stop_agents(root: Path) -> None:
+    """End the agent daemons the second run started (the systemctl simulator's state names them)."""
+    if not root.exists():
+        return
+    from bootstrap.host import Host
+    from hostsim.systemd import Systemd
+
+    Systemd().stop_all(Host(root))
 
 
 if __name__ == "__main__":

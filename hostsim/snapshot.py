@@ -8,11 +8,13 @@ from pathlib import Path
 
 
 def snapshot(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, int, int, str]]:
-    """`skip`: top-level entries left out, e.g. "run" (tmpfs on a real box: the run lock lives there)."""
+    """`skip`: paths left out (with what is under them), e.g. "run" (tmpfs on a real box: the run lock
+    lives there) or "var/log" (the install run appends its log on every run)."""
     out: dict[str, tuple[str, int, int, str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == str(root):
-            dirnames[:] = [d for d in dirnames if d not in skip]
+        here = os.path.relpath(dirpath, root)
+        dirnames[:] = [d for d in dirnames if os.path.normpath(os.path.join(here, d)) not in skip]
+        filenames = [f for f in filenames if os.path.normpath(os.path.join(here, f)) not in skip]
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)

@@ -40,7 +40,7 @@ def hardware_report(host: Host, settings_gpu_mode: str | None) -> tuple[str, dic
 def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file: Path | None) -> None:
     from rich.console import Console
 
-    from bootstrap.enroll import enroll, introspect_token, read_token
+    from bootstrap.enroll import enroll, introspect_token, read_token, token_refused
 
     console = Console(stderr=True)
     host = Host(root)
@@ -62,11 +62,7 @@ def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file
     finally:
         api.close()
     if not info.valid:
-        why = {"used": "already used", "expired": "expired"}.get(info.reason or "", "not known")
-        raise VectorlayError(
-            f"{api.base_url}: 401 bad, missing or expired token (the provisioning token is {why})",
-            "ask for a new one in the dashboard",
-        )
+        raise token_refused(api.base_url, info.reason)
     if info.expires_at is not None:
         console.print(f"provisioning token valid until {info.expires_at.isoformat(timespec='seconds')}")
     result = enroll(host, api, token, gpu_mode=gpu_mode, hardware=hardware)

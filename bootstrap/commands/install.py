@@ -1,29 +1,154 @@
-"""`vectorlay-bootstrap install`: run the stages, plan first, and end done / reboot required / blocked."""
+"""`vectorlay-bootstrap install`: run the stages in order and end done / reboot required / blocked.
+
+One run at a time (an flock under /run/vectorlay/; a second run names the holder's pid and start
+time, read from the kernel's /proc/locks so that taking the lock writes nothing). Everything the run
+says goes to /var/log/vectorlay/bootstrap.log as well, through a filter that redacts secrets. The
+run state is saved after every stage (written only when it changed), so a re-run of an installed node
+writes nothing but its log. Exit codes (DESIGN.md section 5): 0 done, 1 failed or blocked, 2 usage,
+3 reboot required.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
-from collections.abc import Iterator
-from dataclasses import replace
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from bootstrap import stages
 from bootstrap.errors import UsageError, VectorlayError
 from bootstrap.host import Host
 from bootstrap.settings import GPU_MODES, load_settings
-from bootstrap.stages import Context, Outcome
-from bootstrap.state import load_state
+from bootstrap.stages import Context, Outcome, Stage, StageResult
+from bootstrap.state import load_state, save_state
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 LOCK_PATH = "/run/vectorlay/bootstrap.lock"
-EXIT_OK, EXIT_REBOOT = 0, 3
+LOG_PATH = "/var/log/vectorlay/bootstrap.log"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REBOOT = 0, 1, 2, 3
+READ_ONLY = frozenset({"detect"})
+
+log = logging.getLogger("bootstrap.install")
+
+# Provisioning tokens (vtk_), node tokens (vnt_), bearer headers and PEM private keys, wherever they
+# appear in a message; the token this run holds is also redacted by value, whatever its shape.
+_SECRET_RE = re.compile(
+    r"\b(vtk|vnt)_[A-Za-z0-9_-]+|(?<=Bearer )\S+"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
+    re.S,
+)
+REDACTED = "[redacted]"
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, REDACTED)
+    return _SECRET_RE.sub(REDACTED, text)
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites every record (message, arguments and traceback text) with its secrets redacted."""
+
+    def __init__(self, secrets: Callable[[], Iterable[str]] = tuple) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        known = [s for s in self.secrets() if s]
+        record.msg = redact(record.getMessage(), known)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, known)
+        return True
+
+
+@contextlib.contextmanager
+def run_log(host: Host, secrets: Callable[[], Iterable[str]]) -> Iterator[Path]:
+    """Append this run's messages (bootstrap.* loggers) to the log file, secrets redacted."""
+    path = host.path(LOG_PATH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    stream = os.fdopen(fd, "a", encoding="utf-8")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactSecrets(secrets))
+    logger = logging.getLogger("bootstrap")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()
+        stream.close()
+
+
+@contextlib.contextmanager
+def _quiet_log() -> Iterator[None]:
+    """--plan writes no log: the run's own records go nowhere (not to stderr through logging's
+    last-resort handler); the libraries' warnings still do."""
+    handler = logging.NullHandler()
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield None
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+
+
+# --- the lock ---------------------------------------------------------------------------------------
+
+
+def _lock_holder(fd: int) -> str:
+    """'pid N, started HH:MM:SS' of the process holding the flock on `fd`, from /proc/locks."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "pid unknown"
+    for line in lines:
+        parts = line.split()
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK" or parts[5] != dev:
+            continue
+        pid = parts[4]
+        return f"pid {pid}" + (f", started {started}" if (started := _start_time(pid)) else "")
+    return "pid unknown"
+
+
+def _start_time(pid: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    when = datetime.fromtimestamp(btime + ticks / os.sysconf("SC_CLK_TCK"))
+    return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
 @contextlib.contextmanager
 def run_lock(host: Host) -> Iterator[None]:
-    """One run at a time: a second run fails at once instead of racing the first."""
+    """One run at a time: a second run fails at once, naming the run that holds the lock."""
     path = host.path(LOCK_PATH)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -32,11 +157,135 @@ def run_lock(host: Host) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise VectorlayError(
-                "another vectorlay-bootstrap run is in progress", f"wait for it to finish ({LOCK_PATH})"
+                f"another vectorlay-bootstrap run is in progress ({_lock_holder(fd)})",
+                f"wait for it to finish (its log: {LOG_PATH}), then re-run if needed",
             ) from None
         yield
     finally:
         os.close(fd)
+
+
+# --- the display ------------------------------------------------------------------------------------
+
+
+class Display:
+    """Stage progress: a rich status line on a terminal, plain numbered lines otherwise."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, rich: bool | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.total = total
+        self.rich = self.stream.isatty() and os.environ.get("TERM") != "dumb" if rich is None else rich
+        self._status: Status | None = None
+        if self.rich:
+            from rich.console import Console
+
+            self.console = Console(file=self.stream, highlight=False)
+
+    def line(self, text: str) -> None:
+        if self.rich:
+            self.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def start(self, index: int, stage: Stage) -> None:
+        head = f"[{index}/{self.total}] {stage.name}: {stage.summary}"
+        if self.rich:
+            if self._status is None:
+                self._status = self.console.status(head)
+                self._status.start()
+            else:
+                self._status.update(head)
+        else:
+            self.line(head)
+
+    def finish(self, stage: Stage, result: StageResult | None, error: str | None = None) -> None:
+        mark = {
+            Outcome.OK: ("✓", "green"),
+            Outcome.SKIPPED: ("-", "yellow"),
+            Outcome.PLANNED: ("~", "cyan"),
+            Outcome.REBOOT: ("↻", "yellow"),
+        }
+        if result is None:
+            symbol, colour, text = "✗", "red", error or "failed"
+        else:
+            symbol, colour = mark[result.outcome]
+            text = result.message or result.outcome.value
+        if self.rich:
+            from rich.markup import escape
+
+            self.console.print(f"[{colour}]{symbol}[/] [bold]{stage.name}[/]: {escape(text)}")
+        else:
+            self.line(f"{symbol} {stage.name}: {text}")
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Finished:
+    stage: Stage
+    result: StageResult | None
+    error: VectorlayError | None = None
+
+
+def _verdict(ran: list[Finished], plan_only: bool) -> tuple[str, int]:
+    last = ran[-1] if ran else None
+    if last is not None and last.error is not None:
+        return "BLOCKED" if not isinstance(last.error, InternalError) else "FAILED", EXIT_FAILED
+    if last is not None and last.result is not None and last.result.outcome is Outcome.REBOOT:
+        return "REBOOT REQUIRED", EXIT_REBOOT
+    if plan_only:
+        return "PLAN ONLY: nothing was changed", EXIT_OK
+    return "DONE", EXIT_OK
+
+
+class InternalError(VectorlayError):
+    """A bug, not an operator error: the traceback is in the log."""
+
+
+def final_screen(ctx: Context, chosen: list[Stage], ran: list[Finished], log_path: Path | None) -> list[str]:
+    verdict, _ = _verdict(ran, ctx.plan_only)
+    lines = ["", f"vectorlay-node: {verdict}"]
+    done = [f for f in ran if f.result is not None]
+    if done:
+        lines.append("  done:")
+        width = max(len(f.stage.name) for f in done)
+        for f in done:
+            assert f.result is not None
+            what = f.result.message or f.result.outcome.value
+            if f.result.outcome is Outcome.REBOOT:
+                what = "configured; takes effect after a reboot"
+            lines.append(f"    {f.stage.name:<{width}}  {what}")
+    not_run = [s.name for s in chosen if s.name not in {f.stage.name for f in ran}]
+    left: list[str] = []
+    last = ran[-1] if ran else None
+    if last is not None and last.error is not None:
+        left.append(f"{last.stage.name}: {last.error.message}")
+        if last.error.hint:
+            left.append(f"  fix: {last.error.hint}")
+    elif last is not None and last.result is not None and last.result.outcome is Outcome.REBOOT:
+        left.append(last.result.message)
+    if not_run:
+        left.append("not run yet: " + ", ".join(not_run))
+    left.extend(ctx.notes)
+    left.extend(ctx.left)
+    if left:
+        lines.append("  left:")
+        lines.extend(f"    {item}" for item in left)
+    if ctx.report is not None:
+        r = ctx.report
+        units = f", {r.units_ready}/{r.units_total} GPU unit(s) ready" if r.units_total else ""
+        lines.append(f"  doctor: {r.verdict.value}{units} (sudo vectorlay-node-doctor for details)")
+    elif not ctx.plan_only:
+        lines.append("  doctor: not run (the run stopped before verify); sudo vectorlay-node-doctor")
+    if log_path is not None:
+        lines.append(f"  log: {log_path}")
+    return lines
 
 
 def run_install(
@@ -49,11 +298,16 @@ def run_install(
     gpu_mode: str | None = None,
     host: Host | None = None,
     token_expires_at: datetime | None = None,
+    token_file: Path | None = None,
+    stream: TextIO | None = None,
+    rich: bool | None = None,
 ) -> int:
     if gpu_mode is not None and gpu_mode not in GPU_MODES:
         raise UsageError(f"--gpu-mode {gpu_mode!r} is not a GPU mode", "use passthrough, container or none")
     if ca_file is not None and not ca_file.is_file():
         raise UsageError(f"--ca-file {ca_file}: no such file")
+    if token_file is not None and str(token_file) != "-" and not token_file.is_file():
+        raise UsageError(f"--token-file {token_file}: no such file")
     host = host or Host(root)
     chosen, skipped = stages.select(only)
     settings = load_settings(host)
@@ -63,6 +317,7 @@ def run_install(
     if token_expires_at is None and state.token_expires_at:
         with contextlib.suppress(ValueError):
             token_expires_at = datetime.fromisoformat(state.token_expires_at)
+    display = Display(len(chosen), stream, rich)
     ctx = Context(
         host=host,
         settings=settings,
@@ -72,18 +327,104 @@ def run_install(
         api=settings.api,
         ca_file=ca_file,
         token_expires_at=token_expires_at,
+        token_file=token_file,
     )
-    if skipped:
-        ctx.out("skipped (not implemented yet): " + ", ".join(s.name for s in skipped))
+    seen: set[str] = set()
+
+    def secrets() -> set[str]:
+        # Remembered after the enroll stage forgets the spent token: it stays redacted.
+        if ctx.token:
+            seen.add(ctx.token)
+        return seen
+
+    def out(text: str) -> None:
+        text = redact(text, secrets())
+        log.info("%s", text)
+        display.line(text)
+
+    ctx.out = out
     lock = contextlib.nullcontext() if plan_only else run_lock(host)
     with lock:
-        for stage in chosen:
+        logging_ = _quiet_log() if plan_only else run_log(host, secrets)
+        with logging_ as log_path:
+            started = time.monotonic()
+            names = ", ".join(s.name for s in chosen)
+            log.info("install run started (pid %d, stages %s)", os.getpid(), names)
+            if skipped:
+                ctx.out("skipped (not implemented yet): " + ", ".join(s.name for s in skipped))
+            ran = _run_stages(ctx, chosen, display)
+            display.close()
+            if only is None and not plan_only and ran and _verdict(ran, plan_only)[1] == EXIT_OK:
+                _drop_stale_commands(ctx)
+            # The stage reached, recorded by runs that did not fail and did more than read the host.
+            if ran and not plan_only and ran[-1].error is None and {f.stage.name for f in ran} - READ_ONLY:
+                state.stage = ran[-1].stage.name
+                save_state(host, state)
+            verdict, code = _verdict(ran, plan_only)
+            for line in final_screen(ctx, chosen, ran, log_path):
+                ctx.out(line)
+            log.info("install run ended: %s (exit %d, %.1fs)", verdict, code, time.monotonic() - started)
+    if ran and ran[-1].error is not None:
+        raise ran[-1].error
+    return code
+
+
+def _run_stages(ctx: Context, chosen: list[Stage], display: Display) -> list[Finished]:
+    ran: list[Finished] = []
+    for index, stage in enumerate(chosen, 1):
+        display.start(index, stage)
+        before = ctx.state.to_json()
+        try:
             result = stages.load(stage).run(ctx)
+        except VectorlayError as e:
+            err = e
+        except OSError as e:
+            err = _os_error(ctx.host, stage, e)
+        except Exception as e:  # a bug: the operator gets a message, the log the traceback
+            log.exception("stage %s crashed", stage.name)
+            err = InternalError(
+                f"internal error in stage {stage.name}: {type(e).__name__}: {e}",
+                f"re-run the same command; if it happens again, report it with {LOG_PATH}",
+            )
+        else:
+            if not ctx.plan_only and ctx.state.to_json() != before:
+                save_state(ctx.host, ctx.state)
+            display.finish(stage, result)
+            ran.append(Finished(stage, result))
             if result.outcome is Outcome.REBOOT:
-                ctx.out(f"reboot required: {result.message}")
-                return EXIT_REBOOT
-    if plan_only:
-        ctx.out("plan only: nothing was changed")
-    else:
-        ctx.out("done: " + ", ".join(s.name for s in chosen))
-    return EXIT_OK
+                break
+            continue
+        log.error("stage %s: %s", stage.name, err.message)
+        display.finish(stage, None, err.message)
+        ran.append(Finished(stage, None, err))
+        break
+    return ran
+
+
+def _drop_stale_commands(ctx: Context) -> None:
+    """After a complete, successful run every stage has planned again, and each plan runs the
+    journalled commands it still wants; one still journalled is wanted by none (e.g. `systemctl start`
+    of a timer that a killed run did start, so the agents stage no longer asks for it)."""
+    if ctx.state.pending_commands:
+        for argv in ctx.state.pending_commands:
+            log.info("dropped from the command journal, no stage needs it any more: %s", " ".join(argv))
+        ctx.state.pending_commands = []
+
+
+def _os_error(host: Host, stage: Stage, e: OSError) -> VectorlayError:
+    where = ""
+    if e.filename:
+        name = str(e.filename)
+        with contextlib.suppress(ValueError):
+            name = host.to_host(Path(name))  # the path as the operator knows it, also in a tree
+        where = f" ({name})"
+    if e.errno == errno.ENOSPC:
+        return VectorlayError(
+            f"disk full: no space left on device while the {stage.name} stage was writing{where}",
+            "free some space (df -h /etc /var /opt), then re-run the same command: every file is either "
+            "complete or untouched, and the run picks up where it stopped",
+        )
+    return VectorlayError(
+        f"the {stage.name} stage could not write or read{where}: {e.strerror or e}",
+        "check the path and its permissions, then re-run the same command",
+    )

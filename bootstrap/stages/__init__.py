@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bootstrap.discovery import Inventory
 from bootstrap.errors import UsageError, VectorlayError
@@ -20,6 +20,9 @@ from bootstrap.host import Host
 from bootstrap.manifest import Artifact
 from bootstrap.settings import Settings
 from bootstrap.state import RunState
+
+if TYPE_CHECKING:
+    from doctor.model import Report
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,12 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("preflight", "root, OS, virtualization, memory, disk, API and token checks", None),
+    Stage("preflight", "root, OS, KVM, memory, disk, API and token checks", "bootstrap.stages.preflight"),
     Stage("detect", "PCI devices, GPUs, NVSwitches, IOMMU groups, GPU units", "bootstrap.stages.detect"),
     Stage(
         "gpu", "GPU passthrough: IOMMU, vfio, bind service, reboot gate", "bootstrap.stages.gpu", ("detect",)
     ),
-    Stage("enroll", "key pair, CSR, token exchanged for a durable identity", None, ("detect",)),
+    Stage("enroll", "key pair, CSR, token exchanged for an identity", "bootstrap.stages.enroll", ("detect",)),
     Stage(
         "artifacts",
         "nebula, nomad, node-agent from the signed manifest",
@@ -46,7 +49,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "agents", "units and configs of the agents, update timer", "bootstrap.stages.agents", ("artifacts",)
     ),
-    Stage("verify", "the doctor's checks: the run's verdict", None, ("agents",)),
+    Stage("verify", "the doctor's checks: the run's verdict", "bootstrap.stages.verify", ("agents",)),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -55,6 +58,7 @@ class Outcome(str, Enum):
     OK = "ok"
     PLANNED = "planned"
     REBOOT = "reboot"
+    SKIPPED = "skipped"
 
 
 @dataclass
@@ -78,6 +82,15 @@ class Context:
     notes: list[str] = field(default_factory=list)
     # Stage artifacts -> agents: what the signed manifest offers for each agent.
     targets: dict[str, Artifact] = field(default_factory=dict)
+    # The provisioning token: read once (VECTORLAY_TOKEN, --token-file, standard input), held in
+    # memory only. `token_state` is what introspection said: valid, used, expired, unknown, or None.
+    token_file: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    token_read: bool = False
+    token_state: str | None = None
+    # What the final screen lists: steps still to take after this run.
+    left: list[str] = field(default_factory=list)
+    report: Report | None = None  # the doctor's, once verify ran
 
 
 class StageModule(Protocol):

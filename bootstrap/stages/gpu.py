@@ -254,7 +254,6 @@ def gate(ctx: Context, inv: Inventory) -> StageResult:
         if state.reboot_requested_boot_id is not None:
             state.reboot_requested_boot_id = None
             state.reboot_requested_at = None
-        state.stage = "gpu"
         save_state(host, state)
         msg = f"{ready}/{len(inv.units)} GPU unit(s) ready for passthrough"
         ctx.out(f"gpu: {msg}")
@@ -287,7 +286,6 @@ def gate(ctx: Context, inv: Inventory) -> StageResult:
         # Asked again in the same boot: the first time stands (and the state file stays untouched).
         state.reboot_requested_boot_id = now_boot
         state.reboot_requested_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    state.stage = "gpu"
     save_state(host, state)
     msg = reboot_message(ctx.token_expires_at)
     if not inv.iommu.active and inv.iommu.firmware_table is None:

@@ -1,0 +1,112 @@
+"""Stage `preflight`: can this box become a node, and can it reach the control plane?
+
+Root, the OS, CPU virtualization, memory and disk (the doctor's own check functions, so the
+installer and the doctor never disagree), outbound HTTPS to the API, and the provisioning token's
+validity and expiry, asked without consuming it. A box that is already enrolled may run without a
+token: it keeps its identity and the enroll stage is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+from bootstrap.api import ApiError
+from bootstrap.enroll import token_refused, token_state_words
+from bootstrap.errors import VectorlayError
+from bootstrap.host import Host
+from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.stages._token import (
+    PENDING_KEY,
+    api_url,
+    client,
+    describe_expiry,
+    enrolled,
+    introspect,
+    obtain_token,
+)
+
+SUPPORTED_OS = {("ubuntu", "22.04"), ("ubuntu", "24.04"), ("debian", "12")}
+DOCTOR_CHECKS = ("kvm", "memory", "disk")
+
+
+def os_release(host: Host) -> tuple[str, str, str]:
+    """(ID, VERSION_ID, PRETTY_NAME) from /etc/os-release, "" where missing."""
+    fields: dict[str, str] = {}
+    for line in host.read_text("/etc/os-release", default="").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip().strip("\"'")
+    return fields.get("ID", ""), fields.get("VERSION_ID", ""), fields.get("PRETTY_NAME", "")
+
+
+def check_os(host: Host) -> str:
+    os_id, version, pretty = os_release(host)
+    found = pretty or f"{os_id or 'unknown'} {version}".strip()
+    if (os_id, version) not in SUPPORTED_OS:
+        raise VectorlayError(
+            f"unsupported OS: {found}", "vectorlay-node supports Ubuntu 22.04, Ubuntu 24.04 and Debian 12"
+        )
+    return found
+
+
+def reach_api(ctx: Context) -> None:
+    """Outbound HTTPS to the control plane, with TLS verified: any answer of the API itself will do."""
+    api = client(ctx, attempts=3)
+    try:
+        api.request("GET", "/v1/artifacts/manifest")
+    except ApiError as e:
+        # A 4xx is the API answering (e.g. no artifacts published yet): reachable. A 2xx that is not
+        # JSON (an HTML page) or no answer at all is not.
+        if e.status is None or not 400 <= e.status < 500:
+            raise
+    finally:
+        api.close()
+
+
+def run(ctx: Context) -> StageResult:
+    from doctor.checks import run_checks
+    from doctor.model import Status
+
+    host = ctx.host
+    if host.is_live and os.geteuid() != 0:
+        raise VectorlayError("the installer must run as root", "re-run it with sudo")
+    found = check_os(host)
+    ctx.out(f"preflight: {found}")
+
+    report = run_checks(host, ctx.settings, only=DOCTOR_CHECKS)
+    for r in report.results:
+        ctx.out(f"  {r.name}: {r.message} [{r.status.value}]")
+        if r.status is Status.WARN:
+            ctx.notes.append(f"{r.name}: {r.message} ({r.hint})")
+    failed = [r for r in report.results if r.status is Status.FAIL]
+    if failed:
+        raise VectorlayError(
+            "this box cannot be a node yet: " + "; ".join(f"{r.name}: {r.message}" for r in failed),
+            failed[0].hint,
+        )
+
+    api_url(ctx)
+    token = obtain_token(ctx)
+    api = None
+    if token is None:
+        reach_api(ctx)
+        api = ctx.api
+        if ctx.plan_only and not enrolled(ctx):
+            msg = "no provisioning token given (a real run needs one)"
+        else:
+            msg = "already enrolled and no token given: the node keeps its identity"
+        ctx.out(f"  control plane {api} reachable; {msg}")
+        return StageResult(Outcome.OK, msg)
+
+    state = introspect(ctx, token)
+    api = ctx.api
+    if state == "valid":
+        msg = f"provisioning token {describe_expiry(ctx.token_expires_at)}"
+    elif state == "used" and host.exists(PENDING_KEY):
+        msg = "provisioning token already used by this node's interrupted enrollment: retrying it"
+    elif enrolled(ctx):
+        msg = f"the provisioning token is {token_state_words(state)}; the node keeps its identity"
+    else:
+        raise token_refused(api, state)
+    ctx.out(f"  control plane {api} reachable; {msg}")
+    return StageResult(Outcome.OK, msg)

@@ -1,0 +1,32 @@
+"""Stage `verify`: the doctor's checks on the node as this run left it; their verdict is the run's."""
+
+from __future__ import annotations
+
+from bootstrap.errors import VectorlayError
+from bootstrap.stages import Context, Outcome, StageResult
+
+
+def run(ctx: Context) -> StageResult:
+    from doctor.checks import run_checks
+    from doctor.model import Status
+    from doctor.render import render_text
+
+    if ctx.plan_only:
+        ctx.out("verify: the doctor's checks run after a real install")
+        return StageResult(Outcome.PLANNED, "not run in plan mode")
+    report = run_checks(ctx.host, ctx.settings)
+    ctx.report = report
+    for line in render_text(report).rstrip("\n").splitlines():
+        ctx.out(f"  {line}" if line else "")
+    units = f"; {report.units_ready}/{report.units_total} GPU unit(s) ready" if report.units_total else ""
+    verdict = f"doctor: {report.verdict.value}{units}"
+    failed = [r for r in report.results if r.status is Status.FAIL]
+    if failed:
+        raise VectorlayError(
+            f"{verdict}: " + "; ".join(f"{r.name}: {r.message}" for r in failed),
+            failed[0].hint,
+        )
+    for r in report.results:
+        if r.status is Status.WARN:
+            ctx.left.append(f"{r.name}: {r.message} ({r.hint})")
+    return StageResult(Outcome.OK, verdict)

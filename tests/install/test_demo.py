@@ -1,0 +1,60 @@
+"""`make demo` end to end (what `python -m hostsim.demo` does), and that it leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _processes_under(path: Path) -> list[int]:
+    """Live processes started for the demo's tree (the agents carry VECTORLAY_ROOT=<tree>)."""
+    mark = f"VECTORLAY_ROOT={path}".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if mark in env.split(b"\0"):
+            found.append(int(pid))
+    return found
+
+
+def test_the_demo_reboots_once_then_enrolls_and_ends_with_eight_of_eight(tmp_path: Path) -> None:
+    workdir = Path(os.path.realpath("/tmp")) / f"vl-demo-test-{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VECTORLAY_")}
+    env["VECTORLAY_DEMO_DIR"] = str(workdir)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "hostsim.demo"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        out = res.stdout
+        assert res.returncode == 0, out[-3000:] + res.stderr
+        first = out.index("==> First run")
+        second = out.index("==> Second run")
+        assert "vectorlay-node: REBOOT REQUIRED" in out[first:second]
+        assert "your token expires at" in out[first:second]
+        assert "intel_iommu=on iommu=pt" in out[second - 300 : second]
+        run2 = out[second:]
+        assert "enroll: enrolled node node_" in run2
+        assert "vectorlay-node: DONE" in run2
+        assert "doctor: PASS, 8/8 GPU unit(s) ready" in run2
+        assert run2.count("8/8 GPU unit(s) ready to rent") == 2  # verify, then the doctor on its own
+        assert "Verdict: PASS" in out[out.index("==> The doctor") :]
+        assert "vtk_" not in out.replace("vtk_...", "")
+        assert _processes_under(workdir / "host") == []
+        assert (workdir / "host/var/log/vectorlay/bootstrap.log").is_file()
+    finally:
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
