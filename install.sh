@@ -213,6 +213,13 @@ vectorlay_install() {
     for old in "$opt"/venvs/*; do
         [ "$old" = "$venv" ] || rm -rf "$old"
     done
+    # `sudo vectorlay-node-doctor` from any shell: links on PATH, switched by rename like the venv.
+    local tool
+    mkdir -p "$root/usr/local/bin"
+    for tool in vectorlay-node-doctor vectorlay-bootstrap; do
+        ln -sfn "/opt/vectorlay/venv/bin/$tool" "$root/usr/local/bin/.$tool.new"
+        mv -T "$root/usr/local/bin/.$tool.new" "$root/usr/local/bin/$tool"
+    done
 
     local -a install_args=(install --api "$api")
     [ -z "$root" ] || install_args+=(--root "$root")

@@ -144,6 +144,10 @@ def test_the_token_is_in_no_command_line_after_install_sh_re_execs(base: Path) -
         started = min(watcher.first_seen.get(p, watcher.scans) for p in ("curl", "jq", "openssl", "pip"))
         assert max((scan for scan, _, _ in watcher.hits), default=0) < started
         assert token not in text
+        # The operator's tools are on PATH, pointing into the venv the run just switched to.
+        for tool in ("vectorlay-node-doctor", "vectorlay-bootstrap"):
+            assert os.readlink(root / "usr/local/bin" / tool) == f"/opt/vectorlay/venv/bin/{tool}"
+            assert (root / "opt/vectorlay/venv/bin" / tool).exists()
     finally:
         stop_daemons(root)
         testing.stop(cp)
