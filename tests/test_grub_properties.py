@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,11 @@ def _count(values: dict[str, str], arg: str) -> int:
     return (values["GRUB_CMDLINE_LINUX"].split() + values["GRUB_CMDLINE_LINUX_DEFAULT"].split()).count(arg)
 
 
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=int(os.environ.get("GRUB_PROPERTY_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @FAST
@@ -119,6 +124,7 @@ def test_applying_twice_equals_applying_once_and_foreign_lines_are_kept_byte_for
         original = _etc_default(root)
         host = Host(root)
         before = grub.effective_values(host)
+        before_with_foreign = grub.effective_values(host, with_dropin=True)
         assert _quiet_install(root) == 3
         once = snapshot(root, skip=("var/log",))
         assert _quiet_install(root) == 3
@@ -126,7 +132,11 @@ def test_applying_twice_equals_applying_once_and_foreign_lines_are_kept_byte_for
 
         after = grub.effective_values(host, with_dropin=True)
         for arg in grub.iommu_args(case["vendor"]):
-            assert _count(after, arg) == max(1, _count(before, arg))
+            # Present, and never duplicated by the installer. A foreign file at the drop-in's path
+            # that takes nothing the kernel needs away is left alone, so the count may be either
+            # side's (e.g. it resets GRUB_CMDLINE_LINUX_DEFAULT while GRUB_CMDLINE_LINUX has the arg).
+            most = max(1, _count(before, arg), _count(before_with_foreign, arg))
+            assert 1 <= _count(after, arg) <= most
         written = _etc_default(root)
         for name, data in original.items():
             if f"/etc/default/{name}" == grub.DROPIN and written[name] != data:
