@@ -200,7 +200,9 @@ class Vm:
             "qemu-system-x86_64",
             "-name", "vectorlay-test",
             "-machine", "q35,accel=tcg,kernel-irqchip=split",
-            "-cpu", "max",
+            # An Intel CPU to go with the Intel IOMMU, as on real hardware (the product picks the
+            # IOMMU arguments by CPU vendor). TCG emulates no VMX, so the guest has no /dev/kvm.
+            "-cpu", "max,vendor=GenuineIntel",
             "-m", str(self.memory_mb),
             "-smp", str(self.smp),
             # The IOMMU comes before the PCI devices it translates for.

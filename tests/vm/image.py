@@ -35,6 +35,7 @@ PACKAGES = (
     "python3-venv",
     "curl",
     "ca-certificates",
+    "openssl",
     "grub-efi-amd64-bin",
     "grub-common",
     "grub2-common",
