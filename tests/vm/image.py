@@ -240,6 +240,12 @@ def _build(work: Path, log: Log) -> None:
             # kernel then has no lazy-init work to do in the background during tests.
             "-E",
             "lazy_itable_init=0,lazy_journal_init=0",
+            # Inode tables and journal sized for a test root, not for 64 GB of files: the cached
+            # image stays near the size of what is in it.
+            "-N",
+            "262144",
+            "-J",
+            "size=64",
             "-d",
             str(rootfs),
             str(work / "disk.img"),
