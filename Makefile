@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo bench clean
+.PHONY: venv test lint typecheck unit demo bench clean test-vm
 
 venv: $(STAMP)
 
@@ -20,14 +20,29 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
+	$(BIN)/mypy tests/vm
 
 unit: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not vm"
 
 test: lint typecheck unit
 
 bench: venv
 	$(BIN)/pytest -q --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,max,rounds benchmarks
+
+# Boots QEMU guests (tests/vm, README "VM tests"): installs the host tools it needs when they are missing
+# (needs root then, as does the first build of the cached guest image).
+VM_TOOLS := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils debootstrap:debootstrap mformat:mtools \
+	mke2fs:e2fsprogs debugfs:e2fsprogs
+test-vm: venv
+	@missing=""; for t in $(VM_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || [ -e /usr/share/OVMF/OVMF_CODE.fd ] || missing="$$missing ovmf"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(BIN)/pytest -q -m vm -s --durations=0 tests/vm
 
 demo: venv
 	$(BIN)/python -m hostsim.demo

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import typer
 
@@ -77,8 +78,16 @@ def serve(
     clock = Clock.from_env()
     ca = CertificateAuthority.load_or_create(state_dir, wall_now())
     plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host))
+    # Nodes check the certificate against the host they were told to use.
+    public_name = urlsplit(public_url).hostname if public_url else None
     server = build_server(
-        create_app(plane, artifacts, state_dir, public_url), host, port, ca, state_dir, threads
+        create_app(plane, artifacts, state_dir, public_url),
+        host,
+        port,
+        ca,
+        state_dir,
+        threads,
+        extra_names=(public_name,) if public_name else (),
     )
 
     def _stop(signum: int, frame: FrameType | None) -> None:

@@ -140,20 +140,24 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
 
-    def write_server_cert(self, state_dir: Path, host: str, now: datetime) -> tuple[Path, Path]:
-        """A fresh server key and certificate for `host` (plus localhost), every start."""
+    def write_server_cert(
+        self, state_dir: Path, host: str, now: datetime, extra_names: tuple[str, ...] = ()
+    ) -> tuple[Path, Path]:
+        """A fresh server key and certificate for `host` (plus localhost and `extra_names`, e.g. the
+        public URL's host when nodes reach the server under another name), every start."""
         key = ec.generate_private_key(ec.SECP256R1())
         san: list[x509.GeneralName] = [
             x509.DNSName("localhost"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         ]
-        try:
-            addr = ipaddress.ip_address(host)
-            if str(addr) != "127.0.0.1":
-                san.append(x509.IPAddress(addr))
-        except ValueError:
-            if host != "localhost":
-                san.append(x509.DNSName(host))
+        for name in (host, *extra_names):
+            try:
+                addr = ipaddress.ip_address(name)
+                entry: x509.GeneralName = x509.IPAddress(addr)
+            except ValueError:
+                entry = x509.DNSName(name)
+            if entry not in san:
+                san.append(entry)
         cert = self._leaf(
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]),
             key.public_key(),

@@ -26,8 +26,9 @@ def build_server(
     ca: CertificateAuthority,
     state_dir: Path,
     threads: int = 32,
+    extra_names: tuple[str, ...] = (),
 ) -> wsgi.Server:
-    cert_path, key_path = ca.write_server_cert(state_dir, host, wall_now())
+    cert_path, key_path = ca.write_server_cert(state_dir, host, wall_now(), extra_names)
     server = wsgi.Server(
         (host, port),
         app,
