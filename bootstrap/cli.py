@@ -53,12 +53,25 @@ def install(
     token_file: Path | None = typer.Option(
         None, "--token-file", help="Read the provisioning token from FILE ('-': stdin); else VECTORLAY_TOKEN."
     ),
+    ignore_preflight_errors: str | None = typer.Option(
+        None,
+        "--ignore-preflight-errors",
+        help="Comma-separated checks (kvm, memory, disk) whose failure does not stop the run; for lab "
+        "and test machines. Also VECTORLAY_IGNORE_PREFLIGHT_ERRORS.",
+    ),
 ) -> None:
     """Run the installer's stages. Exit 0 done, 1 failed or blocked, 2 usage, 3 reboot required."""
     from bootstrap.commands.install import run_install
 
     code = run_install(
-        root, plan_only=plan, only=only, api=api, ca_file=ca_file, gpu_mode=gpu_mode, token_file=token_file
+        root,
+        plan_only=plan,
+        only=only,
+        api=api,
+        ca_file=ca_file,
+        gpu_mode=gpu_mode,
+        token_file=token_file,
+        ignore_preflight_errors=ignore_preflight_errors,
     )
     raise typer.Exit(code)
 

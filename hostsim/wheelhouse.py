@@ -78,9 +78,10 @@ def project_wheel(out: Path) -> Path:
     return wheel
 
 
-def installer_tarball(work: Path, cache: Path = DEFAULT_CACHE) -> bytes:
-    """wheels of vectorlay-node and every runtime dependency, flat, in a reproducible .tar.gz."""
-    wheels = [project_wheel(work / "project"), *sorted(dependency_wheels(cache).glob("*.whl"))]
+def wheels_tarball(wheels: list[Path]) -> bytes:
+    """The wheels, flat, in a reproducible .tar.gz: the shape of the control plane's `installer`."""
+    import gzip
+
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for w in wheels:
@@ -89,6 +90,9 @@ def installer_tarball(work: Path, cache: Path = DEFAULT_CACHE) -> bytes:
             info.mode = 0o644
             with open(w, "rb") as f:
                 tar.addfile(info, f)
-    import gzip
-
     return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def installer_tarball(work: Path, cache: Path = DEFAULT_CACHE) -> bytes:
+    """wheels of vectorlay-node and every runtime dependency, for this machine's Python."""
+    return wheels_tarball([project_wheel(work / "project"), *sorted(dependency_wheels(cache).glob("*.whl"))])

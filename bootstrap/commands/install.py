@@ -288,6 +288,21 @@ def final_screen(ctx: Context, chosen: list[Stage], ran: list[Finished], log_pat
     return lines
 
 
+IGNORE_ENV = "VECTORLAY_IGNORE_PREFLIGHT_ERRORS"
+IGNORABLE = ("kvm", "memory", "disk")
+
+
+def parse_ignored_checks(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.replace(",", " ").split() if n.strip())
+    unknown = sorted(names - set(IGNORABLE))
+    if unknown:
+        raise UsageError(
+            f"--ignore-preflight-errors: {', '.join(unknown)} cannot be ignored",
+            "only " + ", ".join(IGNORABLE) + " can (for lab and test machines)",
+        )
+    return names
+
+
 def run_install(
     root: Path,
     *,
@@ -301,7 +316,9 @@ def run_install(
     token_file: Path | None = None,
     stream: TextIO | None = None,
     rich: bool | None = None,
+    ignore_preflight_errors: str | None = None,
 ) -> int:
+    ignored = parse_ignored_checks(ignore_preflight_errors or os.environ.get(IGNORE_ENV, ""))
     if gpu_mode is not None and gpu_mode not in GPU_MODES:
         raise UsageError(f"--gpu-mode {gpu_mode!r} is not a GPU mode", "use passthrough, container or none")
     if ca_file is not None and not ca_file.is_file():
@@ -328,6 +345,7 @@ def run_install(
         ca_file=ca_file,
         token_expires_at=token_expires_at,
         token_file=token_file,
+        ignored_checks=ignored,
     )
     seen: set[str] = set()
 

@@ -91,6 +91,9 @@ class Context:
     # What the final screen lists: steps still to take after this run.
     left: list[str] = field(default_factory=list)
     report: Report | None = None  # the doctor's, once verify ran
+    # Checks the operator accepts failing (--ignore-preflight-errors, as kubeadm's): still run and
+    # reported, but neither preflight nor verify stops the run on them.
+    ignored_checks: frozenset[str] = frozenset()
 
 
 class StageModule(Protocol):

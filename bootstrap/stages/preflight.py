@@ -79,6 +79,10 @@ def run(ctx: Context) -> StageResult:
         if r.status is Status.WARN:
             ctx.notes.append(f"{r.name}: {r.message} ({r.hint})")
     failed = [r for r in report.results if r.status is Status.FAIL]
+    for r in [r for r in failed if r.name in ctx.ignored_checks]:
+        ctx.out(f"  {r.name}: FAIL ignored on request (--ignore-preflight-errors)")
+        ctx.left.append(f"{r.name}: {r.message} (failed; ignored on request)")
+    failed = [r for r in failed if r.name not in ctx.ignored_checks]
     if failed:
         raise VectorlayError(
             "this box cannot be a node yet: " + "; ".join(f"{r.name}: {r.message}" for r in failed),

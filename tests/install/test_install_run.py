@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,8 @@ import pytest
 from bootstrap.commands.install import LOG_PATH, RedactSecrets, run_lock
 from bootstrap.host import Host
 from bootstrap.identity import load_identity
-from tests.install.helpers import gpus_on_vfio, install
+from hostsim import build_host, load_topology
+from tests.install.helpers import gpus_on_vfio, install, stop_daemons
 
 MakeTree = Callable[..., Path]
 
@@ -216,3 +219,45 @@ def test_a_full_plan_on_the_demo_host_shows_every_stage_and_writes_nothing(
         "provisioning token valid until"
         in install(root, "--only", "preflight", cp=control_plane, token=token).stdout
     )
+
+
+def test_a_failed_check_the_operator_accepts_is_reported_but_does_not_stop_the_run(
+    make_tree: MakeTree, start_control_plane: Callable[..., Any], tmp_path: Path
+) -> None:
+    from hostsim.agents import publish_agents
+
+    publish_agents(tmp_path / "artifacts")
+    control_plane = start_control_plane(args=("--artifacts", str(tmp_path / "artifacts")))
+
+    def small(desc: dict[str, Any]) -> None:
+        gpus_on_vfio(desc)
+        desc["memory_gb"] = 16  # a lab box below the 32 GB floor
+
+    # The agents' health sockets need a short root (unix socket paths: 108 bytes at most).
+    base = Path(tempfile.mkdtemp(prefix="vl", dir="/tmp"))
+    desc = load_topology("hgx-h100")
+    small(desc)
+    root = build_host(base / "r", desc)
+    token = control_plane.token(control_plane.org("acme"))
+    fast = {"VECTORLAY_HEALTH_SETTLE": "0.2"}
+    refused = install(root, cp=control_plane, token=token, env=fast)
+    assert refused.returncode == 1
+    assert "this box cannot be a node yet: memory: " in refused.stderr
+    assert load_identity(Host(root)) is None
+
+    try:
+        res = install(root, "--ignore-preflight-errors", "memory", cp=control_plane, token=token, env=fast)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "memory: FAIL ignored on request (--ignore-preflight-errors)" in res.stdout
+        assert "enroll: enrolled node node_" in res.stdout
+        # The doctor still says FAIL; the run's verdict names what was waived.
+        assert "GB RAM, below the 32 GB minimum" in res.stdout
+        assert "(failed checks ignored on request: memory)" in res.stdout
+        assert "vectorlay-node: DONE" in res.stdout
+    finally:
+        stop_daemons(root)
+        shutil.rmtree(base, ignore_errors=True)
+    # Only the floors a lab box may lack can be waived, never e.g. the IOMMU or identity checks.
+    other = make_tree("hgx-h100", small)
+    bad = install(other, "--ignore-preflight-errors", "iommu", cp=control_plane, token=token)
+    assert bad.returncode == 2 and "iommu cannot be ignored" in bad.stderr

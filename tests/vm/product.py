@@ -3,14 +3,11 @@ dependencies, installed into /opt/vectorlay/venv in the guest without any networ
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -104,14 +101,7 @@ def install_product(vm: Vm, wheels: list[Path], *, node_yaml: str | None = None)
 
 
 def installer_tarball(wheels: list[Path]) -> bytes:
-    """The control plane's `installer` artifact: the wheels, flat, in a reproducible .tar.gz (as
-    hostsim.wheelhouse builds it, but for the guest's Python rather than this machine's)."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for w in wheels:
-            info = tarfile.TarInfo(w.name)
-            info.size = w.stat().st_size
-            info.mode = 0o644
-            with open(w, "rb") as f:
-                tar.addfile(info, f)
-    return gzip.compress(raw.getvalue(), mtime=0)
+    """The control plane's `installer` artifact, for the guest's Python rather than this machine's."""
+    from hostsim.wheelhouse import wheels_tarball
+
+    return wheels_tarball(wheels)

@@ -63,7 +63,11 @@ class Scenario:
 
     def one_liner(self, timeout: float = 1500) -> tuple[int, str]:
         t0 = time.monotonic()
-        res = self.vm.run(ONE_LINER, timeout=timeout, env={"VECTORLAY_TOKEN": self.token})
+        # The TCG guest has 1 GB of RAM and no /dev/kvm (TCG emulates no VMX): a lab box whose operator
+        # accepts those two failed floors, as kubeadm's --ignore-preflight-errors does. The doctor
+        # still reports them FAIL; every other check stays binding.
+        env = {"VECTORLAY_TOKEN": self.token, "VECTORLAY_IGNORE_PREFLIGHT_ERRORS": "kvm,memory"}
+        res = self.vm.run(ONE_LINER, timeout=timeout, env=env)
         TIMINGS.add(f"install one-liner (rc={res.rc})", time.monotonic() - t0)
         out = res.stdout + res.stderr
         print(f"$ {ONE_LINER}  -> rc={res.rc}\n{out}")
