@@ -55,3 +55,29 @@ def test_bad_settings_get_a_clear_error(
     with pytest.raises(VectorlayError) as e:
         load_settings(_host(tmp_path, text), env=env)
     assert fragment in e.value.message
+
+
+@pytest.mark.parametrize(
+    "extras",
+    [
+        {},
+        {"extra_gpu_vendor_ids": ("1234",)},
+        {"extra_gpu_vendor_ids": ("8086", "1234"), "extra_nvswitch_device_ids": ("2324",)},
+    ],
+)
+def test_the_node_yaml_the_installer_writes_reads_back_as_the_same_settings(
+    tmp_path: Path, extras: dict[str, tuple[str, ...]]
+) -> None:
+    from bootstrap.templating import render
+
+    wanted = Settings(api="https://api.example", gpu_mode="passthrough", autoupdate=False, **extras)
+    text = render(
+        "node.yaml.j2",
+        api=wanted.api,
+        gpu_mode=wanted.gpu_mode,
+        autoupdate=wanted.autoupdate,
+        disk_path=wanted.disk_path,
+        extra_gpu_vendor_ids=list(wanted.extra_gpu_vendor_ids),
+        extra_nvswitch_device_ids=list(wanted.extra_nvswitch_device_ids),
+    )
+    assert load_settings(_host(tmp_path, text), env={}) == wanted
