@@ -188,9 +188,11 @@ def test_a_manifest_signed_by_another_key_is_refused(node: Node) -> None:
 
     testing.stop(node.cp)
     node.cp = testing.start(node.cp.db_path.parent, args=("--artifacts", str(node.art_dir)))
-    with pytest.raises(VectorlayError, match="does not carry a valid signature of the pinned key"):
-        node.run_stages()
-    testing.stop(node.cp)
+    try:
+        with pytest.raises(VectorlayError, match="does not carry a valid signature of the pinned key"):
+            node.run_stages()
+    finally:
+        testing.stop(node.cp)  # started here, so not the fixture's to stop
     assert _snapshot(node.root) == before
 
 
