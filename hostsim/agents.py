@@ -14,7 +14,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-AGENTS = ("nebula", "nomad", "node-agent")
+from bootstrap.update import SERVICES
+
+# The agents the installer runs as services; their names come from the product, not a copy.
+AGENTS = tuple(SERVICES)
 
 DAEMON = r'''#!/usr/bin/env python3
 """Stand-in for the vectorlay agent {name} {version} (built by hostsim.agents)."""
