@@ -77,8 +77,11 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = _parse_listen(listen)
     clock = Clock.from_env()
+    from controlplane.nebula_ca import NebulaCA
+
     ca = CertificateAuthority.load_or_create(state_dir, wall_now())
-    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host))
+    nebula_ca = NebulaCA.load_or_create(state_dir, wall_now())
+    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host), nebula_ca)
     # Nodes check the certificate against the host they were told to use.
     public_name = urlsplit(public_url).hostname if public_url else None
     server = build_server(

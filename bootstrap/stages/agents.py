@@ -115,7 +115,7 @@ def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
         FileChange(
             NEBULA_CONFIG,
             render_template(
-                "nebula-config.yml.j2", lighthouses=nebula.get("lighthouses") or {}, **common
+                "nebula-config.yml.j2", lighthouses=nebula.get("lighthouses") or [], **common
             ).encode(),
             mode=0o600,
         ),
