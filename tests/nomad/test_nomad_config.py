@@ -10,24 +10,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hcl2
 import pytest
-from hcl2.utils import SerializationOptions
 from hypothesis import given
 from hypothesis import strategies as st
-from lark import Token, Tree
 
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
 from bootstrap.resources import units_dir
-from bootstrap.settings import Settings, load_settings
-from bootstrap.stages import Context
-from bootstrap.stages.agents import IDENTITY_DIR, NOMAD_CONFIG, desired
-from bootstrap.state import load_state
+from bootstrap.settings import load_settings
+from bootstrap.stages.agents import IDENTITY_DIR
 from bootstrap.templating import hcl_string
 
-_PARSE = SerializationOptions(strip_string_quotes=True, with_comments=False, explicit_blocks=True)
+from .helpers import parse_hcl, render_nomad_config, template_parts
 
 # --- What Nomad documents, per block --------------------------------------------------------------
 # Each key maps to its documented type, or to the schema of the block it opens. "any" marks a key
@@ -199,18 +194,6 @@ def _write_identity(tmp_path: Path, nomad: dict[str, Any], overlay_ip: str = "10
     return Identity(path=path, node_id="node_test", org_id="org_test", overlay_ip=overlay_ip, api=None)
 
 
-def _render(host: Host, ident: Identity, mode: str, settings: Settings | None = None) -> str:
-    ctx = Context(host=host, settings=settings or load_settings(host, env={}), state=load_state(host))
-    (config,) = [c for c in desired(ctx, ident, mode) if getattr(c, "path", None) == NOMAD_CONFIG]
-    content: bytes = config.content
-    return content.decode()
-
-
-def _parse(text: str) -> dict[str, Any]:
-    parsed: dict[str, Any] = hcl2.loads(text, serialization_options=_PARSE)
-    return parsed
-
-
 def _block(parsed: dict[str, Any], name: str) -> dict[str, Any]:
     (block,) = parsed[name]
     assert isinstance(block, dict)
@@ -233,13 +216,13 @@ def test_every_key_of_the_rendered_config_is_in_nomads_documented_agent_configur
     make_host: Callable[..., Host], tmp_path: Path, mode: str
 ) -> None:
     host = make_host("cpu-only")
-    parsed = _parse(_render(host, _write_identity(tmp_path, ENROLLMENT_NOMAD), mode))
+    parsed = parse_hcl(render_nomad_config(host, _write_identity(tmp_path, ENROLLMENT_NOMAD), mode))
     assert walk("", parsed, AGENT) == []
     assert [next(iter(b)) for b in parsed["plugin"]] == (["docker"] if mode == "container" else ["qemu"])
 
 
 def test_the_walk_reports_an_undocumented_key_a_wrong_type_and_an_unknown_plugin() -> None:
-    parsed = _parse(
+    parsed = parse_hcl(
         'region = true\nclient {\n  drain_on_shutdown {\n    deadline = "soon"\n  }\n  draining = true\n}\n'
         'plugin "raw_exec" {\n  config {\n    enabled = true\n  }\n}\ntls = "yes"\n'
     )
@@ -257,8 +240,8 @@ def test_the_config_joins_the_servers_of_the_enrollment_with_verified_tls_in_its
 ) -> None:
     host = make_host("cpu-only")
     nomad = {**ENROLLMENT_NOMAD, "region": "eu-west", "servers": ["100.64.0.1:4647", "100.64.0.2:4647"]}
-    text = _render(host, _write_identity(tmp_path, nomad, overlay_ip="100.64.3.4"), "container")
-    parsed = _parse(text)
+    text = render_nomad_config(host, _write_identity(tmp_path, nomad, overlay_ip="100.64.3.4"), "container")
+    parsed = parse_hcl(text)
     assert (parsed["region"], parsed["datacenter"], parsed["bind_addr"]) == (
         "eu-west",
         "vectorlay",
@@ -293,7 +276,9 @@ def test_an_enrollment_without_region_or_datacenter_gets_nomads_global_region(
     make_host: Callable[..., Host], tmp_path: Path
 ) -> None:
     host = make_host("cpu-only")
-    parsed = _parse(_render(host, _write_identity(tmp_path, {"servers": ["100.64.0.1:4647"]}), "none"))
+    parsed = parse_hcl(
+        render_nomad_config(host, _write_identity(tmp_path, {"servers": ["100.64.0.1:4647"]}), "none")
+    )
     assert (parsed["region"], parsed["datacenter"]) == ("global", "vectorlay")
     assert _block(parsed, "client")["node_class"] == "none"
 
@@ -309,7 +294,7 @@ def test_the_node_drains_on_the_signal_systemd_stops_it_with_and_before_systemd_
     make_host: Callable[..., Host], tmp_path: Path
 ) -> None:
     host = make_host("cpu-only")
-    parsed = _parse(_render(host, _write_identity(tmp_path, ENROLLMENT_NOMAD), "passthrough"))
+    parsed = parse_hcl(render_nomad_config(host, _write_identity(tmp_path, ENROLLMENT_NOMAD), "passthrough"))
     unit = configparser.ConfigParser(interpolation=None, strict=False)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
     unit.read_string((units_dir() / "nomad.service").read_text())
@@ -336,13 +321,13 @@ def test_a_disk_path_with_a_newline_and_a_quote_stays_one_string_in_the_one_plug
     host = make_host("cpu-only")
     settings = load_settings(host, env={"VECTORLAY_DISK_PATH": HOSTILE_DISK_PATH})
     assert settings.disk_path == HOSTILE_DISK_PATH
-    text = _render(host, _write_identity(tmp_path, ENROLLMENT_NOMAD), "passthrough", settings)
-    parsed = _parse(text)
+    text = render_nomad_config(host, _write_identity(tmp_path, ENROLLMENT_NOMAD), "passthrough", settings)
+    parsed = parse_hcl(text)
     assert len(parsed["plugin"]) == 1
     (label,) = parsed["plugin"][0]
     assert label == "qemu"
     assert parsed["plugin"][0]["qemu"]["config"][0]["image_paths"] == [HOSTILE_DISK_PATH + "/images"]
-    assert _template_parts(text) == []
+    assert template_parts(text) == []
     assert walk("", parsed, AGENT) == []
 
 
@@ -358,8 +343,8 @@ def test_hostile_enrollment_values_stay_strings_and_add_no_block(
         "node_class": "${node.unique.id}",
         "meta": {evil: evil, "k": "%{ for x in y }${x}%{ endfor }"},
     }
-    text = _render(host, _write_identity(tmp_path, nomad), "container")
-    parsed = _parse(text)
+    text = render_nomad_config(host, _write_identity(tmp_path, nomad), "container")
+    parsed = parse_hcl(text)
     assert [next(iter(b)) for b in parsed["plugin"]] == ["docker"]
     assert parsed["region"] == evil and parsed["datacenter"] == "dc\\"
     client = _block(parsed, "client")
@@ -367,7 +352,7 @@ def test_hostile_enrollment_values_stay_strings_and_add_no_block(
     assert client["node_class"] == "${node.unique.id}"
     assert client["meta"][evil] == evil
     assert client["meta"]["k"] == "%{ for x in y }${x}%{ endfor }"
-    assert _template_parts(text) == []
+    assert template_parts(text) == []
 
 
 def test_a_meta_value_that_is_no_string_is_refused_with_a_clear_error(
@@ -376,7 +361,7 @@ def test_a_meta_value_that_is_no_string_is_refused_with_a_clear_error(
     host = make_host("cpu-only")
     ident = _write_identity(tmp_path, {**ENROLLMENT_NOMAD, "meta": {"rack": {"row": 1}}})
     with pytest.raises(VectorlayError, match=r"cannot write \{'row': 1\} \(dict\) into a configuration file"):
-        _render(host, ident, "none")
+        render_nomad_config(host, ident, "none")
 
 
 def test_the_config_of_a_node_enrolled_through_the_product_passes_the_walk(
@@ -390,7 +375,7 @@ def test_the_config_of_a_node_enrolled_through_the_product_passes_the_walk(
     host = Host(root)
     ident = load_identity(host)
     assert ident is not None
-    parsed = _parse(_render(host, ident, "none"))
+    parsed = parse_hcl(render_nomad_config(host, ident, "none"))
     assert walk("", parsed, AGENT) == []
     assert parsed["bind_addr"] == ident.overlay_ip and parsed["name"] == ident.node_id
     assert _block(parsed, "client")["servers"] == ident.enrollment()["nomad"]["servers"]
@@ -426,32 +411,20 @@ NASTY = [
 ]
 
 
-def _template_parts(text: str) -> list[str]:
-    """The parts of quoted strings in `text` that HCL 2 would evaluate (interpolations, directives)."""
-    found: list[str] = []
-    tree = hcl2.parses_to_tree(text)
-    for sub in tree.iter_subtrees():
-        if sub.data == "string_part":
-            for child in sub.children:
-                if not (isinstance(child, Token) and child.type == "STRING_CHARS"):
-                    found.append(child.data if isinstance(child, Tree) else str(child))
-    return found
-
-
 @pytest.mark.parametrize("value", NASTY, ids=[repr(v) for v in NASTY])
 def test_hcl_string_reads_back_as_exactly_the_value_and_never_as_a_template(value: str) -> None:
     literal = hcl_string(value)
     text = f"v = {literal}\nafter = 1\n"
-    assert _parse(text) == {"v": value, "after": 1}
-    assert _template_parts(text) == []
+    assert parse_hcl(text) == {"v": value, "after": 1}
+    assert template_parts(text) == []
     assert "\n" not in literal and "\r" not in literal
 
 
 @given(st.text())
 def test_any_text_reads_back_exactly_from_its_hcl_string(value: str) -> None:
     text = f"v = {hcl_string(value)}\n"
-    assert _parse(text) == {"v": value}
-    assert _template_parts(text) == []
+    assert parse_hcl(text) == {"v": value}
+    assert template_parts(text) == []
 
 
 def test_hcl_string_writes_numbers_as_their_text_and_refuses_other_types() -> None:
