@@ -123,10 +123,15 @@ def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
             NOMAD_CONFIG,
             render_template(
                 "nomad-client.hcl.j2",
-                datacenter=nomad.get("datacenter", "vectorlay"),
-                node_class=nomad.get("node_class", mode),
-                servers=nomad.get("servers") or [],
-                meta={**(nomad.get("meta") or {}), **_gpu_meta(ctx, mode)},
+                # The TLS material is in the identity dir's files; the config only names them.
+                nomad={
+                    **{k: v for k, v in nomad.items() if k not in ("certificate_pem", "ca_pem")},
+                    "region": nomad.get("region") or "global",
+                    "datacenter": nomad.get("datacenter") or "vectorlay",
+                    "node_class": nomad.get("node_class") or mode,
+                    "servers": nomad.get("servers") or [],
+                    "meta": {**(nomad.get("meta") or {}), **_gpu_meta(ctx, mode)},
+                },
                 **common,
             ).encode(),
             mode=0o600,
