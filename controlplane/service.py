@@ -297,9 +297,12 @@ class ControlPlane:
             "nebula": {
                 "overlay_cidr": str(self.network.overlay),
                 "overlay_ip": overlay_ip,
-                "lighthouses": {
-                    self.network.lighthouse_ip: [f"{self.network.public_host}:{self.network.nebula_port}"]
-                },
+                "lighthouses": [
+                    {
+                        "overlay_ip": self.network.lighthouse_ip,
+                        "endpoints": [f"{self.network.public_host}:{self.network.nebula_port}"],
+                    }
+                ],
                 "listen_port": self.network.nebula_port,
                 "am_lighthouse": False,
             },
