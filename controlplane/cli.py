@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -76,8 +77,11 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = _parse_listen(listen)
     clock = Clock.from_env()
+    from controlplane.nebula_ca import NebulaCA
+
     ca = CertificateAuthority.load_or_create(state_dir, wall_now())
-    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host))
+    nebula_ca = NebulaCA.load_or_create(state_dir, wall_now())
+    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host), nebula_ca)
     # Nodes check the certificate against the host they were told to use.
     public_name = urlsplit(public_url).hostname if public_url else None
     server = build_server(
@@ -213,6 +217,59 @@ def apikey_create(
         print(_plane(db).create_api_key(org))
     except ApiError as e:
         _fail(e.message)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@app.command("nomad-server-cert")
+def nomad_server_cert(
+    state_dir: Path = typer.Option(..., "--state-dir", help="The state dir of `serve` (its ca.key, ca.crt)."),
+    region: str = typer.Option("global", "--region", help="Nomad region: the name is server.<region>.nomad."),
+    overlay_ip: str = typer.Option(..., "--overlay-ip", help="The Nomad server's overlay IP."),
+    out: Path = typer.Option(..., "--out", help="Directory for server.key (0600), server.crt, ca.crt."),
+) -> None:
+    """A TLS identity for one of the control plane's Nomad servers, from the CA nodes' Nomad trusts."""
+    from cryptography.hazmat.primitives import serialization
+
+    from controlplane.pki import CertificateAuthority
+
+    # A mistyped --state-dir must not quietly mint a second CA that no node trusts.
+    missing = [name for name in ("ca.key", "ca.crt") if not (state_dir / name).is_file()]
+    if missing:
+        _fail(
+            f"{state_dir} has no {' or '.join(missing)}: point --state-dir at the control plane's state dir"
+        )
+    try:
+        ca = CertificateAuthority.load_or_create(state_dir, wall_now())
+        key_pem, cert_pem = ca.issue_nomad_server_cert(region=region, overlay_ip=overlay_ip, now=wall_now())
+    except ValueError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot read the CA in {state_dir}: {e.strerror or e}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Each file is replaced whole; a crash between two of them leaves a key that does not match
+        # server.crt (Nomad says so at start) and re-running the command repairs it.
+        _write_atomic(out / "server.key", key_pem, 0o600)
+        _write_atomic(out / "server.crt", cert_pem, 0o644)
+        _write_atomic(out / "ca.crt", ca.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        dir_fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        _fail(f"cannot write to {out}: {e.strerror or e}")
+    print(f"wrote {out / 'server.key'}, {out / 'server.crt'}, {out / 'ca.crt'} (server.{region}.nomad)")
 
 
 def main(argv: list[str] | None = None) -> None:

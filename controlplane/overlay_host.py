@@ -24,10 +24,9 @@ from bootstrap.nebula import (
     public_key_pem,
     verify_certificate,
 )
+from bootstrap.overlay import CONTROL_GROUP, TUN_DEVICE
 from controlplane.nebula_ca import NebulaCA
 
-CONTROL_GROUP = "vectorlay-control"
-TUN_DEVICE = "vectorlay0"
 DEFAULT_PORT = 4242
 # Re-running re-signs a certificate that has less than this left.
 RENEW_BEFORE = timedelta(days=30)

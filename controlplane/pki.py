@@ -1,4 +1,5 @@
-"""The control plane's own CA: it signs the HTTPS server certificate and every node's client certificate.
+"""The control plane's own CA: it signs the HTTPS server certificate, every node's client certificate,
+and the Nomad TLS identities of nodes and of the control plane's Nomad servers.
 
 ECDSA P-256 throughout: signing is cheap enough to do inside the enrollment transaction, and every
 TLS library a node runs understands it.
@@ -10,6 +11,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,6 +31,32 @@ SERVER_CERT_DAYS = 825
 
 class CsrError(ValueError):
     pass
+
+
+# Nomad puts the region into a DNS name (`server.<region>.nomad`), so it has to be one DNS label.
+_REGION = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _nomad_name(role: str, region: str) -> str:
+    """`server.<region>.nomad` or `client.<region>.nomad`: what Nomad checks with verify_server_hostname."""
+    if not _REGION.match(region):
+        raise ValueError(f"region {region!r} is not a lowercase DNS label (letters, digits, '-')")
+    return f"{role}.{region}.nomad"
+
+
+def _nomad_san(role: str, region: str, overlay_ip: str) -> list[x509.GeneralName]:
+    try:
+        overlay = ipaddress.ip_address(overlay_ip)
+    except ValueError:
+        raise ValueError(f"overlay IP {overlay_ip!r} is not an IP address") from None
+    san: list[x509.GeneralName] = [
+        x509.DNSName(_nomad_name(role, region)),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    if x509.IPAddress(overlay) not in san:
+        san.append(x509.IPAddress(overlay))
+    return san
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -122,6 +150,7 @@ class CertificateAuthority:
         days: int,
         usage: x509.ObjectIdentifier,
         san: list[x509.GeneralName],
+        extra_usages: tuple[x509.ObjectIdentifier, ...] = (),
     ) -> x509.Certificate:
         return (
             x509.CertificateBuilder()
@@ -132,7 +161,7 @@ class CertificateAuthority:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage, *extra_usages]), critical=False)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
@@ -173,22 +202,7 @@ class CertificateAuthority:
 
     def sign_node_csr(self, csr_pem: str, node_id: str, org_id: str, now: datetime) -> x509.Certificate:
         """The node's client certificate: subject and SAN are set here, never taken from the CSR."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem.encode())
-        except (ValueError, TypeError):
-            raise CsrError("csr_pem is not a PEM certificate signing request") from None
-        try:
-            valid = csr.is_signature_valid
-        except InvalidSignature:
-            valid = False
-        if not valid:
-            raise CsrError("the CSR's signature does not match its public key")
-        public_key = csr.public_key()
-        if isinstance(public_key, rsa.RSAPublicKey):
-            if public_key.key_size < 2048:
-                raise CsrError("RSA keys must have at least 2048 bits")
-        elif not isinstance(public_key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
-            raise CsrError("the CSR's key must be EC, Ed25519 or RSA")
+        public_key = _csr_public_key(csr_pem)
         subject = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, org_id),
@@ -199,6 +213,78 @@ class CertificateAuthority:
             x509.UniformResourceIdentifier(f"spiffe://vectorlay/org/{org_id}/node/{node_id}")
         ]
         return self._leaf(subject, public_key, now, NODE_CERT_DAYS, ExtendedKeyUsageOID.CLIENT_AUTH, san)
+
+    def sign_nomad_client_csr(
+        self, csr_pem: str, *, node_id: str, region: str, overlay_ip: str, now: datetime
+    ) -> x509.Certificate:
+        """The node's Nomad certificate, for the key in the CSR (made on the node).
+
+        Nomad servers with `verify_server_hostname` accept RPC only from `client.<region>.nomad`, so
+        that is the name, whatever the CSR asks for; the node is known by its Nomad node ID, not by
+        this certificate. The client's HTTP API (:4646) presents the same certificate, hence
+        serverAuth next to clientAuth and the addresses it answers on (loopback, the overlay IP).
+        """
+        public_key = _csr_public_key(csr_pem)
+        if not node_id:
+            raise ValueError("node_id is empty")
+        name = _nomad_name("client", region)
+        # Every node carries the same name; the OU tells an operator whose certificate this is.
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, node_id),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
+        return self._leaf(
+            subject,
+            public_key,
+            now,
+            NODE_CERT_DAYS,
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            _nomad_san("client", region, overlay_ip),
+            extra_usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+        )
+
+    def issue_nomad_server_cert(self, *, region: str, overlay_ip: str, now: datetime) -> tuple[bytes, bytes]:
+        """(key PEM, certificate PEM) for one of the control plane's Nomad servers: `server.<region>.nomad`.
+
+        clientAuth too, because servers dial each other (raft, serf over RPC) with the same certificate.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = _nomad_name("server", region)
+        cert = self._leaf(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]),
+            key.public_key(),
+            now,
+            SERVER_CERT_DAYS,
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            _nomad_san("server", region, overlay_ip),
+            extra_usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+        )
+        return _pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _csr_public_key(
+    csr_pem: str,
+) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey:
+    """The CSR's public key once the CSR is well formed, self-signed and of a key type we sign."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except (ValueError, TypeError):
+        raise CsrError("csr_pem is not a PEM certificate signing request") from None
+    try:
+        valid = csr.is_signature_valid
+    except InvalidSignature:
+        valid = False
+    if not valid:
+        raise CsrError("the CSR's signature does not match its public key")
+    public_key = csr.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048:
+            raise CsrError("RSA keys must have at least 2048 bits")
+    elif not isinstance(public_key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+        raise CsrError("the CSR's key must be EC, Ed25519 or RSA")
+    return public_key
 
 
 def csr_key_fingerprint(csr_pem: str) -> str:
