@@ -17,6 +17,7 @@ from bootstrap.discovery import UnitStatus
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
+from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
 from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, apply, compute, render
 from bootstrap.resources import units_dir
 from bootstrap.stages import Context, Outcome, StageResult
@@ -28,7 +29,6 @@ ETC_UNITS = "/etc/systemd/system"
 TIMER = "node-agent-update.timer"
 UPDATE_SERVICE = "node-agent-update.service"
 UNIT_FILES = (*SERVICES.values(), UPDATE_SERVICE, TIMER)
-NEBULA_CONFIG = "/etc/vectorlay/nebula/config.yml"
 NOMAD_CONFIG = "/etc/vectorlay/nomad.d/client.hcl"
 AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
 SETTINGS_FILE = "/etc/vectorlay/node.yaml"
@@ -114,9 +114,7 @@ def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
         ),
         FileChange(
             NEBULA_CONFIG,
-            render_template(
-                "nebula-config.yml.j2", lighthouses=nebula.get("lighthouses") or [], **common
-            ).encode(),
+            render_template("nebula-config.yml.j2", nebula=nebula, tun_device=TUN_DEVICE, **common).encode(),
             mode=0o600,
         ),
         FileChange(

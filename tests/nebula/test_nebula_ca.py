@@ -53,7 +53,9 @@ def test_the_ca_files_are_nebula_certs_own_and_stable(tmp_path: Path, nebula_cer
     )
     nebula_cert("verify", "-ca", "state/nebula-ca.crt", "-crt", "h.crt")
     nebula.verify_certificate(
-        nebula.parse_certificate_pem((tmp_path / "h.crt").read_bytes()), ca.certificate, NOW
+        nebula.parse_certificate_pem((tmp_path / "h.crt").read_bytes()),
+        ca.certificate,
+        datetime.now(timezone.utc),
     )
 
 
