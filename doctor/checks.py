@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError
 from bootstrap.host import Host
+from bootstrap.paths import RUNSC
 from bootstrap.settings import Settings
 from doctor.model import CheckResult, Report, Status
 
@@ -392,24 +393,19 @@ def check_nvidia_driver(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, loaded)
 
 
-_RUNSC_PATHS = ("/opt/vectorlay/bin/runsc", "/usr/local/bin/runsc", "/usr/local/sbin/runsc", "/usr/bin/runsc")
-
-
 def check_runsc(ctx: Context) -> CheckResult:
     name = "runsc"
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
-    candidates = list(_RUNSC_PATHS)
-    if ctx.host.is_live:
-        candidates += [f"{d}/runsc" for d in os.environ.get("PATH", "").split(":") if d.startswith("/")]
-    for p in candidates:
-        real = ctx.host.path(p)
-        if real.is_file():
-            if not os.access(real, os.X_OK):
-                return CheckResult(name, Status.FAIL, f"{p} is not executable", REINSTALL + " with gpu=1")
-            return CheckResult(name, Status.PASS, f"runsc at {p}")
-    return CheckResult(name, Status.FAIL, "runsc (gVisor) not found", REINSTALL + " with gpu=1")
+    real = ctx.host.path(RUNSC)
+    if not real.is_file():
+        return CheckResult(
+            name, Status.FAIL, f"runsc (gVisor) not installed at {RUNSC}", REINSTALL + " with gpu=1"
+        )
+    if not os.access(real, os.X_OK):
+        return CheckResult(name, Status.FAIL, f"{RUNSC} is not executable", REINSTALL + " with gpu=1")
+    return CheckResult(name, Status.PASS, f"runsc at {RUNSC}")
 
 
 def _gb(n: int) -> str:

@@ -17,6 +17,7 @@ from bootstrap.discovery import UnitStatus
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
+from bootstrap.paths import RUNSC
 from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, apply, compute, render
 from bootstrap.resources import units_dir
 from bootstrap.stages import Context, Outcome, StageResult
@@ -34,7 +35,6 @@ AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
 SETTINGS_FILE = "/etc/vectorlay/node.yaml"
 NOMAD_VFIO_DROPIN = f"{ETC_UNITS}/nomad.service.d/10-vectorlay-vfio.conf"
 DOCKER_DAEMON = "/etc/docker/daemon.json"
-RUNSC = "/opt/vectorlay/releases/runsc/current/bin/runsc"
 IDENTITY_DIR = "/etc/vectorlay/identity"
 
 CONFIGS = {

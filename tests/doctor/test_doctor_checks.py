@@ -7,6 +7,7 @@ import pytest
 
 from bootstrap.errors import UsageError
 from bootstrap.host import CommandResult, Host
+from bootstrap.paths import RUNSC
 from doctor.checks import run_checks
 from doctor.model import CheckResult, Status
 from doctor.render import render_text
@@ -372,7 +373,7 @@ def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
     _container_mode(host)
     host.path("/sys/module/nvidia").mkdir(parents=True)
     host.path("/sys/module/nvidia/version").write_text("550.127.05\n")
-    runsc = host.path("/opt/vectorlay/bin/runsc")
+    runsc = host.path(RUNSC)
     runsc.parent.mkdir(parents=True)
     runsc.write_text("#!/bin/sh\n")
     runsc.chmod(0o755)
@@ -385,7 +386,7 @@ def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
     assert report.mode == "container"
     assert report.get("iommu").status is Status.SKIP and report.get("gpu_units").status is Status.SKIP
     assert report.get("nvidia_driver").message == "NVIDIA driver 550.127.05 loaded"
-    assert report.get("runsc").message == "runsc at /opt/vectorlay/bin/runsc"
+    assert report.get("runsc").message == f"runsc at {RUNSC}"
     assert report.verdict is Status.PASS
 
 
