@@ -11,9 +11,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from bootstrap import runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError
-from bootstrap.host import Host
+from bootstrap.host import CommandResult, Host
 from bootstrap.paths import RUNSC
 from bootstrap.settings import Settings
 from doctor.model import CheckResult, Report, Status
@@ -393,19 +394,53 @@ def check_nvidia_driver(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, loaded)
 
 
+RUNSC_TIMEOUT = 10.0
+_RUNSC_VERSION = re.compile(r"^runsc version (\S+)", re.M)
+NEWER_RUNSC = (
+    f"nvproxy needs gVisor {runsc.NVPROXY_SINCE} or later: the control plane must serve a newer runsc "
+    "artifact; then re-run the install one-liner with gpu=1"
+)
+
+
+def _first_line(res: CommandResult) -> str:
+    lines = (res.stderr or res.stdout).strip().splitlines()
+    return lines[0] if lines else f"exit status {res.returncode}"
+
+
 def check_runsc(ctx: Context) -> CheckResult:
+    """The installed runsc, run with the arguments docker passes it: its flag parser must accept them."""
     name = "runsc"
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
-    real = ctx.host.path(RUNSC)
+    host = ctx.host
+    real = host.path(RUNSC)
     if not real.is_file():
         return CheckResult(
             name, Status.FAIL, f"runsc (gVisor) not installed at {RUNSC}", REINSTALL + " with gpu=1"
         )
     if not os.access(real, os.X_OK):
         return CheckResult(name, Status.FAIL, f"{RUNSC} is not executable", REINSTALL + " with gpu=1")
-    return CheckResult(name, Status.PASS, f"runsc at {RUNSC}")
+    args = " ".join(runsc.RUNTIME_ARGS)
+    res = host.run(runsc.flag_probe(), timeout=RUNSC_TIMEOUT)
+    found = _RUNSC_VERSION.search(res.stdout)
+    if res.ok and found:
+        return CheckResult(name, Status.PASS, f"runsc {found[1]} accepts {args}", None, (f"at {RUNSC}",))
+    if res.returncode == 124:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{RUNSC} {args} --version did not answer within {RUNSC_TIMEOUT:.0f}s",
+            REINSTALL + " with gpu=1",
+        )
+    if res.ok:
+        return CheckResult(
+            name, Status.FAIL, f"{RUNSC} {args} --version printed no runsc version", REINSTALL + " with gpu=1"
+        )
+    plain = host.run([RUNSC, "--version"], timeout=RUNSC_TIMEOUT)
+    version = _RUNSC_VERSION.search(plain.stdout) if plain.ok else None
+    what = f"runsc {version[1]}" if version else RUNSC
+    return CheckResult(name, Status.FAIL, f"{what} refuses {args} ({_first_line(res)})", NEWER_RUNSC)
 
 
 def _gb(n: int) -> str:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bootstrap import artifacts
+from bootstrap import artifacts, runsc
 from bootstrap.discovery import UnitStatus
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
-from bootstrap.paths import RUNSC
 from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, apply, compute, render
 from bootstrap.resources import units_dir
 from bootstrap.stages import Context, Outcome, StageResult
@@ -67,7 +66,7 @@ def _docker_daemon_json(host: Host) -> bytes:
     runtimes = data.setdefault("runtimes", {})
     if not isinstance(runtimes, dict):
         raise VectorlayError(f"{DOCKER_DAEMON}: 'runtimes' must be an object", f"fix {DOCKER_DAEMON}")
-    runtimes["runsc"] = {"path": RUNSC, "runtimeArgs": ["--nvproxy=true"]}
+    runtimes[runsc.RUNTIME_NAME] = runsc.docker_runtime()
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bootstrap import runsc
 from bootstrap.errors import UsageError
-from bootstrap.host import CommandResult, Host
+from bootstrap.host import CommandResult, Host, RecordingRunner
 from bootstrap.paths import RUNSC
 from doctor.checks import run_checks
 from doctor.model import CheckResult, Status
 from doctor.render import render_text
+from hostsim.runsc import NVPROXY, PRE_NVPROXY
 
 GB = 1000**3
 Make = Callable[..., Host]
@@ -365,18 +368,24 @@ def _container_mode(host: Host) -> None:
     host.path("/etc/vectorlay/node.yaml").write_text("gpu_mode: container\n")
 
 
+def _install_runsc(host: Host, binary: Path) -> None:
+    """What the artifacts stage leaves: the release's bin/runsc behind the `current` link."""
+    release = host.path("/opt/vectorlay/releases/runsc/1/bin")
+    release.mkdir(parents=True)
+    (release / "runsc").symlink_to(binary)
+    host.path("/opt/vectorlay/releases/runsc/current").symlink_to("1")
+    assert host.path(RUNSC).is_file()
+
+
 def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
-    sim_host: Make, agents: Callable[..., None]
+    sim_host: Make, agents: Callable[..., None], runsc_releases: dict[str, Path]
 ) -> None:
     host = sim_host("hgx-h100")
     agents(host)
     _container_mode(host)
     host.path("/sys/module/nvidia").mkdir(parents=True)
     host.path("/sys/module/nvidia/version").write_text("550.127.05\n")
-    runsc = host.path(RUNSC)
-    runsc.parent.mkdir(parents=True)
-    runsc.write_text("#!/bin/sh\n")
-    runsc.chmod(0o755)
+    _install_runsc(host, runsc_releases[NVPROXY])
     report = run_checks(host, env={})
 
     assert [r.name for r in report.results] == [
@@ -386,15 +395,47 @@ def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
     assert report.mode == "container"
     assert report.get("iommu").status is Status.SKIP and report.get("gpu_units").status is Status.SKIP
     assert report.get("nvidia_driver").message == "NVIDIA driver 550.127.05 loaded"
-    assert report.get("runsc").message == f"runsc at {RUNSC}"
+    assert report.get("runsc").message == "runsc 0.0~20240729.0 accepts --nvproxy=true"
     assert report.verdict is Status.PASS
+
+
+def test_the_runsc_check_fails_debian_12s_runsc_that_predates_nvproxy_naming_the_release_needed(
+    sim_host: Make, runsc_releases: dict[str, Path]
+) -> None:
+    host = sim_host("hgx-h100")
+    _container_mode(host)
+    _install_runsc(host, runsc_releases[PRE_NVPROXY])
+    result = run_checks(host, env={}, only=["runsc"]).get("runsc")
+    assert result.status is Status.FAIL
+    assert result.message == (
+        "runsc 0.0~20221219.0 refuses --nvproxy=true (flag provided but not defined: -nvproxy)"
+    )
+    assert result.hint is not None and "gVisor release-20230529 or later" in result.hint
+
+
+def test_the_runsc_check_runs_exactly_the_arguments_docker_is_given(
+    sim_host: Make, runsc_releases: dict[str, Path]
+) -> None:
+    host = sim_host("hgx-h100")
+    _container_mode(host)
+    _install_runsc(host, runsc_releases[NVPROXY])
+    run_checks(host, env={}, only=["runsc"])
+    runner, docker_args = host.runner, runsc.docker_runtime()["runtimeArgs"]
+    assert isinstance(runner, RecordingRunner) and isinstance(docker_args, list)
+    assert runner.commands == [(RUNSC, *docker_args, "--version")]
 
 
 def test_container_mode_without_driver_or_runsc_fails_both(sim_host: Make) -> None:
     host = sim_host("hgx-h100")
     _container_mode(host)
-    got = statuses(host, only=["nvidia_driver", "runsc"])
-    assert got == {"nvidia_driver": Status.FAIL, "runsc": Status.FAIL}
+    # A runsc elsewhere (the old guess, Debian's package) is not the one docker runs.
+    stale = host.path("/opt/vectorlay/bin/runsc")
+    stale.parent.mkdir(parents=True)
+    stale.write_text("#!/bin/sh\necho runsc version 1\n")
+    stale.chmod(0o755)
+    report = run_checks(host, env={}, only=["nvidia_driver", "runsc"])
+    assert {r.name: r.status for r in report.results} == {"nvidia_driver": Status.FAIL, "runsc": Status.FAIL}
+    assert report.get("runsc").message == f"runsc (gVisor) not installed at {RUNSC}"
 
 
 def test_container_mode_warns_about_gpus_left_on_vfio(
