@@ -16,6 +16,7 @@ from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError
 from bootstrap.host import CommandResult, Host
 from bootstrap.paths import RUNSC
+from bootstrap.pci import PciDevice
 from bootstrap.settings import Settings
 from doctor.model import CheckResult, Report, Status
 
@@ -45,6 +46,7 @@ class Context:
     settings: Settings
     _inventory: Inventory | None = field(default=None, repr=False)
     _readiness: list[tuple[Unit, bool, str]] | None = field(default=None, repr=False)
+    _shared: list[tuple[PciDevice, bool, str]] | None = field(default=None, repr=False)
     _kernel_log: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -65,6 +67,23 @@ class Context:
         if self._readiness is None:
             self._readiness = [_unit_readiness(self, u) for u in self.inventory.units]
         return self._readiness
+
+    def shared_gpus(self) -> list[tuple[PciDevice, bool, str]]:
+        """Container mode's units: per GPU, shared through runsc? (on the nvidia driver, answering)."""
+        if self._shared is None:
+            self._shared = [_shared_readiness(self, d) for d in self.inventory.gpus]
+        return self._shared
+
+    def units(self) -> tuple[int, int]:
+        """(ready, total) GPU units for rent in this mode: IOMMU groups in passthrough, GPUs in
+        container mode, none otherwise."""
+        if self.mode == "passthrough":
+            rows: list[tuple[object, bool, str]] = list(self.readiness())
+        elif self.mode == "container":
+            rows = list(self.shared_gpus())
+        else:
+            return 0, 0
+        return sum(1 for _, ok, _ in rows if ok), len(rows)
 
     def kernel_log(self) -> list[str]:
         """This boot's kernel lines about GPUs falling off the bus ([] when the log is unreadable)."""
@@ -306,13 +325,46 @@ def _unit_readiness(ctx: Context, unit: Unit) -> tuple[Unit, bool, str]:
     return unit, False, f"{head}: no IOMMU group"
 
 
+def _shared_readiness(ctx: Context, dev: PciDevice) -> tuple[PciDevice, bool, str]:
+    head = f"{dev.address} {ctx.inventory.name(dev.address)}".rstrip()
+    if dev.wedged:
+        return dev, False, f"{head}: WEDGED (fell off the bus)"
+    if dev.driver != "nvidia":
+        return dev, False, f"{head}: on {dev.driver or 'no driver'}, not on nvidia"
+    return dev, True, f"{head}: on nvidia"
+
+
+def _off_nvidia_hint(devices: Iterable[PciDevice]) -> str:
+    """What brings GPUs that container mode cannot share (back) onto the nvidia driver."""
+    devices = list(devices)
+    if any(d.wedged for d in devices):
+        return "power-cycle the host (see the wedged check)"
+    if any(d.driver == "vfio-pci" for d in devices):
+        return (
+            "GPUs on vfio-pci are set up for passthrough: sudo vectorlay-bootstrap uninstall, reboot, "
+            "then re-run the install one-liner with gpu=1"
+        )
+    return "container mode shares only NVIDIA GPUs on the nvidia driver: sudo modprobe nvidia (or reboot)"
+
+
+def _check_shared_gpus(ctx: Context, name: str) -> CheckResult:
+    rows = ctx.shared_gpus()
+    ready, total = ctx.units()
+    message = f"{ready}/{total} GPU(s) on the nvidia driver, shared through runsc"
+    details = tuple(line for _, _, line in rows)
+    if ready == total:
+        return CheckResult(name, Status.PASS, message, None, details)
+    hint = _off_nvidia_hint(d for d, ok, _ in rows if not ok)
+    return CheckResult(name, Status.FAIL if ready == 0 else Status.WARN, message, hint, details)
+
+
 def check_gpu_units(ctx: Context) -> CheckResult:
     name = "gpu_units"
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
     if ctx.mode == "container":
-        return CheckResult(name, Status.SKIP, "container GPU mode: GPUs are shared through runsc, not VFIO")
+        return _check_shared_gpus(ctx, name)
     rows = ctx.readiness()
     ready = sum(1 for _, ok, _ in rows if ok)
     total = len(rows)
@@ -386,10 +438,7 @@ def check_nvidia_driver(ctx: Context) -> CheckResult:
     if off:
         listed = ", ".join(f"{d.address} on {d.driver or 'no driver'}" for d in off)
         return CheckResult(
-            name,
-            Status.WARN,
-            f"{loaded}, but {len(off)} GPU(s) not on it: {listed}",
-            "container mode keeps GPUs on the host driver: re-run the install one-liner with gpu=1",
+            name, Status.WARN, f"{loaded}, but {len(off)} GPU(s) not on it: {listed}", _off_nvidia_hint(off)
         )
     return CheckResult(name, Status.PASS, loaded)
 
@@ -541,8 +590,5 @@ def run_checks(
         names = [n for n in CHECKS if n not in CONTAINER_ONLY or ctx.mode == "container"]
     results = tuple(CHECKS[n](ctx) for n in names)
 
-    ready = total = 0
-    if ctx.mode == "passthrough":
-        rows = ctx.readiness()
-        ready, total = sum(1 for _, ok, _ in rows if ok), len(rows)
+    ready, total = ctx.units()
     return Report(results, ctx.mode, ready, total, tuple(d.address for d in ctx.inventory.wedged))

@@ -393,7 +393,14 @@ def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
         "wedged", "disk", "memory", "identity",
     ]  # fmt: skip
     assert report.mode == "container"
-    assert report.get("iommu").status is Status.SKIP and report.get("gpu_units").status is Status.SKIP
+    assert report.get("iommu").status is Status.SKIP
+    units = report.get("gpu_units")
+    assert (units.status, units.message) == (
+        Status.PASS,
+        "8/8 GPU(s) on the nvidia driver, shared through runsc",
+    )
+    assert units.details[0] == "0000:18:00.0 GH100 [H100 SXM5 80GB]: on nvidia"
+    assert (report.units_ready, report.units_total) == (8, 8)
     assert report.get("nvidia_driver").message == "NVIDIA driver 550.127.05 loaded"
     assert report.get("runsc").message == "runsc 0.0~20240729.0 accepts --nvproxy=true"
     assert report.verdict is Status.PASS
@@ -444,9 +451,36 @@ def test_container_mode_warns_about_gpus_left_on_vfio(
     host = sim_host("hgx-h100", vfio)
     _container_mode(host)
     host.path("/sys/module/nvidia").mkdir(parents=True)
-    result = run_checks(host, env={}, only=["nvidia_driver"]).get("nvidia_driver")
+    report = run_checks(host, env={}, only=["nvidia_driver", "gpu_units"])
+    result = report.get("nvidia_driver")
     assert result.status is Status.WARN
     assert result.message.startswith("NVIDIA driver loaded, but 8 GPU(s) not on it: 0000:18:00.0 on vfio-pci")
+    # Re-running the installer changes nothing for a GPU on vfio-pci: the hint says what does.
+    assert result.hint is not None and result.hint.startswith("GPUs on vfio-pci are set up for passthrough")
+    units = report.get("gpu_units")
+    assert (units.status, units.message) == (
+        Status.FAIL,
+        "0/8 GPU(s) on the nvidia driver, shared through runsc",
+    )
+    assert units.hint == result.hint
+    assert (report.units_ready, report.units_total) == (0, 8)
+
+
+def test_container_mode_rents_the_gpus_on_nvidia_and_warns_about_the_rest(sim_host: Make) -> None:
+    host = sim_host("hgx-h100")
+    _container_mode(host)
+    host.path("/sys/module/nvidia").mkdir(parents=True)
+    gpu = host.path("/sys/bus/pci/devices/0000:18:00.0/driver")
+    gpu.unlink()  # the driver let go of one GPU
+    report = run_checks(host, env={}, only=["gpu_units"])
+    units = report.get("gpu_units")
+    assert (units.status, units.message) == (
+        Status.WARN,
+        "7/8 GPU(s) on the nvidia driver, shared through runsc",
+    )
+    assert "0000:18:00.0 GH100 [H100 SXM5 80GB]: on no driver, not on nvidia" in units.details
+    assert units.hint is not None and "sudo modprobe nvidia" in units.hint
+    assert (report.units_ready, report.units_total) == (7, 8)
 
 
 def test_gpu_mode_none_skips_gpu_checks_on_a_gpu_box(sim_host: Make) -> None:
