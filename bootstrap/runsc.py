@@ -25,6 +25,13 @@ def docker_runtime() -> dict[str, object]:
     return {"path": RUNSC, "runtimeArgs": list(RUNTIME_ARGS)}
 
 
+def drivers_probe() -> list[str]:
+    """runsc's list of the NVIDIA driver versions its nvproxy has the ioctl ABI of, one a line
+    (`runsc nvproxy list-supported-drivers`, since 2024). nvproxy refuses to start a sandbox on any
+    other driver ("unsupported Nvidia driver version"), which docker reports only as an EOF."""
+    return [RUNSC, *RUNTIME_ARGS, "nvproxy", "list-supported-drivers"]
+
+
 def flag_probe() -> list[str]:
     """runsc with docker's arguments and `--version`: runsc parses every top-level flag before it
     answers --version, so this fails exactly when a container start would fail on the flags, and

@@ -456,6 +456,38 @@ def _first_line(res: CommandResult) -> str:
     return lines[0] if lines else f"exit status {res.returncode}"
 
 
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
+
+
+def _runsc_driver_support(ctx: Context, version: str, args: str) -> CheckResult:
+    """The flags are accepted; nvproxy must also know the loaded NVIDIA driver's ABI."""
+    name, host = "runsc", ctx.host
+    accepted = f"runsc {version} accepts {args}"
+    details = [f"at {RUNSC}"]
+    driver = host.read_text("/sys/module/nvidia/version", default="").strip()
+    if not driver:
+        return CheckResult(name, Status.PASS, accepted, None, tuple(details))  # nvidia_driver says why
+    res = host.run(runsc.drivers_probe(), timeout=RUNSC_TIMEOUT)
+    # runsc lists them in no particular order; the newest are what an operator would install.
+    supported = sorted(res.stdout.split() if res.ok else [], key=_version_key)
+    if not supported:
+        details.append(f"it does not list the NVIDIA drivers nvproxy supports ({_first_line(res)})")
+        return CheckResult(name, Status.PASS, accepted, None, tuple(details))
+    if driver not in supported:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"runsc {version} has no nvproxy support for NVIDIA driver {driver}: GPU containers cannot start",
+            f"install an NVIDIA driver it supports (newest: {', '.join(supported[-3:])}; all: runsc "
+            "nvproxy list-supported-drivers), or the control plane must serve a runsc that supports "
+            + driver,
+            (*details, "supported: " + " ".join(supported)),
+        )
+    passed = f"{accepted}; nvproxy supports driver {driver}"
+    return CheckResult(name, Status.PASS, passed, None, tuple(details))
+
+
 def check_runsc(ctx: Context) -> CheckResult:
     """The installed runsc, run with the arguments docker passes it: its flag parser must accept them."""
     name = "runsc"
@@ -474,7 +506,7 @@ def check_runsc(ctx: Context) -> CheckResult:
     res = host.run(runsc.flag_probe(), timeout=RUNSC_TIMEOUT)
     found = _RUNSC_VERSION.search(res.stdout)
     if res.ok and found:
-        return CheckResult(name, Status.PASS, f"runsc {found[1]} accepts {args}", None, (f"at {RUNSC}",))
+        return _runsc_driver_support(ctx, found[1], args)
     if res.returncode == 124:
         return CheckResult(
             name,

@@ -151,16 +151,23 @@ def artifact_tarball(release: str) -> bytes:
     return tgz.read_bytes()
 
 
+# What `runsc nvproxy list-supported-drivers` prints on release-20240729.
+STANDIN_DRIVERS = (
+    "535.104.12", "535.129.03", "535.154.05", "535.161.07", "550.54.14", "550.54.15", "550.90.07",
+)  # fmt: skip
+
 # The top-level flags of runsc release-20240729 that matter to a node (`runsc flags` lists them
 # all), with Go's flag package rules: -name or --name, bool flags take =value only, the first
 # non-flag word starts the subcommand, an unknown flag is exit 2 with "flag provided but not defined".
 STANDIN = r'''#!/usr/bin/env python3
-"""Stand-in for gVisor runsc {release} (hostsim.runsc): top-level flag parsing and --version only."""
+"""Stand-in for gVisor runsc {release} (hostsim.runsc): top-level flag parsing, --version and
+`nvproxy list-supported-drivers` only."""
 import sys
 
 RELEASE = {release!r}
 BOOL = {{"nvproxy", "nvproxy-docker", "debug", "version", "rootless", "systemd-cgroup"}}
 VALUE = {{"root", "platform", "network", "debug-log", "log", "log-format", "nvproxy-driver-version"}}
+DRIVERS = {drivers!r}
 
 def usage(msg):
     sys.stderr.write(msg + "\nUsage: runsc <flags> <subcommand> <subcommand args>\n")
@@ -189,24 +196,26 @@ if seen.get("version"):
     print(f"runsc version {{RELEASE}} (hostsim stand-in)")
     print("spec: 1.1.0")
     sys.exit(0)
+if args[i:] == ["nvproxy", "list-supported-drivers"]:
+    print("\n".join(DRIVERS))
+    sys.exit(0)
 sys.stderr.write("hostsim stand-in runsc: runs no containers\n")
 sys.exit(1)
 '''
 
 
 def standin_tarball(release: str = NVPROXY) -> bytes:
-    return _tarball({"runsc": STANDIN.format(release=release).encode()})
+    return _tarball({"runsc": STANDIN.format(release=release, drivers=STANDIN_DRIVERS).encode()})
 
 
 def run_in_tree(host: Host, argv: tuple[str, ...]) -> CommandResult:
     """The RecordingRunner handler for `runsc` (hostsim.kernel registers it): the runsc installed in
-    the tree runs for real, so a tree's doctor gets the installed binary's own answer. Only flag
-    probes ending in `--version` run; anything else could act on this machine (`runsc install`
-    edits the real /etc/docker/daemon.json) and is refused."""
-    if not argv or not argv[0].startswith("/") or argv[-1] != "--version":
-        return CommandResult(
-            argv, 1, "", f"hostsim: only `<path>/runsc ... --version` runs in a tree: {argv}"
-        )
+    the tree runs for real, so a tree's doctor gets the installed binary's own answer. Only the
+    read-only probes run (`... --version`, `... nvproxy list-supported-drivers`); anything else could
+    act on this machine (`runsc install` edits the real /etc/docker/daemon.json) and is refused."""
+    probe = argv[-1:] == ("--version",) or argv[-2:] == ("nvproxy", "list-supported-drivers")
+    if not argv or not argv[0].startswith("/") or not probe:
+        return CommandResult(argv, 1, "", f"hostsim: only runsc's read-only probes run in a tree: {argv}")
     exe = host.path(argv[0])
     if not exe.is_file():
         return CommandResult(argv, 127, "", f"{argv[0]}: command not found")

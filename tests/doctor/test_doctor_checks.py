@@ -384,7 +384,7 @@ def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
     agents(host)
     _container_mode(host)
     host.path("/sys/module/nvidia").mkdir(parents=True)
-    host.path("/sys/module/nvidia/version").write_text("550.127.05\n")
+    host.path("/sys/module/nvidia/version").write_text("550.90.07\n")
     _install_runsc(host, runsc_releases[NVPROXY])
     report = run_checks(host, env={})
 
@@ -401,8 +401,10 @@ def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
     )
     assert units.details[0] == "0000:18:00.0 GH100 [H100 SXM5 80GB]: on nvidia"
     assert (report.units_ready, report.units_total) == (8, 8)
-    assert report.get("nvidia_driver").message == "NVIDIA driver 550.127.05 loaded"
-    assert report.get("runsc").message == "runsc 0.0~20240729.0 accepts --nvproxy=true"
+    assert report.get("nvidia_driver").message == "NVIDIA driver 550.90.07 loaded"
+    assert report.get("runsc").message == (
+        "runsc 0.0~20240729.0 accepts --nvproxy=true; nvproxy supports driver 550.90.07"
+    )
     assert report.verdict is Status.PASS
 
 
@@ -418,6 +420,26 @@ def test_the_runsc_check_fails_debian_12s_runsc_that_predates_nvproxy_naming_the
         "runsc 0.0~20221219.0 refuses --nvproxy=true (flag provided but not defined: -nvproxy)"
     )
     assert result.hint is not None and "gVisor release-20230529 or later" in result.hint
+
+
+def test_the_runsc_check_fails_a_driver_the_installed_runscs_nvproxy_does_not_support(
+    sim_host: Make, runsc_releases: dict[str, Path]
+) -> None:
+    host = sim_host("hgx-h100")
+    _container_mode(host)
+    host.path("/sys/module/nvidia").mkdir(parents=True)
+    host.path("/sys/module/nvidia/version").write_text("550.127.05\n")  # newer than 20240729 knows
+    _install_runsc(host, runsc_releases[NVPROXY])
+    result = run_checks(host, env={}, only=["runsc"]).get("runsc")
+    assert result.status is Status.FAIL
+    assert result.message == (
+        "runsc 0.0~20240729.0 has no nvproxy support for NVIDIA driver 550.127.05: "
+        "GPU containers cannot start"
+    )
+    assert result.hint == (
+        "install an NVIDIA driver it supports (newest: 550.54.14, 550.54.15, 550.90.07; all: runsc "
+        "nvproxy list-supported-drivers), or the control plane must serve a runsc that supports 550.127.05"
+    )
 
 
 def test_the_runsc_check_runs_exactly_the_arguments_docker_is_given(
