@@ -81,7 +81,7 @@ def run_log(host: Host, secrets: Callable[[], Iterable[str]]) -> Iterator[Path]:
     """Append this run's messages (bootstrap.* loggers) to the log file, secrets redacted."""
     path = host.path(LOG_PATH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
     stream = os.fdopen(fd, "a", encoding="utf-8")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -151,7 +151,7 @@ def run_lock(host: Host) -> Iterator[None]:
     """One run at a time: a second run fails at once, naming the run that holds the lock."""
     path = host.path(LOCK_PATH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
