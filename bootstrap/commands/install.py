@@ -327,7 +327,7 @@ def run_install(
         raise UsageError(f"--token-file {token_file}: no such file")
     host = host or Host(root)
     chosen, skipped = stages.select(only)
-    settings = load_settings(host)
+    settings = load_settings(host, repair=True)
     if api:
         settings = replace(settings, api=api)
     state = load_state(host)
@@ -370,6 +370,8 @@ def run_install(
             log.info("install run started (pid %d, stages %s)", os.getpid(), names)
             if skipped:
                 ctx.out("skipped (not implemented yet): " + ", ".join(s.name for s in skipped))
+            for warning in settings.warnings:
+                ctx.out(f"warning: {warning}")
             ran = _run_stages(ctx, chosen, display)
             display.close()
             if only is None and not plan_only and ran and _verdict(ran, plan_only)[1] == EXIT_OK:

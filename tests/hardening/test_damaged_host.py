@@ -21,7 +21,7 @@ from bootstrap import artifacts
 from bootstrap.artifacts import UnpackLimits
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
-from bootstrap.identity import IdentityError, NewIdentity, write_identity
+from bootstrap.identity import IdentityError
 from bootstrap.manifest import Artifact, verify_manifest
 from bootstrap.settings import Settings
 from bootstrap.stages import Context
@@ -30,6 +30,7 @@ from bootstrap.state import RunState, load_state
 from doctor.checks import check_memory, run_checks
 from hostsim.snapshot import snapshot
 from tests.agents.artifact_helpers import DirectoryDownloader, manifest_for
+from tests.hardening.helpers import enrolled_host
 from tests.install.helpers import gpus_on_vfio, install
 
 MakeTree = Callable[..., Path]
@@ -125,26 +126,6 @@ def test_a_state_json_of_the_right_types_still_loads(tmp_path: Path) -> None:
 # --- enrollment.json --------------------------------------------------------------------------------
 
 
-def _enrolled(root: Path, enrollment: object) -> Host:
-    host = Host(root)
-    write_identity(
-        host,
-        NewIdentity(
-            key_pem=b"key",
-            cert_pem=b"crt",
-            ca_pem=b"ca",
-            node_token="vnt_" + "x" * 32,
-            node={"node_id": "n1", "org_id": "o1", "overlay_ip": "10.42.0.2"},
-            enrollment={},
-        ),
-    )
-    gen = host.path("/etc/vectorlay/identity")
-    (gen / "enrollment.json").write_text(
-        enrollment if isinstance(enrollment, str) else json.dumps(enrollment)
-    )
-    return host
-
-
 @pytest.mark.parametrize(
     "enrollment",
     [
@@ -173,7 +154,7 @@ def _enrolled(root: Path, enrollment: object) -> Host:
 def test_an_enrollment_json_of_the_wrong_shape_is_an_identity_error(
     tmp_path: Path, enrollment: object
 ) -> None:
-    host = _enrolled(tmp_path, enrollment)
+    host = enrolled_host(tmp_path, enrollment)
     from bootstrap.identity import load_identity
 
     ident = load_identity(host)
