@@ -19,6 +19,7 @@ Readers that follow the symlink never see a mix either.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -186,16 +187,29 @@ def load_identity(host: Host) -> Identity | None:
                 f"chmod 600 {IDENTITY_DIR}/{name}",
             )
     try:
-        node = json.loads((path / "node.json").read_text())
-        return Identity(
-            path=path,
-            node_id=str(node["node_id"]),
-            org_id=str(node["org_id"]),
-            overlay_ip=str(node["overlay_ip"]),
-            api=node.get("api"),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        node = json.loads(read_regular(path / "node.json", ENROLLMENT_LIMIT))
+    except (OSError, ValueError, RecursionError) as e:
         raise IdentityError(f"{IDENTITY_DIR}/node.json is unreadable: {e}", REENROLL_HINT) from None
+    if not isinstance(node, dict):
+        raise IdentityError(f"{IDENTITY_DIR}/node.json must hold a JSON object", REENROLL_HINT)
+    for key in ("node_id", "org_id", "overlay_ip"):
+        if not isinstance(node.get(key), str) or not node[key]:
+            raise IdentityError(f"{IDENTITY_DIR}/node.json: {key} is missing or not a string", REENROLL_HINT)
+    try:
+        ipaddress.ip_address(node["overlay_ip"])
+    except ValueError:
+        raise IdentityError(
+            f"{IDENTITY_DIR}/node.json: overlay_ip {node['overlay_ip'][:40]!r} is not an IP address",
+            REENROLL_HINT,
+        ) from None
+    api = node.get("api")
+    return Identity(
+        path=path,
+        node_id=node["node_id"],
+        org_id=node["org_id"],
+        overlay_ip=node["overlay_ip"],
+        api=api if isinstance(api, str) else None,
+    )
 
 
 def _owner_root(fd: int) -> None:

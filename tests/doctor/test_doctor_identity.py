@@ -88,6 +88,10 @@ def enroll(
     os.write(fd, _key_pem(ec.generate_private_key(ec.SECP256R1()) if other_key else key))
     os.close(fd)
     os.chmod(key_path, key_mode)
+    fd = os.open(d / "node-token", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"vnt_" + b"t" * 32 + b"\n")
+    os.close(fd)
+    (d / "node.json").write_text('{"node_id": "node-7f3a", "org_id": "acme", "overlay_ip": "10.42.0.7"}\n')
     return d
 
 
