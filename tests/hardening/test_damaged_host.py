@@ -27,7 +27,8 @@ from bootstrap.settings import Settings
 from bootstrap.stages import Context
 from bootstrap.stages.agents import desired
 from bootstrap.state import RunState, load_state
-from doctor.checks import check_memory, run_checks
+from doctor.checks import Context as DoctorContext
+from doctor.checks import check_memory
 from hostsim.snapshot import snapshot
 from tests.agents.artifact_helpers import DirectoryDownloader, manifest_for
 from tests.hardening.helpers import enrolled_host
@@ -184,7 +185,7 @@ def test_an_enrollment_json_of_the_wrong_shape_is_an_identity_error(
 )
 def test_garbage_in_proc_meminfo_is_a_memory_fail_not_a_traceback(ready_tree: Path, meminfo: bytes) -> None:
     (ready_tree / "proc/meminfo").write_bytes(meminfo)
-    result = check_memory(run_checks.__globals__["Context"](Host(ready_tree), Settings()))
+    result = check_memory(DoctorContext(Host(ready_tree), Settings()))
     assert result.status.value == "FAIL"
     assert "/proc/meminfo" in result.message and result.hint
     res = _cli("doctor.cli", "--root", str(ready_tree), "--json")
