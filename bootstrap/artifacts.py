@@ -93,8 +93,25 @@ def _download(downloader: Downloader, art: Artifact, part: Path) -> None:
         raise _mismatch(art, f"sha256 {digest.hexdigest()} does not match the signed manifest's {art.sha256}")
 
 
-def _safe_members(tar: tarfile.TarFile, art: Artifact) -> Iterator[tarfile.TarInfo]:
-    for m in tar.getmembers():
+@dataclass(frozen=True)
+class UnpackLimits:
+    """What one release may unpack to. A signed artifact can still be a decompression bomb (the
+    control plane's key signs whatever it is given): the headers are checked as the archive is read,
+    so a member declaring too much stops the unpack before its data is inflated."""
+
+    max_bytes: int = 4 << 30  # the largest agent (nomad) unpacks to ~150 MB
+    max_members: int = 20_000
+
+
+def _safe_members(tar: tarfile.TarFile, art: Artifact, limits: UnpackLimits) -> Iterator[tarfile.TarInfo]:
+    total = 0
+    # Iterating the archive reads it header by header; getmembers() would inflate all of it first.
+    for count, m in enumerate(tar, 1):
+        total += max(m.size, 0)
+        if count > limits.max_members:
+            raise _mismatch(art, f"the archive holds more than {limits.max_members} members")
+        if total > limits.max_bytes:
+            raise _mismatch(art, f"the archive unpacks to more than {limits.max_bytes} bytes (at {m.name!r})")
         p = PurePosixPath(m.name)
         if p.is_absolute() or ".." in p.parts:
             raise _mismatch(art, f"unsafe path {m.name!r} in the archive")
@@ -110,11 +127,11 @@ def _safe_members(tar: tarfile.TarFile, art: Artifact) -> Iterator[tarfile.TarIn
         yield m
 
 
-def _unpack(part: Path, staging: Path, art: Artifact) -> None:
+def _unpack(part: Path, staging: Path, art: Artifact, limits: UnpackLimits) -> None:
     staging.mkdir(mode=0o755)
     try:
         with tarfile.open(part, "r:*") as tar:
-            members = list(_safe_members(tar, art))
+            members = list(_safe_members(tar, art, limits))
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(staging, members=members, filter="data")
             else:  # Python < 3.11.4 / 3.10.12: the members were vetted above
@@ -132,7 +149,9 @@ def _unpack(part: Path, staging: Path, art: Artifact) -> None:
         fsync_dir(Path(dirpath))
 
 
-def install(host: Host, downloader: Downloader, art: Artifact) -> InstallResult:
+def install(
+    host: Host, downloader: Downloader, art: Artifact, limits: UnpackLimits | None = None
+) -> InstallResult:
     """Make <name>/<version> present and verified; does not switch `current`."""
     if is_installed(host, art):
         return InstallResult(art.name, art.version, downloaded=False)
@@ -146,7 +165,7 @@ def install(host: Host, downloader: Downloader, art: Artifact) -> InstallResult:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _download(downloader, art, part)
-        _unpack(part, staging, art)
+        _unpack(part, staging, art, limits or UnpackLimits())
         # Gone before the switch: a kill right after it would leave the download behind for good,
         # since the next run finds the version installed and never comes back here.
         part.unlink()

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 import tempfile
 from pathlib import Path
 
@@ -134,3 +135,32 @@ def atomic_symlink(target: str, link: Path) -> None:
             tmp.unlink()
         raise
     fsync_dir(link.parent, fault=False)
+
+
+class NotRegularFile(OSError):
+    """A path where a file is expected holds a directory, a FIFO, a socket or a device."""
+
+
+# Larger than any file the tools read (a 256-core /proc/cpuinfo is ~400 KB).
+READ_LIMIT = 8 << 20
+
+
+def read_regular(path: str | os.PathLike[str], limit: int = READ_LIMIT) -> bytes:
+    """At most `limit` bytes of a regular file. Opened non-blocking and checked before reading, so a
+    FIFO planted where a sysfs attribute or a config file belongs never hangs the reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", os.fspath(path))
+        chunks: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -374,3 +374,65 @@ def plan_changes(host: Host, loader: BootLoader, wanted: list[str]) -> list[Chan
             changes.append(FileChange(DROPIN, render_dropin([]), 0o644, reason="replaces a foreign file"))
     changes.append(Command(loader.update, after=(DROPIN,), reason="regenerate grub.cfg"))
     return changes
+
+
+# --- what grub-mkconfig made ------------------------------------------------------------------------
+
+
+def generated_cfg(loader: BootLoader) -> str:
+    """The grub.cfg the loader's update command writes."""
+    assert loader.update is not None
+    argv = loader.update
+    return argv[argv.index("-o") + 1] if "-o" in argv else GRUB_CFGS[0]
+
+
+def linux_lines(text: str) -> list[list[str]]:
+    """The kernel arguments of every `linux` (or `linuxefi`) line of a grub.cfg, image path left out."""
+    out = []
+    for raw in text.splitlines():
+        words = raw.split()
+        if len(words) >= 2 and words[0] in ("linux", "linuxefi", "linux16"):
+            out.append(words[2:])
+    return out
+
+
+def takes_away(host: Host, wanted: list[str]) -> str | None:
+    """The defaults file that last removed one of `wanted` from the kernel line, sourcing the files one
+    by one in grub-mkconfig's order (None: none of them did; then a script in /etc/grub.d did)."""
+    env: dict[str, str] = {}
+    had: set[str] = set()
+    culprit: str | None = None
+    for f in sourced_files(host):
+        env = evaluate_shell(host.read_text(f), env)
+        now = set(" ".join(env.get(k, "") for k in CMDLINE_VARS).split()) & set(wanted)
+        if had - now:
+            culprit = f
+        had = now
+    return culprit
+
+
+def verify_generated(host: Host, loader: BootLoader, wanted: list[str]) -> None:
+    """After the update command: the generated grub.cfg's kernel lines must carry `wanted`, or a
+    reboot would start the kernel without them. Raises naming the file that took them away."""
+    cfg = generated_cfg(loader)
+    try:
+        lines = linux_lines(host.read_text(cfg))
+    except OSError:
+        return  # nothing generated to judge (the update command itself reports its failure)
+    if not lines or any(all(a in line for a in wanted) for line in lines):
+        return
+    missing = [a for a in wanted if not any(a in line for line in lines)] or wanted
+    culprit = takes_away(host, wanted)
+    joined = " ".join(missing)
+    if culprit is not None:
+        raise VectorlayError(
+            f"{cfg} was generated without {joined}: {culprit} is sourced after {DROPIN} and sets the "
+            "kernel line again; a reboot would not turn the IOMMU on, so none is asked for",
+            f"drop the reset from {culprit} (or rename it to sort before 99-vectorlay-iommu.cfg), "
+            "then re-run the same command",
+        )
+    raise VectorlayError(
+        f"{cfg} was generated without {joined}, although {DROPIN} adds it and no file in "
+        f"{DEFAULT_GRUB} or {GRUB_D} takes it away; a reboot would not turn the IOMMU on",
+        "look for a script in /etc/grub.d/ that writes its own 'linux' lines, then re-run",
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from bootstrap.errors import LiveRootForbidden
-from bootstrap.fsutil import fault_point
+from bootstrap.errors import LiveRootForbidden, VectorlayError
+from bootstrap.fsutil import NotRegularFile, fault_point, read_regular
 
 # Set by the test suite (conftest) so that code which forgets to pass --root fails loudly.
 FORBID_LIVE_ENV = "VECTORLAY_FORBID_LIVE_ROOT"
@@ -26,6 +27,50 @@ FORBID_LIVE_ENV = "VECTORLAY_FORBID_LIVE_ROOT"
 # hostsim.kernel:simulate), so that the real CLI run against a tree by the demo or a test answers
 # systemctl, modprobe and sysfs writes the way a booted box would. Ignored for the live root.
 TREE_SIMULATOR_ENV = "VECTORLAY_TREE_SIMULATOR"
+
+
+# Above any machine (x86-64's 52-bit physical address space is 4 PiB): a garbled figure.
+_MAX_SANE_MEMORY = 1 << 52
+# Linux's own limit (MAXSYMLINKS): a loop of links is an error, not a hang.
+_MAX_LINK_HOPS = 40
+
+
+def resolve_in_root(root: Path, p: str, *, follow: bool = True) -> Path:
+    """`p` (absolute, as seen on the host) inside `root`, as a chroot at `root` would resolve it."""
+    todo = [c for c in reversed(p.split("/")) if c and c != "."]
+    out: list[str] = []
+    hops = 0
+    base = str(root)
+    while todo:
+        name = todo.pop()
+        if name == "..":
+            if out:
+                out.pop()
+            continue
+        if not todo and not follow:
+            out.append(name)
+            break
+        candidate = os.path.join(base, *out, name)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            # Missing (or under a non-directory): nothing below it can be a link either.
+            out.append(name)
+            continue
+        if not stat.S_ISLNK(st.st_mode):
+            out.append(name)
+            continue
+        hops += 1
+        if hops > _MAX_LINK_HOPS:
+            raise VectorlayError(
+                f"{p}: too many levels of symbolic links in the tree {root}",
+                "remove the symlink loop and re-run",
+            )
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            out = []
+        todo.extend(c for c in reversed(target.split("/")) if c and c != ".")
+    return root.joinpath(*out)
 
 
 @dataclass(frozen=True)
@@ -166,14 +211,21 @@ class Host:
     def __repr__(self) -> str:
         return f"Host(root={str(self.root)!r})"
 
-    def path(self, p: str | os.PathLike[str]) -> Path:
-        """Map an absolute host path such as `/etc/default/grub` into the root."""
+    def path(self, p: str | os.PathLike[str], *, follow: bool = True) -> Path:
+        """Map an absolute host path such as `/etc/default/grub` into the root.
+
+        In a tree the path is resolved the way the kernel resolves it inside a chroot: a symlink's
+        absolute target starts again at the root and `..` stops at it, so no link planted in the tree
+        (`etc/modprobe.d -> /etc/modprobe.d`) leads a write, an append or a removal out of it. The
+        result holds no symlink, except the last component when `follow` is False: what a rename, an
+        unlink or a readlink of the link itself needs.
+        """
         s = os.fspath(p)
         if not s.startswith("/"):
             raise ValueError(f"host paths are absolute, got {s!r}")
         if self.is_live:
             return Path(s)
-        return self.root / s.lstrip("/")
+        return resolve_in_root(self.root, s, follow=follow)
 
     def to_host(self, real: Path) -> str:
         """The inverse of path(): a path inside the tree back to its host form."""
@@ -185,9 +237,11 @@ class Host:
         return self.path(p).exists()
 
     def read_text(self, p: str, default: str | None = None) -> str:
+        """The file at host path `p` (bounded; a FIFO or a directory there is not read). With a
+        `default`, a missing, unreadable or non-regular file gives the default."""
         try:
-            return self.path(p).read_text(errors="replace")
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return read_regular(self.path(p)).decode(errors="replace")
+        except (FileNotFoundError, NotADirectoryError, PermissionError, NotRegularFile, IsADirectoryError):
             if default is None:
                 raise
             return default
@@ -195,7 +249,7 @@ class Host:
     def readlink_name(self, p: str) -> str | None:
         """Basename of a symlink's target (sysfs `driver`, `iommu_group`), or None if absent."""
         try:
-            return os.path.basename(os.readlink(self.path(p)))
+            return os.path.basename(os.readlink(self.path(p, follow=False)))
         except (FileNotFoundError, NotADirectoryError, OSError):
             return None
 
@@ -230,17 +284,23 @@ class Host:
         finally:
             os.close(fd)
 
-    # psutil, pointed at the root: memory comes from <root>/proc/meminfo exactly as on a live box,
-    # and disk figures can be injected because a test tree has no filesystem of its own to measure.
+    # Memory comes from <root>/proc/meminfo exactly as on a live box (MemTotal is what psutil and
+    # free(1) report as total); disk figures can be injected because a test tree has no filesystem
+    # of its own to measure.
     def memory_total_bytes(self) -> int:
-        import psutil
-
-        old = psutil.PROCFS_PATH
-        psutil.PROCFS_PATH = str(self.path("/proc"))
-        try:
-            return int(psutil.virtual_memory().total)
-        finally:
-            psutil.PROCFS_PATH = old
+        """MemTotal in bytes. Raises ValueError when /proc/meminfo does not hold a sane one."""
+        text = self.read_text("/proc/meminfo")
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            if key != "MemTotal":
+                continue
+            words = rest.split()
+            if len(words) == 2 and words[1] == "kB" and words[0].isascii() and words[0].isdigit():
+                total = int(words[0]) * 1024
+                if 0 < total < _MAX_SANE_MEMORY:
+                    return total
+            raise ValueError(f"/proc/meminfo: MemTotal is not a size in kB: {rest.strip()[:40]!r}")
+        raise ValueError("/proc/meminfo has no MemTotal line")
 
     def disk_free_bytes(self, p: str) -> int:
         """Free bytes on the filesystem holding host path `p` (its nearest existing ancestor)."""

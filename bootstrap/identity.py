@@ -25,6 +25,7 @@ Readers that follow the symlink never see a mix either.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.errors import VectorlayError
-from bootstrap.fsutil import atomic_symlink, fsync_dir
+from bootstrap.fsutil import atomic_symlink, fsync_dir, read_regular
 from bootstrap.host import Host
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,24 @@ REENROLL_HINT = "re-enroll the node with a new token (vectorlay-bootstrap enroll
 
 class IdentityError(VectorlayError):
     pass
+
+
+ENROLLMENT_LIMIT = 1 << 20
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# The top-level fields whose type the stages rely on; what is inside `nebula` and `nomad` is checked
+# where it is used (the agents stage).
+_ENROLLMENT_SHAPE: dict[str, Callable[[Any], bool]] = {
+    "nebula": lambda v: isinstance(v, dict),
+    "nomad": lambda v: isinstance(v, dict),
+    "manifest_keys": _str_list,
+    "gpu_mode": lambda v: isinstance(v, str),
+    "hostname": lambda v: isinstance(v, str),
+}
 
 
 @dataclass(frozen=True)
@@ -143,12 +162,22 @@ class Identity:
         return cert.not_valid_after.replace(tzinfo=timezone.utc)  # pragma: no cover
 
     def enrollment(self) -> dict[str, Any]:
-        """The non-secret enrollment data (nebula, nomad) saved for the agents stage."""
+        """The non-secret enrollment data (nebula, nomad) saved for the agents stage; {} when the
+        identity predates it. Raises IdentityError when it is damaged: the agents' configs are made
+        from it, and a wrong type there must stop the run with a message, not a traceback."""
+        where = f"{IDENTITY_DIR}/enrollment.json"
         try:
-            data = json.loads((self.path / "enrollment.json").read_text())
-        except (OSError, ValueError):
+            data = json.loads(read_regular(self.path / "enrollment.json", ENROLLMENT_LIMIT))
+        except FileNotFoundError:
             return {}
-        return data if isinstance(data, dict) else {}
+        except (OSError, ValueError, RecursionError) as e:
+            raise IdentityError(f"{where} is unreadable: {e}", REENROLL_HINT) from None
+        if not isinstance(data, dict):
+            raise IdentityError(f"{where} must hold a JSON object", REENROLL_HINT)
+        for key, want in _ENROLLMENT_SHAPE.items():
+            if key in data and data[key] is not None and not want(data[key]):
+                raise IdentityError(f"{where}: {key} has the wrong type", REENROLL_HINT)
+        return data
 
 
 @dataclass(frozen=True)
@@ -175,7 +204,7 @@ class NewIdentity:
 
 
 def identity_path(host: Host) -> Path:
-    return host.path(IDENTITY_DIR)
+    return host.path(IDENTITY_DIR, follow=False)
 
 
 def load_identity(host: Host) -> Identity | None:
@@ -211,16 +240,29 @@ def load_identity(host: Host) -> Identity | None:
                 f"chmod 600 {IDENTITY_DIR}/{name}",
             )
     try:
-        node = json.loads((path / "node.json").read_text())
-        return Identity(
-            path=path,
-            node_id=str(node["node_id"]),
-            org_id=str(node["org_id"]),
-            overlay_ip=str(node["overlay_ip"]),
-            api=node.get("api"),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        node = json.loads(read_regular(path / "node.json", ENROLLMENT_LIMIT))
+    except (OSError, ValueError, RecursionError) as e:
         raise IdentityError(f"{IDENTITY_DIR}/node.json is unreadable: {e}", REENROLL_HINT) from None
+    if not isinstance(node, dict):
+        raise IdentityError(f"{IDENTITY_DIR}/node.json must hold a JSON object", REENROLL_HINT)
+    for key in ("node_id", "org_id", "overlay_ip"):
+        if not isinstance(node.get(key), str) or not node[key]:
+            raise IdentityError(f"{IDENTITY_DIR}/node.json: {key} is missing or not a string", REENROLL_HINT)
+    try:
+        ipaddress.ip_address(node["overlay_ip"])
+    except ValueError:
+        raise IdentityError(
+            f"{IDENTITY_DIR}/node.json: overlay_ip {node['overlay_ip'][:40]!r} is not an IP address",
+            REENROLL_HINT,
+        ) from None
+    api = node.get("api")
+    return Identity(
+        path=path,
+        node_id=node["node_id"],
+        org_id=node["org_id"],
+        overlay_ip=node["overlay_ip"],
+        api=api if isinstance(api, str) else None,
+    )
 
 
 def _owner_root(fd: int) -> None:

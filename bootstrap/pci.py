@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
 
 PCI_DEVICES = "/sys/bus/pci/devices"
@@ -55,15 +56,9 @@ class PciDevice:
 
 def _read(path: str) -> str | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return read_regular(path, 256).decode(errors="replace").strip()
     except OSError:
         return None
-    try:
-        return os.read(fd, 256).decode(errors="replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _hex(value: str | None, width: int) -> str | None:
@@ -85,15 +80,9 @@ def _link_name(path: str) -> str | None:
 
 def _live_vendor(path: str) -> str | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        head = read_regular(path, 2)
     except OSError:
         return None
-    try:
-        head = os.read(fd, 2)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     if len(head) < 2:
         return None
     return f"{int.from_bytes(head, 'little'):04x}"

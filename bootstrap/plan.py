@@ -129,7 +129,7 @@ def backup_path(path: str) -> str:
 
 
 def _read(host: Host, path: str) -> tuple[bytes | None, int | None, tuple[int, int] | None]:
-    real = host.path(path)
+    real = host.path(path, follow=False)
     try:
         st = real.lstat()
     except (FileNotFoundError, NotADirectoryError):
@@ -140,7 +140,7 @@ def _read(host: Host, path: str) -> tuple[bytes | None, int | None, tuple[int, i
 
 
 def _plan_file(host: Host, ch: FileChange) -> Item:
-    real = host.path(ch.path)
+    real = host.path(ch.path, follow=False)
     if real.is_symlink() or (real.exists() and not real.is_file()):
         raise VectorlayError(
             f"{ch.path} exists and is not a regular file",
@@ -166,7 +166,7 @@ def _plan_file(host: Host, ch: FileChange) -> Item:
 
 
 def _plan_symlink(host: Host, ch: Symlink) -> Item:
-    real = host.path(ch.path)
+    real = host.path(ch.path, follow=False)
     try:
         current = os.readlink(real)
     except FileNotFoundError:
@@ -179,7 +179,7 @@ def _plan_symlink(host: Host, ch: Symlink) -> Item:
 
 
 def _plan_removal(host: Host, ch: Removal) -> Item:
-    real = host.path(ch.path)
+    real = host.path(ch.path, follow=False)
     restore: bytes | None = None
     bpath = host.path(backup_path(ch.path))
     if bpath.is_file():
@@ -293,13 +293,13 @@ class Applied:
 
 
 def _write_backup(host: Host, path: str) -> None:
-    real = host.path(path)
+    real = host.path(path, follow=False)
     st = real.stat()
     atomic_write(host.path(backup_path(path)), real.read_bytes(), mode=st.st_mode & 0o7777)
 
 
 def _remove(host: Host, path: str) -> None:
-    real = host.path(path)
+    real = host.path(path, follow=False)
     fault_point(f"remove {real}")
     with contextlib.suppress(FileNotFoundError):
         real.unlink()
@@ -333,11 +333,11 @@ def apply(
             if item.backup:
                 _write_backup(host, ch.path)
             uid, gid = ch.owner if ch.owner is not None else (None, None)
-            atomic_write(host.path(ch.path), ch.content, mode=ch.mode, uid=uid, gid=gid)
+            atomic_write(host.path(ch.path, follow=False), ch.content, mode=ch.mode, uid=uid, gid=gid)
             done.written.append(ch.path)
             log(f"wrote {ch.path}")
         elif isinstance(ch, Symlink):
-            atomic_symlink(ch.target, host.path(ch.path))
+            atomic_symlink(ch.target, host.path(ch.path, follow=False))
             done.written.append(ch.path)
             log(f"linked {ch.path} -> {ch.target}")
         elif isinstance(ch, Removal):
@@ -345,7 +345,7 @@ def apply(
             if item.restore is not None:
                 bpath = host.path(backup_path(ch.path))
                 mode = bpath.stat().st_mode & 0o7777
-                atomic_write(host.path(ch.path), item.restore, mode=mode)
+                atomic_write(host.path(ch.path, follow=False), item.restore, mode=mode)
                 _remove(host, backup_path(ch.path))
                 log(f"restored {ch.path} from its backup")
             else:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bootstrap.errors import VectorlayError
+from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
+from bootstrap.plan import MARKER
 
 SETTINGS_PATH = "/etc/vectorlay/node.yaml"
 GPU_MODES = ("passthrough", "container", "none")
@@ -25,18 +28,62 @@ class Settings:
     extra_gpu_vendor_ids: tuple[str, ...] = ()
     extra_nvswitch_device_ids: tuple[str, ...] = ()
     source: str | None = field(default=None, compare=False)
+    # What `repair` loading set aside of a damaged node.yaml (the install run rewrites the file).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+KNOWN = ("api", "gpu_mode", "autoupdate", "disk_path", "extra_gpu_vendor_ids", "extra_nvswitch_device_ids")
+# node.yaml is a handful of lines; anything near this is not a settings file.
+SETTINGS_LIMIT = 64 << 10
+MAX_PATH = 4096  # PATH_MAX
+MAX_URL = 2048
+FILE_FIX = f"fix {SETTINGS_PATH} or move it away (sudo mv {SETTINGS_PATH} {SETTINGS_PATH}.bad) and re-run"
+
+
+def _control_char(s: str) -> str | None:
+    for c in s:
+        if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029":
+            return repr(c)
+    return None
+
+
+def _text(value: Any, key: str, max_len: int) -> str:
+    if not isinstance(value, str):
+        raise VectorlayError(f"{key} must be a string, not {type(value).__name__}")
+    if len(value) > max_len:
+        raise VectorlayError(f"{key} is {len(value)} characters long (at most {max_len})")
+    bad = _control_char(value)
+    if bad is not None:
+        raise VectorlayError(f"{key} contains a control character ({bad})", f"set {key} without it")
+    return value
+
+
+def _abs_path(value: Any, key: str) -> str:
+    s = _text(value, key, MAX_PATH)
+    if not s.startswith("/"):
+        raise VectorlayError(f"{key}={s!r} is not an absolute path", f"set {key} to a path like /data")
+    return s
+
+
+def _url(value: Any, key: str) -> str:
+    s = _text(value, key, MAX_URL)
+    if any(c.isspace() for c in s):
+        raise VectorlayError(f"{key}={s!r} contains white space", f"set {key} to the control plane's URL")
+    return s
 
 
 def _hex_ids(value: Any, key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise VectorlayError(f"{SETTINGS_PATH}: {key} must be a list of hex IDs", 'e.g. ["8086"]')
+        raise VectorlayError(f"{key} must be a list of hex IDs", 'e.g. ["8086"]')
     out = []
     for item in value:
-        s = str(item).lower().removeprefix("0x")
+        # Scalars only: str() of a nested (or aliased) structure is unbounded work.
+        s = str(item).lower().removeprefix("0x") if isinstance(item, (str, int)) else ""
         if len(s) != 4 or any(c not in "0123456789abcdef" for c in s):
-            raise VectorlayError(f"{SETTINGS_PATH}: {key} entry {item!r} is not a 4-digit hex ID")
+            shown = repr(item) if isinstance(item, (str, int)) else type(item).__name__
+            raise VectorlayError(f"{key} entry {shown[:40]} is not a 4-digit hex ID")
         out.append(s)
     return tuple(out)
 
@@ -44,69 +91,171 @@ def _hex_ids(value: Any, key: str) -> tuple[str, ...]:
 def _bool(value: Any, key: str) -> bool:
     if isinstance(value, bool):
         return value
-    s = str(value).strip().lower()
+    s = str(value).strip().lower() if isinstance(value, (str, int)) else ""
     if s in ("1", "true", "yes", "on"):
         return True
     if s in ("0", "false", "no", "off"):
         return False
-    raise VectorlayError(f"{key}={value!r} is not a boolean", "use 1 or 0")
+    shown = repr(value)[:40] if isinstance(value, (str, int)) else type(value).__name__
+    raise VectorlayError(f"{key}={shown} is not a boolean", "use 1 or 0")
 
 
 def _gpu_mode(value: Any, key: str) -> str:
-    s = str(value).strip().lower()
+    s = value.strip().lower() if isinstance(value, str) else ""
     if s not in GPU_MODES:
-        raise VectorlayError(f"{key}={value!r} is not a GPU mode", "use passthrough, container or none")
+        shown = repr(value)[:40] if isinstance(value, (str, int)) else type(value).__name__
+        raise VectorlayError(f"{key}={shown} is not a GPU mode", "use passthrough, container or none")
     return s
 
 
-def load_settings(host: Host, env: Mapping[str, str] | None = None) -> Settings:
+_PARSERS: dict[str, Any] = {
+    "api": _url,
+    "gpu_mode": _gpu_mode,
+    "autoupdate": _bool,
+    "disk_path": _abs_path,
+    "extra_gpu_vendor_ids": _hex_ids,
+    "extra_nvswitch_device_ids": _hex_ids,
+}
+
+
+def _read_file(host: Host) -> str | None:
+    """node.yaml's text, None when there is none. Never blocks (a FIFO) and never reads without bound."""
+    real = host.path(SETTINGS_PATH)
+    try:
+        st = real.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise VectorlayError(f"cannot read {SETTINGS_PATH}: {e.strerror}", FILE_FIX) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, socket or device"
+        raise VectorlayError(f"{SETTINGS_PATH} is not a regular file (it is {kind})", FILE_FIX)
+    if st.st_size > SETTINGS_LIMIT:
+        raise VectorlayError(f"{SETTINGS_PATH} is {st.st_size} bytes (at most {SETTINGS_LIMIT})", FILE_FIX)
+    try:
+        return read_regular(real, SETTINGS_LIMIT).decode("utf-8")
+    except UnicodeDecodeError:
+        raise VectorlayError(f"{SETTINGS_PATH} is not UTF-8 text", FILE_FIX) from None
+    except PermissionError:
+        raise VectorlayError(f"cannot read {SETTINGS_PATH}: permission denied", "run with sudo") from None
+    except OSError as e:
+        raise VectorlayError(f"cannot read {SETTINGS_PATH}: {e.strerror}", FILE_FIX) from None
+
+
+def _parse(text: str) -> dict[str, Any]:
+    # Imported here, not at the top: yaml costs ~10 ms of the doctor's benchmarked startup and is
+    # only needed when node.yaml exists.
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise VectorlayError(f"{SETTINGS_PATH} is not valid YAML: {str(e)[:300]}", FILE_FIX) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise VectorlayError(f"{SETTINGS_PATH} must be a mapping of settings", FILE_FIX)
+    unknown = [str(k)[:40] for k in data if k not in KNOWN]
+    if unknown:
+        raise VectorlayError(f"{SETTINGS_PATH}: unknown setting(s) {', '.join(sorted(unknown))}", FILE_FIX)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if value is None or value == "":
+            continue
+        try:
+            out[key] = _PARSERS[key](value, key)
+        except VectorlayError as e:
+            raise VectorlayError(f"{SETTINGS_PATH}: {e.message}", FILE_FIX) from None
+    return out
+
+
+def _salvage(text: str) -> tuple[dict[str, Any], list[str]]:
+    """The settings of a node.yaml this installer wrote that no longer parses.
+
+    Older versions wrote one `key: value` line per setting without quoting, so a value holding ": "
+    or a quote made the whole file invalid. Each known key's first line still holds its value; what
+    does not validate is dropped (and reported) rather than failing every later run.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    dropped: list[str] = []
+    for line in text.splitlines():
+        key, sep, rest = line.partition(": ")
+        if not sep or key not in KNOWN or key in out:
+            continue
+        raw: Any = rest.strip()
+        if key.startswith("extra_"):
+            try:
+                raw = yaml.safe_load(raw)
+            except (yaml.YAMLError, RecursionError):
+                dropped.append(key)
+                continue
+        try:
+            out[key] = _PARSERS[key](raw, key)
+        except VectorlayError:
+            dropped.append(key)
+    return out, dropped
+
+
+def load_settings(host: Host, env: Mapping[str, str] | None = None, *, repair: bool = False) -> Settings:
+    """node.yaml, then the VECTORLAY_* variables over it; every value validated.
+
+    `repair` (the install run, which rewrites node.yaml): a file of the installer's own that no longer
+    parses is read line by line instead, with a warning, so that it never blocks the run that would
+    fix it. A file someone else wrote, or one that is not a file at all, is always an error.
+    """
     env = os.environ if env is None else env
     settings = Settings()
-    text = host.read_text(SETTINGS_PATH, default="")
-    if text.strip():
-        # Imported here, not at the top: yaml costs ~10 ms of the doctor's benchmarked startup and is
-        # only needed when node.yaml exists.
-        import yaml
-
+    text = _read_file(host)
+    warnings: list[str] = []
+    if text is not None and text.strip():
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise VectorlayError(
-                f"{SETTINGS_PATH} is not valid YAML: {e}", "fix the file or re-run the install one-liner"
-            ) from None
-        if not isinstance(data, dict):
-            raise VectorlayError(f"{SETTINGS_PATH} must be a mapping of settings")
-        unknown = set(data) - {
-            "api",
-            "gpu_mode",
-            "autoupdate",
-            "disk_path",
-            "extra_gpu_vendor_ids",
-            "extra_nvswitch_device_ids",
-        }
-        if unknown:
-            raise VectorlayError(f"{SETTINGS_PATH}: unknown setting(s) {', '.join(sorted(unknown))}")
-        settings = replace(
-            settings,
-            api=data.get("api") or None,
-            gpu_mode=_gpu_mode(data["gpu_mode"], "gpu_mode") if data.get("gpu_mode") else None,
-            autoupdate=_bool(data.get("autoupdate", True), "autoupdate"),
-            disk_path=str(data.get("disk_path") or settings.disk_path),
-            extra_gpu_vendor_ids=_hex_ids(data.get("extra_gpu_vendor_ids"), "extra_gpu_vendor_ids"),
-            extra_nvswitch_device_ids=_hex_ids(
-                data.get("extra_nvswitch_device_ids"), "extra_nvswitch_device_ids"
-            ),
-            source=SETTINGS_PATH,
-        )
+            values = _parse(text)
+        except VectorlayError as e:
+            # Earlier versions put the marker and a note on one line.
+            if not (repair and text.startswith(MARKER)):
+                raise
+            values, dropped = _salvage(text)
+            warnings.append(
+                f"{e.message}; this run rewrites it, keeping "
+                + (", ".join(sorted(values)) or "no setting")
+                + (f" (dropped: {', '.join(dropped)})" if dropped else "")
+            )
+        settings = replace(settings, **values, source=SETTINGS_PATH)
     if env.get("VECTORLAY_API"):
-        settings = replace(settings, api=env["VECTORLAY_API"])
+        settings = replace(settings, api=_url(env["VECTORLAY_API"], "VECTORLAY_API"))
     if env.get("VECTORLAY_GPU_MODE"):
         settings = replace(settings, gpu_mode=_gpu_mode(env["VECTORLAY_GPU_MODE"], "VECTORLAY_GPU_MODE"))
     if env.get("NODE_AGENT_AUTOUPDATE"):
         settings = replace(settings, autoupdate=_bool(env["NODE_AGENT_AUTOUPDATE"], "NODE_AGENT_AUTOUPDATE"))
     if env.get("VECTORLAY_DISK_PATH"):
-        settings = replace(settings, disk_path=env["VECTORLAY_DISK_PATH"])
+        settings = replace(settings, disk_path=_abs_path(env["VECTORLAY_DISK_PATH"], "VECTORLAY_DISK_PATH"))
     if env.get("VECTORLAY_EXTRA_GPU_VENDOR_IDS"):
         ids = [s for s in env["VECTORLAY_EXTRA_GPU_VENDOR_IDS"].replace(",", " ").split() if s]
         settings = replace(settings, extra_gpu_vendor_ids=_hex_ids(ids, "VECTORLAY_EXTRA_GPU_VENDOR_IDS"))
-    return settings
+    return replace(settings, warnings=tuple(warnings))
+
+
+def settings_yaml(settings: Settings, *, api: str | None, gpu_mode: str) -> bytes:
+    """node.yaml as the install run writes it: serialised by yaml.safe_dump, so no value can break
+    the file or add a key, whatever it holds."""
+    import yaml
+
+    data: dict[str, Any] = {
+        "api": api,
+        "gpu_mode": gpu_mode,
+        "autoupdate": settings.autoupdate,
+        "disk_path": settings.disk_path,
+    }
+    if settings.extra_gpu_vendor_ids:
+        data["extra_gpu_vendor_ids"] = list(settings.extra_gpu_vendor_ids)
+    if settings.extra_nvswitch_device_ids:
+        data["extra_nvswitch_device_ids"] = list(settings.extra_nvswitch_device_ids)
+    header = (
+        f"{MARKER}\n# Re-running the install one-liner rewrites this file.\n"
+        "# Environment variables VECTORLAY_API, VECTORLAY_GPU_MODE, NODE_AGENT_AUTOUPDATE and\n"
+        "# VECTORLAY_DISK_PATH override these settings.\n"
+    )
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=False, width=4096)
+    return (header + body).encode()

@@ -4,6 +4,8 @@ commands still owed after a crash, installed versions. Written atomically and on
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,6 +16,7 @@ from bootstrap.host import Host
 
 STATE_PATH = "/var/lib/vectorlay/state.json"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+MOVE_AWAY = f"move it away (mv {STATE_PATH} {STATE_PATH}.bad) and re-run; it is rebuilt"
 
 
 @dataclass
@@ -43,17 +46,49 @@ def load_state(host: Host) -> RunState:
         return RunState()
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise VectorlayError(f"{STATE_PATH} is nested too deeply to be run state", MOVE_AWAY) from None
     except json.JSONDecodeError as e:
         raise VectorlayError(
             f"{STATE_PATH} is not valid JSON ({e.msg} at line {e.lineno})",
-            f"move it away (mv {STATE_PATH} {STATE_PATH}.bad) and re-run; it is rebuilt",
+            MOVE_AWAY,
         ) from None
     if not isinstance(data, dict):
-        raise VectorlayError(f"{STATE_PATH} must hold a JSON object", f"move {STATE_PATH} away and re-run")
-    known = RunState.__dataclass_fields__
-    state = RunState(**{k: v for k, v in data.items() if k in known})
-    state.pending_commands = [list(map(str, c)) for c in state.pending_commands or []]
-    return state
+        raise VectorlayError(f"{STATE_PATH} must hold a JSON object", MOVE_AWAY)
+    hints = typing.get_type_hints(RunState)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in hints:
+            continue
+        if not _has_type(value, hints[key]):
+            raise VectorlayError(f"{STATE_PATH}: {key} has the wrong type ({_json_type(value)})", MOVE_AWAY)
+        values[key] = value
+    return RunState(**values)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """`value` (parsed JSON) fits the field's annotation: str, int, None, unions, list[...], dict[...]."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items()
+        )
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def save_state(host: Host, state: RunState) -> bool:

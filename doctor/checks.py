@@ -558,7 +558,7 @@ def check_memory(ctx: Context) -> CheckResult:
     name = "memory"
     try:
         total = ctx.host.memory_total_bytes()
-    except (OSError, RuntimeError) as e:
+    except (OSError, ValueError) as e:
         return CheckResult(name, Status.FAIL, f"cannot read /proc/meminfo: {e}", "run on a Linux host")
     msg = f"{_gb(total)} RAM"
     if total < MEMORY_FAIL_GB * GB:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import stat
+from collections.abc import Callable
 
 from bootstrap.host import Host
 from doctor.model import CheckResult, Status
@@ -23,31 +24,89 @@ def _expected_owner(host: Host) -> int:
     return 0 if host.is_live else host.root.stat().st_uid
 
 
+# Secrets must be 0600 and root's; the rest must be present. node.json and the directory's own mode
+# are judged by bootstrap.identity.load_identity, the same reader the installer uses.
+SECRET_FILES = ("node.key", "node-token", "nebula.key", "nomad.key")
+REQUIRED_FILES = (
+    "node.crt",
+    "node.key",
+    "ca.crt",
+    "node-token",
+    "node.json",
+    "nebula.key",
+    "nebula.crt",
+    "nebula-ca.crt",
+    "nomad.key",
+    "nomad.crt",
+    "nomad-ca.crt",
+)
+Part = Callable[[Host, dt.datetime], "CheckResult | None"]
+
+
 def check_identity(host: Host, now: dt.datetime | None = None) -> CheckResult:
+    """Each part returns a FAIL or WARN, or None when all is well; the first FAIL wins, then the
+    first WARN, else the node certificate's PASS (further credentials add a part to PARTS)."""
     name = "identity"
     if not host.path(IDENTITY_DIR).is_dir():
+        if host.path(IDENTITY_DIR, follow=False).is_symlink():
+            return CheckResult(name, Status.FAIL, f"{IDENTITY_DIR} points at a missing directory", REENROLL)
         return CheckResult(name, Status.SKIP, "not enrolled (no /etc/vectorlay/identity/)")
-    crt_p, key_p, ca_p = (f"{IDENTITY_DIR}/{f}" for f in ("node.crt", "node.key", "ca.crt"))
-    missing = [p for p in (crt_p, key_p, ca_p) if not host.path(p).is_file()]
+    at = now or dt.datetime.now(dt.timezone.utc)
+    warned: CheckResult | None = None
+    for part in PARTS:
+        try:
+            result = part(host, at)
+        except PermissionError:
+            denied = f"cannot read {IDENTITY_DIR}: permission denied"
+            return CheckResult(name, Status.FAIL, denied, "run the doctor with sudo")
+        if result is None:
+            continue
+        if result.status is Status.FAIL:
+            return result
+        if result.status is Status.WARN and warned is None:
+            warned = result
+    return warned or _certificate_pass(host, at)
+
+
+def _files(host: Host, now: dt.datetime) -> CheckResult | None:
+    paths = [f"{IDENTITY_DIR}/{f}" for f in REQUIRED_FILES]
+    missing = [p for p in paths if not host.path(p).is_file()]
     if missing:
-        return CheckResult(name, Status.FAIL, f"identity incomplete: {', '.join(missing)} missing", REENROLL)
+        return CheckResult(
+            "identity", Status.FAIL, f"identity incomplete: {', '.join(missing)} missing", REENROLL
+        )
+    owner = _expected_owner(host)
+    for f in SECRET_FILES:
+        p = f"{IDENTITY_DIR}/{f}"
+        st = host.path(p).stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != 0o600 or st.st_uid != owner:
+            return CheckResult(
+                "identity",
+                Status.FAIL,
+                f"{p} is mode {mode:04o} owned by uid {st.st_uid}; it must be 0600 and owned by root",
+                f"sudo chown root:root {p} && sudo chmod 600 {p}",
+            )
+    if not host.read_text(f"{IDENTITY_DIR}/node-token", default="").strip():
+        return CheckResult("identity", Status.FAIL, f"{IDENTITY_DIR}/node-token is empty", REENROLL)
+    return None
+
+
+def _layout(host: Host, now: dt.datetime) -> CheckResult | None:
+    """The directory's mode and node.json, judged as the installer judges them."""
+    from bootstrap.identity import IdentityError, load_identity
 
     try:
-        st = host.path(key_p).stat()
-        crt_pem, key_pem, ca_pem = (host.path(p).read_bytes() for p in (crt_p, key_p, ca_p))
-    except PermissionError:
-        return CheckResult(
-            name, Status.FAIL, f"cannot read {IDENTITY_DIR}: permission denied", "run the doctor with sudo"
-        )
-    mode = stat.S_IMODE(st.st_mode)
-    owner = _expected_owner(host)
-    if mode != 0o600 or st.st_uid != owner:
-        return CheckResult(
-            name,
-            Status.FAIL,
-            f"{key_p} is mode {mode:04o} owned by uid {st.st_uid}; it must be 0600 and owned by root",
-            f"sudo chown root:root {key_p} && sudo chmod 600 {key_p}",
-        )
+        load_identity(host)
+    except IdentityError as e:
+        return CheckResult("identity", Status.FAIL, e.message, e.hint or REENROLL)
+    return None
+
+
+def _node_certificate(host: Host, now: dt.datetime) -> CheckResult | None:
+    name = "identity"
+    crt_p, key_p, ca_p = (f"{IDENTITY_DIR}/{f}" for f in ("node.crt", "node.key", "ca.crt"))
+    crt_pem, key_pem, ca_pem = (host.path(p).read_bytes() for p in (crt_p, key_p, ca_p))
 
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
@@ -74,7 +133,6 @@ def check_identity(host: Host, now: dt.datetime | None = None) -> CheckResult:
     except (ValueError, TypeError, InvalidSignature):
         return CheckResult(name, Status.FAIL, f"{crt_p} was not issued by the CA in {ca_p}", REENROLL)
 
-    now = now or dt.datetime.now(dt.timezone.utc)
     not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
     subject = cert.subject.rfc4514_string()
     if now < not_before:
@@ -97,14 +155,20 @@ def check_identity(host: Host, now: dt.datetime | None = None) -> CheckResult:
             REENROLL,
             (subject,),
         )
-    overlay_ip, region = _enrolled_names(host)
-    if overlay_ip is None:
-        return CheckResult(name, Status.FAIL, f"{IDENTITY_DIR}/node.json names no overlay IP", REENROLL)
-    overlay = check_overlay_identity(host, overlay_ip, region, now)
-    if overlay is not None:
-        return overlay
+    return None
+
+
+def _certificate_pass(host: Host, now: dt.datetime) -> CheckResult:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(host.path(f"{IDENTITY_DIR}/node.crt").read_bytes())
+    subject = cert.subject.rfc4514_string()
     return CheckResult(
-        name, Status.PASS, f"node certificate valid until {not_after:%Y-%m-%d} UTC", None, (subject,)
+        "identity",
+        Status.PASS,
+        f"node certificate valid until {cert.not_valid_after_utc:%Y-%m-%d} UTC",
+        None,
+        (subject,),
     )
 
 
@@ -203,3 +267,13 @@ def check_overlay_identity(
             REENROLL,
         )
     return None
+
+
+def _overlay(host: Host, now: dt.datetime) -> CheckResult | None:
+    overlay_ip, region = _enrolled_names(host)
+    if overlay_ip is None:
+        return CheckResult("identity", Status.FAIL, f"{IDENTITY_DIR}/node.json names no overlay IP", REENROLL)
+    return check_overlay_identity(host, overlay_ip, region, now)
+
+
+PARTS: tuple[Part, ...] = (_files, _layout, _node_certificate, _overlay)

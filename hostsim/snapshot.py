@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 
@@ -23,6 +24,8 @@ def snapshot(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, 
                 out[rel] = ("link", st.st_mode, st.st_mtime_ns, os.readlink(p))
             elif os.path.isdir(p):
                 out[rel] = ("dir", st.st_mode, st.st_mtime_ns, "")
+            elif not stat.S_ISREG(st.st_mode):
+                out[rel] = ("special", st.st_mode, st.st_mtime_ns, "")  # a FIFO is never read
             else:
                 digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
                 out[rel] = ("file", st.st_mode, st.st_mtime_ns, digest)

@@ -147,7 +147,7 @@ def unit_name(name: str) -> str:
 
 def unit_file(host: Host, unit: str) -> Path | None:
     for d in UNIT_DIRS:
-        p = host.path(f"{d}/{unit}")
+        p = host.path(f"{d}/{unit}", follow=False)
         if p.is_symlink() or p.exists():
             return p
     return None
@@ -171,7 +171,7 @@ def _install_section(text: str) -> dict[str, list[str]]:
 
 
 def _is_masked(host: Host, unit: str) -> bool:
-    p = host.path(f"{ETC}/{unit}")
+    p = host.path(f"{ETC}/{unit}", follow=False)
     return p.is_symlink() and os.readlink(p) == "/dev/null"
 
 
@@ -245,7 +245,7 @@ def _enable(host: Host, unit: str) -> tuple[bool, str]:
     messages = []
     for key, suffix in (("WantedBy", ".wants"), ("RequiredBy", ".requires")):
         for target in install_keys.get(key, []):
-            link = host.path(f"{ETC}/{target}{suffix}/{unit}")
+            link = host.path(f"{ETC}/{target}{suffix}/{unit}", follow=False)
             if link.is_symlink():
                 continue
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +321,7 @@ def systemctl(host: Host, argv: tuple[str, ...], sim: Systemd | None = None) -> 
                     sim.stop(host, u)
                     set_active_state(host, u, "inactive")
             elif verb == "mask":
-                link = host.path(f"{ETC}/{u}")
+                link = host.path(f"{ETC}/{u}", follow=False)
                 if link.exists() and not link.is_symlink():
                     err.append(f"Failed to mask unit: File {ETC}/{u} already exists.\n")
                     rc = 1
@@ -331,7 +331,7 @@ def systemctl(host: Host, argv: tuple[str, ...], sim: Systemd | None = None) -> 
                 os.symlink("/dev/null", link)
                 err.append(f"Created symlink {ETC}/{u} → /dev/null.\n")
             elif _is_masked(host, u):
-                host.path(f"{ETC}/{u}").unlink()
+                host.path(f"{ETC}/{u}", follow=False).unlink()
                 err.append(f"Removed {ETC}/{u}.\n")
     elif verb == "kill":
         rc = 0

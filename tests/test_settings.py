@@ -68,16 +68,8 @@ def test_bad_settings_get_a_clear_error(
 def test_the_node_yaml_the_installer_writes_reads_back_as_the_same_settings(
     tmp_path: Path, extras: dict[str, tuple[str, ...]]
 ) -> None:
-    from bootstrap.templating import render
+    from bootstrap.settings import settings_yaml
 
     wanted = Settings(api="https://api.example", gpu_mode="passthrough", autoupdate=False, **extras)
-    text = render(
-        "node.yaml.j2",
-        api=wanted.api,
-        gpu_mode=wanted.gpu_mode,
-        autoupdate=wanted.autoupdate,
-        disk_path=wanted.disk_path,
-        extra_gpu_vendor_ids=list(wanted.extra_gpu_vendor_ids),
-        extra_nvswitch_device_ids=list(wanted.extra_nvswitch_device_ids),
-    )
+    text = settings_yaml(wanted, api=wanted.api, gpu_mode="passthrough").decode()
     assert load_settings(_host(tmp_path, text), env={}) == wanted

@@ -25,7 +25,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_contains_packages_templates_and_units_but_not_hostsim(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "bootstrap/cli.py" in names and "doctor/cli.py" in names
-    assert "bootstrap/_data/templates/node.yaml.j2" in names
+    assert "bootstrap/_data/templates/grub-iommu.cfg.j2" in names
     assert any(n.startswith("bootstrap/_data/units/") for n in names)
     assert not any(n.startswith(("hostsim/", "tests/")) for n in names)
 
@@ -52,7 +52,7 @@ def test_installed_wheel_finds_its_data_and_runs_detect(wheel: Path, tmp_path: P
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path)
     pkg, templates, units = out.stdout.split()
     assert pkg.startswith(site) and templates.startswith(site) and units.startswith(site)
-    assert Path(templates, "node.yaml.j2").is_file()
+    assert Path(templates, "grub-iommu.cfg.j2").is_file()
 
     tree = tmp_path / "host"
     (tree / "proc").mkdir(parents=True)

@@ -81,7 +81,7 @@ def run_log(host: Host, secrets: Callable[[], Iterable[str]]) -> Iterator[Path]:
     """Append this run's messages (bootstrap.* loggers) to the log file, secrets redacted."""
     path = host.path(LOG_PATH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
     stream = os.fdopen(fd, "a", encoding="utf-8")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -151,7 +151,7 @@ def run_lock(host: Host) -> Iterator[None]:
     """One run at a time: a second run fails at once, naming the run that holds the lock."""
     path = host.path(LOCK_PATH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -327,7 +327,7 @@ def run_install(
         raise UsageError(f"--token-file {token_file}: no such file")
     host = host or Host(root)
     chosen, skipped = stages.select(only)
-    settings = load_settings(host)
+    settings = load_settings(host, repair=True)
     if api:
         settings = replace(settings, api=api)
     state = load_state(host)
@@ -370,6 +370,8 @@ def run_install(
             log.info("install run started (pid %d, stages %s)", os.getpid(), names)
             if skipped:
                 ctx.out("skipped (not implemented yet): " + ", ".join(s.name for s in skipped))
+            for warning in settings.warnings:
+                ctx.out(f"warning: {warning}")
             ran = _run_stages(ctx, chosen, display)
             display.close()
             if only is None and not plan_only and ran and _verdict(ran, plan_only)[1] == EXIT_OK:

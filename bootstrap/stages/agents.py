@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jinja2
+
 from bootstrap import artifacts, runsc
 from bootstrap.discovery import UnitStatus
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
-from bootstrap.identity import Identity, load_identity
+from bootstrap.identity import REENROLL_HINT, Identity, IdentityError, load_identity
 from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
-from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, apply, compute, render
+from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Symlink, apply, compute, render
 from bootstrap.resources import units_dir
+from bootstrap.settings import settings_yaml
 from bootstrap.stages import Context, Outcome, StageResult
 from bootstrap.stages.artifacts import gpu_mode_of
 from bootstrap.templating import render as render_template
@@ -84,7 +87,43 @@ def _gpu_meta(ctx: Context, mode: str) -> dict[str, str]:
     return meta
 
 
+def _agent_yaml(common: dict[str, Any]) -> bytes:
+    """node-agent.yaml, serialised by yaml.safe_dump: values from the enrollment answer and the
+    settings cannot break the file or add keys to it."""
+    import yaml
+
+    d = common["identity_dir"]
+    data = {
+        "api": common["api"],
+        "node_id": common["node_id"],
+        "org_id": common["org_id"],
+        "overlay_ip": common["overlay_ip"],
+        "gpu_mode": common["gpu_mode"],
+        "identity": {
+            "certificate": f"{d}/node.crt",
+            "key": f"{d}/node.key",
+            "ca": f"{d}/ca.crt",
+            "token_file": f"{d}/node-token",
+        },
+        "health": {"listen": "127.0.0.1:9181"},
+    }
+    header = f"{MARKER}\n# Rewritten from the enrollment on every install run.\n"
+    return (header + yaml.safe_dump(data, sort_keys=False, width=4096)).encode()
+
+
 def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
+    try:
+        return _desired(ctx, ident, mode)
+    except (TypeError, AttributeError, ValueError, jinja2.TemplateError) as e:
+        # The configs are rendered from the enrollment answer saved on disk: a damaged one (a list
+        # where an object belongs, a number for a list of servers) is the identity's fault.
+        raise IdentityError(
+            f"{IDENTITY_DIR}/enrollment.json holds nebula/nomad settings of the wrong shape ({e})",
+            REENROLL_HINT,
+        ) from None
+
+
+def _desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
     host, settings = ctx.host, ctx.settings
     enrollment = ident.enrollment()
     nebula = enrollment.get("nebula") or {}
@@ -99,18 +138,7 @@ def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
         "disk_path": settings.disk_path,
     }
     changes: list[Change] = [
-        FileChange(
-            SETTINGS_FILE,
-            render_template(
-                "node.yaml.j2",
-                api=common["api"],
-                gpu_mode=mode,
-                autoupdate=settings.autoupdate,
-                disk_path=settings.disk_path,
-                extra_gpu_vendor_ids=list(settings.extra_gpu_vendor_ids),
-                extra_nvswitch_device_ids=list(settings.extra_nvswitch_device_ids),
-            ).encode(),
-        ),
+        FileChange(SETTINGS_FILE, settings_yaml(settings, api=common["api"], gpu_mode=mode)),
         FileChange(
             NEBULA_CONFIG,
             render_template("nebula-config.yml.j2", nebula=nebula, tun_device=TUN_DEVICE, **common).encode(),
@@ -133,7 +161,7 @@ def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
             ).encode(),
             mode=0o600,
         ),
-        FileChange(AGENT_CONFIG, render_template("node-agent.yaml.j2", **common).encode(), mode=0o600),
+        FileChange(AGENT_CONFIG, _agent_yaml(common), mode=0o600),
     ]
     for unit in UNIT_FILES:
         changes.append(FileChange(unit_path(unit), (units_dir() / unit).read_bytes()))

@@ -191,6 +191,9 @@ def run(ctx: Context) -> StageResult:
         return StageResult(Outcome.PLANNED)
 
     apply(host, plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
+    loader = grub.detect_loader(host)
+    if loader.kind == "grub" and loader.update is not None:
+        grub.verify_generated(host, loader, wanted_args(host, inv))
     after = discover(host, ctx.settings) if plan.changes else inv
     ctx.inventory = after
     return gate(ctx, after)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -372,7 +373,8 @@ def _install_runsc(host: Host, binary: Path) -> None:
     """What the artifacts stage leaves: the release's bin/runsc behind the `current` link."""
     release = host.path("/opt/vectorlay/releases/runsc/1/bin")
     release.mkdir(parents=True)
-    (release / "runsc").symlink_to(binary)
+    # A copy, not a link: a tree resolves absolute links inside itself, as a chroot would.
+    shutil.copy2(binary, release / "runsc")
     host.path("/opt/vectorlay/releases/runsc/current").symlink_to("1")
     assert host.path(RUNSC).is_file()
 
@@ -492,7 +494,7 @@ def test_container_mode_rents_the_gpus_on_nvidia_and_warns_about_the_rest(sim_ho
     host = sim_host("hgx-h100")
     _container_mode(host)
     host.path("/sys/module/nvidia").mkdir(parents=True)
-    gpu = host.path("/sys/bus/pci/devices/0000:18:00.0/driver")
+    gpu = host.path("/sys/bus/pci/devices/0000:18:00.0/driver", follow=False)
     gpu.unlink()  # the driver let go of one GPU
     report = run_checks(host, env={}, only=["gpu_units"])
     units = report.get("gpu_units")

@@ -90,7 +90,7 @@ def enroll(
     cert = _node_cert(ca, key, days_left=days_left, days_old=days_old)
     d = host.path("/etc/vectorlay/identity")
     d.mkdir(parents=True, mode=0o700)
-    node = {"node_id": "node-7f3a", "org_id": "org_1", "overlay_ip": overlay_ip}
+    node = {"node_id": "node-7f3a", "org_id": "acme", "overlay_ip": overlay_ip}
     (d / "node.json").write_text(json.dumps(node))
     (d / "enrollment.json").write_text('{"nomad": {"region": "global"}}')
     _nebula_files(d, nebula_ip, nebula_days_left, other_nebula_ca)
@@ -107,6 +107,9 @@ def enroll(
         csr, node_id="node-7f3a", region=nomad_region, overlay_ip=overlay_ip, now=NOW
     )
     (d / "nomad.crt").write_bytes(_pem(nomad_cert))
+    fd = os.open(d / "nomad.key", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, _key_pem(nomad_key))
+    os.close(fd)
     (d / "nomad-ca.crt").write_bytes(_pem(ca[1]))
     (d / "node.crt").write_bytes(_pem(cert))
     (d / "ca.crt").write_bytes(_pem(_ca("some other CA")[1] if other_ca else ca[1]))
@@ -115,6 +118,9 @@ def enroll(
     os.write(fd, _key_pem(ec.generate_private_key(ec.SECP256R1()) if other_key else key))
     os.close(fd)
     os.chmod(key_path, key_mode)
+    fd = os.open(d / "node-token", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"vnt_" + b"t" * 32 + b"\n")
+    os.close(fd)
     return d
 
 

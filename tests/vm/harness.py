@@ -16,7 +16,10 @@ was built on, and TCG is what makes the emulated IOMMU behave the same everywher
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
+import ctypes
 import json
 import os
 import shlex
@@ -25,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,6 +150,76 @@ def find_ovmf() -> tuple[Path, Path]:
     raise VmError("no OVMF firmware found (apt-get install ovmf)")
 
 
+# --- QEMU's lifetime: never longer than the harness's -------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+_running: set[subprocess.Popen[bytes]] = set()
+
+
+# Looked up before any fork: the child runs only this call between fork and exec (no dlopen there,
+# which could deadlock on a lock another thread of the harness held at the fork).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: the kernel SIGKILLs it when the harness dies, however it dies (a CI
+    timeout's SIGKILL runs no cleanup of ours). The check after it covers a parent that died before
+    prctl took effect. (The signal follows the forking thread: launch from a thread that lives as
+    long as the harness, as the tests do.)"""
+    if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(126)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def launch_qemu(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start QEMU in its own process group (its guestfwd relays with it), dying with this process:
+    by the parent-death signal when the harness is killed, by a group kill when it exits."""
+    parent = os.getpid()
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: _die_with_parent(parent),
+    )
+    _running.add(proc)
+    return proc
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    else:
+        # QEMU is gone; a relay it started may still hold the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    _running.discard(proc)
+
+
+@atexit.register
+def _kill_all() -> None:
+    for proc in list(_running):
+        kill_group(proc)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # A CI timeout usually sends SIGTERM first: the guests go, then the harness exits as asked.
+    _kill_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+    signal.SIG_DFL,
+    None,
+):
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 class Vm:
     def __init__(
         self,
@@ -265,13 +339,7 @@ class Vm:
         with open(self.console_log, "a") as f:
             f.write(f"\n===== boot {len(self.boots) + 1} ({mode}) {shlex.join(argv)}\n")
         t0 = time.monotonic()
-        self._proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self._proc = launch_qemu(argv)
         try:
             return self._finish_boot(mode, append, iommu_device, t0, t0 + timeout)
         except BaseException:
@@ -330,9 +398,8 @@ class Vm:
             self.kill()
 
     def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
+        if self._proc is not None:
+            kill_group(self._proc)
         self._close()
 
     def _request_shutdown(self, verb: str, timeout: float) -> None:
