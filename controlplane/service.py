@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -35,6 +36,15 @@ from controlplane.tokens import (
 PROVISIONING_TTL = timedelta(hours=1)
 GPU_MODES = ("passthrough", "container", "none")
 DEFAULT_OVERLAY = "100.64.0.0/10"
+# RFC 1123 host names (and the underscores real machines carry): never a control character,
+# whitespace or quote that would reach a log line, a config file or a dashboard as is.
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})\Z")
+# What the node reports of each GPU unit (DESIGN.md section 4); stored as is, so held to that.
+_IOMMU_GROUP = re.compile(r"^[0-9]{1,9}\Z")
+UNIT_STATUSES = ("ready", "needs_binding", "not_isolatable", "wedged", "no_iommu")
+HOSTNAME_RULE = (
+    "hostname must be 1-253 characters: letters, digits, '.', '-' and '_', starting with a letter or digit"
+)
 
 
 class ApiError(Exception):
@@ -219,8 +229,8 @@ class ControlPlane:
             raise unauthorized("missing provisioning token")
         if not isinstance(csr_pem, str):
             raise bad_request("csr_pem is required")
-        if not isinstance(hostname, str) or not hostname or len(hostname) > 253:
-            raise bad_request("hostname is required")
+        if not isinstance(hostname, str) or not HOSTNAME_RE.match(hostname):
+            raise bad_request(HOSTNAME_RULE)
         if not isinstance(hardware, dict):
             raise bad_request("hardware must be an object")
         if gpu_mode not in GPU_MODES:
@@ -413,8 +423,12 @@ class ControlPlane:
         if not isinstance(units, list):
             raise bad_request("hardware.units must be a list")
         for unit in units:
-            if not isinstance(unit, dict) or not isinstance(unit.get("iommu_group"), str):
-                raise bad_request("each hardware unit needs an iommu_group")
+            if not isinstance(unit, dict) or not _IOMMU_GROUP.match(str(unit.get("iommu_group"))):
+                raise bad_request(
+                    "each hardware unit needs an iommu_group (a kernel group number, as a string)"
+                )
+            if unit.get("status") not in UNIT_STATUSES:
+                raise bad_request(f"a hardware unit's status must be one of {', '.join(UNIT_STATUSES)}")
             conn.execute(
                 "INSERT OR REPLACE INTO gpu_units (node_id, iommu_group, gpus, status, allocatable)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -422,7 +436,7 @@ class ControlPlane:
                     node_id,
                     unit["iommu_group"],
                     json.dumps(unit.get("gpus") or []),
-                    str(unit.get("status") or "unknown"),
+                    unit["status"],
                     int(unit.get("status") == "ready"),
                 ),
             )
