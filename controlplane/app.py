@@ -137,9 +137,14 @@ def create_app(
 
     store: ArtifactStore | None = None
     if state_dir is not None:
-        from controlplane.artifacts import load_or_create_signing_key
+        from controlplane.artifacts import ManifestSerial, load_or_create_signing_key
 
-        store = ArtifactStore(artifacts_dir, load_or_create_signing_key(state_dir))
+        store = ArtifactStore(
+            artifacts_dir,
+            load_or_create_signing_key(state_dir),
+            serials=ManifestSerial(state_dir),
+            clock=cp.clock,
+        )
 
     @app.post("/v1/nodes/enroll")
     def enroll() -> Response:
