@@ -98,6 +98,10 @@ def _short(text: str) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+def _has_node_credentials() -> bool:
+    return _client_cert() is not None or _bearer() is not None
+
+
 def create_app(
     cp: ControlPlane,
     artifacts_dir: Path | None = None,
@@ -176,5 +180,13 @@ def create_app(
 
     if store is not None:
         ca_pem = cp.ca.cert_pem if cp.ca is not None else ""
-        register_artifacts(app, store, ca_pem, public_url)
+        register_artifacts(
+            app,
+            store,
+            ca_pem,
+            public_url,
+            # node_self refuses (401/403) all but an active node's current certificate + token.
+            require_node=lambda: cp.node_self(_client_cert(), _bearer()),
+            has_credentials=_has_node_credentials,
+        )
     return app

@@ -14,6 +14,10 @@ carries a `serial` that grows by one every time the set of served artifacts chan
 `<state-dir>/manifest-serial.json`, so a restart never goes back) and an `expires_at` a day after
 its `issued_at`; a node never accepts a serial below the highest it has accepted, nor an expired
 manifest (bootstrap/manifest.py).
+
+Only the `installer` artifact, which install.sh fetches before the node has an identity, is public:
+a request without node credentials gets a manifest listing that one alone. Everything else needs an
+active node's client certificate and node token.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +49,8 @@ SERIAL_FILE = "manifest-serial.json"
 # How long a signed manifest may be believed. The update timer asks hourly, so a day leaves room for
 # clock skew and outages while bounding how long a withheld update can go unnoticed.
 MANIFEST_TTL = timedelta(days=1)
+# What install.sh fetches before the node has credentials.
+PUBLIC_ARTIFACTS = frozenset({"installer"})
 _PLACEHOLDERS = ("@@VECTORLAY_API@@", "@@VECTORLAY_CA_PEM@@", "@@VECTORLAY_MANIFEST_KEY@@")
 
 
@@ -156,7 +163,8 @@ class ArtifactStore:
                 self._hashes[key] = cached
         return cached, st.st_size
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, public_only: bool = False) -> dict[str, Any]:
+        """The signed manifest; `public_only`: the one for callers without node credentials."""
         if self.root is None or not self.root.is_dir():
             raise ApiError(404, "NOT_FOUND", "this control plane publishes no artifacts")
         entries = []
@@ -175,10 +183,13 @@ class ArtifactStore:
                     "size": size,
                 }
             )
+        # Both views share the serial of the full set: a node compares serials, never views.
         digest = hashlib.sha256(
             repr([(e["name"], e["version"], e["sha256"]) for e in entries]).encode()
         ).hexdigest()
         serial = self.serials.for_digest(digest) if self.serials is not None else 1
+        if public_only:
+            entries = [e for e in entries if e["name"] in PUBLIC_ARTIFACTS]
         now = self.clock.now()
         doc = {
             "version": digest[:16],
@@ -210,15 +221,34 @@ def render_install_script(api_url: str, ca_pem: str, manifest_key_pem: str) -> s
     return script
 
 
-def register_artifacts(app: Flask, store: ArtifactStore, ca_pem: str, public_url: str | None) -> None:
+def register_artifacts(
+    app: Flask,
+    store: ArtifactStore,
+    ca_pem: str,
+    public_url: str | None,
+    require_node: Callable[[], object],
+    has_credentials: Callable[[], bool],
+) -> None:
+    """`require_node` raises the API's 401/403 unless the request carries an active node's
+    credentials; `has_credentials` says whether it carries any at all."""
+
     @app.get("/v1/artifacts/manifest")
     def manifest() -> Response:
+        # Credentials presented are always checked: a removed node is told so, not given the
+        # public view.
+        public_only = not has_credentials()
+        if not public_only:
+            require_node()
         return Response(
-            json.dumps(store.manifest()), mimetype="application/json", headers={"Cache-Control": "no-store"}
+            json.dumps(store.manifest(public_only)),
+            mimetype="application/json",
+            headers={"Cache-Control": "no-store"},
         )
 
     @app.get("/v1/artifacts/<name>/<version>")
     def artifact(name: str, version: str) -> Response:
+        if name not in PUBLIC_ARTIFACTS:
+            require_node()
         path = store._file(name, version)
         if path is None:
             raise ApiError(404, "NOT_FOUND", f"no artifact {name} {version}")

@@ -210,8 +210,13 @@ class ControlPlane:
         if row is None:
             return {"valid": False, "expires_at": None, "reason": "unknown"}
         expires = from_iso(row["expires_at"])
-        if row["used_at"] is not None:
-            reason: str | None = "used"
+        org = self.db.conn().execute("SELECT is_provider FROM orgs WHERE id = ?", (row["org_id"],)).fetchone()
+        if org is None or not org["is_provider"]:
+            # First: enrollment would refuse it whatever else is true, and a new token of the same
+            # org would not help either.
+            reason: str | None = "not_a_provider"
+        elif row["used_at"] is not None:
+            reason = "used"
         elif expires <= self.clock.now():
             reason = "expired"
         else:
@@ -267,6 +272,14 @@ class ControlPlane:
             reenrolled = node is not None
             if node is None and replay_node is not None:
                 node = conn.execute("SELECT * FROM nodes WHERE id = ?", (replay_node,)).fetchone()
+            if replay_node is not None and node is not None and node["status"] == "removed":
+                # A retry is only a retry while the node it enrolled still stands: once removed, a
+                # node comes back only with a token that was never used.
+                raise unauthorized(
+                    f"provisioning token already used, and node {node['id']} it enrolled was removed"
+                    " since: a used token never brings a removed node back; use a new token",
+                    "TOKEN_USED",
+                )
             if node is not None and node["org_id"] != org["id"]:
                 raise ApiError(409, "CONFLICT", "this node is enrolled in another org")
 

@@ -48,11 +48,12 @@ def node_client(ident: Identity, api: str | None = None, ca_file: Path | None = 
         ca_file=ca_file,
         pinned_ca=ident.ca_file,
         client_cert=ClientCert(ident.cert_file, ident.key_file),
+        node_token=ident.node_token(),
     )
 
 
 def fetch_manifest(client: ApiClient, ident: Identity, state: RunState) -> Manifest:
-    """The signed manifest, fetched with the node's credentials (`node_client`: its client certificate),
+    """The signed manifest, fetched with the node's credentials (`node_client`: certificate and token),
     verified against the pinned keys and refused when older than the last one accepted or expired.
     Records the accepted serial in `state`; the caller saves it."""
     pinned = [k for k in ident.enrollment().get("manifest_keys") or [] if isinstance(k, str)]
