@@ -108,6 +108,17 @@ def vfio_bind(
     raise typer.Exit(run_vfio_bind(root, timeout=timeout))
 
 
+@app.command("wait-overlay")
+def wait_overlay(
+    root: Path = RootOption,
+    timeout: float = typer.Option(90.0, "--timeout", min=0.0, help="Seconds to wait before failing."),
+) -> None:
+    """Wait until nebula's device holds this node's overlay IP (nomad.service runs this first)."""
+    from bootstrap.commands.wait_overlay import run_wait_overlay
+
+    raise typer.Exit(run_wait_overlay(root, timeout=timeout))
+
+
 @app.command()
 def enroll(
     root: Path = RootOption,

@@ -1,8 +1,10 @@
 """Enrollment: a one-time provisioning token exchanged for the node's durable mTLS identity.
 
-The key pair is generated here and only the CSR leaves the box. A node that already has an
-identity presents it (client certificate over mTLS, node token as bearer), so the control plane
-keeps its node ID and overlay IP, rotates its token and consumes no quota.
+Three key pairs are generated here and only their public halves leave the box: the node's X.509 key
+(as a CSR), its nebula X25519 key (the control plane signs it into a nebula certificate for the
+node's overlay IP) and its Nomad TLS key (a CSR; the certificate names `client.<region>.nomad`).
+A node that already has an identity presents it (client certificate over mTLS, node token as
+bearer), so the control plane keeps its node ID and overlay IP, rotates its token and consumes no quota.
 The provisioning token is held in memory only: never logged, never written, never in argv.
 """
 
@@ -17,7 +19,7 @@ import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bootstrap import nebula
 from bootstrap.api import ApiClient, ApiError, ClientCert, not_a_provider
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
@@ -36,6 +39,7 @@ from bootstrap.identity import (
     Identity,
     IdentityError,
     NewIdentity,
+    OverlayFiles,
     identity_path,
     load_identity,
     write_identity,
@@ -186,13 +190,86 @@ def _make_csr(
     return key, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
+@dataclass(frozen=True)
+class _OverlayKeys:
+    nebula_private_pem: bytes
+    nebula_public_pem: bytes
+    nomad_key: ec.EllipticCurvePrivateKey
+    nomad_csr_pem: str
+
+    @classmethod
+    def generate(cls) -> _OverlayKeys:
+        private, public = nebula.generate_keypair()
+        # The control plane sets the Nomad names; the CSR only carries the key.
+        nomad_key, nomad_csr = _make_csr("nomad-client")
+        return cls(private, public, nomad_key, nomad_csr)
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = serialization.Encoding.PEM
+    return bool(a.public_bytes(pem, spki) == b.public_bytes(pem, spki))
+
+
+def _unusable(url: str, why: str) -> VectorlayError:
+    return VectorlayError(f"{url} returned an unusable enrollment: {why}", "re-run; report if it persists")
+
+
+def _check_overlay(body: dict[str, Any], keys: _OverlayKeys, url: str, now: datetime) -> OverlayFiles:
+    """The nebula and Nomad certificates must be for this node's keys, its overlay IP, and chain to
+    the CAs that came with them: nebula takes the node's overlay IP from its certificate, and a Nomad
+    certificate without the client name is refused by every server that checks names."""
+    neb, nomad = body.get("nebula"), body.get("nomad")
+    if (
+        not isinstance(neb, dict)
+        or not isinstance(neb.get("certificate"), str)
+        or not isinstance(neb.get("ca"), str)
+    ):
+        raise _unusable(url, "no nebula certificate")
+    try:
+        cert = nebula.parse_certificate_pem(neb["certificate"])
+        ca = nebula.parse_certificate_pem(neb["ca"])
+        nebula.verify_certificate(cert, ca, now)
+    except nebula.NebulaCertError as e:
+        raise _unusable(url, f"nebula certificate: {e}") from None
+    if cert.public_key != nebula.parse_public_key_pem(keys.nebula_public_pem):
+        raise _unusable(url, "the nebula certificate is not for this node's key")
+    if [str(i.ip) for i in cert.ips] != [body["overlay_ip"]]:
+        raise _unusable(url, f"the nebula certificate is for {cert.ips}, not {body['overlay_ip']}")
+    if not isinstance(nomad, dict) or not isinstance(nomad.get("region"), str):
+        raise _unusable(url, "no Nomad settings")
+    try:
+        nomad_cert = x509.load_pem_x509_certificate(str(nomad.get("certificate_pem")).encode())
+        nomad_ca = x509.load_pem_x509_certificate(str(nomad.get("ca_pem")).encode())
+        nomad_cert.verify_directly_issued_by(nomad_ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise _unusable(url, "the Nomad certificate is missing or not signed by its CA") from None
+    if not _same_key(nomad_cert.public_key(), keys.nomad_key.public_key()):
+        raise _unusable(url, "the Nomad certificate is not for this node's Nomad key")
+    try:
+        names = nomad_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = x509.SubjectAlternativeName([])
+    wanted = f"client.{nomad['region']}.nomad"
+    if wanted not in names.get_values_for_type(x509.DNSName):
+        raise _unusable(url, f"the Nomad certificate does not name {wanted}")
+    return OverlayFiles(
+        nebula_key_pem=keys.nebula_private_pem,
+        nebula_cert_pem=neb["certificate"].encode(),
+        nebula_ca_pem=neb["ca"].encode(),
+        nomad_key_pem=keys.nomad_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        nomad_cert_pem=nomad["certificate_pem"].encode(),
+        nomad_ca_pem=nomad["ca_pem"].encode(),
+    )
+
+
 def _check_response(body: Any, key: ec.EllipticCurvePrivateKey, url: str) -> dict[str, Any]:
     """The enrollment answer is only saved if it is a usable identity for *this* key."""
 
     def bad(why: str) -> VectorlayError:
-        return VectorlayError(
-            f"{url} returned an unusable enrollment: {why}", "re-run; report if it persists"
-        )
+        return _unusable(url, why)
 
     if not isinstance(body, dict):
         raise bad("not a JSON object")
@@ -204,9 +281,7 @@ def _check_response(body: Any, key: ec.EllipticCurvePrivateKey, url: str) -> dic
         ca = x509.load_pem_x509_certificate(body["ca_pem"].encode())
     except ValueError:
         raise bad("certificate_pem or ca_pem is not PEM") from None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    pem = serialization.Encoding.PEM
-    if cert.public_key().public_bytes(pem, spki) != key.public_key().public_bytes(pem, spki):
+    if not _same_key(cert.public_key(), key.public_key()):
         raise bad("the certificate is not for this node's key")
     try:
         cert.verify_directly_issued_by(ca)
@@ -240,10 +315,13 @@ def enroll(
     current, cert, node_token = _credentials_for(host, api)
     hostname = hostname or _hostname(host)
     key, csr_pem = _make_csr(hostname, key)
+    overlay_keys = _OverlayKeys.generate()
     client = api.with_client_cert(cert)
     body = {
         "token": token,
         "csr_pem": csr_pem,
+        "nebula_public_key": overlay_keys.nebula_public_pem.decode(),
+        "nomad_csr_pem": overlay_keys.nomad_csr_pem,
         "hostname": hostname,
         "hardware": hardware,
         "gpu_mode": gpu_mode,
@@ -262,6 +340,7 @@ def enroll(
         client.close()
     hook("response-received")
     answer = _check_response(answer, key, client.base_url)
+    overlay = _check_overlay(answer, overlay_keys, client.base_url, datetime.now(timezone.utc))
 
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -276,8 +355,9 @@ def enroll(
         **node,
         "gpu_mode": gpu_mode,
         "hostname": hostname,
-        "nebula": answer.get("nebula") or {},
-        "nomad": answer.get("nomad") or {},
+        # The certificates live in their own files; enrollment.json keeps the settings around them.
+        "nebula": {k: v for k, v in answer["nebula"].items() if k not in ("certificate", "ca")},
+        "nomad": {k: v for k, v in answer["nomad"].items() if k not in ("certificate_pem", "ca_pem")},
         # Public keys only: what the artifacts stage verifies the signed manifest against.
         "manifest_keys": [k for k in answer.get("manifest_keys") or [] if isinstance(k, str)],
     }
@@ -290,6 +370,7 @@ def enroll(
             node_token=answer["node_token"],
             node=node,
             enrollment=enrollment,
+            overlay=overlay,
         ),
         fault=hook,
     )

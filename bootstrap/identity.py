@@ -8,6 +8,12 @@ Layout: `/etc/vectorlay/identity` is a symlink to a generation directory next to
     ca.crt           0644  the control plane's CA, pinned at enrollment
     node-token       0600  the durable node token
     node.json        0644  node_id, org_id, overlay_ip, api
+    nebula.key       0600  the node's X25519 overlay key (made here, never leaves the box)
+    nebula.crt       0644  its nebula certificate (nebula's own format): the overlay IP, group
+    nebula-ca.crt    0644  the nebula CA nebula checks every peer against
+    nomad.key        0600  the node's Nomad TLS key (made here)
+    nomad.crt        0644  its certificate: client.<region>.nomad, the overlay IP, 127.0.0.1
+    nomad-ca.crt     0644  the CA Nomad checks the servers against
     enrollment.json  0644  what the agents stage needs (nebula, nomad), no secrets
 
 A new identity is written completely into a fresh generation directory and fsynced; then the
@@ -42,8 +48,20 @@ _GEN_PREFIX = ".identity-"
 # switch, so the window in which `identity` does not exist can be recovered from.
 _LEGACY = ".identity-legacy"
 
-SECRET_FILES = ("node.key", "node-token")
-REQUIRED_FILES = ("node.key", "node.crt", "ca.crt", "node-token", "node.json")
+SECRET_FILES = ("node.key", "node-token", "nebula.key", "nomad.key")
+REQUIRED_FILES = (
+    "node.key",
+    "node.crt",
+    "ca.crt",
+    "nebula.key",
+    "nebula.crt",
+    "nebula-ca.crt",
+    "nomad.key",
+    "nomad.crt",
+    "nomad-ca.crt",
+    "node-token",
+    "node.json",
+)
 
 # Where the writer calls its fault hook, in order. Tests kill the process at each of them.
 WRITE_POINTS = (
@@ -51,6 +69,12 @@ WRITE_POINTS = (
     "wrote:node.key",
     "wrote:node.crt",
     "wrote:ca.crt",
+    "wrote:nebula.key",
+    "wrote:nebula.crt",
+    "wrote:nebula-ca.crt",
+    "wrote:nomad.key",
+    "wrote:nomad.crt",
+    "wrote:nomad-ca.crt",
     "wrote:node-token",
     "wrote:node.json",
     "wrote:enrollment.json",
@@ -91,6 +115,22 @@ class Identity:
     def token_file(self) -> Path:
         return self.path / "node-token"
 
+    @property
+    def nebula_cert_file(self) -> Path:
+        return self.path / "nebula.crt"
+
+    @property
+    def nebula_ca_file(self) -> Path:
+        return self.path / "nebula-ca.crt"
+
+    @property
+    def nomad_cert_file(self) -> Path:
+        return self.path / "nomad.crt"
+
+    @property
+    def nomad_ca_file(self) -> Path:
+        return self.path / "nomad-ca.crt"
+
     def node_token(self) -> str:
         return self.token_file.read_text().strip()
 
@@ -112,6 +152,18 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class OverlayFiles:
+    """The node's nebula and Nomad credentials: keys made on the node, certificates from the enrollment."""
+
+    nebula_key_pem: bytes
+    nebula_cert_pem: bytes
+    nebula_ca_pem: bytes
+    nomad_key_pem: bytes
+    nomad_cert_pem: bytes
+    nomad_ca_pem: bytes
+
+
+@dataclass(frozen=True)
 class NewIdentity:
     key_pem: bytes
     cert_pem: bytes
@@ -119,6 +171,7 @@ class NewIdentity:
     node_token: str
     node: dict[str, Any]  # node.json
     enrollment: dict[str, Any]  # enrollment.json; must hold no secret
+    overlay: OverlayFiles
 
 
 def identity_path(host: Host) -> Path:
@@ -243,10 +296,17 @@ def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = No
     enrollment_json = json.dumps(new.enrollment, indent=2, sort_keys=True) + "\n"
     if new.node_token in enrollment_json or new.node_token in node_json:
         raise ValueError("node.json/enrollment.json must not contain the node token")
+    ov = new.overlay
     for name, data, mode in (
         ("node.key", new.key_pem, 0o600),
         ("node.crt", new.cert_pem, 0o644),
         ("ca.crt", new.ca_pem, 0o644),
+        ("nebula.key", ov.nebula_key_pem, 0o600),
+        ("nebula.crt", ov.nebula_cert_pem, 0o644),
+        ("nebula-ca.crt", ov.nebula_ca_pem, 0o644),
+        ("nomad.key", ov.nomad_key_pem, 0o600),
+        ("nomad.crt", ov.nomad_cert_pem, 0o644),
+        ("nomad-ca.crt", ov.nomad_ca_pem, 0o644),
         ("node-token", (new.node_token + "\n").encode(), 0o600),
         ("node.json", node_json.encode(), 0o644),
         ("enrollment.json", enrollment_json.encode(), 0o644),

@@ -77,8 +77,11 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = _parse_listen(listen)
     clock = Clock.from_env()
+    from controlplane.nebula_ca import NebulaCA
+
     ca = CertificateAuthority.load_or_create(state_dir, wall_now())
-    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host))
+    nebula_ca = NebulaCA.load_or_create(state_dir, wall_now())
+    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host), nebula_ca)
     # Nodes check the certificate against the host they were told to use.
     public_name = urlsplit(public_url).hostname if public_url else None
     server = build_server(
@@ -107,6 +110,50 @@ def serve(
         pass
     finally:
         server.stop()
+
+
+@app.command("overlay-host")
+def overlay_host(
+    state_dir: Path = typer.Option(..., "--state-dir", help="The control plane's state dir (its nebula CA)."),
+    name: str = typer.Option(..., "--name", help="The host's name in its certificate."),
+    overlay_ip: str = typer.Option(..., "--overlay-ip", help="The host's overlay address, e.g. 100.64.0.1."),
+    overlay_cidr: str = typer.Option("100.64.0.0/10", "--overlay-cidr", help="The overlay network."),
+    out: Path = typer.Option(..., "--out", help="Directory for host.key, host.crt, ca.crt, config.yml."),
+    group: list[str] = typer.Option(["vectorlay-control"], "--group", help="Certificate group (repeatable)."),
+    lighthouse: bool = typer.Option(False, "--lighthouse", help="This host is a lighthouse."),
+    listen_port: int = typer.Option(4242, "--listen-port", min=0, max=65535, help="nebula's UDP port."),
+    lighthouse_at: list[str] = typer.Option(
+        [], "--lighthouse-at", help="OVERLAY_IP=HOST:PORT of a lighthouse to use (repeatable)."
+    ),
+) -> None:
+    """Write a nebula identity and config for one of the control plane's own overlay hosts."""
+    import ipaddress
+
+    from controlplane.overlay_host import parse_lighthouse, write_overlay_host
+
+    try:
+        network = ipaddress.IPv4Network(overlay_cidr)
+        address = ipaddress.IPv4Address(overlay_ip)
+    except ValueError as e:
+        _fail(f"bad overlay address: {e}")
+    if address not in network or address in (network.network_address, network.broadcast_address):
+        _fail(f"--overlay-ip {address} is not a host address of --overlay-cidr {network}")
+    try:
+        lighthouses = [parse_lighthouse(spec) for spec in lighthouse_at]
+        changed = write_overlay_host(
+            state_dir,
+            out,
+            name=name,
+            ip=ipaddress.IPv4Interface((int(address), network.prefixlen)),
+            groups=group,
+            am_lighthouse=lighthouse,
+            listen_port=listen_port,
+            lighthouses=lighthouses,
+            now=wall_now(),
+        )
+    except (ValueError, OSError) as e:  # NebulaCertError is a ValueError
+        _fail(str(e))
+    print(json.dumps({"out": str(out.resolve()), "changed": changed}))
 
 
 @org_app.command("create")

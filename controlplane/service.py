@@ -21,8 +21,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from bootstrap.nebula import NebulaCertError, parse_public_key_pem
 from controlplane.clock import Clock, from_iso, to_iso, wall_now
 from controlplane.db import Database
+from controlplane.nebula_ca import NebulaCA
 from controlplane.pki import CertificateAuthority, CsrError, csr_key_fingerprint, fingerprint
 from controlplane.tokens import (
     API_KEY_PREFIX,
@@ -45,6 +47,12 @@ UNIT_STATUSES = ("ready", "needs_binding", "not_isolatable", "wedged", "no_iommu
 HOSTNAME_RULE = (
     "hostname must be 1-253 characters: letters, digits, '.', '-' and '_', starting with a letter or digit"
 )
+# Nebula groups: the firewall of every node admits only hosts of the control group.
+NODE_GROUP = "vectorlay-node"
+CONTROL_GROUP = "vectorlay-control"
+# Nebula certificates are short next to the node's X.509 identity: every re-enrollment (the one-liner
+# re-run, or any repair) issues a new one, and the doctor warns two weeks before the end.
+NEBULA_CERT_DAYS = 365
 
 
 class ApiError(Exception):
@@ -73,10 +81,27 @@ class Network:
     overlay: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network(DEFAULT_OVERLAY))
     nebula_port: int = 4242
     nomad_port: int = 4647
+    region: str = "global"  # Nomad's own default region name
+    datacenter: str = "vectorlay"
 
     @property
     def lighthouse_ip(self) -> str:
         return str(self.overlay.network_address + 1)
+
+    @property
+    def lighthouses(self) -> list[dict[str, Any]]:
+        """Overlay address and underlay endpoints of each lighthouse (one in the reference setup)."""
+        return [{"overlay_ip": self.lighthouse_ip, "endpoints": [f"{self.public_host}:{self.nebula_port}"]}]
+
+    @property
+    def nomad_servers(self) -> list[str]:
+        # The reference deployment runs its Nomad server on the lighthouse host; nodes reach it only
+        # over the overlay.
+        return [f"{self.lighthouse_ip}:{self.nomad_port}"]
+
+    def overlay_interface(self, ip: str) -> ipaddress.IPv4Interface:
+        """The address with the overlay's prefix length: nebula routes the whole overlay to its tun."""
+        return ipaddress.IPv4Interface(f"{ip}/{self.overlay.prefixlen}")
 
     def overlay_ip(self, seq: int) -> str:
         # .1 is the lighthouse; nodes follow in enrollment order.
@@ -88,10 +113,16 @@ class Network:
 
 class ControlPlane:
     def __init__(
-        self, db: Database, ca: CertificateAuthority | None, clock: Clock, network: Network | None = None
+        self,
+        db: Database,
+        ca: CertificateAuthority | None,
+        clock: Clock,
+        network: Network | None = None,
+        nebula_ca: NebulaCA | None = None,
     ) -> None:
         self.db = db
         self._ca = ca
+        self._nebula_ca = nebula_ca
         self.clock = clock
         self.network = network or Network()
         # SQLite allows one writer; waiting on its busy handler means sleeps of up to 100 ms, so
@@ -104,6 +135,12 @@ class ControlPlane:
         if self._ca is None:
             raise RuntimeError("this ControlPlane was opened without its CA (admin use only)")
         return self._ca
+
+    @property
+    def nebula_ca(self) -> NebulaCA:
+        if self._nebula_ca is None:
+            raise RuntimeError("this ControlPlane was opened without its nebula CA (admin use only)")
+        return self._nebula_ca
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -244,6 +281,19 @@ class ControlPlane:
             key_fp = csr_key_fingerprint(csr_pem)
         except CsrError as e:
             raise bad_request(str(e)) from None
+        nebula_pub, nomad_csr = body.get("nebula_public_key"), body.get("nomad_csr_pem")
+        if not isinstance(nebula_pub, str):
+            raise bad_request("nebula_public_key is required (the node's X25519 key, nebula's PEM format)")
+        try:
+            parse_public_key_pem(nebula_pub)
+        except NebulaCertError as e:
+            raise bad_request(f"nebula_public_key: {e}") from None
+        if not isinstance(nomad_csr, str):
+            raise bad_request("nomad_csr_pem is required (a CSR for the node's Nomad key)")
+        try:
+            csr_key_fingerprint(nomad_csr)
+        except CsrError as e:
+            raise bad_request(f"nomad_csr_pem: {e}") from None
         cert_fp = None
         if client_cert_pem:
             cert_fp = fingerprint(x509.load_pem_x509_certificate(client_cert_pem.encode()))
@@ -308,6 +358,24 @@ class ControlPlane:
                 if cur.rowcount != 1:
                     raise unauthorized("provisioning token already used", "TOKEN_USED")
             self._register_units(conn, node_id, hardware)
+            try:
+                nebula_cert = self.nebula_ca.sign(
+                    nebula_pub,
+                    name=node_id,
+                    ip=self.network.overlay_interface(overlay_ip),
+                    groups=[NODE_GROUP],
+                    now=wall_now(),
+                    days=NEBULA_CERT_DAYS,
+                )
+                nomad_cert = self.ca.sign_nomad_client_csr(
+                    nomad_csr,
+                    node_id=node_id,
+                    region=self.network.region,
+                    overlay_ip=overlay_ip,
+                    now=wall_now(),
+                )
+            except (NebulaCertError, CsrError) as e:
+                raise bad_request(str(e)) from None
 
         return {
             "node_id": node_id,
@@ -318,19 +386,22 @@ class ControlPlane:
             "ca_pem": self.ca.cert_pem,
             "node_token": new_token,
             "nebula": {
+                "certificate": nebula_cert,
+                "ca": self.nebula_ca.ca_pem,
                 "overlay_cidr": str(self.network.overlay),
                 "overlay_ip": overlay_ip,
-                "lighthouses": {
-                    self.network.lighthouse_ip: [f"{self.network.public_host}:{self.network.nebula_port}"]
-                },
+                "lighthouses": self.network.lighthouses,
+                "groups": [NODE_GROUP],
                 "listen_port": self.network.nebula_port,
-                "am_lighthouse": False,
             },
             "nomad": {
-                "servers": [f"{self.network.public_host}:{self.network.nomad_port}"],
-                "datacenter": "vectorlay",
+                "region": self.network.region,
+                "datacenter": self.network.datacenter,
+                "servers": self.network.nomad_servers,
                 "node_class": gpu_mode,
                 "meta": {"vectorlay_node_id": node_id, "vectorlay_org_id": org["id"]},
+                "certificate_pem": nomad_cert.public_bytes(serialization.Encoding.PEM).decode(),
+                "ca_pem": self.ca.cert_pem,
             },
         }
 

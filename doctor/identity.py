@@ -97,6 +97,109 @@ def check_identity(host: Host, now: dt.datetime | None = None) -> CheckResult:
             REENROLL,
             (subject,),
         )
+    overlay_ip, region = _enrolled_names(host)
+    if overlay_ip is None:
+        return CheckResult(name, Status.FAIL, f"{IDENTITY_DIR}/node.json names no overlay IP", REENROLL)
+    overlay = check_overlay_identity(host, overlay_ip, region, now)
+    if overlay is not None:
+        return overlay
     return CheckResult(
         name, Status.PASS, f"node certificate valid until {not_after:%Y-%m-%d} UTC", None, (subject,)
     )
+
+
+def _enrolled_names(host: Host) -> tuple[str | None, str | None]:
+    """node.json's overlay IP and the Nomad region the enrollment named."""
+    import json
+
+    def read(file: str) -> dict[str, object]:
+        try:
+            data = json.loads(host.path(f"{IDENTITY_DIR}/{file}").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    ip = read("node.json").get("overlay_ip")
+    nomad = read("enrollment.json").get("nomad")
+    region = nomad.get("region") if isinstance(nomad, dict) else None
+    return (ip if isinstance(ip, str) else None), (region if isinstance(region, str) else None)
+
+
+def check_overlay_identity(
+    host: Host, overlay_ip: str, region: str | None, now: dt.datetime
+) -> CheckResult | None:
+    """What is wrong with the nebula and Nomad credentials, or None when both are usable.
+
+    nebula takes the node's overlay address from its certificate, so a certificate for another IP
+    (or signed by another CA) puts the node somewhere else on the overlay or off it; Nomad servers
+    refuse a client certificate that does not name `client.<region>.nomad`.
+    """
+    from bootstrap import nebula
+
+    name = "identity"
+    paths = {f: f"{IDENTITY_DIR}/{f}" for f in ("nebula.crt", "nebula-ca.crt", "nomad.crt", "nomad-ca.crt")}
+    missing = [p for p in paths.values() if not host.path(p).is_file()]
+    if missing:
+        return CheckResult(name, Status.FAIL, f"identity incomplete: {', '.join(missing)} missing", REENROLL)
+    try:
+        cert = nebula.parse_certificate_pem(host.path(paths["nebula.crt"]).read_bytes())
+        ca = nebula.parse_certificate_pem(host.path(paths["nebula-ca.crt"]).read_bytes())
+        nebula.verify_certificate(cert, ca, now)
+    except nebula.NebulaCertError as e:
+        return CheckResult(name, Status.FAIL, f"{paths['nebula.crt']}: {e}", REENROLL)
+    except OSError as e:
+        return CheckResult(name, Status.FAIL, f"cannot read the nebula certificate: {e.strerror}", REENROLL)
+    ips = [str(i.ip) for i in cert.ips]
+    if ips != [overlay_ip]:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{paths['nebula.crt']} is for {', '.join(ips) or 'no IP'}, but node.json says {overlay_ip}",
+            REENROLL,
+        )
+
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        nomad = x509.load_pem_x509_certificate(host.path(paths["nomad.crt"]).read_bytes())
+        nomad_ca = x509.load_pem_x509_certificate(host.path(paths["nomad-ca.crt"]).read_bytes())
+        nomad.verify_directly_issued_by(nomad_ca)
+    except (ValueError, TypeError, InvalidSignature, OSError):
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{paths['nomad.crt']} is not a certificate issued by {paths['nomad-ca.crt']}",
+            REENROLL,
+        )
+    try:
+        san = nomad.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+        addrs = {str(a) for a in san.get_values_for_type(x509.IPAddress)}
+    except x509.ExtensionNotFound:
+        dns, addrs = [], set()
+    wanted = f"client.{region}.nomad" if region else None
+    if wanted and wanted not in dns:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{paths['nomad.crt']} does not name {wanted}: Nomad servers refuse it",
+            REENROLL,
+        )
+    if not {"127.0.0.1", overlay_ip} <= addrs:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{paths['nomad.crt']} does not name 127.0.0.1 and {overlay_ip}: "
+            "Nomad's HTTP API cannot serve it",
+            REENROLL,
+        )
+    left = cert.not_after - now
+    if left < dt.timedelta(days=EXPIRY_WARN_DAYS):
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"nebula certificate expires in {left.days} day(s), on {cert.not_after:%Y-%m-%d} UTC",
+            REENROLL,
+        )
+    return None

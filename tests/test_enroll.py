@@ -112,6 +112,12 @@ def test_first_enrollment_writes_a_complete_identity_the_control_plane_accepts(
         "node-token": 0o600,
         "node.crt": 0o644,
         "ca.crt": 0o644,
+        "nebula.key": 0o600,
+        "nebula.crt": 0o644,
+        "nebula-ca.crt": 0o644,
+        "nomad.key": 0o600,
+        "nomad.crt": 0o644,
+        "nomad-ca.crt": 0o644,
         "node.json": 0o644,
         "enrollment.json": 0o644,
     }

@@ -10,18 +10,37 @@ from pathlib import Path
 import pytest
 
 from bootstrap.host import Host
-from bootstrap.identity import IDENTITY_DIR, IdentityError, NewIdentity, load_identity, write_identity
+from bootstrap.identity import (
+    IDENTITY_DIR,
+    IdentityError,
+    NewIdentity,
+    OverlayFiles,
+    load_identity,
+    write_identity,
+)
+
+
+def _pem(banner: str, body: str) -> bytes:
+    return f"-----BEGIN {banner}-----\n{body}\n-----END {banner}-----\n".encode()
 
 
 def _new(node_id: str = "node_1", token: str = "vnt_" + "t" * 43) -> NewIdentity:
     node = {"node_id": node_id, "org_id": "org_1", "overlay_ip": "100.64.0.2", "api": "https://cp"}
     return NewIdentity(
-        key_pem=b"-----BEGIN PRIVATE KEY-----\nk\n-----END PRIVATE KEY-----\n",
-        cert_pem=b"-----BEGIN CERTIFICATE-----\nc\n-----END CERTIFICATE-----\n",
-        ca_pem=b"-----BEGIN CERTIFICATE-----\nca\n-----END CERTIFICATE-----\n",
+        key_pem=_pem("PRIVATE KEY", "k"),
+        cert_pem=_pem("CERTIFICATE", "c"),
+        ca_pem=_pem("CERTIFICATE", "ca"),
         node_token=token,
         node=node,
-        enrollment={**node, "nebula": {"lighthouses": {}}, "nomad": {"servers": []}},
+        enrollment={**node, "nebula": {"lighthouses": []}, "nomad": {"servers": []}},
+        overlay=OverlayFiles(
+            nebula_key_pem=_pem("NEBULA X25519 PRIVATE KEY", "k"),
+            nebula_cert_pem=_pem("NEBULA CERTIFICATE", "c"),
+            nebula_ca_pem=_pem("NEBULA CERTIFICATE", "ca"),
+            nomad_key_pem=_pem("PRIVATE KEY", "n"),
+            nomad_cert_pem=_pem("CERTIFICATE", "n"),
+            nomad_ca_pem=_pem("CERTIFICATE", "ca"),
+        ),
     )
 
 
@@ -67,6 +86,9 @@ def test_a_node_token_in_the_non_secret_files_is_refused_before_anything_is_writ
     [
         (lambda d: (d / "node.key").unlink(), "incomplete: node.key missing"),
         (lambda d: (d / "node-token").chmod(0o644), "node-token is readable by others"),
+        (lambda d: (d / "nebula.key").chmod(0o640), "nebula.key is readable by others"),
+        (lambda d: (d / "nomad.key").chmod(0o604), "nomad.key is readable by others"),
+        (lambda d: (d / "nebula.crt").unlink(), "incomplete: nebula.crt missing"),
         (lambda d: d.chmod(0o755), "is open to others"),
         (lambda d: (d / "node.json").write_text("{"), "node.json is unreadable"),
     ],

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bootstrap import artifacts
+from bootstrap import artifacts, runsc
 from bootstrap.discovery import UnitStatus
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
+from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
 from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, apply, compute, render
 from bootstrap.resources import units_dir
 from bootstrap.stages import Context, Outcome, StageResult
@@ -28,13 +29,11 @@ ETC_UNITS = "/etc/systemd/system"
 TIMER = "node-agent-update.timer"
 UPDATE_SERVICE = "node-agent-update.service"
 UNIT_FILES = (*SERVICES.values(), UPDATE_SERVICE, TIMER)
-NEBULA_CONFIG = "/etc/vectorlay/nebula/config.yml"
 NOMAD_CONFIG = "/etc/vectorlay/nomad.d/client.hcl"
 AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
 SETTINGS_FILE = "/etc/vectorlay/node.yaml"
 NOMAD_VFIO_DROPIN = f"{ETC_UNITS}/nomad.service.d/10-vectorlay-vfio.conf"
 DOCKER_DAEMON = "/etc/docker/daemon.json"
-RUNSC = "/opt/vectorlay/releases/runsc/current/bin/runsc"
 IDENTITY_DIR = "/etc/vectorlay/identity"
 
 CONFIGS = {
@@ -67,7 +66,7 @@ def _docker_daemon_json(host: Host) -> bytes:
     runtimes = data.setdefault("runtimes", {})
     if not isinstance(runtimes, dict):
         raise VectorlayError(f"{DOCKER_DAEMON}: 'runtimes' must be an object", f"fix {DOCKER_DAEMON}")
-    runtimes["runsc"] = {"path": RUNSC, "runtimeArgs": ["--nvproxy=true"]}
+    runtimes[runsc.RUNTIME_NAME] = runsc.docker_runtime()
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -114,19 +113,22 @@ def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
         ),
         FileChange(
             NEBULA_CONFIG,
-            render_template(
-                "nebula-config.yml.j2", lighthouses=nebula.get("lighthouses") or {}, **common
-            ).encode(),
+            render_template("nebula-config.yml.j2", nebula=nebula, tun_device=TUN_DEVICE, **common).encode(),
             mode=0o600,
         ),
         FileChange(
             NOMAD_CONFIG,
             render_template(
                 "nomad-client.hcl.j2",
-                datacenter=nomad.get("datacenter", "vectorlay"),
-                node_class=nomad.get("node_class", mode),
-                servers=nomad.get("servers") or [],
-                meta={**(nomad.get("meta") or {}), **_gpu_meta(ctx, mode)},
+                # The TLS material is in the identity dir's files; the config only names them.
+                nomad={
+                    **{k: v for k, v in nomad.items() if k not in ("certificate_pem", "ca_pem")},
+                    "region": nomad.get("region") or "global",
+                    "datacenter": nomad.get("datacenter") or "vectorlay",
+                    "node_class": nomad.get("node_class") or mode,
+                    "servers": nomad.get("servers") or [],
+                    "meta": {**(nomad.get("meta") or {}), **_gpu_meta(ctx, mode)},
+                },
                 **common,
             ).encode(),
             mode=0o600,

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 
 from bootstrap import artifacts
 from bootstrap.errors import VectorlayError
@@ -113,8 +114,10 @@ def test_install_writes_units_and_configs_and_starts_the_agents(node: Node) -> N
     assert 'plugin "qemu"' in hcl and 'plugin "docker"' not in hcl  # CPU VMs run under QEMU
     assert '"vectorlay_gpu_mode" = "none"' in hcl
     assert host.path("/etc/vectorlay/nomad.d/client.hcl").stat().st_mode & 0o777 == 0o600
-    nebula = host.read_text("/etc/vectorlay/nebula/config.yml")
-    assert "am_lighthouse: false" in nebula and "/etc/vectorlay/identity/node.key" in nebula
+    nebula = yaml.safe_load(host.read_text("/etc/vectorlay/nebula/config.yml"))
+    assert nebula["lighthouse"]["am_lighthouse"] is False
+    assert nebula["pki"]["key"] == "/etc/vectorlay/identity/nebula.key"
+    assert nebula["lighthouse"]["hosts"] == list(nebula["static_host_map"]) == ["100.64.0.1"]
     assert host.read_text("/etc/vectorlay/node.yaml").startswith("# Managed by vectorlay-bootstrap")
     assert not host.exists("/etc/systemd/system/nomad.service.d/10-vectorlay-vfio.conf")  # not passthrough
 

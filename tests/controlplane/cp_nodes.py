@@ -11,6 +11,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bootstrap import nebula
+
+
+def _csr() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "box")]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
 
 class Enrolled:
     """A node enrolled over the raw API, with its key and certificate on disk for mTLS."""
@@ -26,6 +38,8 @@ class Enrolled:
         self.body = {
             "token": token or cp.token(org),
             "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "nebula_public_key": nebula.generate_keypair()[1].decode(),
+            "nomad_csr_pem": _csr(),
             "hostname": "box",
             "hardware": {},
             "gpu_mode": "none",

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bootstrap import nebula
 from tests.controlplane.cp_nodes import Enrolled
 
 
@@ -32,7 +33,15 @@ def _csr() -> str:
 
 
 def _enroll_body(token: str, csr: str) -> dict[str, Any]:
-    return {"token": token, "csr_pem": csr, "hostname": "box", "hardware": {}, "gpu_mode": "none"}
+    return {
+        "token": token,
+        "csr_pem": csr,
+        "nebula_public_key": nebula.generate_keypair()[1].decode(),
+        "nomad_csr_pem": _csr(),
+        "hostname": "box",
+        "hardware": {},
+        "gpu_mode": "none",
+    }
 
 
 def test_an_api_key_mints_a_one_hour_token_that_introspection_does_not_consume(control_plane: Any) -> None:
@@ -87,6 +96,19 @@ def test_malformed_enrollments_get_400_without_consuming_the_token(control_plane
     assert bad_csr.status_code == 400 and "certificate signing request" in bad_csr.json()["error"]["message"]
     bad_mode = _post(control_plane, "/v1/nodes/enroll", {**_enroll_body(token, _csr()), "gpu_mode": "x"})
     assert bad_mode.status_code == 400
+    for field, value, says in (
+        ("nebula_public_key", None, "nebula_public_key is required"),
+        ("nebula_public_key", "-----BEGIN NEBULA X25519 PUBLIC KEY-----\nAAAA\n", "nebula_public_key: "),
+        ("nebula_public_key", nebula.generate_keypair()[0].decode(), "nebula_public_key: "),
+        ("nomad_csr_pem", None, "nomad_csr_pem is required"),
+        ("nomad_csr_pem", "not a csr", "nomad_csr_pem: "),
+    ):
+        body = {**_enroll_body(token, _csr()), field: value}
+        if value is None:
+            del body[field]
+        res = _post(control_plane, "/v1/nodes/enroll", body)
+        assert res.status_code == 400, (field, res.text)
+        assert res.json()["error"]["message"].startswith(says), res.text
     not_json = requests.post(
         control_plane.url + "/v1/nodes/enroll", data="{", verify=str(control_plane.ca_file), timeout=30
     )

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa
 from cryptography.x509.oid import NameOID
 
+from bootstrap import nebula
+
 
 def _csr(key: Any, algorithm: hashes.HashAlgorithm | None = None) -> str:
     csr = (
@@ -49,7 +51,17 @@ def cp(control_plane: Any) -> Iterator[Any]:
 
 def _body(token: str, **changes: Any) -> dict[str, Any]:
     csr = _csr(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
-    return {"token": token, "csr_pem": csr, "hostname": "box", "hardware": {}, "gpu_mode": "none", **changes}
+    nomad_csr = _csr(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    return {
+        "token": token,
+        "csr_pem": csr,
+        "nebula_public_key": nebula.generate_keypair()[1].decode(),
+        "nomad_csr_pem": nomad_csr,
+        "hostname": "box",
+        "hardware": {},
+        "gpu_mode": "none",
+        **changes,
+    }
 
 
 def _refused(cp: Any, token: str, resp: requests.Response, status: int, message: str) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bootstrap import nebula
 from bootstrap.host import Host
+from controlplane.pki import CertificateAuthority
 from doctor.checks import run_checks
 from doctor.identity import check_identity
 from doctor.model import Status
@@ -74,6 +78,11 @@ def enroll(
     key_mode: int = 0o600,
     other_key: bool = False,
     other_ca: bool = False,
+    overlay_ip: str = "100.64.0.7",
+    nebula_ip: str = "100.64.0.7",
+    nebula_days_left: float = 300,
+    other_nebula_ca: bool = False,
+    nomad_region: str = "global",
 ) -> Path:
     """Lay out /etc/vectorlay/identity/ as the enroll stage does."""
     ca = _ca()
@@ -81,6 +90,24 @@ def enroll(
     cert = _node_cert(ca, key, days_left=days_left, days_old=days_old)
     d = host.path("/etc/vectorlay/identity")
     d.mkdir(parents=True, mode=0o700)
+    node = {"node_id": "node-7f3a", "org_id": "org_1", "overlay_ip": overlay_ip}
+    (d / "node.json").write_text(json.dumps(node))
+    (d / "enrollment.json").write_text('{"nomad": {"region": "global"}}')
+    _nebula_files(d, nebula_ip, nebula_days_left, other_nebula_ca)
+    nomad_key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name("nomad"))
+        .sign(nomad_key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    # The product's own signer makes the Nomad certificate: its names are what is under test.
+    nomad_cert = CertificateAuthority(ca[1], ca[0]).sign_nomad_client_csr(
+        csr, node_id="node-7f3a", region=nomad_region, overlay_ip=overlay_ip, now=NOW
+    )
+    (d / "nomad.crt").write_bytes(_pem(nomad_cert))
+    (d / "nomad-ca.crt").write_bytes(_pem(ca[1]))
     (d / "node.crt").write_bytes(_pem(cert))
     (d / "ca.crt").write_bytes(_pem(_ca("some other CA")[1] if other_ca else ca[1]))
     key_path = d / "node.key"
@@ -89,6 +116,45 @@ def enroll(
     os.close(fd)
     os.chmod(key_path, key_mode)
     return d
+
+
+def _nebula_files(d: Path, ip: str, days_left: float, other_ca: bool) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    def ca_cert(key: ed25519.Ed25519PrivateKey) -> nebula.NebulaCertificate:
+        unsigned = nebula.NebulaCertificate(
+            name="vectorlay test nebula CA",
+            ips=(),
+            subnets=(),
+            groups=(),
+            not_before=NOW - dt.timedelta(days=1),
+            not_after=NOW + dt.timedelta(days=3650),
+            public_key=key.public_key().public_bytes_raw(),
+            is_ca=True,
+            issuer="",
+        )
+        return nebula.sign_certificate(unsigned, key)
+
+    ca_key = ed25519.Ed25519PrivateKey.generate()
+    ca = ca_cert(ca_key)
+    private, public = nebula.generate_keypair()
+    unsigned = nebula.NebulaCertificate(
+        name="node-7f3a",
+        ips=(ipaddress.IPv4Interface(f"{ip}/10"),),
+        subnets=(),
+        groups=("vectorlay-node",),
+        not_before=NOW - dt.timedelta(days=1),
+        not_after=NOW + dt.timedelta(days=days_left),
+        public_key=nebula.parse_public_key_pem(public),
+        is_ca=False,
+        issuer=ca.fingerprint,
+    )
+    (d / "nebula.crt").write_bytes(nebula.sign_certificate(unsigned, ca_key).to_pem())
+    shown_ca = ca_cert(ed25519.Ed25519PrivateKey.generate()) if other_ca else ca
+    (d / "nebula-ca.crt").write_bytes(shown_ca.to_pem())
+    fd = os.open(d / "nebula.key", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, private)
+    os.close(fd)
 
 
 @pytest.fixture
@@ -174,3 +240,43 @@ def test_garbage_in_the_certificate_is_a_fail_not_a_crash(host: Host) -> None:
     enroll(host).joinpath("node.crt").write_text("not a certificate\n")
     result = check_identity(host)
     assert result.status is Status.FAIL and "is not a PEM certificate" in result.message
+
+
+def test_a_nebula_certificate_for_another_ip_than_node_json_fails(host: Host) -> None:
+    enroll(host, overlay_ip="100.64.0.7", nebula_ip="100.64.0.9")
+    result = check_identity(host)
+    assert result.status is Status.FAIL
+    assert result.message == (
+        "/etc/vectorlay/identity/nebula.crt is for 100.64.0.9, but node.json says 100.64.0.7"
+    )
+    assert result.hint is not None and "re-enroll" in result.hint
+
+
+def test_a_nebula_certificate_from_another_ca_fails(host: Host) -> None:
+    enroll(host, other_nebula_ca=True)
+    result = check_identity(host)
+    assert result.status is Status.FAIL
+    assert result.message.startswith("/etc/vectorlay/identity/nebula.crt: ")
+    assert "was issued by " in result.message and "not by this CA" in result.message
+
+
+def test_a_nebula_certificate_expiring_within_14_days_warns(host: Host) -> None:
+    enroll(host, nebula_days_left=10)
+    result = check_identity(host)
+    assert result.status is Status.WARN
+    assert result.message.startswith("nebula certificate expires in 9 day(s)")
+
+
+def test_a_nomad_certificate_for_another_region_fails(host: Host) -> None:
+    enroll(host, nomad_region="elsewhere")
+    result = check_identity(host)
+    assert result.status is Status.FAIL
+    assert result.message == (
+        "/etc/vectorlay/identity/nomad.crt does not name client.global.nomad: Nomad servers refuse it"
+    )
+
+
+def test_a_missing_nebula_certificate_fails_naming_it(host: Host) -> None:
+    enroll(host).joinpath("nebula.crt").unlink()
+    result = check_identity(host)
+    assert result.message == "identity incomplete: /etc/vectorlay/identity/nebula.crt missing"

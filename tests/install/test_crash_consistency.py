@@ -14,7 +14,8 @@ What may legitimately differ between two runs, and nothing else:
 - state.json's token_expires_at and reboot_requested_at: each case has its own token, minted at its
   own time, and asks for its reboot at its own time;
 - the identity: each case is its own node, so node ID and overlay IP (wherever they appear), the
-  key pair, certificate and node token, and the generation directory's name (a timestamp).
+  key pairs, certificates (X.509, nebula, Nomad) and node token, and the generation directory's name
+  (a timestamp).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from tests.install.helpers import gpus_on_vfio, install, stop_daemons
 ENV = {"VECTORLAY_HEALTH_SETTLE": "0.2"}
 LOG = "var/log/vectorlay/bootstrap.log"
 STATE = "var/lib/vectorlay/state.json"
-SECRETS = ("node.key", "node.crt", "node-token")
+# Each case is its own node: its keys, certificates and token are its own (the CAs are shared).
+SECRETS = ("node.key", "node.crt", "node-token", "nebula.key", "nebula.crt", "nomad.key", "nomad.crt")
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 

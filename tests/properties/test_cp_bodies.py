@@ -26,6 +26,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from bootstrap import nebula
 from controlplane.app import create_app
 from controlplane.clock import Clock, wall_now
 from controlplane.db import Database
@@ -57,7 +58,7 @@ json_values = st.recursive(
     ),
     max_leaves=30,
 )
-ENROLL_FIELDS = ("token", "csr_pem", "hostname", "hardware", "gpu_mode", "nebula_public_key")
+ENROLL_FIELDS = ("token", "csr_pem", "hostname", "hardware", "gpu_mode", "nebula_public_key", "nomad_csr_pem")
 
 
 def _csr() -> str:
@@ -70,7 +71,8 @@ def _csr() -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-CSR = _csr()
+CSR, NOMAD_CSR = _csr(), _csr()
+NEBULA_PUB = nebula.generate_keypair()[1].decode()
 
 
 class Plane:
@@ -99,7 +101,15 @@ class Plane:
         return str(self.cp.create_provisioning_token(self.org)["token"])
 
     def enroll_body(self, token: str) -> dict[str, Any]:
-        return {"token": token, "csr_pem": CSR, "hostname": "box", "hardware": {}, "gpu_mode": "none"}
+        return {
+            "token": token,
+            "csr_pem": CSR,
+            "nebula_public_key": NEBULA_PUB,
+            "nomad_csr_pem": NOMAD_CSR,
+            "hostname": "box",
+            "hardware": {},
+            "gpu_mode": "none",
+        }
 
     def node_environ(self) -> dict[str, str]:
         return {"SSL_CLIENT_VERIFY": "SUCCESS", "SSL_CLIENT_CERT": self.node_cert}
@@ -207,6 +217,8 @@ def test_over_real_https_mutated_enrollments_never_500_and_keep_the_token(
     body = {
         "token": token,
         "csr_pem": CSR,
+        "nebula_public_key": NEBULA_PUB,
+        "nomad_csr_pem": NOMAD_CSR,
         "hostname": "box",
         "hardware": {},
         "gpu_mode": "none",
