@@ -30,6 +30,7 @@ from bootstrap import nebula
 from controlplane.app import create_app
 from controlplane.clock import Clock, wall_now
 from controlplane.db import Database
+from controlplane.nebula_ca import NebulaCA
 from controlplane.pki import CertificateAuthority
 from controlplane.service import ControlPlane
 from hostsim.agents import publish_agents
@@ -83,7 +84,10 @@ class Plane:
         state = base / "state"
         publish_agents(base / "artifacts")
         self.cp = ControlPlane(
-            Database(base / "cp.sqlite"), CertificateAuthority.load_or_create(state, wall_now()), Clock()
+            Database(base / "cp.sqlite"),
+            CertificateAuthority.load_or_create(state, wall_now()),
+            Clock(),
+            nebula_ca=NebulaCA.load_or_create(state, wall_now()),
         )
         self.client: FlaskClient = create_app(self.cp, base / "artifacts", state).test_client()
         self.org = self.cp.create_org("acme", provider=True, node_quota=None)["id"]
