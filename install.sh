@@ -172,6 +172,15 @@ vectorlay_install() {
         printf '  fix: a stale artifact — re-run; artifacts are re-fetched and verified each run\n' >&2
         return 1
     fi
+    # A manifest really signed but past its expiry is a replayed or frozen one (the control plane
+    # signs every answer afresh). Its times are UTC in one fixed format, so strings compare as times.
+    if ! jq -e --arg now "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        '(.expires_at | type == "string") and .expires_at > $now' "$work/manifest.json" > /dev/null 2>&1; then
+        printf 'error: the artifact manifest from %s expired at %s: refusing a stale manifest\n' \
+            "$api" "$(jq -r '.expires_at // "(no expiry)"' "$work/manifest.json")" >&2
+        printf "  fix: check this machine's clock (timedatectl); if it is right, something between it and the control plane serves an old manifest\n" >&2
+        return 1
+    fi
 
     local wh_version wh_url wh_sha wh_size
     wh_version="$(jq -r '.artifacts[] | select(.name == "installer") | .version' "$work/manifest.json")"

@@ -72,7 +72,10 @@ class ApiClient:
         attempts: int = 5,
         backoff: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
+        node_token: str | None = None,
     ) -> None:
+        """`node_token`: sent as the bearer of every request to this control plane that names no
+        other (the node endpoints want it with the client certificate), never to another host."""
         if not base_url.startswith("https://"):
             raise VectorlayError(
                 f"control plane URL {base_url!r} is not https://",
@@ -86,6 +89,7 @@ class ApiClient:
         self.attempts = max(1, attempts)
         self.backoff = backoff
         self.sleep = sleep
+        self.node_token = node_token
         self._session: requests.Session | None = None
 
     def with_client_cert(self, client_cert: ClientCert | None) -> ApiClient:
@@ -152,6 +156,7 @@ class ApiClient:
         """JSON in, JSON out. `bearer` goes in the Authorization header, never in the URL."""
         url = self.base_url + path
         headers = {"Accept": "application/json"}
+        bearer = bearer if bearer is not None else self.node_token
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer}"
         attempts = self.attempts if retry else 1
@@ -187,10 +192,15 @@ class ApiClient:
         verifies what arrives against the signed manifest, so a broken body is caught there.
         """
         full = url if url.startswith("https://") else self.base_url + url
+        headers = {}
+        if self.node_token is not None and full.startswith(self.base_url + "/"):
+            headers["Authorization"] = f"Bearer {self.node_token}"
         last = ""
         for attempt in range(1, self.attempts + 1):
             try:
-                resp = self.session().get(full, stream=True, timeout=self.timeout, verify=True)
+                resp = self.session().get(
+                    full, stream=True, timeout=self.timeout, verify=True, headers=headers
+                )
             except requests.exceptions.SSLError as e:
                 raise _tls_error(full, e, self.ca_file) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
@@ -250,6 +260,16 @@ def _tls_error(url: str, e: Exception, ca_file: Path | None) -> VectorlayError:
     )
 
 
+def not_a_provider(url: str | None) -> ApiError:
+    """The documentation's 403 NOT_A_PROVIDER, from an answer or from token introspection."""
+    return ApiError(
+        f"{url}: 403 NOT_A_PROVIDER: this org isn't an approved provider yet",
+        "ask vectorlay to approve your org as a provider, then re-run with a new token",
+        status=403,
+        code="NOT_A_PROVIDER",
+    )
+
+
 def _answer(method: str, url: str, resp: requests.Response) -> Any:
     try:
         body = resp.json()
@@ -270,9 +290,11 @@ def _answer(method: str, url: str, resp: requests.Response) -> Any:
     if resp.status_code == 401:
         raise ApiError(f"{url}: 401 bad, missing or expired token{detail}", TOKEN_HINT, status=401, code=code)
     if resp.status_code == 403 and code == "NOT_A_PROVIDER":
+        raise not_a_provider(url)
+    if resp.status_code == 403 and code == "NODE_REMOVED":
         raise ApiError(
-            f"{url}: 403 NOT_A_PROVIDER: this org isn't an approved provider yet",
-            "ask vectorlay to approve your org as a provider, then re-run with a new token",
+            f"{url}: 403 NODE_REMOVED: this node was decommissioned by its provider",
+            "to bring it back, re-run the install one-liner with a new provisioning token",
             status=403,
             code=code,
         )

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bootstrap import nebula
-from bootstrap.api import ApiClient, ApiError, ClientCert
+from bootstrap.api import ApiClient, ApiError, ClientCert, not_a_provider
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import (
@@ -57,7 +57,7 @@ ENROLL_POINTS = ("before-request", "response-received")
 class TokenInfo:
     valid: bool
     expires_at: datetime | None
-    reason: str | None = None  # "used", "expired", "unknown" when not valid
+    reason: str | None = None  # "used", "expired", "unknown", "not_a_provider" when not valid
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,19 @@ def _parse_time(value: Any) -> datetime | None:
 
 def token_state_words(reason: str | None) -> str:
     """How an unusable token is described: 'already used', 'expired' or 'not known'."""
-    return {"used": "already used", "expired": "expired"}.get(reason or "", "not known")
+    words = {
+        "used": "already used",
+        "expired": "expired",
+        "not_a_provider": "of an org that isn't an approved provider",
+    }
+    return words.get(reason or "", "not known")
 
 
 def token_refused(api_url: str | None, reason: str | None) -> VectorlayError:
-    """The documentation's 401 for a token introspection says the control plane would refuse."""
+    """The documentation's 401 (or 403 NOT_A_PROVIDER) for a token introspection says the control
+    plane would refuse."""
+    if reason == "not_a_provider":
+        return not_a_provider(api_url)
     why = token_state_words(reason)
     return VectorlayError(
         f"{api_url}: 401 bad, missing or expired token (the provisioning token is {why})",

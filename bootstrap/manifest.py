@@ -3,16 +3,31 @@
 The signature covers the manifest without its `signature` field, serialised canonically (sorted
 keys, no whitespace, UTF-8). `jq -cS 'del(.signature)'` produces the same bytes, which is how
 install.sh checks the manifest with nothing but jq and openssl.
+
+A good signature proves the control plane signed the manifest once, not that it is the current
+one. The update framework TUF names the two attacks that remain and the client rules against them,
+which this module follows:
+- rollback: something the node trusts for TLS (a proxy, a mis-issued certificate) replays an older
+  manifest the control plane really signed, to bring back old versions. Each manifest carries a
+  `serial` that only grows; the node remembers the highest serial it accepted and refuses any
+  lower one (equal is fine: the same manifest fetched again).
+- freeze: the same party keeps serving the last manifest forever, so the node never hears of a
+  fix. Each manifest carries `expires_at`; an expired one is refused.
+- and, as TUF does when the keys that sign its timestamps change, the remembered serial belongs to
+  the set of pinned keys: a node enrolled anew (new keys pinned over the pinned TLS channel) starts
+  counting again, so a control plane rebuilt from scratch is not locked out by its old serials.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import VectorlayError
@@ -40,11 +55,20 @@ class Artifact:
 class Manifest:
     version: str
     artifacts: tuple[Artifact, ...]
+    serial: int
+    issued_at: datetime
+    expires_at: datetime
 
-    def get(self, name: str) -> Artifact:
+    def find(self, name: str) -> Artifact | None:
         for a in self.artifacts:
             if a.name == name:
                 return a
+        return None
+
+    def get(self, name: str) -> Artifact:
+        found = self.find(name)
+        if found is not None:
+            return found
         raise VectorlayError(
             f"the control plane's manifest {self.version} has no artifact named {name!r}",
             "re-run later; if it persists, contact support with this message",
@@ -81,11 +105,32 @@ def public_key_from_text(text: str) -> Ed25519PublicKey:
         ) from None
 
 
+def _timestamp(doc: dict[str, Any], field: str) -> datetime:
+    value = doc.get(field)
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"needs an ISO 8601 time '{field}', got {value!r:.60}") from None
+    if stamp.tzinfo is None:
+        raise ValueError(f"'{field}' has no time zone")
+    return stamp
+
+
 def _parse(doc: dict[str, Any]) -> Manifest:
     version = doc.get("version")
     items = doc.get("artifacts")
     if not isinstance(version, str) or not isinstance(items, list):
         raise ValueError("needs a string 'version' and a list 'artifacts'")
+    serial = doc.get("serial")
+    # A manifest without a serial is one from before serials existed: exactly what a rollback
+    # would replay.
+    if not isinstance(serial, int) or isinstance(serial, bool) or serial < 1:
+        raise ValueError(f"needs a positive integer 'serial', got {serial!r:.60}")
+    issued_at, expires_at = _timestamp(doc, "issued_at"), _timestamp(doc, "expires_at")
+    if expires_at <= issued_at:
+        raise ValueError("'expires_at' is not after 'issued_at'")
     arts = []
     for item in items:
         if not isinstance(item, dict):
@@ -102,7 +147,7 @@ def _parse(doc: dict[str, Any]) -> Manifest:
         if not isinstance(url, str) or not url:
             raise ValueError(f"bad url for {name}")
         arts.append(Artifact(name, ver, url, sha, size))
-    return Manifest(version, tuple(arts))
+    return Manifest(version, tuple(arts), serial, issued_at, expires_at)
 
 
 def verify_manifest(
@@ -137,3 +182,36 @@ def verify_manifest(
         raise VectorlayError(
             f"the signed artifact manifest from {source} is malformed: {e}", STALE_HINT
         ) from None
+
+
+ROLLBACK_HINT = (
+    "something between this node and the control plane (a TLS-intercepting proxy, a mis-issued "
+    "certificate) serves an old manifest; nothing was changed. Check the node's network path and "
+    "clock (timedatectl), pass --ca-file with the control plane's CA, and contact support if it persists"
+)
+
+
+def keyring_id(pinned: Sequence[str]) -> str:
+    """Names a set of pinned keys, whatever their order or surrounding whitespace."""
+    joined = "\n".join(sorted(k.strip() for k in pinned))
+    return hashlib.sha256(joined.encode()).hexdigest()[:32]
+
+
+def check_fresh(
+    manifest: Manifest, trusted_serial: int, source: str = "the control plane", now: datetime | None = None
+) -> None:
+    """Refuse a manifest older than the one already accepted (rollback) or past its expiry (freeze)."""
+    now = now or datetime.now(timezone.utc)
+    if manifest.serial < trusted_serial:
+        raise VectorlayError(
+            f"the artifact manifest from {source} has serial {manifest.serial}, older than serial "
+            f"{trusted_serial} this node already accepted: refusing a rollback to older versions",
+            ROLLBACK_HINT,
+        )
+    if manifest.expires_at <= now:
+        stamp = manifest.expires_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        raise VectorlayError(
+            f"the artifact manifest from {source} (serial {manifest.serial}) expired at {stamp}: "
+            "refusing a stale manifest that may be hiding newer versions",
+            ROLLBACK_HINT,
+        )

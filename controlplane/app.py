@@ -7,12 +7,13 @@ nginx set; nothing here trusts a certificate the TLS layer did not verify.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from controlplane.artifacts import ArtifactStore, register_artifacts
 from controlplane.service import ApiError, ControlPlane
@@ -35,11 +36,70 @@ def _client_cert() -> str | None:
     return pem if isinstance(pem, str) and pem else None
 
 
+MAX_BODY = 1 << 20
+# The deepest legitimate body (enroll's hardware.units[].gpus[]) is 4 levels; the parser's own
+# limit is Python's recursion limit, which a hostile body reaches on purpose.
+MAX_DEPTH = 32
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 def _json_body() -> Any:
-    body = request.get_json(silent=True)
-    if body is None:
+    """The request's JSON body: 400 unless it is standard JSON of bounded depth, 413 past MAX_BODY."""
+    if not request.is_json:
         raise ApiError(400, "BAD_REQUEST", "the body must be JSON (Content-Type: application/json)")
+    raw = _read_body()
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        body = None
+        too_deep = True
+    except ValueError as e:  # includes bad UTF-8 and integers too long to convert
+        raise ApiError(400, "BAD_REQUEST", f"the body is not valid JSON ({_short(str(e))})") from None
+    else:
+        too_deep = _depth(body) > MAX_DEPTH
+    if too_deep:
+        raise ApiError(400, "BAD_REQUEST", f"the JSON body is nested more than {MAX_DEPTH} levels deep")
     return body
+
+
+def _read_body() -> bytes:
+    """The whole body, read until the end of the stream: a chunked body comes in pieces, and one
+    read may return only the first. Past MAX_BODY: 413."""
+    stream = request.stream  # 413 here already when Content-Length announces too much
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            return b"".join(parts)
+        total += len(chunk)
+        if total > MAX_BODY:
+            raise RequestEntityTooLarge()
+        parts.append(chunk)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _has_node_credentials() -> bool:
+    return _client_cert() is not None or _bearer() is not None
 
 
 def create_app(
@@ -49,11 +109,16 @@ def create_app(
     public_url: str | None = None,
 ) -> Flask:
     app = Flask("controlplane")
-    app.config["MAX_CONTENT_LENGTH"] = 1 << 20
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError) -> tuple[Response, int]:
         return jsonify({"error": {"code": e.code, "message": e.message}}), e.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(e: RequestEntityTooLarge) -> tuple[Response, int]:
+        message = f"the request body is larger than the {MAX_BODY >> 20} MiB this API accepts"
+        return jsonify({"error": {"code": "PAYLOAD_TOO_LARGE", "message": message}}), 413
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> tuple[Response, int]:
@@ -76,9 +141,14 @@ def create_app(
 
     store: ArtifactStore | None = None
     if state_dir is not None:
-        from controlplane.artifacts import load_or_create_signing_key
+        from controlplane.artifacts import ManifestSerial, load_or_create_signing_key
 
-        store = ArtifactStore(artifacts_dir, load_or_create_signing_key(state_dir))
+        store = ArtifactStore(
+            artifacts_dir,
+            load_or_create_signing_key(state_dir),
+            serials=ManifestSerial(state_dir),
+            clock=cp.clock,
+        )
 
     @app.post("/v1/nodes/enroll")
     def enroll() -> Response:
@@ -110,5 +180,13 @@ def create_app(
 
     if store is not None:
         ca_pem = cp.ca.cert_pem if cp.ca is not None else ""
-        register_artifacts(app, store, ca_pem, public_url)
+        register_artifacts(
+            app,
+            store,
+            ca_pem,
+            public_url,
+            # node_self refuses (401/403) all but an active node's current certificate + token.
+            require_node=lambda: cp.node_self(_client_cert(), _bearer()),
+            has_credentials=_has_node_credentials,
+        )
     return app

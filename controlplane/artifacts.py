@@ -6,6 +6,18 @@ a name is the one `DIR/<name>/current` names (a symlink or a one-line file), els
 natural order. The manifest listing them is built and signed here, with the control plane's own
 Ed25519 key (`<state-dir>/manifest-signing.key`, created on first start); nodes pin its public half
 from install.sh and from their enrollment, and refuse a manifest it did not sign.
+
+A valid signature alone does not make a manifest current: an old one that was really signed can be
+replayed by anything on the path the node trusts (rollback), or a fresh one withheld so the node
+never learns of a fix (freeze). TUF's client rules answer both, and the manifest follows them: it
+carries a `serial` that grows by one every time the set of served artifacts changes (persisted in
+`<state-dir>/manifest-serial.json`, so a restart never goes back) and an `expires_at` a day after
+its `issued_at`; a node never accepts a serial below the highest it has accepted, nor an expired
+manifest (bootstrap/manifest.py).
+
+Only the `installer` artifact, which install.sh fetches before the node has an identity, is public:
+a request without node credentials gets a manifest listing that one alone. Everything else needs an
+active node's client certificate and node token.
 """
 
 from __future__ import annotations
@@ -15,7 +27,9 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +38,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask, Response, request, send_file
 
 from bootstrap.manifest import sign_manifest
+from controlplane.clock import Clock, to_iso
 from controlplane.pki import _write_private
 from controlplane.service import ApiError
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 SIGNING_KEY = "manifest-signing.key"
 SIGNING_PUB = "manifest-signing.pub"
+SERIAL_FILE = "manifest-serial.json"
+# How long a signed manifest may be believed. The update timer asks hourly, so a day leaves room for
+# clock skew and outages while bounding how long a withheld update can go unnoticed.
+MANIFEST_TTL = timedelta(days=1)
+# What install.sh fetches before the node has credentials.
+PUBLIC_ARTIFACTS = frozenset({"installer"})
 _PLACEHOLDERS = ("@@VECTORLAY_API@@", "@@VECTORLAY_CA_PEM@@", "@@VECTORLAY_MANIFEST_KEY@@")
 
 
@@ -57,10 +78,46 @@ def _natural(version: str) -> list[tuple[int, str]]:
     return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", version) if p]
 
 
+class ManifestSerial:
+    """The manifest's serial, bumped whenever the served artifact set changes; never goes back.
+
+    Persisted as {"serial": N, "digest": "<hash of the set it numbers>"}, written atomically before
+    a manifest with the new serial is handed out, so no node can have seen a serial the file lacks.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / SERIAL_FILE
+        self._lock = threading.Lock()
+        self.serial, self.digest = 0, ""
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                serial, digest = data["serial"], data["digest"]
+            except (ValueError, KeyError, TypeError):
+                serial = digest = None
+            if not (isinstance(serial, int) and serial >= 0 and isinstance(digest, str)):
+                raise ValueError(
+                    f"{self.path} is damaged; it must hold the last manifest serial handed out "
+                    '({"serial": N, "digest": "..."}); restore it from a backup, or write a serial '
+                    "higher than any a node has seen"
+                )
+            self.serial, self.digest = serial, digest
+
+    def for_digest(self, digest: str) -> int:
+        with self._lock:
+            if digest != self.digest:
+                data = json.dumps({"serial": self.serial + 1, "digest": digest}) + "\n"
+                _write_private(self.path, data.encode())
+                self.serial, self.digest = self.serial + 1, digest
+            return self.serial
+
+
 @dataclass
 class ArtifactStore:
     root: Path | None
     key: Ed25519PrivateKey
+    serials: ManifestSerial | None = None
+    clock: Clock = field(default_factory=Clock)
     _hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -106,7 +163,8 @@ class ArtifactStore:
                 self._hashes[key] = cached
         return cached, st.st_size
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, public_only: bool = False) -> dict[str, Any]:
+        """The signed manifest; `public_only`: the one for callers without node credentials."""
         if self.root is None or not self.root.is_dir():
             raise ApiError(404, "NOT_FOUND", "this control plane publishes no artifacts")
         entries = []
@@ -125,10 +183,22 @@ class ArtifactStore:
                     "size": size,
                 }
             )
+        # Both views share the serial of the full set: a node compares serials, never views.
         digest = hashlib.sha256(
             repr([(e["name"], e["version"], e["sha256"]) for e in entries]).encode()
         ).hexdigest()
-        return sign_manifest({"version": digest[:16], "artifacts": entries}, self.key)
+        serial = self.serials.for_digest(digest) if self.serials is not None else 1
+        if public_only:
+            entries = [e for e in entries if e["name"] in PUBLIC_ARTIFACTS]
+        now = self.clock.now()
+        doc = {
+            "version": digest[:16],
+            "serial": serial,
+            "issued_at": to_iso(now),
+            "expires_at": to_iso(now + MANIFEST_TTL),
+            "artifacts": entries,
+        }
+        return sign_manifest(doc, self.key)
 
 
 def install_script() -> str:
@@ -151,15 +221,34 @@ def render_install_script(api_url: str, ca_pem: str, manifest_key_pem: str) -> s
     return script
 
 
-def register_artifacts(app: Flask, store: ArtifactStore, ca_pem: str, public_url: str | None) -> None:
+def register_artifacts(
+    app: Flask,
+    store: ArtifactStore,
+    ca_pem: str,
+    public_url: str | None,
+    require_node: Callable[[], object],
+    has_credentials: Callable[[], bool],
+) -> None:
+    """`require_node` raises the API's 401/403 unless the request carries an active node's
+    credentials; `has_credentials` says whether it carries any at all."""
+
     @app.get("/v1/artifacts/manifest")
     def manifest() -> Response:
+        # Credentials presented are always checked: a removed node is told so, not given the
+        # public view.
+        public_only = not has_credentials()
+        if not public_only:
+            require_node()
         return Response(
-            json.dumps(store.manifest()), mimetype="application/json", headers={"Cache-Control": "no-store"}
+            json.dumps(store.manifest(public_only)),
+            mimetype="application/json",
+            headers={"Cache-Control": "no-store"},
         )
 
     @app.get("/v1/artifacts/<name>/<version>")
     def artifact(name: str, version: str) -> Response:
+        if name not in PUBLIC_ARTIFACTS:
+            require_node()
         path = store._file(name, version)
         if path is None:
             raise ApiError(404, "NOT_FOUND", f"no artifact {name} {version}")

@@ -288,8 +288,7 @@ def _csr_public_key(
 
 
 def csr_key_fingerprint(csr_pem: str) -> str:
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem.encode())
-    except (ValueError, TypeError):
-        raise CsrError("csr_pem is not a PEM certificate signing request") from None
-    return key_fingerprint(csr.public_key())
+    """The fingerprint of a CSR's key, once the CSR passed every check signing will make: enrollment
+    asks for it before touching the token, so a CSR that could not be signed is a 400 that leaves
+    the token unused, never a failure half-way through."""
+    return key_fingerprint(_csr_public_key(csr_pem))

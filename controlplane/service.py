@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -37,6 +38,15 @@ from controlplane.tokens import (
 PROVISIONING_TTL = timedelta(hours=1)
 GPU_MODES = ("passthrough", "container", "none")
 DEFAULT_OVERLAY = "100.64.0.0/10"
+# RFC 1123 host names (and the underscores real machines carry): never a control character,
+# whitespace or quote that would reach a log line, a config file or a dashboard as is.
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})\Z")
+# What the node reports of each GPU unit (DESIGN.md section 4); stored as is, so held to that.
+_IOMMU_GROUP = re.compile(r"^[0-9]{1,9}\Z")
+UNIT_STATUSES = ("ready", "needs_binding", "not_isolatable", "wedged", "no_iommu")
+HOSTNAME_RULE = (
+    "hostname must be 1-253 characters: letters, digits, '.', '-' and '_', starting with a letter or digit"
+)
 # Nebula groups: the firewall of every node admits only hosts of the control group.
 NODE_GROUP = "vectorlay-node"
 CONTROL_GROUP = "vectorlay-control"
@@ -237,8 +247,13 @@ class ControlPlane:
         if row is None:
             return {"valid": False, "expires_at": None, "reason": "unknown"}
         expires = from_iso(row["expires_at"])
-        if row["used_at"] is not None:
-            reason: str | None = "used"
+        org = self.db.conn().execute("SELECT is_provider FROM orgs WHERE id = ?", (row["org_id"],)).fetchone()
+        if org is None or not org["is_provider"]:
+            # First: enrollment would refuse it whatever else is true, and a new token of the same
+            # org would not help either.
+            reason: str | None = "not_a_provider"
+        elif row["used_at"] is not None:
+            reason = "used"
         elif expires <= self.clock.now():
             reason = "expired"
         else:
@@ -256,8 +271,8 @@ class ControlPlane:
             raise unauthorized("missing provisioning token")
         if not isinstance(csr_pem, str):
             raise bad_request("csr_pem is required")
-        if not isinstance(hostname, str) or not hostname or len(hostname) > 253:
-            raise bad_request("hostname is required")
+        if not isinstance(hostname, str) or not HOSTNAME_RE.match(hostname):
+            raise bad_request(HOSTNAME_RULE)
         if not isinstance(hardware, dict):
             raise bad_request("hardware must be an object")
         if gpu_mode not in GPU_MODES:
@@ -307,6 +322,14 @@ class ControlPlane:
             reenrolled = node is not None
             if node is None and replay_node is not None:
                 node = conn.execute("SELECT * FROM nodes WHERE id = ?", (replay_node,)).fetchone()
+            if replay_node is not None and node is not None and node["status"] == "removed":
+                # A retry is only a retry while the node it enrolled still stands: once removed, a
+                # node comes back only with a token that was never used.
+                raise unauthorized(
+                    f"provisioning token already used, and node {node['id']} it enrolled was removed"
+                    " since: a used token never brings a removed node back; use a new token",
+                    "TOKEN_USED",
+                )
             if node is not None and node["org_id"] != org["id"]:
                 raise ApiError(409, "CONFLICT", "this node is enrolled in another org")
 
@@ -484,8 +507,12 @@ class ControlPlane:
         if not isinstance(units, list):
             raise bad_request("hardware.units must be a list")
         for unit in units:
-            if not isinstance(unit, dict) or not isinstance(unit.get("iommu_group"), str):
-                raise bad_request("each hardware unit needs an iommu_group")
+            if not isinstance(unit, dict) or not _IOMMU_GROUP.match(str(unit.get("iommu_group"))):
+                raise bad_request(
+                    "each hardware unit needs an iommu_group (a kernel group number, as a string)"
+                )
+            if unit.get("status") not in UNIT_STATUSES:
+                raise bad_request(f"a hardware unit's status must be one of {', '.join(UNIT_STATUSES)}")
             conn.execute(
                 "INSERT OR REPLACE INTO gpu_units (node_id, iommu_group, gpus, status, allocatable)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -493,7 +520,7 @@ class ControlPlane:
                     node_id,
                     unit["iommu_group"],
                     json.dumps(unit.get("gpus") or []),
-                    str(unit.get("status") or "unknown"),
+                    unit["status"],
                     int(unit.get("status") == "ready"),
                 ),
             )

@@ -19,7 +19,9 @@ def new_secret(prefix: str) -> str:
 
 
 def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # surrogatepass: a string from JSON may hold lone surrogates; it hashes (and matches nothing)
+    # instead of failing to encode.
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_id(prefix: str) -> str:

@@ -251,9 +251,11 @@ def test_an_org_that_is_not_a_provider_gets_403_and_its_token_is_not_consumed(
     assert code == 1
     assert "403 NOT_A_PROVIDER: this org isn't an approved provider yet" in err
     assert not (root / "etc/vectorlay").exists()
-    assert control_plane.admin.introspect(token)["valid"] is True
+    # Not consumed: introspection says why it would be refused, and that is not "used".
+    assert control_plane.admin.introspect(token)["reason"] == "not_a_provider"
 
     control_plane.admin.update_org("hobbyist", provider=True, node_quota=None)
+    assert control_plane.admin.introspect(token)["valid"] is True
     code, _, err = run_cli(*enroll_args(root, control_plane), token=token)
     assert code == 0, err
 

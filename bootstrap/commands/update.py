@@ -11,7 +11,8 @@ from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import load_identity
 from bootstrap.settings import load_settings
-from bootstrap.stages.artifacts import agent_names, fetch_manifest, node_client
+from bootstrap.stages.artifacts import agent_names, fetch_manifest, node_client, wanted
+from bootstrap.state import load_state, save_state
 from bootstrap.update import Timing, upgrade
 
 
@@ -26,10 +27,13 @@ def run_update(root: Path, *, host: Host | None = None) -> int:
     with run_lock(host):
         client = node_client(ident, settings.api)
         try:
-            manifest = fetch_manifest(client, ident)
-            arts = [manifest.get(n) for n in agent_names(settings.gpu_mode or "none")]
-            print(f"update: manifest {manifest.version}: " + ", ".join(f"{a.name} {a.version}" for a in arts))
-            report = upgrade(host, client, arts, Timing.from_env(), log=lambda m: print(f"update: {m}"))
+            state = load_state(host)
+            manifest = fetch_manifest(client, ident, state)
+            save_state(host, state)
+            arts = wanted(host, manifest, agent_names(settings.gpu_mode or "none"), _log)
+            listed = ", ".join(f"{a.name} {a.version}" for a in arts)
+            print(f"update: manifest {manifest.version} (serial {manifest.serial}): {listed}")
+            report = upgrade(host, client, arts, Timing.from_env(), log=_log)
         finally:
             client.close()
     if report.rolled_back:
@@ -41,3 +45,7 @@ def run_update(root: Path, *, host: Host | None = None) -> int:
     else:
         print("update: everything is current")
     return 0
+
+
+def _log(message: str) -> None:
+    print(f"update: {message}")

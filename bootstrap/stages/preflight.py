@@ -104,6 +104,10 @@ def run(ctx: Context) -> StageResult:
 
     state = introspect(ctx, token)
     api = ctx.api
+    if state == "not_a_provider":
+        # Before the gpu stage rewrites GRUB and asks for a reboot: no token of this org will
+        # enroll until the org is approved.
+        raise token_refused(api, state)
     if state == "valid":
         msg = f"provisioning token {describe_expiry(ctx.token_expires_at)}"
     elif state == "used" and host.exists(PENDING_KEY):

@@ -7,6 +7,7 @@ import io
 import tarfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,12 @@ def make_tarball(name: str, version: str, extra: dict[str, bytes] | None = None)
 
 
 def manifest_for(
-    blobs: dict[tuple[str, str], bytes], key: Ed25519PrivateKey, version: str = "1"
+    blobs: dict[tuple[str, str], bytes],
+    key: Ed25519PrivateKey,
+    version: str = "1",
+    *,
+    serial: int = 1,
+    expires_in: timedelta = timedelta(days=1),
 ) -> dict[str, Any]:
     arts = [
         {
@@ -51,7 +57,19 @@ def manifest_for(
         }
         for (name, ver), data in sorted(blobs.items())
     ]
-    return sign_manifest({"version": version, "artifacts": arts}, key)
+    now = datetime.now(timezone.utc)
+    doc = {
+        "version": version,
+        "serial": serial,
+        "issued_at": _iso(min(now, now + expires_in) - timedelta(seconds=1)),
+        "expires_at": _iso(now + expires_in),
+        "artifacts": arts,
+    }
+    return sign_manifest(doc, key)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class DirectoryDownloader:

@@ -59,6 +59,9 @@ def test_signed_but_malformed_entries_are_refused(key: Ed25519PrivateKey) -> Non
     doc = sign_manifest(
         {
             "version": "1",
+            "serial": 1,
+            "issued_at": "2026-01-01T00:00:00Z",
+            "expires_at": "2099-01-01T00:00:00Z",
             "artifacts": [{"name": "../etc", "version": "1", "url": "/x", "sha256": "0" * 64, "size": 1}],
         },
         key,

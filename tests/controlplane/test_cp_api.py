@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bootstrap import nebula
+from tests.controlplane.cp_nodes import Enrolled
 
 
 def _post(cp: Any, path: str, body: Any, bearer: str | None = None) -> requests.Response:
@@ -154,23 +155,22 @@ def test_the_artifact_manifest_is_404_until_an_artifacts_directory_provides_one(
         (art / "nebula" / version).mkdir(parents=True)
         (art / "nebula" / version / "nebula-linux-amd64.tar.gz").write_bytes(payload)
     cp = start_control_plane(args=("--artifacts", str(art)))
-    got = requests.get(cp.url + "/v1/artifacts/manifest", verify=str(cp.ca_file), timeout=30)
+    cp.org("acme")
+    node = Enrolled(cp, "acme", tmp_path / "node")
+    got = node.get("/v1/artifacts/manifest")
     assert got.status_code == 200
     key = public_key_from_text((cp.state_dir / "manifest-signing.pub").read_text())
     manifest = verify_manifest(got.json(), [key])
     # 1.9.10 is newer than 1.9.4 (natural order), and offered as the current version.
     (nebula,) = manifest.artifacts
     assert (nebula.version, nebula.size, nebula.url) == ("1.9.10", 9, "/v1/artifacts/nebula/1.9.10")
-    blob = requests.get(cp.url + "/v1/artifacts/nebula/1.9.10", verify=str(cp.ca_file), timeout=30)
+    blob = node.get("/v1/artifacts/nebula/1.9.10")
     assert blob.status_code == 200 and blob.content == b"\x1f\x8bpayload"
     # An operator pins the offered version with a `current` pointer.
     (art / "nebula" / "current").write_text("1.9.4\n")
-    again = requests.get(cp.url + "/v1/artifacts/manifest", verify=str(cp.ca_file), timeout=30).json()
+    again = node.get("/v1/artifacts/manifest").json()
     assert verify_manifest(again, [key]).get("nebula").version == "1.9.4"
-    assert (
-        requests.get(cp.url + "/v1/artifacts/nebula/..", verify=str(cp.ca_file), timeout=30).status_code
-        == 404
-    )
+    assert node.get("/v1/artifacts/nebula/..").status_code == 404
 
 
 def test_install_sh_is_served_with_the_api_url_ca_and_manifest_key_filled_in(
