@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from bootstrap.host import Host, RecordingRunner
-from hostsim import systemd
+from hostsim import network, systemd
 
 # Minimal but real unit files: what the agents stage installs (DESIGN.md section 6).
 UNIT_FILES = {
@@ -52,7 +52,7 @@ def sim_host(make_tree: Callable[..., Path]) -> Callable[..., Host]:
     """A host tree whose runner answers systemctl from the tree, with a fixed free-disk figure."""
 
     def _make(name: str, edit: Callable[[dict[str, Any]], None] | None = None, **kw: Any) -> Host:
-        host = Host(make_tree(name, edit), systemd.install(RecordingRunner()))
+        host = Host(make_tree(name, edit), network.install(systemd.install(RecordingRunner())))
         host.disk_free_override = kw.get("disk_free", 500 * GB)
         return host
 
