@@ -1,18 +1,18 @@
-"""The real nebula over a real (namespaced) network: a lighthouse from `overlay-host`, nodes from the
-product's own files, each in its own network namespace.
+"""The real nebula over a real (namespaced) network: a lighthouse from `overlay-host`, nodes enrolled
+by the real `vectorlay-bootstrap enroll` against the real control plane, each in its own namespace.
 
-Underlay: namespaces joined by veth pairs to a bridge in a fourth namespace (192.0.2.0/24). Overlay:
-the lighthouse (group vectorlay-control) at 100.64.0.1, node A at .2 and node B at .3 (group
-vectorlay-node), their configs rendered from the product's template and their keys made by the
-node-side code. What the firewall must hold: the lighthouse and each node reach each other; node B
-reaches neither node A's agent port nor node A itself, and node A does not reach B.
+Underlay: namespaces joined by veth pairs to a bridge in a fifth namespace (192.0.2.0/24). Overlay:
+the lighthouse (group vectorlay-control) at 100.64.0.1, nodes A, B and C (group vectorlay-node) at
+the addresses the control plane gave them, with their own identity files and the config the agents
+stage renders from their enrollment (only the lighthouse's underlay address and the paths into each
+tree changed). What the firewall must hold: the lighthouse and each node reach each other; node B
+reaches neither node A's agent port nor node A itself, and node A reaches neither B's agent nor C.
 
 Needs root (namespaces) and Debian's nebula; .ci/run provides both.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -20,17 +20,17 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from bootstrap import nebula
 from bootstrap.host import CommandResult, Host
-from bootstrap.identity import IDENTITY_DIR, REQUIRED_FILES
-from bootstrap.overlay import NEBULA_CONFIG, NODE_GROUP, TUN_DEVICE
+from bootstrap.identity import IDENTITY_DIR, load_identity
+from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
 from bootstrap.templating import render
 from controlplane import cli as cp_cli
 from doctor.checks import run_checks
@@ -155,47 +155,29 @@ def _connects(net: Net, src: str, dst: str, port: int) -> bool:
     return net.exec(src, sys.executable, "-c", code, check=False).returncode == 0
 
 
-def _node_root(tmp: Path, ca_state: Path, name: str, overlay_ip: str, lighthouse_underlay: str) -> Path:
-    """A host tree holding a node's identity and nebula config as the product makes them: the key
-    pair made by the node-side code, the certificate from the control plane's CA, the config from
-    the agents stage's template (pointing at the tree's real paths, since nebula runs for real)."""
-    from controlplane.nebula_ca import NebulaCA
-
-    ca = NebulaCA.load_or_create(ca_state, datetime.now(timezone.utc))
-    root = tmp / name
-    identity = root / IDENTITY_DIR.lstrip("/")
-    identity.mkdir(parents=True, mode=0o700)
-    for placeholder in REQUIRED_FILES:  # the X.509 and Nomad files the doctor's overlay check ignores
-        (identity / placeholder).write_text("placeholder\n")
-        (identity / placeholder).chmod(0o600)
-    (identity / "node.json").write_text(
-        json.dumps({"node_id": name, "org_id": "org", "overlay_ip": overlay_ip})
+def _enrolled_node(
+    make_tree: Callable[..., Path], control_plane: Any, org: str, lighthouse_underlay: str
+) -> Path:
+    """A node tree enrolled by the real `vectorlay-bootstrap enroll` against the real control plane,
+    its nebula config rendered exactly as the agents stage renders it. Changed for the namespaces:
+    the lighthouse's underlay address, and the paths into the tree (nebula here runs outside it)."""
+    root = make_tree("cpu-only")
+    res = control_plane.enroll(root, org)
+    assert res.returncode == 0, res.stderr
+    ident = load_identity(Host(root))
+    assert ident is not None
+    text = render(
+        "nebula-config.yml.j2",
+        nebula=ident.enrollment()["nebula"],
+        identity_dir=IDENTITY_DIR,
+        tun_device=TUN_DEVICE,
     )
-    private, public = nebula.generate_keypair()
-    (identity / "nebula.key").write_bytes(private)
-    (identity / "nebula.key").chmod(0o600)
-    (identity / "nebula.crt").write_text(
-        ca.sign(
-            public.decode(),
-            name=name,
-            ip=ipaddress.IPv4Interface(f"{overlay_ip}/10"),
-            groups=[NODE_GROUP],
-            now=datetime.now(timezone.utc),
-        )
-    )
-    (identity / "nebula-ca.crt").write_text(ca.ca_pem)
-    answer = {
-        "overlay_cidr": "100.64.0.0/10",
-        "overlay_ip": overlay_ip,
-        "lighthouses": [{"overlay_ip": "100.64.0.1", "endpoints": [f"{lighthouse_underlay}:4242"]}],
-        "groups": [NODE_GROUP],
-        "listen_port": 4242,
-    }
-    config = root / NEBULA_CONFIG.lstrip("/")
-    config.parent.mkdir(parents=True)
-    config.write_text(
-        render("nebula-config.yml.j2", nebula=answer, identity_dir=str(identity), tun_device=TUN_DEVICE)
-    )
+    config = yaml.safe_load(text)
+    config["pki"] = {k: str(root / v.lstrip("/")) for k, v in config["pki"].items()}
+    config["static_host_map"] = {ip: [f"{lighthouse_underlay}:4242"] for ip in config["static_host_map"]}
+    path = root / NEBULA_CONFIG.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
     return root
 
 
@@ -225,10 +207,10 @@ class NetnsRunner:
 
 
 def test_nodes_reach_the_lighthouse_and_only_the_control_group_reaches_a_node(
-    net: Net, tmp_path: Path
+    net: Net, tmp_path: Path, make_tree: Callable[..., Path], control_plane: Any
 ) -> None:
     assert NEBULA is not None
-    state = tmp_path / "cp-state"
+    state = control_plane.state_dir  # the lighthouse's identity comes from the same nebula CA
     lh_out = tmp_path / "lighthouse"
     with pytest.raises(SystemExit) as done:
         cp_cli.main(
@@ -238,14 +220,19 @@ def test_nodes_reach_the_lighthouse_and_only_the_control_group_reaches_a_node(
     assert done.value.code in (0, None)
 
     underlay = {"lh": "192.0.2.1", "a": "192.0.2.2", "b": "192.0.2.3", "c": "192.0.2.4"}
-    overlay = {"lh": "100.64.0.1", "a": "100.64.0.2", "b": "100.64.0.3", "c": "100.64.0.4"}
     for name, address in underlay.items():
         _attach(net, name, address)
+    org = control_plane.org("acme")
     configs = {"lh": lh_out / "config.yml"}
+    overlay = {"lh": "100.64.0.1"}
     roots = {}
     for name in ("a", "b", "c"):
-        roots[name] = _node_root(tmp_path, state, f"node-{name}", overlay[name], underlay["lh"])
+        roots[name] = _enrolled_node(make_tree, control_plane, org, underlay["lh"])
         configs[name] = roots[name] / NEBULA_CONFIG.lstrip("/")
+        ident = load_identity(Host(roots[name]))
+        assert ident is not None
+        overlay[name] = ident.overlay_ip
+    assert len(set(overlay.values())) == 4
     for name in ("lh", "a", "b", "c"):
         proc = net.start(name, [NEBULA, "-config", str(configs[name])], tmp_path / f"nebula-{name}.log")
         _wait_tun(net, name, overlay[name], proc)
@@ -282,7 +269,8 @@ def test_nodes_reach_the_lighthouse_and_only_the_control_group_reaches_a_node(
     result = run_checks(doctor_host, env={}, only=["overlay"]).get("overlay")
     assert result.status is Status.PASS, result
     assert re.fullmatch(
-        r"overlay up: vectorlay0 holds 100\.64\.0\.2, lighthouse 100\.64\.0\.1 answered in [0-9.]+ ms",
+        rf"overlay up: vectorlay0 holds {re.escape(overlay['a'])}, "
+        r"lighthouse 100\.64\.0\.1 answered in [0-9.]+ ms",
         result.message,
     )
     # The lighthouse gone: the check says so within its bound instead of hanging.
@@ -292,5 +280,6 @@ def test_nodes_reach_the_lighthouse_and_only_the_control_group_reaches_a_node(
     result = run_checks(doctor_host, env={}, only=["overlay"]).get("overlay")
     assert result.status is Status.WARN, result
     assert (
-        result.message == "vectorlay0 holds 100.64.0.2, but lighthouse 100.64.0.1 did not answer within 2 s"
+        result.message
+        == f"vectorlay0 holds {overlay['a']}, but lighthouse 100.64.0.1 did not answer within 2 s"
     )
