@@ -44,8 +44,10 @@ test-vm: venv
 	fi
 	$(BIN)/pytest -q -m vm -s --durations=0 tests/vm
 
+# GPU_MODE=container: a container-GPU node (GPUs stay on the nvidia driver, shared through runsc).
+GPU_MODE ?= passthrough
 demo: venv
-	$(BIN)/python -m hostsim.demo
+	$(BIN)/python -m hostsim.demo --gpu-mode $(GPU_MODE)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

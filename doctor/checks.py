@@ -11,9 +11,12 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from bootstrap import runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError
-from bootstrap.host import Host
+from bootstrap.host import CommandResult, Host
+from bootstrap.paths import RUNSC
+from bootstrap.pci import PciDevice
 from bootstrap.settings import Settings
 from doctor.model import CheckResult, Report, Status
 
@@ -43,6 +46,7 @@ class Context:
     settings: Settings
     _inventory: Inventory | None = field(default=None, repr=False)
     _readiness: list[tuple[Unit, bool, str]] | None = field(default=None, repr=False)
+    _shared: list[tuple[PciDevice, bool, str]] | None = field(default=None, repr=False)
     _kernel_log: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -63,6 +67,23 @@ class Context:
         if self._readiness is None:
             self._readiness = [_unit_readiness(self, u) for u in self.inventory.units]
         return self._readiness
+
+    def shared_gpus(self) -> list[tuple[PciDevice, bool, str]]:
+        """Container mode's units: per GPU, shared through runsc? (on the nvidia driver, answering)."""
+        if self._shared is None:
+            self._shared = [_shared_readiness(self, d) for d in self.inventory.gpus]
+        return self._shared
+
+    def units(self) -> tuple[int, int]:
+        """(ready, total) GPU units for rent in this mode: IOMMU groups in passthrough, GPUs in
+        container mode, none otherwise."""
+        if self.mode == "passthrough":
+            rows: list[tuple[object, bool, str]] = list(self.readiness())
+        elif self.mode == "container":
+            rows = list(self.shared_gpus())
+        else:
+            return 0, 0
+        return sum(1 for _, ok, _ in rows if ok), len(rows)
 
     def kernel_log(self) -> list[str]:
         """This boot's kernel lines about GPUs falling off the bus ([] when the log is unreadable)."""
@@ -304,13 +325,46 @@ def _unit_readiness(ctx: Context, unit: Unit) -> tuple[Unit, bool, str]:
     return unit, False, f"{head}: no IOMMU group"
 
 
+def _shared_readiness(ctx: Context, dev: PciDevice) -> tuple[PciDevice, bool, str]:
+    head = f"{dev.address} {ctx.inventory.name(dev.address)}".rstrip()
+    if dev.wedged:
+        return dev, False, f"{head}: WEDGED (fell off the bus)"
+    if dev.driver != "nvidia":
+        return dev, False, f"{head}: on {dev.driver or 'no driver'}, not on nvidia"
+    return dev, True, f"{head}: on nvidia"
+
+
+def _off_nvidia_hint(devices: Iterable[PciDevice]) -> str:
+    """What brings GPUs that container mode cannot share (back) onto the nvidia driver."""
+    devices = list(devices)
+    if any(d.wedged for d in devices):
+        return "power-cycle the host (see the wedged check)"
+    if any(d.driver == "vfio-pci" for d in devices):
+        return (
+            "GPUs on vfio-pci are set up for passthrough: sudo vectorlay-bootstrap uninstall, reboot, "
+            "then re-run the install one-liner with gpu=1"
+        )
+    return "container mode shares only NVIDIA GPUs on the nvidia driver: sudo modprobe nvidia (or reboot)"
+
+
+def _check_shared_gpus(ctx: Context, name: str) -> CheckResult:
+    rows = ctx.shared_gpus()
+    ready, total = ctx.units()
+    message = f"{ready}/{total} GPU(s) on the nvidia driver, shared through runsc"
+    details = tuple(line for _, _, line in rows)
+    if ready == total:
+        return CheckResult(name, Status.PASS, message, None, details)
+    hint = _off_nvidia_hint(d for d, ok, _ in rows if not ok)
+    return CheckResult(name, Status.FAIL if ready == 0 else Status.WARN, message, hint, details)
+
+
 def check_gpu_units(ctx: Context) -> CheckResult:
     name = "gpu_units"
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
     if ctx.mode == "container":
-        return CheckResult(name, Status.SKIP, "container GPU mode: GPUs are shared through runsc, not VFIO")
+        return _check_shared_gpus(ctx, name)
     rows = ctx.readiness()
     ready = sum(1 for _, ok, _ in rows if ok)
     total = len(rows)
@@ -384,32 +438,90 @@ def check_nvidia_driver(ctx: Context) -> CheckResult:
     if off:
         listed = ", ".join(f"{d.address} on {d.driver or 'no driver'}" for d in off)
         return CheckResult(
-            name,
-            Status.WARN,
-            f"{loaded}, but {len(off)} GPU(s) not on it: {listed}",
-            "container mode keeps GPUs on the host driver: re-run the install one-liner with gpu=1",
+            name, Status.WARN, f"{loaded}, but {len(off)} GPU(s) not on it: {listed}", _off_nvidia_hint(off)
         )
     return CheckResult(name, Status.PASS, loaded)
 
 
-_RUNSC_PATHS = ("/opt/vectorlay/bin/runsc", "/usr/local/bin/runsc", "/usr/local/sbin/runsc", "/usr/bin/runsc")
+RUNSC_TIMEOUT = 10.0
+_RUNSC_VERSION = re.compile(r"^runsc version (\S+)", re.M)
+NEWER_RUNSC = (
+    f"nvproxy needs gVisor {runsc.NVPROXY_SINCE} or later: the control plane must serve a newer runsc "
+    "artifact; then re-run the install one-liner with gpu=1"
+)
+
+
+def _first_line(res: CommandResult) -> str:
+    lines = (res.stderr or res.stdout).strip().splitlines()
+    return lines[0] if lines else f"exit status {res.returncode}"
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
+
+
+def _runsc_driver_support(ctx: Context, version: str, args: str) -> CheckResult:
+    """The flags are accepted; nvproxy must also know the loaded NVIDIA driver's ABI."""
+    name, host = "runsc", ctx.host
+    accepted = f"runsc {version} accepts {args}"
+    details = [f"at {RUNSC}"]
+    driver = host.read_text("/sys/module/nvidia/version", default="").strip()
+    if not driver:
+        return CheckResult(name, Status.PASS, accepted, None, tuple(details))  # nvidia_driver says why
+    res = host.run(runsc.drivers_probe(), timeout=RUNSC_TIMEOUT)
+    # runsc lists them in no particular order; the newest are what an operator would install.
+    supported = sorted(res.stdout.split() if res.ok else [], key=_version_key)
+    if not supported:
+        details.append(f"it does not list the NVIDIA drivers nvproxy supports ({_first_line(res)})")
+        return CheckResult(name, Status.PASS, accepted, None, tuple(details))
+    if driver not in supported:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"runsc {version} has no nvproxy support for NVIDIA driver {driver}: GPU containers cannot start",
+            f"install an NVIDIA driver it supports (newest: {', '.join(supported[-3:])}; all: runsc "
+            "nvproxy list-supported-drivers), or the control plane must serve a runsc that supports "
+            + driver,
+            (*details, "supported: " + " ".join(supported)),
+        )
+    passed = f"{accepted}; nvproxy supports driver {driver}"
+    return CheckResult(name, Status.PASS, passed, None, tuple(details))
 
 
 def check_runsc(ctx: Context) -> CheckResult:
+    """The installed runsc, run with the arguments docker passes it: its flag parser must accept them."""
     name = "runsc"
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
-    candidates = list(_RUNSC_PATHS)
-    if ctx.host.is_live:
-        candidates += [f"{d}/runsc" for d in os.environ.get("PATH", "").split(":") if d.startswith("/")]
-    for p in candidates:
-        real = ctx.host.path(p)
-        if real.is_file():
-            if not os.access(real, os.X_OK):
-                return CheckResult(name, Status.FAIL, f"{p} is not executable", REINSTALL + " with gpu=1")
-            return CheckResult(name, Status.PASS, f"runsc at {p}")
-    return CheckResult(name, Status.FAIL, "runsc (gVisor) not found", REINSTALL + " with gpu=1")
+    host = ctx.host
+    real = host.path(RUNSC)
+    if not real.is_file():
+        return CheckResult(
+            name, Status.FAIL, f"runsc (gVisor) not installed at {RUNSC}", REINSTALL + " with gpu=1"
+        )
+    if not os.access(real, os.X_OK):
+        return CheckResult(name, Status.FAIL, f"{RUNSC} is not executable", REINSTALL + " with gpu=1")
+    args = " ".join(runsc.RUNTIME_ARGS)
+    res = host.run(runsc.flag_probe(), timeout=RUNSC_TIMEOUT)
+    found = _RUNSC_VERSION.search(res.stdout)
+    if res.ok and found:
+        return _runsc_driver_support(ctx, found[1], args)
+    if res.returncode == 124:
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{RUNSC} {args} --version did not answer within {RUNSC_TIMEOUT:.0f}s",
+            REINSTALL + " with gpu=1",
+        )
+    if res.ok:
+        return CheckResult(
+            name, Status.FAIL, f"{RUNSC} {args} --version printed no runsc version", REINSTALL + " with gpu=1"
+        )
+    plain = host.run([RUNSC, "--version"], timeout=RUNSC_TIMEOUT)
+    version = _RUNSC_VERSION.search(plain.stdout) if plain.ok else None
+    what = f"runsc {version[1]}" if version else RUNSC
+    return CheckResult(name, Status.FAIL, f"{what} refuses {args} ({_first_line(res)})", NEWER_RUNSC)
 
 
 def _gb(n: int) -> str:
@@ -594,8 +706,5 @@ def run_checks(
         names = [n for n in CHECKS if n not in CONTAINER_ONLY or ctx.mode == "container"]
     results = tuple(CHECKS[n](ctx) for n in names)
 
-    ready = total = 0
-    if ctx.mode == "passthrough":
-        rows = ctx.readiness()
-        ready, total = sum(1 for _, ok, _ in rows if ok), len(rows)
+    ready, total = ctx.units()
     return Report(results, ctx.mode, ready, total, tuple(d.address for d in ctx.inventory.wedged))

@@ -123,8 +123,9 @@ def render_prometheus(report: Report, now: float | None = None) -> str:
         "The doctor's verdict: 1 on the line of the verdict, 0 on the others.",
         [(f'{{verdict="{v.value}"}}', 1 if report.verdict is v else 0) for v in _VERDICTS],
     )
-    gauge("gpu_units_ready", "GPU units (IOMMU groups) ready to rent.", [("", report.units_ready)])
-    gauge("gpu_units_total", "GPU units (IOMMU groups) on the node.", [("", report.units_total)])
+    unit = "GPUs on the nvidia driver" if report.mode == "container" else "IOMMU groups"
+    gauge("gpu_units_ready", f"GPU units ({unit}) ready to rent.", [("", report.units_ready)])
+    gauge("gpu_units_total", f"GPU units ({unit}) on the node.", [("", report.units_total)])
     gauge("wedged_gpus", "GPUs and NVSwitches that fell off the bus.", [("", len(report.wedged))])
     if report.wedged:
         gauge(

@@ -1,4 +1,4 @@
-"""`make demo`: the whole provider flow on one machine, nothing on it touched.
+"""`make demo [GPU_MODE=container]`: the whole provider flow on one machine, nothing on it touched.
 
 A reference control plane on loopback (its own CA, SQLite, stand-in agent artifacts signed with its
 own key), a provider org and a one-time token minted with its admin CLI, and an example HGX H100 host
@@ -8,6 +8,11 @@ in "reboot required"; the tree is rebooted (the kernel starts with the new comma
 hands the GPUs to vfio-pci); the second run enrolls, installs and starts the agents (real processes)
 and ends with the doctor's verdict. The control plane and the agents are stopped at the end, also on
 failure; the tree, logs and state stay for you to look at.
+
+With `--gpu-mode container` (`make demo GPU_MODE=container`) the node is a container-GPU one: the
+same HGX with docker and the NVIDIA Container Toolkit installed, the GPUs left on the nvidia driver
+and shared through gVisor's runsc (the control plane also serves the `runsc` artifact). One run of
+the installer, no reboot, ends done, and the doctor runs the installed runsc with docker's arguments.
 """
 
 from __future__ import annotations
@@ -35,6 +40,52 @@ def example_host() -> dict[str, Any]:
     return desc
 
 
+# Debian's docker.io layout (dockerd in /usr/sbin). The stand-in dockerd only runs until stopped: the
+# installer restarts docker after registering runsc, and the doctor runs runsc itself.
+DOCKERD = "#!/bin/sh\n# hostsim stand-in for dockerd: runs until stopped\nexec sleep infinity\n"
+DOCKER_UNIT = (
+    "[Unit]\nDescription=Docker Application Container Engine\n"
+    "[Service]\nExecStart=/usr/sbin/dockerd -H fd://\n[Install]\nWantedBy=multi-user.target\n"
+)
+
+
+def container_host(*, iommu: bool = False) -> dict[str, Any]:
+    """The demo's HGX H100 ready for container-GPU mode: GPUs on the nvidia driver (550.90.07, which
+    runsc 20240729's nvproxy supports), docker and the NVIDIA Container Toolkit installed; the IOMMU
+    off by default, since container mode does not need it (on: the topology as shipped, with IOMMU
+    groups whose GPUs are not on vfio-pci)."""
+    desc = load_topology("hgx-h100") if iommu else example_host()
+    desc.setdefault("files", {}).update(
+        {
+            "/sys/module/nvidia/version": "550.90.07\n",
+            "/usr/sbin/dockerd": DOCKERD,
+            "/usr/lib/systemd/system/docker.service": DOCKER_UNIT,
+            "/usr/bin/nvidia-container-runtime-hook": "",
+            "/usr/bin/nvidia-ctk": "",
+        }
+    )
+    return desc
+
+
+def build_container_host(root: Path, *, iommu: bool = False) -> dict[str, Any]:
+    desc = container_host(iommu=iommu)
+    build_host(root, desc)
+    (root / "usr/sbin/dockerd").chmod(0o755)
+    return desc
+
+
+def runsc_artifact() -> tuple[str, bytes, str]:
+    """(version, tarball, where from): the real runsc 20240729 when the cache has it, else the
+    stand-in that parses runsc's flags (demo only; the tests always serve the real one)."""
+    from hostsim import runsc
+
+    if runsc.cached(runsc.NVPROXY) is not None:
+        where = f"the real gVisor runsc {runsc.NVPROXY} (Debian bookworm-backports, {runsc.cache_dir()})"
+        return runsc.NVPROXY, runsc.artifact_tarball(runsc.NVPROXY), where
+    where = "a stand-in runsc that parses runsc's flags (no cached real one: python -m hostsim.runsc fetch)"
+    return runsc.NVPROXY, runsc.standin_tarball(runsc.NVPROXY), where
+
+
 def say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
@@ -47,10 +98,16 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, shown: list[str] 
     ).returncode
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from controlplane import testing
-    from hostsim.agents import publish_agents
+    from hostsim.agents import publish, publish_agents
     from hostsim.kernel import simulated_reboot
+
+    parser = argparse.ArgumentParser(prog="python -m hostsim.demo")
+    parser.add_argument("--gpu-mode", choices=("passthrough", "container"), default="passthrough")
+    container = parser.parse_args(argv).gpu_mode == "container"
 
     started = time.monotonic()
     bindir = Path(sys.executable).parent
@@ -65,6 +122,10 @@ def main() -> int:
         "Reference control plane on loopback, serving stand-in agents: "
         + ", ".join(f"{a.name} {a.version}" for a in built)
     )
+    if container:
+        version, tarball, where = runsc_artifact()
+        publish(art_dir, "runsc", version, tarball)
+        print(f"  and runsc {version}: {where}")
     cp = testing.start(workdir / "control-plane", args=("--artifacts", str(art_dir)))
     tree_env: dict[str, str] = {}
     try:
@@ -83,9 +144,16 @@ def main() -> int:
             print(res.stderr, file=sys.stderr)
             return 1
 
-        desc = example_host()
-        build_host(root, desc)
-        say(f"Example host in {root}: HGX H100, 8 GPUs on the nvidia driver, 4 NVSwitches, IOMMU off")
+        if container:
+            desc = build_container_host(root)
+            say(
+                f"Example host in {root}: HGX H100, 8 GPUs on the nvidia driver (550.90.07), "
+                "4 NVSwitches, IOMMU off, docker and the NVIDIA Container Toolkit installed"
+            )
+        else:
+            desc = example_host()
+            build_host(root, desc)
+            say(f"Example host in {root}: HGX H100, 8 GPUs on the nvidia driver, 4 NVSwitches, IOMMU off")
         print("  /sys, /proc, /etc and /boot laid out as the kernel and Ubuntu do; systemctl, modprobe and")
         print("  update-grub answered by simulators (hostsim.kernel:simulate); the agents run as real")
         print("  processes.")
@@ -106,23 +174,32 @@ def main() -> int:
             "--ca-file",
             str(cp.ca_file),
         ]
+        if container:
+            install += ["--gpu-mode", "container"]
         shown = ["VECTORLAY_TOKEN=vtk_...", *install]
 
-        say("First run of the installer (what the one-liner hands over to)")
-        code = run(install, tree_env, shown)
-        if code != REBOOT_REQUIRED:
-            print(f"\ndemo: expected 'reboot required' (exit 3), got exit {code}", file=sys.stderr)
-            return 1
+        if container:
+            say("The installer, once (what the one-liner with gpu=1 hands over to): no reboot needed")
+            code = run(install, tree_env, shown)
+            if code != 0:
+                print(f"\ndemo: the install run failed (exit {code})", file=sys.stderr)
+                return code
+        else:
+            say("First run of the installer (what the one-liner hands over to)")
+            code = run(install, tree_env, shown)
+            if code != REBOOT_REQUIRED:
+                print(f"\ndemo: expected 'reboot required' (exit 3), got exit {code}", file=sys.stderr)
+                return 1
 
-        say("Simulated reboot: the kernel starts with grub.cfg's command line, the udev rule binds the GPUs")
-        simulated_reboot(root, desc)
-        print(f"  /proc/cmdline: {(root / 'proc/cmdline').read_text().strip()}")
+            say("Simulated reboot: grub.cfg's command line, the udev rule binds the GPUs")
+            simulated_reboot(root, desc)
+            print(f"  /proc/cmdline: {(root / 'proc/cmdline').read_text().strip()}")
 
-        say("Second run: the same command")
-        code = run(install, tree_env, shown)
-        if code != 0:
-            print(f"\ndemo: the second run failed (exit {code})", file=sys.stderr)
-            return code
+            say("Second run: the same command")
+            code = run(install, tree_env, shown)
+            if code != 0:
+                print(f"\ndemo: the second run failed (exit {code})", file=sys.stderr)
+                return code
 
         say("The doctor, as a provider runs it afterwards")
         doctor_env = {k: v for k, v in tree_env.items() if k != "VECTORLAY_TOKEN"}
@@ -136,7 +213,11 @@ def main() -> int:
             ("node identity", root / "etc/vectorlay/identity/"),
             ("agent units", root / "etc/systemd/system/"),
             ("agent releases", root / "opt/vectorlay/releases/"),
-            ("kernel command line", root / "boot/grub/grub.cfg"),
+            *(
+                [("docker's runtimes", root / "etc/docker/daemon.json")]
+                if container
+                else [("kernel command line", root / "boot/grub/grub.cfg")]
+            ),
             ("control plane log", cp.log_path),
         ):
             print(f"  {what:<20} {path}")
@@ -158,4 +239,4 @@ def stop_agents(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

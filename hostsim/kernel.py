@@ -7,8 +7,9 @@
   with no override, back to the driver that had it. Devices can be made to hang or refuse.
 - `install_handlers` registers simulators of the commands the gpu stage runs on a RecordingRunner:
   `modprobe` (loads vfio-pci), `systemctl` (restart of the bind service runs the real bind code),
-  `update-grub`/`grub-mkconfig` (write grub.cfg with the effective kernel arguments), and `ip`/`ping`
-  for nebula's device (hostsim.network).
+  `update-grub`/`grub-mkconfig` (write grub.cfg with the effective kernel arguments), `ip`/`ping`
+  for nebula's device (hostsim.network), and `runsc` (the binary installed in the tree answers its
+  own flag probe: hostsim.runsc).
 - `simulated_reboot` boots the tree again: the command line from grub.cfg, the IOMMU on when the
   firmware and the arguments allow, groups appearing, and the udev rule's driver_override applied.
 """
@@ -28,6 +29,7 @@ from typing import Any
 from bootstrap.host import CommandResult, Host, RecordingRunner
 from hostsim import network
 from hostsim.builder import build_host, expand_devices
+from hostsim.runsc import run_in_tree
 from hostsim.systemd import Systemd, active_units, set_active_state
 
 _OVERRIDE = re.compile(r"^/sys/bus/pci/devices/([^/]+)/driver_override$")
@@ -223,6 +225,7 @@ def install_handlers(host: Host, services: Services | None = None) -> Services:
             "grub-mkconfig": _grub_mkconfig,
             "ip": network.ip,
             "ping": network.ping,
+            "runsc": run_in_tree,
         }
     )
     return services

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,18 @@ def start_control_plane(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 @pytest.fixture
 def control_plane(start_control_plane: Callable[..., Any]) -> Any:
     return start_control_plane()
+
+
+@pytest.fixture(scope="session")
+def runsc_releases() -> dict[str, Path]:
+    """The real runsc binaries (gVisor release -> path), from Debian's archive into the cache
+    (hostsim.runsc; .ci/run fetches them first). Without them the container-mode tests cannot show
+    anything, so they fail rather than skip."""
+    from hostsim import runsc
+
+    try:
+        return runsc.fetch()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        pytest.fail(
+            f"cannot get the real runsc from Debian's archive ({e}); run: python -m hostsim.runsc fetch"
+        )

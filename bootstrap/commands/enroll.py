@@ -34,6 +34,11 @@ def hardware_report(host: Host, settings_gpu_mode: str | None) -> tuple[str, dic
             "run the install one-liner (it sets up passthrough and asks for a reboot), "
             "or choose VECTORLAY_GPU_MODE=container or none",
         )
+    if gpu_mode == "container":
+        # Units are IOMMU groups, what passthrough rents; a container-mode node shares its GPUs
+        # (listed under "gpus") through runsc and may have no IOMMU at all, and the control plane
+        # keys units by group.
+        report["units"], report["nvswitch_units"] = [], []
     return gpu_mode, report
 
 

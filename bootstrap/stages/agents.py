@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bootstrap import artifacts
+from bootstrap import artifacts, runsc
 from bootstrap.discovery import UnitStatus
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
@@ -34,7 +34,6 @@ AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
 SETTINGS_FILE = "/etc/vectorlay/node.yaml"
 NOMAD_VFIO_DROPIN = f"{ETC_UNITS}/nomad.service.d/10-vectorlay-vfio.conf"
 DOCKER_DAEMON = "/etc/docker/daemon.json"
-RUNSC = "/opt/vectorlay/releases/runsc/current/bin/runsc"
 IDENTITY_DIR = "/etc/vectorlay/identity"
 
 CONFIGS = {
@@ -67,7 +66,7 @@ def _docker_daemon_json(host: Host) -> bytes:
     runtimes = data.setdefault("runtimes", {})
     if not isinstance(runtimes, dict):
         raise VectorlayError(f"{DOCKER_DAEMON}: 'runtimes' must be an object", f"fix {DOCKER_DAEMON}")
-    runtimes["runsc"] = {"path": RUNSC, "runtimeArgs": ["--nvproxy=true"]}
+    runtimes[runsc.RUNTIME_NAME] = runsc.docker_runtime()
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -121,10 +120,15 @@ def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
             NOMAD_CONFIG,
             render_template(
                 "nomad-client.hcl.j2",
-                datacenter=nomad.get("datacenter", "vectorlay"),
-                node_class=nomad.get("node_class", mode),
-                servers=nomad.get("servers") or [],
-                meta={**(nomad.get("meta") or {}), **_gpu_meta(ctx, mode)},
+                # The TLS material is in the identity dir's files; the config only names them.
+                nomad={
+                    **{k: v for k, v in nomad.items() if k not in ("certificate_pem", "ca_pem")},
+                    "region": nomad.get("region") or "global",
+                    "datacenter": nomad.get("datacenter") or "vectorlay",
+                    "node_class": nomad.get("node_class") or mode,
+                    "servers": nomad.get("servers") or [],
+                    "meta": {**(nomad.get("meta") or {}), **_gpu_meta(ctx, mode)},
+                },
                 **common,
             ).encode(),
             mode=0o600,

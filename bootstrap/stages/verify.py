@@ -1,9 +1,17 @@
-"""Stage `verify`: the doctor's checks on the node as this run left it; their verdict is the run's."""
+"""Stage `verify`: the doctor's checks on the node as this run left it; their verdict is the run's.
+
+The checks run for the GPU mode this run installed (`--gpu-mode` included), not the one the
+settings held when the run started: on a first run those are still empty, and the doctor would
+judge a container-mode node by passthrough's IOMMU groups.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bootstrap.errors import VectorlayError
 from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.stages.artifacts import gpu_mode_of
 
 
 def run(ctx: Context) -> StageResult:
@@ -14,7 +22,7 @@ def run(ctx: Context) -> StageResult:
     if ctx.plan_only:
         ctx.out("verify: the doctor's checks run after a real install")
         return StageResult(Outcome.PLANNED, "not run in plan mode")
-    report = run_checks(ctx.host, ctx.settings)
+    report = run_checks(ctx.host, replace(ctx.settings, gpu_mode=gpu_mode_of(ctx)))
     ctx.report = report
     for line in render_text(report).rstrip("\n").splitlines():
         ctx.out(f"  {line}" if line else "")

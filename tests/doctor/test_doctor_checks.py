@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bootstrap import runsc
 from bootstrap.errors import UsageError
-from bootstrap.host import CommandResult, Host
+from bootstrap.host import CommandResult, Host, RecordingRunner
+from bootstrap.paths import RUNSC
 from doctor.checks import run_checks
 from doctor.model import CheckResult, Status
 from doctor.render import render_text
+from hostsim.runsc import NVPROXY, PRE_NVPROXY
 
 GB = 1000**3
 Make = Callable[..., Host]
@@ -365,18 +369,24 @@ def _container_mode(host: Host) -> None:
     host.path("/etc/vectorlay/node.yaml").write_text("gpu_mode: container\n")
 
 
+def _install_runsc(host: Host, binary: Path) -> None:
+    """What the artifacts stage leaves: the release's bin/runsc behind the `current` link."""
+    release = host.path("/opt/vectorlay/releases/runsc/1/bin")
+    release.mkdir(parents=True)
+    (release / "runsc").symlink_to(binary)
+    host.path("/opt/vectorlay/releases/runsc/current").symlink_to("1")
+    assert host.path(RUNSC).is_file()
+
+
 def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
-    sim_host: Make, agents: Callable[..., None]
+    sim_host: Make, agents: Callable[..., None], runsc_releases: dict[str, Path]
 ) -> None:
     host = sim_host("hgx-h100")
     agents(host)
     _container_mode(host)
     host.path("/sys/module/nvidia").mkdir(parents=True)
-    host.path("/sys/module/nvidia/version").write_text("550.127.05\n")
-    runsc = host.path("/opt/vectorlay/bin/runsc")
-    runsc.parent.mkdir(parents=True)
-    runsc.write_text("#!/bin/sh\n")
-    runsc.chmod(0o755)
+    host.path("/sys/module/nvidia/version").write_text("550.90.07\n")
+    _install_runsc(host, runsc_releases[NVPROXY])
     report = run_checks(host, env={})
 
     assert [r.name for r in report.results] == [
@@ -384,17 +394,78 @@ def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
         "wedged", "disk", "memory", "identity", "overlay",
     ]  # fmt: skip
     assert report.mode == "container"
-    assert report.get("iommu").status is Status.SKIP and report.get("gpu_units").status is Status.SKIP
-    assert report.get("nvidia_driver").message == "NVIDIA driver 550.127.05 loaded"
-    assert report.get("runsc").message == "runsc at /opt/vectorlay/bin/runsc"
+    assert report.get("iommu").status is Status.SKIP
+    units = report.get("gpu_units")
+    assert (units.status, units.message) == (
+        Status.PASS,
+        "8/8 GPU(s) on the nvidia driver, shared through runsc",
+    )
+    assert units.details[0] == "0000:18:00.0 GH100 [H100 SXM5 80GB]: on nvidia"
+    assert (report.units_ready, report.units_total) == (8, 8)
+    assert report.get("nvidia_driver").message == "NVIDIA driver 550.90.07 loaded"
+    assert report.get("runsc").message == (
+        "runsc 0.0~20240729.0 accepts --nvproxy=true; nvproxy supports driver 550.90.07"
+    )
     assert report.verdict is Status.PASS
+
+
+def test_the_runsc_check_fails_debian_12s_runsc_that_predates_nvproxy_naming_the_release_needed(
+    sim_host: Make, runsc_releases: dict[str, Path]
+) -> None:
+    host = sim_host("hgx-h100")
+    _container_mode(host)
+    _install_runsc(host, runsc_releases[PRE_NVPROXY])
+    result = run_checks(host, env={}, only=["runsc"]).get("runsc")
+    assert result.status is Status.FAIL
+    assert result.message == (
+        "runsc 0.0~20221219.0 refuses --nvproxy=true (flag provided but not defined: -nvproxy)"
+    )
+    assert result.hint is not None and "gVisor release-20230529 or later" in result.hint
+
+
+def test_the_runsc_check_fails_a_driver_the_installed_runscs_nvproxy_does_not_support(
+    sim_host: Make, runsc_releases: dict[str, Path]
+) -> None:
+    host = sim_host("hgx-h100")
+    _container_mode(host)
+    host.path("/sys/module/nvidia").mkdir(parents=True)
+    host.path("/sys/module/nvidia/version").write_text("550.127.05\n")  # newer than 20240729 knows
+    _install_runsc(host, runsc_releases[NVPROXY])
+    result = run_checks(host, env={}, only=["runsc"]).get("runsc")
+    assert result.status is Status.FAIL
+    assert result.message == (
+        "runsc 0.0~20240729.0 has no nvproxy support for NVIDIA driver 550.127.05: "
+        "GPU containers cannot start"
+    )
+    assert result.hint == (
+        "install an NVIDIA driver it supports (newest: 550.54.14, 550.54.15, 550.90.07; all: runsc "
+        "nvproxy list-supported-drivers), or the control plane must serve a runsc that supports 550.127.05"
+    )
+
+
+def test_the_runsc_check_runs_exactly_the_arguments_docker_is_given(
+    sim_host: Make, runsc_releases: dict[str, Path]
+) -> None:
+    host = sim_host("hgx-h100")
+    _container_mode(host)
+    _install_runsc(host, runsc_releases[NVPROXY])
+    run_checks(host, env={}, only=["runsc"])
+    runner, docker_args = host.runner, runsc.docker_runtime()["runtimeArgs"]
+    assert isinstance(runner, RecordingRunner) and isinstance(docker_args, list)
+    assert runner.commands == [(RUNSC, *docker_args, "--version")]
 
 
 def test_container_mode_without_driver_or_runsc_fails_both(sim_host: Make) -> None:
     host = sim_host("hgx-h100")
     _container_mode(host)
-    got = statuses(host, only=["nvidia_driver", "runsc"])
-    assert got == {"nvidia_driver": Status.FAIL, "runsc": Status.FAIL}
+    # A runsc elsewhere (the old guess, Debian's package) is not the one docker runs.
+    stale = host.path("/opt/vectorlay/bin/runsc")
+    stale.parent.mkdir(parents=True)
+    stale.write_text("#!/bin/sh\necho runsc version 1\n")
+    stale.chmod(0o755)
+    report = run_checks(host, env={}, only=["nvidia_driver", "runsc"])
+    assert {r.name: r.status for r in report.results} == {"nvidia_driver": Status.FAIL, "runsc": Status.FAIL}
+    assert report.get("runsc").message == f"runsc (gVisor) not installed at {RUNSC}"
 
 
 def test_container_mode_warns_about_gpus_left_on_vfio(
@@ -403,9 +474,36 @@ def test_container_mode_warns_about_gpus_left_on_vfio(
     host = sim_host("hgx-h100", vfio)
     _container_mode(host)
     host.path("/sys/module/nvidia").mkdir(parents=True)
-    result = run_checks(host, env={}, only=["nvidia_driver"]).get("nvidia_driver")
+    report = run_checks(host, env={}, only=["nvidia_driver", "gpu_units"])
+    result = report.get("nvidia_driver")
     assert result.status is Status.WARN
     assert result.message.startswith("NVIDIA driver loaded, but 8 GPU(s) not on it: 0000:18:00.0 on vfio-pci")
+    # Re-running the installer changes nothing for a GPU on vfio-pci: the hint says what does.
+    assert result.hint is not None and result.hint.startswith("GPUs on vfio-pci are set up for passthrough")
+    units = report.get("gpu_units")
+    assert (units.status, units.message) == (
+        Status.FAIL,
+        "0/8 GPU(s) on the nvidia driver, shared through runsc",
+    )
+    assert units.hint == result.hint
+    assert (report.units_ready, report.units_total) == (0, 8)
+
+
+def test_container_mode_rents_the_gpus_on_nvidia_and_warns_about_the_rest(sim_host: Make) -> None:
+    host = sim_host("hgx-h100")
+    _container_mode(host)
+    host.path("/sys/module/nvidia").mkdir(parents=True)
+    gpu = host.path("/sys/bus/pci/devices/0000:18:00.0/driver")
+    gpu.unlink()  # the driver let go of one GPU
+    report = run_checks(host, env={}, only=["gpu_units"])
+    units = report.get("gpu_units")
+    assert (units.status, units.message) == (
+        Status.WARN,
+        "7/8 GPU(s) on the nvidia driver, shared through runsc",
+    )
+    assert "0000:18:00.0 GH100 [H100 SXM5 80GB]: on no driver, not on nvidia" in units.details
+    assert units.hint is not None and "sudo modprobe nvidia" in units.hint
+    assert (report.units_ready, report.units_total) == (7, 8)
 
 
 def test_gpu_mode_none_skips_gpu_checks_on_a_gpu_box(sim_host: Make) -> None:

@@ -58,3 +58,41 @@ def test_the_demo_reboots_once_then_enrolls_and_ends_with_eight_of_eight(tmp_pat
         assert (workdir / "host/var/log/vectorlay/bootstrap.log").is_file()
     finally:
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+def test_the_container_demo_installs_once_without_a_reboot_and_the_doctor_passes_runsc_and_the_driver(
+    runsc_releases: dict[str, Path],
+) -> None:
+    workdir = Path(os.path.realpath("/tmp")) / f"vl-demo-ctest-{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VECTORLAY_")}
+    env["VECTORLAY_DEMO_DIR"] = str(workdir)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "hostsim.demo", "--gpu-mode", "container"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        out = res.stdout
+        assert res.returncode == 0, out[-3000:] + res.stderr
+        assert "the real gVisor runsc 20240729.0 (Debian bookworm-backports" in out
+        assert "REBOOT REQUIRED" not in out and "Second run" not in out
+        assert "--gpu-mode container" in out
+        run = out[out.index("==> The installer, once") : out.index("==> The doctor")]
+        assert "vectorlay-node: DONE" in run
+        assert "doctor: PASS, 8/8 GPU unit(s) ready" in run
+        doctor = out[out.index("==> The doctor") :]
+        lines = {
+            ln.split(":", 1)[0].strip(): ln for ln in doctor.splitlines() if ln.rstrip().endswith(": PASS")
+        }
+        assert "runsc 0.0~20240729.0 accepts --nvproxy=true" in lines["runsc"]
+        assert "NVIDIA driver 550.90.07 loaded" in lines["NVIDIA driver"]
+        assert "8/8 GPU(s) on the nvidia driver, shared through runsc" in doctor
+        assert "Verdict: PASS" in doctor
+        assert "vtk_" not in out.replace("vtk_...", "")
+        assert _processes_under(workdir / "host") == []
+    finally:
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)

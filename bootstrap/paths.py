@@ -1,0 +1,9 @@
+"""Where things live on a node: host paths (absolute, resolved inside a Host's root) that more than
+one program of this project names. One definition each, so the installer that puts a file there and
+the doctor that looks for it cannot disagree."""
+
+from __future__ import annotations
+
+# gVisor's runtime, installed from the control plane's `runsc` artifact (container-GPU mode) into
+# its versioned release directory; `current` is switched by rename, so this path never changes.
+RUNSC = "/opt/vectorlay/releases/runsc/current/bin/runsc"
