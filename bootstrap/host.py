@@ -164,7 +164,7 @@ class RecordingRunner:
 
 # Queries change nothing: killing the run at one is the same as killing it after the change before,
 # and their number varies with timing (health polls), so they are not fault points.
-_QUERY_PROGRAMS = frozenset({"journalctl", "dmesg"})
+_QUERY_PROGRAMS = frozenset({"journalctl", "dmesg", "ping"})
 _SYSTEMCTL_QUERIES = frozenset(
     {"is-active", "is-enabled", "is-failed", "show", "status", "cat", "list-units"}
 )
@@ -174,6 +174,8 @@ def _changes_something(argv: Sequence[str]) -> bool:
     prog = os.path.basename(argv[0]) if argv else ""
     if prog in _QUERY_PROGRAMS:
         return False
+    if prog == "ip":
+        return "show" not in argv[1:]
     if prog == "systemctl":
         verb = next((a for a in argv[1:] if not a.startswith("-")), "")
         return verb not in _SYSTEMCTL_QUERIES

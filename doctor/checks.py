@@ -584,6 +584,89 @@ def check_identity(ctx: Context) -> CheckResult:
     return check(ctx.host)
 
 
+def check_overlay(ctx: Context) -> CheckResult:
+    from bootstrap.identity import IdentityError, load_identity
+    from bootstrap.overlay import (
+        NEBULA_CONFIG,
+        PING_TIMEOUT_S,
+        TUN_DEVICE,
+        OverlayProbeError,
+        interface,
+        ping_ms,
+    )
+
+    name = "overlay"
+    try:
+        ident = load_identity(ctx.host)
+    except IdentityError:
+        return CheckResult(name, Status.SKIP, "no usable identity (see the identity check)")
+    if ident is None:
+        return CheckResult(name, Status.SKIP, "not enrolled (no overlay IP yet)")
+    nebula_hint = "systemctl status nebula; journalctl -u nebula -n 50"
+    try:
+        dev = interface(ctx.host)
+    except OverlayProbeError as e:
+        return CheckResult(name, Status.FAIL, f"cannot read {TUN_DEVICE}: {e}", "install iproute2 (`ip`)")
+    if dev is None:
+        return CheckResult(
+            name, Status.FAIL, f"{TUN_DEVICE} does not exist: nebula is not running", nebula_hint
+        )
+    if not dev.up:
+        return CheckResult(
+            name, Status.FAIL, f"{TUN_DEVICE} is down", f"sudo systemctl restart nebula; {nebula_hint}"
+        )
+    if not dev.holds(ident.overlay_ip):
+        held = ", ".join(str(a.ip) for a in dev.addresses) or "no address"
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{TUN_DEVICE} holds {held}, not the node's overlay IP {ident.overlay_ip}",
+            f"{nebula_hint}; {REINSTALL} to get a certificate for {ident.overlay_ip}",
+        )
+    lighthouses = _nebula_lighthouses(ctx.host, NEBULA_CONFIG)
+    if not lighthouses:
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"{TUN_DEVICE} holds {ident.overlay_ip}, but nebula knows no lighthouse",
+            REINSTALL,
+        )
+    # At most two lighthouses are asked, so a cut-off node costs the doctor a bounded few seconds.
+    for ip, _ in lighthouses[:2]:
+        rtt = ping_ms(ctx.host, ip, dev=TUN_DEVICE, timeout_s=PING_TIMEOUT_S)
+        if rtt is not None:
+            shown = f"{rtt:.0f}" if rtt >= 10 else f"{rtt:.1f}"
+            return CheckResult(
+                name,
+                Status.PASS,
+                f"overlay up: {TUN_DEVICE} holds {ident.overlay_ip}, lighthouse {ip} answered in {shown} ms",
+            )
+    ip, endpoints = lighthouses[0]
+    where = ", ".join(endpoints) or "its endpoint"
+    return CheckResult(
+        name,
+        Status.WARN,
+        f"{TUN_DEVICE} holds {ident.overlay_ip}, "
+        f"but lighthouse {ip} did not answer within {PING_TIMEOUT_S} s",
+        f"outbound UDP to {where} must be open (nebula's port, 4242 by default); {nebula_hint}",
+    )
+
+
+def _nebula_lighthouses(host: Host, config: str) -> list[tuple[str, list[str]]]:
+    """(overlay IP, underlay endpoints) of each lighthouse in nebula's config, in its order."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(host.read_text(config))
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    hosts = (data.get("lighthouse") or {}).get("hosts") or []
+    static = data.get("static_host_map") or {}
+    return [(str(h), [str(e) for e in static.get(h) or []]) for h in hosts]
+
+
 CHECKS: dict[str, Check] = {
     "agents": check_agents,
     "autoupdate": check_autoupdate,
@@ -596,6 +679,7 @@ CHECKS: dict[str, Check] = {
     "disk": check_disk,
     "memory": check_memory,
     "identity": check_identity,
+    "overlay": check_overlay,
 }
 CONTAINER_ONLY = ("nvidia_driver", "runsc")
 

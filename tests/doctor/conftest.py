@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from bootstrap.host import Host, RecordingRunner
-from hostsim import systemd
+from hostsim import network, systemd
 from hostsim.runsc import run_in_tree
 
 # Minimal but real unit files: what the agents stage installs (DESIGN.md section 6).
@@ -50,11 +50,11 @@ def to_vfio(desc: dict[str, Any]) -> None:
 
 @pytest.fixture
 def sim_host(make_tree: Callable[..., Path]) -> Callable[..., Host]:
-    """A host tree whose runner answers systemctl from the tree and runs the runsc installed in it,
-    with a fixed free-disk figure."""
+    """A host tree whose runner answers systemctl and nebula's device (`ip`, `ping`) from the tree and
+    runs the runsc installed in it, with a fixed free-disk figure."""
 
     def _make(name: str, edit: Callable[[dict[str, Any]], None] | None = None, **kw: Any) -> Host:
-        runner = systemd.install(RecordingRunner())
+        runner = network.install(systemd.install(RecordingRunner()))
         runner.handlers["runsc"] = run_in_tree
         host = Host(make_tree(name, edit), runner)
         host.disk_free_override = kw.get("disk_free", 500 * GB)
