@@ -119,7 +119,7 @@ def fetch(releases: tuple[str, ...] = tuple(SUITES)) -> dict[str, Path]:
     return out
 
 
-def _tarball(files: dict[str, bytes]) -> bytes:
+def bin_tarball(files: dict[str, bytes]) -> bytes:
     """A reproducible .tar.gz (mtime 0, root-owned) with the given executables under bin/."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -144,7 +144,7 @@ def artifact_tarball(release: str) -> bytes:
         )
     tgz = binary.parent / f"runsc-{release}.tar.gz"
     if not tgz.is_file() or tgz.stat().st_mtime < binary.stat().st_mtime:
-        data = _tarball({"runsc": binary.read_bytes()})
+        data = bin_tarball({"runsc": binary.read_bytes()})
         part = tgz.with_suffix(".part")
         part.write_bytes(data)
         os.replace(part, tgz)
@@ -205,7 +205,7 @@ sys.exit(1)
 
 
 def standin_tarball(release: str = NVPROXY) -> bytes:
-    return _tarball({"runsc": STANDIN.format(release=release, drivers=STANDIN_DRIVERS).encode()})
+    return bin_tarball({"runsc": STANDIN.format(release=release, drivers=STANDIN_DRIVERS).encode()})
 
 
 def run_in_tree(host: Host, argv: tuple[str, ...]) -> CommandResult:

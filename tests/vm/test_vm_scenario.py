@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from product import NODE_YAML, installer_tarball
 
 from bootstrap.stages import BY_NAME as STAGES
 from controlplane import testing as cptesting
-from hostsim.agents import publish, publish_agents
+from hostsim.agents import AGENTS, publish, publish_agents
+from hostsim.runsc import bin_tarball
 
 pytestmark = pytest.mark.vm
 
@@ -108,7 +110,13 @@ def control_plane(
     artifacts = work / "artifacts"
     version = product_wheels[0].name.split("-")[1]
     publish(artifacts, "installer", version, installer_tarball(product_wheels))
-    publish_agents(artifacts)
+    # nebula is Debian's real one (the guest is Debian 12 too): nomad waits for its device to hold
+    # the overlay IP, and the doctor's overlay check reads that device. The lighthouse is not
+    # reachable from the guest, so the check can only warn about it.
+    nebula = shutil.which("nebula")
+    assert nebula, "the VM scenario needs Debian's nebula on the host (apt-get install nebula)"
+    publish(artifacts, "nebula", "1.6.1", bin_tarball({"nebula": Path(nebula).read_bytes()}))
+    publish_agents(artifacts, {name: "1.0.0" for name in AGENTS if name != "nebula"})
     cp = cptesting.start(work / "server", args=("--artifacts", str(artifacts), "--public-url", PUBLIC_URL))
     yield cp
     cptesting.stop(cp)
