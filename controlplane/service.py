@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -106,6 +106,10 @@ class ControlPlane:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One serialised write transaction, for the modules beside this one (heartbeats)."""
+        return self._tx()
 
     # --- orgs, keys, tokens (admin CLI and API-key endpoints) -------------------------------
 
