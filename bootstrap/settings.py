@@ -24,7 +24,21 @@ class Settings:
     # further NVSwitch device IDs; the built-in lists stay.
     extra_gpu_vendor_ids: tuple[str, ...] = ()
     extra_nvswitch_device_ids: tuple[str, ...] = ()
+    # node-agent: seconds between heartbeats, and the load above which the node stops claiming
+    # capacity (percent; the control plane never advertises above 90/85/90 whatever is set here).
+    advertise_interval: int = 240
+    cpu_threshold: float = 90.0
+    memory_threshold: float = 85.0
+    disk_threshold: float = 90.0
     source: str | None = field(default=None, compare=False)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {
+            "cpu_percent": self.cpu_threshold,
+            "memory_percent": self.memory_threshold,
+            "disk_percent": self.disk_threshold,
+        }
 
 
 def _hex_ids(value: Any, key: str) -> tuple[str, ...]:
@@ -50,6 +64,53 @@ def _bool(value: Any, key: str) -> bool:
     if s in ("0", "false", "no", "off"):
         return False
     raise VectorlayError(f"{key}={value!r} is not a boolean", "use 1 or 0")
+
+
+def _interval(value: Any, key: str) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 3600:
+        raise VectorlayError(
+            f"{key}={value!r} is not a heartbeat interval", "use whole seconds from 1 to 3600"
+        )
+    return n
+
+
+def _percent(value: Any, key: str) -> float:
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        f = -1.0
+    if not 1.0 <= f <= 100.0:
+        raise VectorlayError(f"{key}={value!r} is not a percentage", "use a number from 1 to 100")
+    return f
+
+
+THRESHOLD_KEYS = ("cpu_percent", "memory_percent", "disk_percent")
+
+
+def _thresholds(settings: Settings, value: Any) -> Settings:
+    if value is None:
+        return settings
+    if not isinstance(value, dict) or set(value) - set(THRESHOLD_KEYS):
+        raise VectorlayError(
+            f"{SETTINGS_PATH}: thresholds must map {', '.join(THRESHOLD_KEYS)} to percentages",
+            "e.g. thresholds: {cpu_percent: 90, memory_percent: 85, disk_percent: 90}",
+        )
+    for key in THRESHOLD_KEYS:
+        if key in value:
+            settings = _with_threshold(settings, key, _percent(value[key], f"thresholds.{key}"))
+    return settings
+
+
+def _with_threshold(settings: Settings, key: str, percent: float) -> Settings:
+    if key == "cpu_percent":
+        return replace(settings, cpu_threshold=percent)
+    if key == "memory_percent":
+        return replace(settings, memory_threshold=percent)
+    return replace(settings, disk_threshold=percent)
 
 
 def _gpu_mode(value: Any, key: str) -> str:
@@ -83,6 +144,8 @@ def load_settings(host: Host, env: Mapping[str, str] | None = None) -> Settings:
             "disk_path",
             "extra_gpu_vendor_ids",
             "extra_nvswitch_device_ids",
+            "advertise_interval",
+            "thresholds",
         }
         if unknown:
             raise VectorlayError(f"{SETTINGS_PATH}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -98,6 +161,11 @@ def load_settings(host: Host, env: Mapping[str, str] | None = None) -> Settings:
             ),
             source=SETTINGS_PATH,
         )
+        if data.get("advertise_interval") is not None:
+            settings = replace(
+                settings, advertise_interval=_interval(data["advertise_interval"], "advertise_interval")
+            )
+        settings = _thresholds(settings, data.get("thresholds"))
     if env.get("VECTORLAY_API"):
         settings = replace(settings, api=env["VECTORLAY_API"])
     if env.get("VECTORLAY_GPU_MODE"):
@@ -109,4 +177,16 @@ def load_settings(host: Host, env: Mapping[str, str] | None = None) -> Settings:
     if env.get("VECTORLAY_EXTRA_GPU_VENDOR_IDS"):
         ids = [s for s in env["VECTORLAY_EXTRA_GPU_VENDOR_IDS"].replace(",", " ").split() if s]
         settings = replace(settings, extra_gpu_vendor_ids=_hex_ids(ids, "VECTORLAY_EXTRA_GPU_VENDOR_IDS"))
+    if env.get("VECTORLAY_ADVERTISE_INTERVAL"):
+        settings = replace(
+            settings,
+            advertise_interval=_interval(env["VECTORLAY_ADVERTISE_INTERVAL"], "VECTORLAY_ADVERTISE_INTERVAL"),
+        )
+    for var, key in (
+        ("VECTORLAY_CPU_THRESHOLD", "cpu_percent"),
+        ("VECTORLAY_MEMORY_THRESHOLD", "memory_percent"),
+        ("VECTORLAY_DISK_THRESHOLD", "disk_percent"),
+    ):
+        if env.get(var):
+            settings = _with_threshold(settings, key, _percent(env[var], var))
     return settings
