@@ -19,13 +19,16 @@ import json
 import math
 import re
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
 from controlplane.clock import from_iso, to_iso
+from controlplane.db import connect
 from controlplane.pki import fingerprint
 from controlplane.service import ApiError, ControlPlane, bad_request, unauthorized
 from controlplane.tokens import hash_secret
@@ -259,13 +262,32 @@ def _enrolled_units(conn: sqlite3.Connection, node_id: str) -> int:
     return int(n)
 
 
+_local = threading.local()
+
+
+def _heartbeat_conn(cp: ControlPlane) -> sqlite3.Connection:
+    """This thread's connection for heartbeats: synchronous=NORMAL, so a commit waits for no fsync.
+
+    A heartbeat lost to a power cut of the control plane is sent again within one interval, and WAL
+    keeps the database consistent either way; enrollments keep their own FULL connections.
+    """
+    conns: dict[Path, sqlite3.Connection] = getattr(_local, "conns", None) or {}
+    _local.conns = conns
+    conn = conns.get(cp.db.path)
+    if conn is None:
+        conn = connect(cp.db.path)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conns[cp.db.path] = conn
+    return conn
+
+
 def record_heartbeat(
     cp: ControlPlane, body: Any, client_cert_pem: str | None, node_token: str | None
 ) -> dict[str, Any]:
     """Store a node's heartbeat and answer what is advertised of it."""
     hb = parse_heartbeat(body)
     now = cp.clock.now()
-    with cp.transaction() as conn:
+    with cp.transaction(_heartbeat_conn(cp)) as conn:
         node = _authenticate(conn, client_cert_pem, node_token)
         if node["status"] == "removed":
             # Answered, not refused: the agent keeps running and says so; nothing here revives it.

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -107,9 +107,19 @@ class ControlPlane:
                 raise
             conn.execute("COMMIT")
 
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        """One serialised write transaction, for the modules beside this one (heartbeats)."""
-        return self._tx()
+    @contextmanager
+    def transaction(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """One serialised write transaction for the modules beside this one (heartbeats), on `conn`
+        when given: a connection to this database with pragmas of its own."""
+        conn = conn or self.db.conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     # --- orgs, keys, tokens (admin CLI and API-key endpoints) -------------------------------
 
