@@ -6,11 +6,13 @@ next one is delivered, and `last_error` says why the latest attempt failed (null
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from datetime import datetime, timezone
 from typing import Any
 
-from bootstrap.fsutil import atomic_write
 from bootstrap.host import Host
 
 STATUS_PATH = "/run/vectorlay/node-agent/status.json"
@@ -34,4 +36,20 @@ def read_status(host: Host) -> dict[str, Any] | None:
 
 
 def write_status(host: Host, status: dict[str, Any]) -> None:
-    atomic_write(host.path(STATUS_PATH), json.dumps(status, indent=2, sort_keys=True) + "\n", mode=0o644)
+    """Temp file in the same directory, fsync, rename. Not through bootstrap.fsutil.atomic_write:
+    this is runtime state in /run, not part of what an install run changes (nor one of its kill
+    points)."""
+    path = host.path(STATUS_PATH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.json.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
