@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lint: venv
-	$(BIN)/ruff check bootstrap doctor hostsim controlplane tests benchmarks
-	$(BIN)/ruff format --check bootstrap doctor hostsim controlplane tests benchmarks
+	$(BIN)/ruff check bootstrap doctor hostsim controlplane nodeagent tests benchmarks
+	$(BIN)/ruff format --check bootstrap doctor hostsim controlplane nodeagent tests benchmarks
 
 typecheck: venv
 	$(BIN)/mypy

@@ -27,12 +27,35 @@ class Settings:
     # further NVSwitch device IDs; the built-in lists stay.
     extra_gpu_vendor_ids: tuple[str, ...] = ()
     extra_nvswitch_device_ids: tuple[str, ...] = ()
+    # node-agent: seconds between heartbeats, and the load above which the node stops claiming
+    # capacity (percent; the control plane never advertises above 90/85/90 whatever is set here).
+    advertise_interval: int = 240
+    cpu_threshold: float = 90.0
+    memory_threshold: float = 85.0
+    disk_threshold: float = 90.0
     source: str | None = field(default=None, compare=False)
     # What `repair` loading set aside of a damaged node.yaml (the install run rewrites the file).
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {
+            "cpu_percent": self.cpu_threshold,
+            "memory_percent": self.memory_threshold,
+            "disk_percent": self.disk_threshold,
+        }
 
-KNOWN = ("api", "gpu_mode", "autoupdate", "disk_path", "extra_gpu_vendor_ids", "extra_nvswitch_device_ids")
+
+KNOWN = (
+    "api",
+    "gpu_mode",
+    "autoupdate",
+    "disk_path",
+    "extra_gpu_vendor_ids",
+    "extra_nvswitch_device_ids",
+    "advertise_interval",
+    "thresholds",
+)
 # node.yaml is a handful of lines; anything near this is not a settings file.
 SETTINGS_LIMIT = 64 << 10
 MAX_PATH = 4096  # PATH_MAX
@@ -100,6 +123,48 @@ def _bool(value: Any, key: str) -> bool:
     raise VectorlayError(f"{key}={shown} is not a boolean", "use 1 or 0")
 
 
+def _interval(value: Any, key: str) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 3600:
+        raise VectorlayError(
+            f"{key}={value!r} is not a heartbeat interval", "use whole seconds from 1 to 3600"
+        )
+    return n
+
+
+def _percent(value: Any, key: str) -> float:
+    try:
+        f = float(str(value).strip())
+    except ValueError:
+        f = -1.0
+    if not 1.0 <= f <= 100.0:
+        raise VectorlayError(f"{key}={value!r} is not a percentage", "use a number from 1 to 100")
+    return f
+
+
+THRESHOLD_KEYS = ("cpu_percent", "memory_percent", "disk_percent")
+
+
+def _threshold_map(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or set(value) - set(THRESHOLD_KEYS):
+        raise VectorlayError(
+            f"thresholds must map {', '.join(THRESHOLD_KEYS)} to percentages",
+            "e.g. thresholds: {cpu_percent: 90, memory_percent: 85, disk_percent: 90}",
+        )
+    return {key: _percent(value[key], f"thresholds.{key}") for key in THRESHOLD_KEYS if key in value}
+
+
+def _with_threshold(settings: Settings, key: str, percent: float) -> Settings:
+    if key == "cpu_percent":
+        return replace(settings, cpu_threshold=percent)
+    if key == "memory_percent":
+        return replace(settings, memory_threshold=percent)
+    return replace(settings, disk_threshold=percent)
+
+
 def _gpu_mode(value: Any, key: str) -> str:
     s = value.strip().lower() if isinstance(value, str) else ""
     if s not in GPU_MODES:
@@ -115,6 +180,8 @@ _PARSERS: dict[str, Any] = {
     "disk_path": _abs_path,
     "extra_gpu_vendor_ids": _hex_ids,
     "extra_nvswitch_device_ids": _hex_ids,
+    "advertise_interval": lambda value, key: _interval(value, key),
+    "thresholds": lambda value, key: _threshold_map(value),
 }
 
 
@@ -222,7 +289,10 @@ def load_settings(host: Host, env: Mapping[str, str] | None = None, *, repair: b
                 + (", ".join(sorted(values)) or "no setting")
                 + (f" (dropped: {', '.join(dropped)})" if dropped else "")
             )
+        thresholds = values.pop("thresholds", None) or {}
         settings = replace(settings, **values, source=SETTINGS_PATH)
+        for key, percent in thresholds.items():
+            settings = _with_threshold(settings, key, percent)
     if env.get("VECTORLAY_API"):
         settings = replace(settings, api=_url(env["VECTORLAY_API"], "VECTORLAY_API"))
     if env.get("VECTORLAY_GPU_MODE"):
@@ -234,6 +304,18 @@ def load_settings(host: Host, env: Mapping[str, str] | None = None, *, repair: b
     if env.get("VECTORLAY_EXTRA_GPU_VENDOR_IDS"):
         ids = [s for s in env["VECTORLAY_EXTRA_GPU_VENDOR_IDS"].replace(",", " ").split() if s]
         settings = replace(settings, extra_gpu_vendor_ids=_hex_ids(ids, "VECTORLAY_EXTRA_GPU_VENDOR_IDS"))
+    if env.get("VECTORLAY_ADVERTISE_INTERVAL"):
+        settings = replace(
+            settings,
+            advertise_interval=_interval(env["VECTORLAY_ADVERTISE_INTERVAL"], "VECTORLAY_ADVERTISE_INTERVAL"),
+        )
+    for var, key in (
+        ("VECTORLAY_CPU_THRESHOLD", "cpu_percent"),
+        ("VECTORLAY_MEMORY_THRESHOLD", "memory_percent"),
+        ("VECTORLAY_DISK_THRESHOLD", "disk_percent"),
+    ):
+        if env.get(var):
+            settings = _with_threshold(settings, key, _percent(env[var], var))
     return replace(settings, warnings=tuple(warnings))
 
 
@@ -248,14 +330,18 @@ def settings_yaml(settings: Settings, *, api: str | None, gpu_mode: str) -> byte
         "autoupdate": settings.autoupdate,
         "disk_path": settings.disk_path,
     }
+    data["advertise_interval"] = settings.advertise_interval
+    data["thresholds"] = settings.thresholds
     if settings.extra_gpu_vendor_ids:
         data["extra_gpu_vendor_ids"] = list(settings.extra_gpu_vendor_ids)
     if settings.extra_nvswitch_device_ids:
         data["extra_nvswitch_device_ids"] = list(settings.extra_nvswitch_device_ids)
     header = (
         f"{MARKER}\n# Re-running the install one-liner rewrites this file.\n"
-        "# Environment variables VECTORLAY_API, VECTORLAY_GPU_MODE, NODE_AGENT_AUTOUPDATE and\n"
-        "# VECTORLAY_DISK_PATH override these settings.\n"
+        "# Environment variables VECTORLAY_API, VECTORLAY_GPU_MODE, NODE_AGENT_AUTOUPDATE,\n"
+        "# VECTORLAY_DISK_PATH, VECTORLAY_ADVERTISE_INTERVAL and VECTORLAY_{CPU,MEMORY,DISK}_THRESHOLD\n"
+        "# override these settings. advertise_interval: seconds between the node-agent's heartbeats;\n"
+        "# thresholds: the load (percent) above which the node's units are not advertised.\n"
     )
     body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=False, width=4096)
     return (header + body).encode()

@@ -16,6 +16,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from controlplane.artifacts import ArtifactStore, register_artifacts
+from controlplane.heartbeat import MAX_BODY_BYTES, list_provider_nodes, record_heartbeat
 from controlplane.service import ApiError, ControlPlane
 
 log = logging.getLogger("controlplane")
@@ -173,6 +174,16 @@ def create_app(
         result = cp.set_node_status(_bearer(), org, node_id, _json_body())
         log.info("node %s removed by the provider API (%d unit(s) freed)", node_id, result["units_freed"])
         return jsonify(result)
+
+    @app.post("/v1/node/heartbeat")
+    def node_heartbeat() -> Response:
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"a heartbeat is at most {MAX_BODY_BYTES} bytes")
+        return jsonify(record_heartbeat(cp, _json_body(), _client_cert(), _bearer()))
+
+    @app.get("/v1/orgs/<org>/provider/nodes")
+    def provider_nodes(org: str) -> Response:
+        return jsonify(list_provider_nodes(cp, _bearer(), org))
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -67,6 +67,23 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (node_id, iommu_group)
     );
     """,
+    # 2: the last heartbeat of each node (node-agent): what the advertising rule decides from.
+    """
+    CREATE TABLE node_heartbeats (
+        node_id     TEXT PRIMARY KEY REFERENCES nodes(id),
+        received_at TEXT NOT NULL,                -- the control plane's clock
+        interval_s  INTEGER NOT NULL,             -- the node's declared heartbeat interval
+        verdict     TEXT NOT NULL CHECK (verdict IN ('PASS', 'WARN', 'FAIL')),
+        units_ready INTEGER NOT NULL,             -- as the node's doctor claims
+        units_total INTEGER NOT NULL,
+        draining    INTEGER NOT NULL,
+        resources   TEXT NOT NULL,                -- JSON: cpu_percent, memory_percent, disk_percent, ...
+        thresholds  TEXT NOT NULL,                -- JSON: the load limits in force for this node
+        agents      TEXT NOT NULL,                -- JSON: agent name -> version
+        checks      TEXT NOT NULL,                -- JSON: the doctor's checks
+        heartbeats  INTEGER NOT NULL              -- how many were received
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

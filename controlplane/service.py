@@ -154,6 +154,20 @@ class ControlPlane:
                 raise
             conn.execute("COMMIT")
 
+    @contextmanager
+    def transaction(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """One serialised write transaction for the modules beside this one (heartbeats), on `conn`
+        when given: a connection to this database with pragmas of its own."""
+        conn = conn or self.db.conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
     # --- orgs, keys, tokens (admin CLI and API-key endpoints) -------------------------------
 
     def create_org(self, name: str, *, provider: bool, node_quota: int | None) -> dict[str, Any]:

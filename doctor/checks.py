@@ -667,6 +667,52 @@ def _nebula_lighthouses(host: Host, config: str) -> list[tuple[str, list[str]]]:
     return [(str(h), [str(e) for e in static.get(h) or []]) for h in hosts]
 
 
+def check_control_plane(ctx: Context) -> CheckResult:
+    """What the control plane answered the node-agent's last heartbeat (its status.json)."""
+    import time
+
+    from bootstrap.identity import IDENTITY_DIR
+    from nodeagent.status import STATUS_PATH, parse_iso, read_status
+
+    name = "control_plane"
+    ident = ctx.host.path(IDENTITY_DIR)
+    if not (ident.exists() or ident.is_symlink()):
+        return CheckResult(name, Status.SKIP, "not enrolled: nothing to report to the control plane")
+    logs = "journalctl -u node-agent -n 50 says why; sudo systemctl restart node-agent"
+    status = read_status(ctx.host)
+    if status is None:
+        return CheckResult(name, Status.WARN, f"no heartbeat yet (no {STATUS_PATH})", logs)
+    error = status.get("last_error")
+    if status.get("status") == "removed":
+        return CheckResult(
+            name,
+            Status.FAIL,
+            "the control plane removed this node: none of its GPU units are advertised",
+            "re-run the install one-liner with a new token to bring it back",
+        )
+    try:
+        at = parse_iso(str(status["heartbeat_at"]))
+        interval = int(status.get("interval_s") or 240)
+        advertised = int(status["advertised_units"])
+    except (KeyError, TypeError, ValueError):
+        why = f": {error}" if isinstance(error, str) and error else ""
+        return CheckResult(name, Status.WARN, f"no heartbeat delivered yet{why}", logs)
+    age = max(0, int(time.time() - at))
+    if age > 3 * interval:
+        why = f"; last attempt: {error}" if isinstance(error, str) and error else ""
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"last heartbeat {age} s ago, more than 3 intervals ({3 * interval} s): nothing advertised{why}",
+            logs,
+        )
+    message = f"{advertised} GPU unit(s) advertised (heartbeat {age} s ago)"
+    reason = status.get("reason")
+    if isinstance(reason, str) and reason:
+        message += f": {reason}"
+    return CheckResult(name, Status.PASS, message)
+
+
 CHECKS: dict[str, Check] = {
     "agents": check_agents,
     "autoupdate": check_autoupdate,
@@ -680,6 +726,7 @@ CHECKS: dict[str, Check] = {
     "memory": check_memory,
     "identity": check_identity,
     "overlay": check_overlay,
+    "control_plane": check_control_plane,
 }
 CONTAINER_ONLY = ("nvidia_driver", "runsc")
 

@@ -22,6 +22,7 @@ LABELS = {
     "memory": "Memory",
     "identity": "Identity",
     "overlay": "Overlay",
+    "control_plane": "Control plane",
 }
 _COLOURS = {Status.PASS: "32", Status.WARN: "33", Status.FAIL: "1;31", Status.SKIP: "2"}
 _LABEL_WIDTH = 15

@@ -1,19 +1,27 @@
-"""Stand-in agent artifacts: real tarballs holding a real daemon, for tests, the demo and the VM.
+"""Agent artifacts for tests, the demo and the VM: the real node-agent, and stand-ins for the rest.
 
-The daemon behaves the way the installer expects vectorlay's agents to: it runs until SIGTERM,
-answers a health probe on a unix socket in its runtime directory, and on SIGUSR1 stops accepting
-new work, drains, and says so (`drained` on the socket and a `drained` file). A version built with
-`broken=True` exits at once, which is what an upgrade that fails its health check looks like.
+`node-agent` is vectorlay's own and is built from this repository (`node_agent_tarball`): the
+`nodeagent` package's files under `lib/`, stamped with the release's version, and `bin/node-agent`,
+a launcher that runs them on the node's Python (/opt/vectorlay/venv, found from the release
+directory, so a release unpacked under a host root runs the same way).
+
+nebula and nomad are other projects' binaries; their stand-in is a small daemon that behaves the way
+the installer expects an agent to: it runs until SIGTERM, answers a health probe on a unix socket
+in its runtime directory, and on SIGUSR1 says it drained (`drained` on the socket and a `drained`
+file). A version built with `broken=True` exits at once, which is what an upgrade that fails its
+health check looks like (for node-agent too).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import nodeagent
 from bootstrap.update import SERVICES
 
 # The agents the installer runs as services; their names come from the product, not a copy.
@@ -95,23 +103,72 @@ def daemon_script(name: str, version: str, broken: bool = False) -> str:
     return DAEMON.format(name=name, version=version, broken=broken)
 
 
-def agent_tarball(name: str, version: str, broken: bool = False) -> bytes:
-    """A reproducible .tar.gz with bin/<name> (mtime 0, root-owned), like a release pipeline makes."""
+NODE_AGENT_LAUNCHER = r"""#!/bin/sh
+# vectorlay node-agent {version}: this release's code (lib/) on the node's Python. The venv is found
+# from the release directory (/opt/vectorlay/releases/node-agent/<version> -> /opt/vectorlay/venv).
+release=$(cd -- "$(dirname -- "$(readlink -f -- "$0")")/.." && pwd) || exit 1
+python="$release/../../../venv/bin/python"
+if [ ! -x "$python" ]; then
+    echo "node-agent {version}: $python is missing: re-run the install one-liner" >&2
+    exit 1
+fi
+# -E -s: the service's code and its dependencies are the release's and the venv's, whatever the
+# environment says; -B: a release directory stays exactly what was verified against the manifest.
+exec "$python" -E -s -B "$release/lib/node-agent.py" "$@"
+"""
+BROKEN_LAUNCHER = """#!/bin/sh
+echo "node-agent {version}: fatal: cannot start" >&2
+exit 1
+"""
+# Run as a script, so that its directory (lib/) comes first on sys.path.
+NODE_AGENT_MAIN = "from nodeagent.cli import main\n\nmain()\n"
+
+
+def _tarball(files: dict[str, tuple[bytes, int]]) -> bytes:
+    """A reproducible .tar.gz (mtime 0, root-owned, sorted), like a release pipeline makes."""
     raw = io.BytesIO()
+    dirs = sorted({str(Path(p).parents[i]) for p in files for i in range(len(Path(p).parts) - 1)})
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for d in ("bin",):
+        for d in dirs:
             info = tarfile.TarInfo(d)
             info.type = tarfile.DIRTYPE
             info.mode = 0o755
             tar.addfile(info)
-        data = daemon_script(name, version, broken).encode()
-        info = tarfile.TarInfo(f"bin/{name}")
-        info.size = len(data)
-        info.mode = 0o755
-        tar.addfile(info, io.BytesIO(data))
+        for path, (data, mode) in sorted(files.items()):
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mode = mode
+            tar.addfile(info, io.BytesIO(data))
     import gzip
 
     return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def node_agent_tarball(version: str, broken: bool = False) -> bytes:
+    """The node-agent release `version` built from this repository's `nodeagent` package."""
+    if broken:
+        return _tarball({"bin/node-agent": (BROKEN_LAUNCHER.format(version=version).encode(), 0o755)})
+    package = Path(nodeagent.__file__).parent
+    files = {
+        "bin/node-agent": (NODE_AGENT_LAUNCHER.format(version=version).encode(), 0o755),
+        "lib/node-agent.py": (NODE_AGENT_MAIN.encode(), 0o644),
+    }
+    for src in sorted(package.glob("*.py")):
+        text = src.read_text()
+        if src.name == "__init__.py":
+            stamped = re.sub(r'(?m)^__version__ = ".*"$', f"__version__ = {version!r}", text)
+            if stamped == text:
+                raise RuntimeError(f"{src} has no __version__ line to stamp")
+            text = stamped
+        files[f"lib/nodeagent/{src.name}"] = (text.encode(), 0o644)
+    return _tarball(files)
+
+
+def agent_tarball(name: str, version: str, broken: bool = False) -> bytes:
+    """The release tarball of agent `name`: the real node-agent, a stand-in daemon for the others."""
+    if name == "node-agent":
+        return node_agent_tarball(version, broken)
+    return _tarball({f"bin/{name}": (daemon_script(name, version, broken).encode(), 0o755)})
 
 
 def publish(

@@ -1,13 +1,15 @@
 """`make demo [GPU_MODE=container]`: the whole provider flow on one machine, nothing on it touched.
 
-A reference control plane on loopback (its own CA, SQLite, stand-in agent artifacts signed with its
-own key), a provider org and a one-time token minted with its admin CLI, and an example HGX H100 host
-tree whose GPUs are still on the nvidia driver with the IOMMU off. The real installer CLI runs against
-the tree twice, as a provider would run the one-liner: the first run configures passthrough and ends
-in "reboot required"; the tree is rebooted (the kernel starts with the new command line, the udev rule
-hands the GPUs to vfio-pci); the second run enrolls, installs and starts the agents (real processes)
-and ends with the doctor's verdict. The control plane and the agents are stopped at the end, also on
-failure; the tree, logs and state stay for you to look at.
+A reference control plane on loopback (its own CA, SQLite, the agent artifacts signed with its own key:
+node-agent built from this repository, stand-ins for nebula and nomad), a provider org and a one-time
+token minted with its admin CLI, and an example HGX H100 host tree whose GPUs are still on the nvidia
+driver with the IOMMU off. The real installer CLI runs against the tree twice, as a provider would run
+the one-liner: the first run configures passthrough and ends in "reboot required"; the tree is rebooted
+(the kernel starts with the new command line, the udev rule hands the GPUs to vfio-pci); the second run
+enrolls, installs and starts the agents (real processes) and ends with the doctor's verdict and the
+control plane's own view of the node: what the node-agent's heartbeat got advertised. The control plane
+and the agents are stopped at the end, also on failure; the tree, logs, the control plane's database and
+state dir stay for you to look at (in VECTORLAY_DEMO_DIR when set).
 
 With `--gpu-mode container` (`make demo GPU_MODE=container`) the node is a container-GPU one: the
 same HGX with docker and the NVIDIA Container Toolkit installed, the GPUs left on the nvidia driver
@@ -119,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     art_dir = workdir / "artifacts"
     built = publish_agents(art_dir)
     say(
-        "Reference control plane on loopback, serving stand-in agents: "
-        + ", ".join(f"{a.name} {a.version}" for a in built)
+        "Reference control plane on loopback, serving the agents: "
+        + ", ".join(
+            f"{a.name} {a.version} ({'built from this repository' if a.name == 'node-agent' else 'stand-in'})"
+            for a in built
+        )
     )
     if container:
         version, tarball, where = runsc_artifact()
@@ -205,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         doctor_env = {k: v for k, v in tree_env.items() if k != "VECTORLAY_TOKEN"}
         code = run([str(bindir / "vectorlay-node-doctor"), "--root", str(root)], doctor_env)
 
+        say("The control plane's view: GET /v1/orgs/acme-gpus/provider/nodes (API key)")
+        for line in control_plane_view(cp, "acme-gpus"):
+            print(line)
+
         say(f"Done in {time.monotonic() - started:.1f}s. Where to look:")
         for what, path in (
             ("the host tree", root),
@@ -219,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                 else [("kernel command line", root / "boot/grub/grub.cfg")]
             ),
             ("control plane log", cp.log_path),
+            ("control plane db", cp.db_path),
+            ("control plane state", cp.state_dir),
+            ("agent status", root / "run/vectorlay/node-agent/status.json"),
+            ("agent log", root / "run/hostsim/systemd/node-agent.service.log"),
         ):
             print(f"  {what:<20} {path}")
         return code
@@ -226,6 +239,29 @@ def main(argv: list[str] | None = None) -> int:
         stop_agents(root)
         testing.stop(cp)
         print("  (control plane and agents stopped)")
+
+
+def control_plane_view(cp: Any, org: str) -> list[str]:
+    """One line per node of the org, as the control plane's provider listing has it."""
+    import requests
+
+    key = cp.api_key(org)
+    r = requests.get(
+        f"{cp.url}/v1/orgs/{org}/provider/nodes",
+        headers={"Authorization": f"Bearer {key}"},
+        verify=str(cp.ca_file),
+        timeout=30,
+    )
+    if r.status_code != 200:
+        return [f"control plane: the listing answered {r.status_code}"]
+    lines = []
+    for n in r.json()["nodes"]:
+        units = n["gpu_units"]["advertised"]
+        line = f"control plane: {n['node_id']} {n['status']}, {units} GPU unit(s) advertised"
+        if n["reason"]:
+            line += f" ({n['reason']})"
+        lines.append(line)
+    return lines or ["control plane: no nodes"]
 
 
 def stop_agents(root: Path) -> None:

@@ -17,6 +17,10 @@ Exit codes and messages follow systemd 252 (Debian 12).
 vectorlay-vfio-bind.service run the real bind code) and, with `spawn=True`, real daemons: starting a
 service whose ExecStart binary exists in the tree runs it (with VECTORLAY_ROOT pointing at the tree),
 `is-active` asks whether that process still lives, `stop` and `kill --signal=` signal it.
+A spawned daemon is told its root on its command line (`--root <tree>`, appended to ExecStart; the
+stand-ins also find it in VECTORLAY_ROOT, which marks the processes started for a tree), and runs
+on the Python of this simulation as the node's /opt/vectorlay/venv when the tree has none of its own
+(install.sh builds it on a real node).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,11 +83,12 @@ class Systemd:
         if exec_start is None or not host.path(exec_start[0]).exists():
             return None
         self.stop(host, unit)
+        _provide_venv(host)
         log = host.path(f"{STATE_DIR}/{unit}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [str(host.path(exec_start[0])), *exec_start[1:]],
+                [str(host.path(exec_start[0])), *exec_start[1:], "--root", str(host.root)],
                 env={**os.environ, "VECTORLAY_ROOT": str(host.root)},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -113,6 +119,17 @@ class Systemd:
         for f in sorted(state_dir.iterdir()) if state_dir.is_dir() else []:
             if not f.name.endswith(".log"):
                 self.stop(host, f.name)
+
+
+VENV = "/opt/vectorlay/venv"
+
+
+def _provide_venv(host: Host) -> None:
+    venv = host.path(VENV, follow=False)
+    if venv.exists() or venv.is_symlink():
+        return
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(sys.prefix, venv)
 
 
 def _exec_start(host: Host, unit: str) -> list[str] | None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,29 @@ def test_file_values_then_environment_overrides(tmp_path: Path) -> None:
     assert (s.autoupdate, s.gpu_mode) == (True, "none")
 
 
+def test_heartbeat_interval_and_thresholds_from_the_file_then_the_environment(tmp_path: Path) -> None:
+    host = _host(tmp_path, "advertise_interval: 30\nthresholds: {cpu_percent: 80, memory_percent: 70}\n")
+    s = load_settings(host, env={})
+    assert (s.advertise_interval, s.thresholds) == (
+        30,
+        {"cpu_percent": 80.0, "memory_percent": 70.0, "disk_percent": 90.0},
+    )
+    s = load_settings(
+        host,
+        env={
+            "VECTORLAY_ADVERTISE_INTERVAL": "5",
+            "VECTORLAY_DISK_THRESHOLD": "50",
+            "VECTORLAY_CPU_THRESHOLD": "60",
+        },
+    )
+    assert (s.advertise_interval, s.thresholds) == (
+        5,
+        {"cpu_percent": 60.0, "memory_percent": 70.0, "disk_percent": 50.0},
+    )
+    assert Settings().advertise_interval == 240
+    assert Settings().thresholds == {"cpu_percent": 90.0, "memory_percent": 85.0, "disk_percent": 90.0}
+
+
 @pytest.mark.parametrize(
     ("text", "env", "fragment"),
     [
@@ -47,6 +71,13 @@ def test_file_values_then_environment_overrides(tmp_path: Path) -> None:
         ("gpu_mode: vgpu\n", {}, "not a GPU mode"),
         ("extra_gpu_vendor_ids: ['80866']\n", {}, "not a 4-digit hex ID"),
         ("", {"NODE_AGENT_AUTOUPDATE": "maybe"}, "not a boolean"),
+        ("advertise_interval: 0\n", {}, "not a heartbeat interval"),
+        ("advertise_interval: soon\n", {}, "not a heartbeat interval"),
+        ("", {"VECTORLAY_ADVERTISE_INTERVAL": "86400"}, "not a heartbeat interval"),
+        ("thresholds: {gpu_percent: 50}\n", {}, "thresholds must map"),
+        ("thresholds: 90\n", {}, "thresholds must map"),
+        ("thresholds: {memory_percent: 0}\n", {}, "not a percentage"),
+        ("", {"VECTORLAY_CPU_THRESHOLD": "150"}, "not a percentage"),
     ],
 )
 def test_bad_settings_get_a_clear_error(
@@ -63,10 +94,11 @@ def test_bad_settings_get_a_clear_error(
         {},
         {"extra_gpu_vendor_ids": ("1234",)},
         {"extra_gpu_vendor_ids": ("8086", "1234"), "extra_nvswitch_device_ids": ("2324",)},
+        {"advertise_interval": 60, "cpu_threshold": 75.5, "memory_threshold": 70.0, "disk_threshold": 80.0},
     ],
 )
 def test_the_node_yaml_the_installer_writes_reads_back_as_the_same_settings(
-    tmp_path: Path, extras: dict[str, tuple[str, ...]]
+    tmp_path: Path, extras: dict[str, Any]
 ) -> None:
     from bootstrap.settings import settings_yaml
 

@@ -26,6 +26,9 @@ def test_wheel_contains_packages_templates_and_units_but_not_hostsim(wheel: Path
     names = zipfile.ZipFile(wheel).namelist()
     assert "bootstrap/cli.py" in names and "doctor/cli.py" in names
     assert "bootstrap/_data/templates/grub-iommu.cfg.j2" in names
+    assert "nodeagent/cli.py" in names and "nodeagent/agent.py" in names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "vectorlay-node-agent = nodeagent.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     assert any(n.startswith("bootstrap/_data/units/") for n in names)
     assert not any(n.startswith(("hostsim/", "tests/")) for n in names)
 

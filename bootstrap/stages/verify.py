@@ -3,6 +3,10 @@
 The checks run for the GPU mode this run installed (`--gpu-mode` included), not the one the
 settings held when the run started: on a first run those are still empty, and the doctor would
 judge a container-mode node by passthrough's IOMMU groups.
+
+Before them, the node reports to the control plane once (what `vectorlay-node-agent --once` does):
+the running agent's next heartbeat may be minutes away, and a node this run re-enrolled must not be
+shown what the control plane said of its previous identity (removed, say).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ def run(ctx: Context) -> StageResult:
     if ctx.plan_only:
         ctx.out("verify: the doctor's checks run after a real install")
         return StageResult(Outcome.PLANNED, "not run in plan mode")
+    _report_to_control_plane(ctx)
     report = run_checks(ctx.host, replace(ctx.settings, gpu_mode=gpu_mode_of(ctx)))
     ctx.report = report
     for line in render_text(report).rstrip("\n").splitlines():
@@ -40,3 +45,18 @@ def run(ctx: Context) -> StageResult:
     if any(r.status is Status.FAIL for r in report.results):
         verdict += " (failed checks ignored on request: " + ", ".join(sorted(ctx.ignored_checks)) + ")"
     return StageResult(Outcome.OK, verdict)
+
+
+def _report_to_control_plane(ctx: Context) -> None:
+    from bootstrap.identity import IDENTITY_DIR
+    from nodeagent.agent import Agent, HeartbeatError, describe
+
+    if not ctx.host.path(IDENTITY_DIR).exists():
+        return
+    agent = Agent(ctx.host)
+    try:
+        ctx.out(f"node-agent: heartbeat: {describe(agent.heartbeat())}")
+    except HeartbeatError as e:
+        ctx.out(f"node-agent: heartbeat not delivered: {e.message}")
+    finally:
+        agent.close()

@@ -1,5 +1,6 @@
-"""Upgrades against real stand-in daemons started by the systemd simulator: drain, switch, health
-check, roll back a version that does not come up."""
+"""Upgrades against real daemons started by the systemd simulator (the real node-agent built from
+this repository, stand-ins for nebula and nomad): drain, switch, health check, roll back a version
+that does not come up."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def test_first_install_starts_the_agent_and_it_answers_its_health_probe(
     assert report.ok and report.upgraded == {"node-agent": (None, "1.0.0")}
     assert active_state(host, "node-agent.service") == "active"
     assert (probe(host, "node-agent") or "").startswith("ok node-agent 1.0.0")
+    log = host.path("/run/hostsim/systemd/node-agent.service.log").read_text()
+    assert "vectorlay-node-agent 1.0.0 started" in log and "Traceback" not in log
 
 
 def test_an_upgrade_drains_the_old_agent_then_runs_the_new_one(
@@ -75,6 +78,9 @@ def test_an_upgrade_drains_the_old_agent_then_runs_the_new_one(
     assert ("systemctl", "kill", "--signal=SIGUSR1", "node-agent.service") in host.runner.commands  # type: ignore[attr-defined]
     assert (probe(host, "node-agent") or "").startswith("ok node-agent 1.1.0")
     assert artifacts.previous_version(host, "node-agent") == "1.0.0"
+    log = host.path("/run/hostsim/systemd/node-agent.service.log").read_text()
+    # The old agent drained (not enrolled: no heartbeat to send) and stopped cleanly on SIGTERM.
+    assert log.index("INFO drained") < log.index("INFO stopped") < log.index("node-agent 1.1.0 started")
 
 
 def test_a_new_version_that_fails_its_health_check_is_rolled_back_and_the_old_one_runs_again(

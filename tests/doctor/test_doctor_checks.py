@@ -42,6 +42,7 @@ def test_hgx_h100_bound_to_vfio_with_running_agents_passes_with_8_of_8_units(
         "memory": Status.PASS,
         "identity": Status.SKIP,
         "overlay": Status.SKIP,
+        "control_plane": Status.SKIP,
     }
     assert report.verdict is Status.PASS and report.exit_code == 0
     assert (report.units_ready, report.units_total) == (8, 8)
@@ -393,7 +394,7 @@ def test_container_mode_checks_the_nvidia_driver_and_runsc_instead_of_vfio(
 
     assert [r.name for r in report.results] == [
         "agents", "autoupdate", "kvm", "iommu", "gpu_units", "nvidia_driver", "runsc",
-        "wedged", "disk", "memory", "identity", "overlay",
+        "wedged", "disk", "memory", "identity", "overlay", "control_plane",
     ]  # fmt: skip
     assert report.mode == "container"
     assert report.get("iommu").status is Status.SKIP

@@ -80,6 +80,12 @@ def test_json_is_exactly_the_design_contract_for_a_healthy_hgx(
                 "message": "not enrolled (no overlay IP yet)",
                 "hint": None,
             },
+            {
+                "name": "control_plane",
+                "status": "SKIP",
+                "message": "not enrolled: nothing to report to the control plane",
+                "hint": None,
+            },
         ],
         "gpu_units": {"ready": 8, "total": 8},
     }
@@ -101,7 +107,7 @@ def test_json_of_a_failing_node_carries_hints_and_the_fail_verdict(sim_host: Mak
 def test_terminal_lines_are_aligned_and_end_with_the_verdict(sim_host: Make) -> None:
     text = render_text(run_checks(sim_host("gpu-shares-nic"), env={}))
     status_lines = [ln for ln in text.splitlines() if re.search(r" : (PASS|WARN|FAIL|SKIP)\b", ln)]
-    assert len(status_lines) == 10
+    assert len(status_lines) == 11
     assert len({ln.index(" : ") for ln in status_lines}) == 1
     assert "\033[" not in text
     assert text.splitlines()[-1] == "Verdict: FAIL (1 check(s) failed: agents)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,12 @@ def test_the_demo_reboots_once_then_enrolls_and_ends_with_eight_of_eight(tmp_pat
         assert "doctor: PASS, 8/8 GPU unit(s) ready" in run2
         assert run2.count("8/8 GPU unit(s) ready to rent") == 2  # verify, then the doctor on its own
         assert "Verdict: PASS" in out[out.index("==> The doctor") :]
+        view = out[out.index("==> The control plane's view") :]
+        assert re.search(r"^control plane: node_[0-9a-f]+ active, 8 GPU unit\(s\) advertised$", view, re.M)
+        # VECTORLAY_DEMO_DIR keeps the control plane's database and state dir.
+        assert (workdir / "control-plane/cp.sqlite").is_file() and (
+            workdir / "control-plane/state/ca.crt"
+        ).is_file()
         assert "vtk_" not in out.replace("vtk_...", "")
         assert _processes_under(workdir / "host") == []
         assert (workdir / "host/var/log/vectorlay/bootstrap.log").is_file()

@@ -1,0 +1,85 @@
+"""`vectorlay-node-agent [--config FILE] [--root DIR] [--once]`: the service, or one heartbeat.
+
+Logs go to stderr, which is the journal under systemd. Errors are one line each, never a traceback,
+and never carry the node token: it only ever travels in the Authorization header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from nodeagent import __version__
+
+DESCRIPTION = (
+    "vectorlay's node agent: every advertise_interval (node.yaml) it runs the doctor's checks and "
+    "sends the verdict, the node's load and its agents' versions to the control plane, which "
+    "advertises the node's GPU units only while that heartbeat is fresh and healthy. SIGUSR1 drains "
+    "it (the control plane stops advertising the node), SIGTERM stops it."
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vectorlay-node-agent", description=DESCRIPTION)
+    p.add_argument(
+        "--config",
+        default="/etc/vectorlay/node-agent.yaml",
+        metavar="FILE",
+        help="the agent's config, written by the installer (a path on the node, under --root)",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        metavar="DIR",
+        help="host root; anything but / reads only inside it and runs no command on this machine",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="send one heartbeat now, print the answer and exit (non-zero when it was not delivered)",
+    )
+    p.add_argument("--version", action="version", version=f"node-agent {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
+    from bootstrap.errors import VectorlayError, exit_with
+
+    try:
+        if not args.root.is_dir():
+            raise VectorlayError(f"--root {args.root} is not a directory")
+        if not args.config.startswith("/"):
+            raise VectorlayError(f"--config {args.config} must be an absolute path on the node")
+        from bootstrap.host import Host
+        from nodeagent.agent import Agent, Daemon, HeartbeatError, describe
+
+        agent = Agent(Host(args.root), args.config)
+        if args.once:
+            try:
+                status = agent.heartbeat()
+            except HeartbeatError as e:
+                print(f"error: heartbeat not delivered: {e.message}", file=sys.stderr)
+                if e.hint:
+                    print(f"  fix: {e.hint}", file=sys.stderr)
+                sys.exit(1)
+            finally:
+                agent.close()
+            print(f"heartbeat: {describe(status)}")
+            sys.exit(0)
+        sys.exit(Daemon(agent).run())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except VectorlayError as e:
+        exit_with(e)
+    except Exception as e:  # an agent reports its own bug in one line; systemd restarts it
+        print(f"error: node-agent crashed: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

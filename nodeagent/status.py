@@ -1,0 +1,55 @@
+"""status.json: the control plane's last answer, as the agent got it, for the doctor and operators.
+
+Written atomically after every attempt: the fields of the last delivered heartbeat stay until the
+next one is delivered, and `last_error` says why the latest attempt failed (null when it did not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from typing import Any
+
+from bootstrap.host import Host
+
+STATUS_PATH = "/run/vectorlay/node-agent/status.json"
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_iso(s: str) -> float:
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def read_status(host: Host) -> dict[str, Any] | None:
+    """The last status written, None when there is none (or it is not a JSON object)."""
+    try:
+        data = json.loads(host.path(STATUS_PATH).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_status(host: Host, status: dict[str, Any]) -> None:
+    """Temp file in the same directory, fsync, rename. Not through bootstrap.fsutil.atomic_write:
+    this is runtime state in /run, not part of what an install run changes (nor one of its kill
+    points)."""
+    path = host.path(STATUS_PATH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.json.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

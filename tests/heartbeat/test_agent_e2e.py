@@ -1,0 +1,338 @@
+"""The real node-agent (the artifact built from this repository, installed by the real installer and
+run as a real process) against the real control plane: what the control plane's listing advertises
+follows the node's health, load, draining and status, and a bad control plane never kills the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import requests
+
+from bootstrap.host import Host
+from bootstrap.identity import IDENTITY_DIR, load_identity
+from bootstrap.update import probe
+from controlplane import testing
+from hostsim import build_host, load_topology
+from nodeagent.status import STATUS_PATH
+from tests.install.helpers import FAST, SIMULATOR, gpus_on_vfio, install, installed_demo_node
+
+AGENT_BIN = "/opt/vectorlay/releases/node-agent/current/bin/node-agent"
+DAEMON_LOG = "run/hostsim/systemd/node-agent.service.log"
+
+
+def agent_once(root: Path) -> subprocess.CompletedProcess[str]:
+    """`node-agent --once` as installed in the tree: the release's launcher, code and the node's venv."""
+    return subprocess.run(
+        [str(root / AGENT_BIN.lstrip("/")), "--once", "--root", str(root)],
+        env={**os.environ, "VECTORLAY_TREE_SIMULATOR": SIMULATOR},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def nodes(cp: testing.RunningControlPlane, key: str) -> dict[str, dict[str, Any]]:
+    r = requests.get(
+        f"{cp.url}/v1/orgs/acme/provider/nodes",
+        headers={"Authorization": f"Bearer {key}"},
+        verify=str(cp.ca_file),
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    return {n["node_id"]: n for n in r.json()["nodes"]}
+
+
+def doctor(root: Path) -> dict[str, Any]:
+    res = subprocess.run(
+        [sys.executable, "-m", "doctor.cli", "--root", str(root), "--json"],
+        env={**os.environ, "VECTORLAY_TREE_SIMULATOR": SIMULATOR},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    data = json.loads(res.stdout)
+    return {c["name"]: c for c in data["checks"]}
+
+
+def node_id(root: Path) -> str:
+    ident = load_identity(Host(root))
+    assert ident is not None
+    return ident.node_id
+
+
+def status(root: Path) -> dict[str, Any]:
+    return dict(json.loads((root / STATUS_PATH.lstrip("/")).read_text()))
+
+
+def daemon_pid(root: Path) -> int:
+    words = (root / "run/hostsim/systemd/node-agent.service").read_text().split()
+    return int(words[1])
+
+
+def wait_for(what: str, cond: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def short_base() -> Iterator[Path]:
+    # Unix socket paths stop at 108 bytes: the agents' health sockets live under the tree.
+    base = Path(tempfile.mkdtemp(prefix="vla", dir="/tmp"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _gpu_config(root: Path) -> Path:
+    devices = root / "sys/bus/pci/devices"
+    for dev in sorted(devices.iterdir()):
+        if (dev / "vendor").read_text().strip() == "0x10de" and (dev / "class").read_text().startswith(
+            "0x0302"
+        ):
+            return dev / "config"
+    raise AssertionError("no GPU in the tree")
+
+
+def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_and_clock() -> None:
+    with short_base() as base, installed_demo_node(base) as (cp, root, _token):
+        key = cp.api_key("acme")
+        me = node_id(root)
+
+        # First heartbeats (the running agent's, and the installer's own): all 8 ready units advertised.
+        seen = nodes(cp, key)[me]
+        assert seen["status"] == "active" and seen["verdict"] == "PASS" and seen["reason"] is None
+        assert seen["gpu_units"] == {"ready": 8, "total": 8, "enrolled": 8, "advertised": 8}
+        assert seen["agents"] == {"nebula": "1.0.0", "nomad": "1.0.0", "node-agent": "1.0.0"}
+        assert set(seen["resources"]) >= {"cpu_percent", "memory_percent", "disk_percent"}
+        log = (root / DAEMON_LOG).read_text()
+        assert "vectorlay-node-agent 1.0.0 started" in log
+        assert "heartbeat: active, 8 GPU unit(s) advertised" in log
+        once = agent_once(root)
+        assert once.returncode == 0, once.stderr
+        assert once.stdout == "heartbeat: active, 8 GPU unit(s) advertised\n"
+        assert status(root)["status"] == "active" and status(root)["advertised_units"] == 8
+        check = doctor(root)["control_plane"]
+        assert check["status"] == "PASS" and check["message"].startswith(
+            "8 GPU unit(s) advertised (heartbeat "
+        )
+
+        # A GPU falls off the bus: the doctor says FAIL and nothing is advertised.
+        config = _gpu_config(root)
+        healthy = config.read_bytes()
+        config.write_bytes(b"\xff" * len(healthy))
+        once = agent_once(root)
+        assert (
+            once.returncode == 0
+            and once.stdout == "heartbeat: active, 0 GPU unit(s) advertised (verdict FAIL)\n"
+        )
+        seen = nodes(cp, key)[me]
+        assert (
+            seen["verdict"] == "FAIL"
+            and seen["gpu_units"]["advertised"] == 0
+            and seen["reason"] == "verdict FAIL"
+        )
+        config.write_bytes(healthy)
+
+        # Memory at 90%: over the 85% threshold.
+        meminfo = root / "proc/meminfo"
+        original = meminfo.read_text()
+        total_kb = int(original.split()[1])
+        lines = [
+            f"MemAvailable:   {total_kb // 10} kB" if ln.startswith("MemAvailable:") else ln
+            for ln in original.splitlines()
+        ]
+        meminfo.write_text("\n".join(lines) + "\n")
+        assert agent_once(root).returncode == 0
+        seen = nodes(cp, key)[me]
+        assert seen["resources"]["memory_percent"] == 90.0
+        assert seen["gpu_units"]["advertised"] == 0 and seen["reason"] == "memory 90% over 85%"
+        meminfo.write_text(original)
+        assert agent_once(root).stdout == "heartbeat: active, 8 GPU unit(s) advertised\n"
+
+        # The same box speaking with the identity of a node that enrolled without GPUs: capped at 0.
+        small = build_host(base / "small", load_topology("cpu-only"))
+        assert cp.enroll(small, "acme", gpu_mode="none").returncode == 0
+        link = root / IDENTITY_DIR.lstrip("/")
+        own = os.readlink(link)
+        borrowed = Path(os.readlink(small / IDENTITY_DIR.lstrip("/"))).name
+        shutil.copytree(small / "etc/vectorlay" / borrowed, link.parent / borrowed, symlinks=True)
+        link.unlink()
+        os.symlink(borrowed, link)
+        once = agent_once(root)
+        capped = "capped at the enrolled hardware (0 GPU unit(s))"
+        assert once.stdout == f"heartbeat: active, 0 GPU unit(s) advertised ({capped})\n"
+        seen = nodes(cp, key)[node_id(small)]
+        assert seen["gpu_units"] == {"ready": 8, "total": 8, "enrolled": 0, "advertised": 0}
+        link.unlink()
+        os.symlink(own, link)
+
+        # SIGUSR1 (what `vectorlay-bootstrap update` sends): the agent says draining, then drained.
+        drained = root / "run/vectorlay-node-agent/drained"
+        os.kill(daemon_pid(root), signal.SIGUSR1)
+        wait_for("the drained file", drained.exists)
+        assert (probe(Host(root), "node-agent") or "").startswith("drained node-agent 1.0.0")
+        seen = nodes(cp, key)[me]
+        assert (
+            seen["draining"] is True and seen["gpu_units"]["advertised"] == 0 and seen["reason"] == "draining"
+        )
+        log = (root / DAEMON_LOG).read_text()
+        assert "heartbeat: active, 0 GPU unit(s) advertised (draining)" in log and "INFO drained" in log
+        assert "Traceback" not in log
+
+        # No heartbeat for three intervals, by the control plane's clock: nothing advertised.
+        testing.stop(cp)
+        later = testing.start(
+            cp.db_path.parent, args=("--artifacts", str(base / "artifacts")),
+            env={"VECTORLAY_CP_CLOCK_OFFSET": str(3 * 240 + 60)},
+        )  # fmt: skip
+        try:
+            seen = nodes(later, key)[me]
+            assert seen["gpu_units"]["advertised"] == 0 and seen["reason"].startswith("stale heartbeat (")
+        finally:
+            testing.stop(later)
+
+
+def test_a_decommissioned_node_hears_removed_stays_removed_and_comes_back_with_a_new_token() -> None:
+    with short_base() as base, installed_demo_node(base) as (cp, root, _token):
+        key = cp.api_key("acme")
+        me = node_id(root)
+        r = requests.patch(
+            f"{cp.url}/v1/orgs/acme/provider/nodes/{me}",
+            json={"status": "removed"},
+            headers={"Authorization": f"Bearer {key}"},
+            verify=str(cp.ca_file),
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+
+        once = agent_once(root)
+        assert once.returncode == 0, once.stderr
+        assert "the control plane says this node was removed" in once.stdout
+        assert status(root)["status"] == "removed" and status(root)["advertised_units"] == 0
+        check = doctor(root)["control_plane"]
+        assert check["status"] == "FAIL"
+        assert check["hint"] == "re-run the install one-liner with a new token to bring it back"
+        for _ in range(2):
+            assert agent_once(root).returncode == 0
+        seen = nodes(cp, key)[me]
+        assert (
+            seen["status"] == "removed"
+            and seen["gpu_units"]["advertised"] == 0
+            and seen["reason"] == "removed"
+        )
+
+        # The one-liner again, with a new token: the same node, active and advertised again.
+        again = install(root, cp=cp, token=cp.token("acme"), env=FAST)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+        assert "node-agent: heartbeat: active, 8 GPU unit(s) advertised" in again.stdout
+        seen = nodes(cp, key)[me]
+        assert seen["status"] == "active" and seen["gpu_units"]["advertised"] == 8 and seen["reason"] is None
+        assert status(root)["status"] == "active"
+        assert doctor(root)["control_plane"]["status"] == "PASS"
+
+
+class _BadControlPlane(http.server.BaseHTTPRequestHandler):
+    """Answers each heartbeat with the next of a list of bad answers."""
+
+    answers: ClassVar[list[str]] = []
+    served: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        kind = self.answers[len(self.served) % len(self.answers)]
+        self.served.append(kind)
+        if kind == "hang up":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        status, ctype, body = {
+            "html": (200, "text/html", b"<html><body>Welcome to nginx!</body></html>"),
+            "500": (500, "application/json", b'{"error": {"code": "INTERNAL", "message": "internal error"}}'),
+            "garbage json": (200, "application/json", b'{"status": "maybe", "advertised_units": "lots"'),
+            "wrong json": (200, "application/json", b"[1, 2, 3]"),
+        }[kind]
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_html_500_garbage_json_or_no_answer_never_kill_the_agent_and_it_backs_off(
+    control_plane: testing.RunningControlPlane,
+) -> None:
+    control_plane.org("acme")
+    with short_base() as base:
+        desc = load_topology("hgx-h100")
+        gpus_on_vfio(desc)
+        root = build_host(base / "r", desc)
+        assert control_plane.enroll(root, "acme", gpu_mode="passthrough").returncode == 0
+        token = load_identity(Host(root)).node_token()  # type: ignore[union-attr]
+
+        _BadControlPlane.answers = ["html", "500", "garbage json", "wrong json", "hang up"]
+        _BadControlPlane.served = []
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadControlPlane)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        state = control_plane.state_dir
+        tls.load_cert_chain(str(state / "server.crt"), str(state / "server.key"))
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        config = root / "etc/vectorlay/node-agent.yaml"
+        config.write_text(f"api: https://127.0.0.1:{server.server_address[1]}\n")
+
+        log_path = base / "agent.log"
+        with log_path.open("wb") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "nodeagent", "--root", str(root)],
+                env={**os.environ, "VECTORLAY_ADVERTISE_INTERVAL": "1"},
+                stdout=log,
+                stderr=log,
+            )
+        try:
+            wait_for("every bad answer twice", lambda: len(_BadControlPlane.served) >= 10, timeout=90)
+            # Then no answer at all: nothing listens there any more.
+            server.shutdown()
+            server.server_close()
+            refused = log_path.read_text().count("could not reach")
+            wait_for(
+                "a refused connection", lambda: log_path.read_text().count("could not reach") > refused + 1
+            )
+            assert agent.poll() is None, "the agent died"
+            assert (probe(Host(root), "node-agent") or "").startswith("ok node-agent")
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            code = agent.wait(timeout=15)
+        text = log_path.read_text()
+        assert code == 0, text
+        assert "Traceback" not in text and token not in text
+        assert "returned 200 without a JSON body" in text  # html and the truncated JSON
+        assert "returned 500" in text
+        assert "not one this agent understands" in text  # JSON of the wrong shape
+        assert "could not reach" in text  # hung up, then refused
+        assert text.count("heartbeat not delivered") >= 10
+        assert "next attempt in" in text and text.rstrip().endswith("INFO stopped")
+        last = status(root)
+        assert last["last_error"] and "heartbeat_at" not in last
