@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bootstrap.host import CommandResult, Host, RecordingRunner
+from bootstrap.host import TREE_SIMULATOR_ENV, CommandResult, Host, RecordingRunner
 
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 STATE_DIR = "/run/hostsim/systemd"
@@ -84,12 +84,13 @@ class Systemd:
             return None
         self.stop(host, unit)
         _provide_venv(host)
+        env = _service_env(host)
         log = host.path(f"{STATE_DIR}/{unit}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [str(host.path(exec_start[0])), *exec_start[1:], "--root", str(host.root)],
-                env={**os.environ, "VECTORLAY_ROOT": str(host.root)},
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -130,6 +131,18 @@ def _provide_venv(host: Host) -> None:
         return
     venv.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(sys.prefix, venv)
+
+
+def _service_env(host: Host) -> dict[str, str]:
+    """The environment a service starts with. The agents' Python runs with -E (no PYTHONPATH), so
+    the simulator is handed on only when hostsim is importable without it (the test suite's own venv);
+    in a venv install.sh built, the service runs as on a box, with no simulator behind its commands."""
+    env = {**os.environ, "VECTORLAY_ROOT": str(host.root)}
+    here = str(Path(__file__).resolve().parents[1])
+    from_env = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    if os.path.realpath(here) in from_env:
+        env.pop(TREE_SIMULATOR_ENV, None)
+    return env
 
 
 def _exec_start(host: Host, unit: str) -> list[str] | None:
