@@ -4,6 +4,7 @@ key against Nomad's documented agent configuration; the `hcl` filter that quotes
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -319,7 +320,11 @@ def test_a_disk_path_with_a_newline_and_a_quote_stays_one_string_in_the_one_plug
     make_host: Callable[..., Host], tmp_path: Path
 ) -> None:
     host = make_host("cpu-only")
-    settings = load_settings(host, env={"VECTORLAY_DISK_PATH": HOSTILE_DISK_PATH})
+    # The settings refuse such a path; the quoting must hold on its own all the same (a value can
+    # reach the template by other ways than the settings' validation), so it is set directly here.
+    with pytest.raises(VectorlayError, match="VECTORLAY_DISK_PATH contains a control character"):
+        load_settings(host, env={"VECTORLAY_DISK_PATH": HOSTILE_DISK_PATH})
+    settings = dataclasses.replace(load_settings(host, env={}), disk_path=HOSTILE_DISK_PATH)
     assert settings.disk_path == HOSTILE_DISK_PATH
     text = render_nomad_config(host, _write_identity(tmp_path, ENROLLMENT_NOMAD), "passthrough", settings)
     parsed = parse_hcl(text)

@@ -4,6 +4,7 @@ golang-github-hashicorp-hcl-dev: it must read every value exactly as HCL 2 (pyth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.settings import load_settings
 from bootstrap.templating import hcl_string
@@ -96,7 +98,11 @@ def test_hcl1_reads_a_hostile_disk_path_and_enrollment_as_plain_strings(
     host = make_host("cpu-only")
     evil = '"\n}\nplugin "raw_exec" { config { enabled = true } }\nx = "${'
     nomad = {**ENROLLMENT_NOMAD, "node_class": evil, "servers": [evil], "meta": {evil: "%{ if x }"}}
-    settings = load_settings(host, env={"VECTORLAY_DISK_PATH": HOSTILE_DISK_PATH})
+    # The settings refuse such a path; the quoting must hold on its own all the same (a value can
+    # reach the template by other ways than the settings' validation), so it is set directly here.
+    with pytest.raises(VectorlayError, match="VECTORLAY_DISK_PATH contains a control character"):
+        load_settings(host, env={"VECTORLAY_DISK_PATH": HOSTILE_DISK_PATH})
+    settings = dataclasses.replace(load_settings(host, env={}), disk_path=HOSTILE_DISK_PATH)
     text = render_nomad_config(host, _write_identity(tmp_path, nomad), "passthrough", settings)
     decoded = hcl1(text)
     assert _canon(decoded) == _canon(parse_hcl(text))

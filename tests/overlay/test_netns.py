@@ -1,10 +1,10 @@
-"""The real nebula over a real (namespaced) network: a lighthouse from `overlay-host`, nodes enrolled
-by the real `vectorlay-bootstrap enroll` against the real control plane, each in its own namespace.
+"""The real nebula over a real (namespaced) network: a lighthouse from `overlay-host`, nodes installed
+by the real `vectorlay-bootstrap install` against the real control plane, each in its own namespace.
 
 Underlay: namespaces joined by veth pairs to a bridge in a fifth namespace (192.0.2.0/24). Overlay:
 the lighthouse (group vectorlay-control) at 100.64.0.1, nodes A, B and C (group vectorlay-node) at
-the addresses the control plane gave them, with their own identity files and the config the agents
-stage renders from their enrollment (only the lighthouse's underlay address and the paths into each
+the addresses the control plane gave them, with their own identity files and the config the install
+run wrote (only the lighthouse's underlay address and the paths into each
 tree changed). What the firewall must hold: the lighthouse and each node reach each other; node B
 reaches neither node A's agent port nor node A itself, and node A reaches neither B's agent nor C.
 
@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +32,12 @@ import yaml
 from bootstrap.host import CommandResult, Host
 from bootstrap.identity import IDENTITY_DIR, load_identity
 from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
-from bootstrap.templating import render
 from controlplane import cli as cp_cli
 from doctor.checks import run_checks
 from doctor.model import Status
+from hostsim import build_host, load_topology
+from hostsim.agents import publish_agents
+from tests.install.helpers import FAST, install, stop_daemons
 
 NEBULA = shutil.which("nebula")
 IP = shutil.which("ip")
@@ -155,28 +158,28 @@ def _connects(net: Net, src: str, dst: str, port: int) -> bool:
     return net.exec(src, sys.executable, "-c", code, check=False).returncode == 0
 
 
-def _enrolled_node(
-    make_tree: Callable[..., Path], control_plane: Any, org: str, lighthouse_underlay: str
-) -> Path:
-    """A node tree enrolled by the real `vectorlay-bootstrap enroll` against the real control plane,
-    its nebula config rendered exactly as the agents stage renders it. Changed for the namespaces:
-    the lighthouse's underlay address, and the paths into the tree (nebula here runs outside it)."""
-    root = make_tree("cpu-only")
-    res = control_plane.enroll(root, org)
-    assert res.returncode == 0, res.stderr
-    ident = load_identity(Host(root))
-    assert ident is not None
-    text = render(
-        "nebula-config.yml.j2",
-        nebula=ident.enrollment()["nebula"],
-        identity_dir=IDENTITY_DIR,
-        tun_device=TUN_DEVICE,
-    )
-    config = yaml.safe_load(text)
+@pytest.fixture
+def short_base() -> Iterator[Path]:
+    # Short: the trees' agents put their health sockets under them, and socket paths stop at 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="vln", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _installed_node(base: Path, control_plane: Any, org: str, lighthouse_underlay: str) -> Path:
+    """A node tree installed by the real `vectorlay-bootstrap install` against the real control plane
+    (enrolled, artifacts fetched, agents stage run): its own rendered nebula config and identity
+    files. Changed for the namespaces, and nothing else: the lighthouse's underlay address, and the
+    paths into the tree (nebula here runs outside it, as a chroot would see them)."""
+    root = build_host(base / f"n{len(list(base.iterdir()))}", load_topology("cpu-only"))
+    res = install(root, cp=control_plane, token=control_plane.token(org), env=FAST)
+    stop_daemons(root)  # the tree's stand-in agents; the real nebula is started below
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    path = root / NEBULA_CONFIG.lstrip("/")
+    config = yaml.safe_load(path.read_text())
+    assert config["pki"]["cert"] == f"{IDENTITY_DIR}/nebula.crt"
     config["pki"] = {k: str(root / v.lstrip("/")) for k, v in config["pki"].items()}
     config["static_host_map"] = {ip: [f"{lighthouse_underlay}:4242"] for ip in config["static_host_map"]}
-    path = root / NEBULA_CONFIG.lstrip("/")
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return root
 
@@ -207,9 +210,11 @@ class NetnsRunner:
 
 
 def test_nodes_reach_the_lighthouse_and_only_the_control_group_reaches_a_node(
-    net: Net, tmp_path: Path, make_tree: Callable[..., Path], control_plane: Any
+    net: Net, tmp_path: Path, short_base: Path, start_control_plane: Callable[..., Any]
 ) -> None:
     assert NEBULA is not None
+    publish_agents(tmp_path / "artifacts")
+    control_plane = start_control_plane(args=("--artifacts", str(tmp_path / "artifacts")))
     state = control_plane.state_dir  # the lighthouse's identity comes from the same nebula CA
     lh_out = tmp_path / "lighthouse"
     with pytest.raises(SystemExit) as done:
@@ -227,7 +232,7 @@ def test_nodes_reach_the_lighthouse_and_only_the_control_group_reaches_a_node(
     overlay = {"lh": "100.64.0.1"}
     roots = {}
     for name in ("a", "b", "c"):
-        roots[name] = _enrolled_node(make_tree, control_plane, org, underlay["lh"])
+        roots[name] = _installed_node(short_base, control_plane, org, underlay["lh"])
         configs[name] = roots[name] / NEBULA_CONFIG.lstrip("/")
         ident = load_identity(Host(roots[name]))
         assert ident is not None

@@ -84,3 +84,23 @@ def test_an_exiting_harness_kills_its_qemu_process_group() -> None:
     finally:
         if _alive(qemu):
             os.kill(qemu, signal.SIGKILL)
+
+
+def test_a_console_that_stands_still_counts_as_a_stalled_boot_and_one_that_moves_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sys.path.insert(0, str(HERE))
+    from harness import _ConsoleWatch
+
+    monkeypatch.setattr(_ConsoleWatch, "STALL_SECONDS", 0.3)
+    log = tmp_path / "console.log"
+    log.write_text("[    7.959146] sched_clock: Marking stable\n")
+    watch = _ConsoleWatch(log)
+    for i in range(6):  # a talking kernel: a line every 0.1 s
+        time.sleep(0.1)
+        with open(log, "a") as f:
+            f.write(f"[    8.{i}] still booting\n")
+        assert not watch.stalled()
+    time.sleep(0.5)
+    assert watch.stalled()
+    assert watch.last_line().endswith("[    8.5] still booting")
