@@ -121,8 +121,11 @@ def corrupted(template: Path, changes: list[tuple[str, tuple[str, bytes]]]) -> I
         outside.mkdir()
         (outside / "sentinel").write_text("the machine's own file\n")
         for target, (kind, data) in changes:
-            p = Path(os.path.realpath(root / target.lstrip("/")))
-            assert p == root or root in p.parents
+            # The parent is resolved (sysfs device paths are links inside the tree), the last name is
+            # not: an earlier change may have made it a link out of the tree, which is replaced.
+            rel = root / target.lstrip("/")
+            p = Path(os.path.realpath(rel.parent)) / rel.name
+            assert root in p.parents
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             elif p.exists() or p.is_symlink():
