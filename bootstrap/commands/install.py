@@ -326,7 +326,7 @@ def run_install(
     if token_file is not None and str(token_file) != "-" and not token_file.is_file():
         raise UsageError(f"--token-file {token_file}: no such file")
     host = host or Host(root)
-    chosen, skipped = stages.select(only)
+    chosen = stages.select(only)
     settings = load_settings(host, repair=True)
     if api:
         settings = replace(settings, api=api)
@@ -368,8 +368,6 @@ def run_install(
             started = time.monotonic()
             names = ", ".join(s.name for s in chosen)
             log.info("install run started (pid %d, stages %s)", os.getpid(), names)
-            if skipped:
-                ctx.out("skipped (not implemented yet): " + ", ".join(s.name for s in skipped))
             for warning in settings.warnings:
                 ctx.out(f"warning: {warning}")
             ran = _run_stages(ctx, chosen, display)
