@@ -1,4 +1,4 @@
-"""Plan, then apply: the discipline every stage follows (DESIGN.md section 2).
+"""Plan, then apply: the discipline every stage follows (docs/contracts.md#stages-and-plans).
 
 A stage describes the host it wants as a list of changes (file content with mode and owner, symlink,
 removal, command). `compute` compares each with the tree and marks it `changed` or `ok`; rendering

@@ -4,7 +4,7 @@ One run at a time (an flock under /run/vectorlay/; a second run names the holder
 time, read from the kernel's /proc/locks so that taking the lock writes nothing). Everything the run
 says goes to /var/log/vectorlay/bootstrap.log as well, through a filter that redacts secrets. The
 run state is saved after every stage (written only when it changed), so a re-run of an installed node
-writes nothing but its log. Exit codes (DESIGN.md section 5): 0 done, 1 failed or blocked, 2 usage,
+writes nothing but its log. Exit codes (docs/contracts.md#exit-codes): 0 done, 1 failed or blocked, 2 usage,
 3 reboot required.
 """
 

@@ -1,4 +1,4 @@
-"""The installer's stages as data (DESIGN.md section 2), and what a stage receives and returns.
+"""The installer's stages as data (docs/contracts.md#stages-and-plans), and what a stage receives and returns.
 
 A stage is a module with `run(ctx) -> StageResult`. `--only STAGE` runs that stage and the stages it
 needs.
