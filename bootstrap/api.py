@@ -1,4 +1,4 @@
-"""The control plane's HTTP client, as the node sees it (DESIGN.md section 7).
+"""The control plane's HTTP client, as the node sees it (docs/contracts.md#control-plane-api).
 
 TLS is always verified: against `--ca-file` when given, else the system trust store plus the CA
 pinned at the first enrollment. There is deliberately no way to turn verification off.

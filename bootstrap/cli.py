@@ -1,4 +1,4 @@
-"""`vectorlay-bootstrap`: the staged installer's command line (DESIGN.md section 5)."""
+"""`vectorlay-bootstrap`: the staged installer's command line (docs/contracts.md#command-line)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ RootOption = typer.Option(
 @app.command()
 def detect(
     root: Path = RootOption,
-    json_out: bool = typer.Option(False, "--json", help="Machine-readable output (DESIGN.md section 5)."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Machine-readable output (fields: docs/contracts.md)."
+    ),
 ) -> None:
     """List GPUs, NVSwitches, IOMMU state and GPU units."""
     from bootstrap.commands.detect import run_detect

@@ -1,4 +1,4 @@
-"""GPUs, NVSwitches, IOMMU state and GPU units (DESIGN.md section 4), read from the host tree."""
+"""GPUs, NVSwitches, IOMMU state and GPU units (docs/contracts.md#hardware-model), read from the host tree."""
 
 from __future__ import annotations
 

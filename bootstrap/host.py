@@ -12,8 +12,7 @@ import shlex
 import stat
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -315,14 +314,3 @@ class Host:
         # directly: importing psutil alone costs the doctor ~40 ms on every run.
         st = os.statvfs(real)
         return st.f_bavail * st.f_frsize
-
-
-@contextmanager
-def live_root_allowed() -> Iterator[None]:
-    """For the few tests that read the real machine on purpose."""
-    old = os.environ.pop(FORBID_LIVE_ENV, None)
-    try:
-        yield
-    finally:
-        if old is not None:
-            os.environ[FORBID_LIVE_ENV] = old

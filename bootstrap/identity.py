@@ -33,7 +33,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -152,14 +152,6 @@ class Identity:
 
     def node_token(self) -> str:
         return self.token_file.read_text().strip()
-
-    def cert_not_after(self) -> datetime:
-        from cryptography import x509
-
-        cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
-        if hasattr(cert, "not_valid_after_utc"):  # cryptography >= 42
-            return cert.not_valid_after_utc
-        return cert.not_valid_after.replace(tzinfo=timezone.utc)  # pragma: no cover
 
     def enrollment(self) -> dict[str, Any]:
         """The non-secret enrollment data (nebula, nomad) saved for the agents stage; {} when the

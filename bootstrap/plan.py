@@ -1,4 +1,4 @@
-"""Plan, then apply: the discipline every stage follows (DESIGN.md section 2).
+"""Plan, then apply: the discipline every stage follows (docs/contracts.md#stages-and-plans).
 
 A stage describes the host it wants as a list of changes (file content with mode and owner, symlink,
 removal, command). `compute` compares each with the tree and marks it `changed` or `ok`; rendering
@@ -17,7 +17,7 @@ import difflib
 import os
 import shlex
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -116,12 +116,6 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.changes
-
-    def changed_paths(self) -> set[str]:
-        return {i.path for i in self.changes if i.path is not None}
-
-    def __add__(self, other: Plan) -> Plan:
-        return Plan(self.items + other.items)
 
 
 def backup_path(path: str) -> str:
@@ -374,7 +368,3 @@ def apply(
         state.pending_commands = [c for c in state.pending_commands if tuple(c) != ch.argv]
         save_state(host, state)
     return done
-
-
-def paths_of(changes: Iterable[Change]) -> list[str]:
-    return [c.path for c in changes if not isinstance(c, Command)]

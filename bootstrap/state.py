@@ -1,5 +1,5 @@
 """Run state in /var/lib/vectorlay/state.json: stage reached, the boot at which a reboot was asked for,
-commands still owed after a crash, installed versions, the highest manifest serial accepted.
+commands still owed after a crash, the highest manifest serial accepted.
 Written atomically and only when it changes."""
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class RunState:
     token_expires_at: str | None = None
     # Commands a plan must still run (a crash between writing a file and running its command).
     pending_commands: list[list[str]] = field(default_factory=list)
-    versions: dict[str, str] = field(default_factory=dict)
     # The highest artifact-manifest serial accepted, and which pinned keys it was signed under
     # (bootstrap/manifest.py: a lower serial is a rollback and refused).
     manifest_serial: int = 0

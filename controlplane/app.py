@@ -1,4 +1,4 @@
-"""The HTTP face of the control plane (DESIGN.md section 7), as a Flask application.
+"""The HTTP face of the control plane (docs/contracts.md#control-plane-api), as a Flask application.
 
 The TLS layer (server.py) has already verified any client certificate against the control plane's
 CA and hands it over in the WSGI environ as `SSL_CLIENT_CERT` (PEM), the same variable Apache and

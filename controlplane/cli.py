@@ -20,7 +20,7 @@ from controlplane.service import ApiError, ControlPlane
 
 app = typer.Typer(
     name="vectorlay-control-plane",
-    help="The reference vectorlay control plane (DESIGN.md section 7) and its admin commands.",
+    help="The reference vectorlay control plane and its admin commands.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -41,7 +41,7 @@ DEFAULT_OVERLAY = "100.64.0.0/10"
 # RFC 1123 host names (and the underscores real machines carry): never a control character,
 # whitespace or quote that would reach a log line, a config file or a dashboard as is.
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})\Z")
-# What the node reports of each GPU unit (DESIGN.md section 4); stored as is, so held to that.
+# What the node reports of each GPU unit (docs/contracts.md#hardware-model); stored as is, so held to that.
 _IOMMU_GROUP = re.compile(r"^[0-9]{1,9}\Z")
 UNIT_STATUSES = ("ready", "needs_binding", "not_isolatable", "wedged", "no_iommu")
 HOSTNAME_RULE = (

@@ -63,7 +63,9 @@ def _app() -> typer.Typer:
             help="Host root to check; anything but / reads only inside it and runs no command.",
             file_okay=False,
         ),
-        json_out: bool = typer.Option(False, "--json", help="Machine-readable output (DESIGN.md section 5)."),
+        json_out: bool = typer.Option(
+            False, "--json", help="Machine-readable output (fields: docs/contracts.md)."
+        ),
         prometheus: Path | None = typer.Option(
             None,
             "--prometheus",

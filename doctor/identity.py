@@ -1,4 +1,4 @@
-"""The node's durable identity under /etc/vectorlay/identity/ (DESIGN.md section 6).
+"""The node's durable identity under /etc/vectorlay/identity/ (docs/contracts.md#identity-directory).
 
 `cryptography` is imported only here and only when the node is enrolled: it costs more start-up time
 than the rest of the doctor together.

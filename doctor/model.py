@@ -15,7 +15,7 @@ class Status(str, Enum):
 
 @dataclass(frozen=True)
 class CheckResult:
-    name: str  # stable: DESIGN.md section 5
+    name: str  # stable: docs/contracts.md#vectorlay-node-doctor
     status: Status
     message: str
     hint: str | None = None  # one-line fix; required for WARN and FAIL

@@ -73,7 +73,7 @@ def _verdict_reason(report: Report) -> str:
 
 
 def to_json(report: Report) -> dict[str, Any]:
-    """Exactly DESIGN.md section 5."""
+    """Exactly docs/contracts.md#doctor---json: scripts and the control plane parse it."""
     return {
         "verdict": report.verdict.value,
         "checks": [

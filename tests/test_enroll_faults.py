@@ -62,9 +62,27 @@ def _works(cp: Any, root: Path) -> str:
         api.close()
 
 
-def test_the_fault_points_cover_request_to_cleanup_in_order() -> None:
-    assert POINTS[0] == "before-request" and POINTS[-1] == "old-removed"
-    assert POINTS.index("response-received") < POINTS.index("generation-created") < SWITCH
+def test_the_fault_points_cover_request_to_cleanup_in_order(
+    make_tree: Callable[..., Path], control_plane: Any
+) -> None:
+    # The kill test below walks POINTS; it only proves something if a real re-enrollment reaches
+    # every one of them, once each and in that order, from before the request to the old
+    # generation's removal.
+    control_plane.org("acme")
+    root = make_tree("cpu-only")
+    enroll(Host(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
+    reached: list[str] = []
+    enroll(
+        Host(root),
+        _api(control_plane),
+        control_plane.token("acme"),
+        gpu_mode="none",
+        hardware={},
+        fault=reached.append,
+    )
+    assert tuple(reached) == POINTS
+    assert reached[0] == "before-request" and reached[-1] == "old-removed"
+    assert reached.index("response-received") < reached.index("generation-created") < SWITCH
 
 
 def test_killing_a_reenrollment_at_any_point_leaves_the_old_or_the_new_identity_and_both_work(

@@ -12,7 +12,6 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_grub import bash_effective
 
 from bootstrap import grub
 from bootstrap.commands.install import run_install
@@ -20,6 +19,7 @@ from bootstrap.commands.uninstall import run_uninstall
 from bootstrap.host import Host
 from hostsim import build_host, load_topology
 from hostsim.snapshot import snapshot
+from tests.test_grub import bash_effective
 
 ARGS = [
     "quiet",

@@ -7,7 +7,7 @@ import pytest
 
 from bootstrap.errors import LiveRootForbidden
 from bootstrap.fsutil import atomic_symlink, atomic_write
-from bootstrap.host import CommandResult, Host, RecordingRunner, SubprocessRunner
+from bootstrap.host import FORBID_LIVE_ENV, CommandResult, Host, RecordingRunner, SubprocessRunner
 
 
 def test_paths_resolve_inside_the_root_and_back(tmp_path: Path) -> None:
@@ -56,11 +56,25 @@ def test_memory_comes_from_the_trees_proc_meminfo(tmp_path: Path) -> None:
     assert Host(tmp_path).memory_total_bytes() == 32 * 1024**3
 
 
-def test_disk_free_can_be_set_for_a_tree(tmp_path: Path) -> None:
-    host = Host(tmp_path)
-    assert host.disk_free_bytes("/var/lib/vectorlay") > 0  # nearest existing ancestor is measured
-    host.disk_free_override = 19 * 10**9
-    assert host.disk_free_bytes("/var/lib/vectorlay") == 19 * 10**9
+def test_disk_free_is_what_an_unprivileged_writer_may_use_on_the_nearest_existing_ancestor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a copy of the product's arithmetic on a live filesystem (whose free space moves between
+    # two calls): statvfs answers fixed figures, and the test checks which path was asked and that
+    # the root's reserve (f_bfree - f_bavail) is not counted.
+    asked: list[str] = []
+
+    class Fixed:
+        f_bavail, f_bfree, f_frsize, f_bsize = 1000, 5000, 4096, 1 << 20
+
+    def statvfs(p: object) -> object:
+        asked.append(str(p))
+        return Fixed()
+
+    (tmp_path / "var").mkdir()
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    assert Host(tmp_path).disk_free_bytes("/var/lib/vectorlay") == 1000 * 4096
+    assert asked == [str(tmp_path / "var")]
 
 
 def test_atomic_write_keeps_mode_and_leaves_no_temp_files(tmp_path: Path) -> None:
@@ -106,4 +120,9 @@ def test_a_tree_simulator_named_in_the_environment_is_installed_for_tree_roots_o
     assert host.sysfs_hooks
     # A runner given explicitly is left alone.
     plain = Host(tmp_path, RecordingRunner())
-    assert plain.runner.handlers == {}  # type: ignore[attr-defined]
+    assert isinstance(plain.runner, RecordingRunner) and plain.runner.handlers == {}
+    # The real root never gets the simulator, whatever the environment says: commands run for real
+    # and sysfs writes reach the kernel. (Building the host reads and runs nothing.)
+    monkeypatch.delenv(FORBID_LIVE_ENV, raising=False)
+    live = Host("/")
+    assert isinstance(live.runner, SubprocessRunner) and live.sysfs_hooks == []

@@ -9,6 +9,7 @@ from bootstrap.errors import VectorlayError
 from bootstrap.host import CommandResult, Host, RecordingRunner
 from bootstrap.plan import (
     MARKER,
+    Change,
     Command,
     FileChange,
     Removal,
@@ -38,7 +39,10 @@ def commands(host: Host) -> list[tuple[str, ...]]:
 
 
 def test_a_new_file_is_changed_then_ok_and_the_plan_after_apply_is_empty(host: Host) -> None:
-    changes = [FileChange("/etc/x/a.conf", OWNED, 0o640), Command(("reload-x",), after=("/etc/x/a.conf",))]
+    changes: list[Change] = [
+        FileChange("/etc/x/a.conf", OWNED, 0o640),
+        Command(("reload-x",), after=("/etc/x/a.conf",)),
+    ]
     plan = compute(host, changes)
     assert [i.status for i in plan.items] == [Status.CHANGED, Status.CHANGED]
     apply(host, plan)
@@ -125,7 +129,7 @@ def test_a_crash_before_the_command_ran_is_repaired_by_the_next_run(host: Host) 
 
     assert isinstance(host.runner, RecordingRunner)
     host.runner.handlers["update-grub"] = fail
-    changes = [FileChange("/etc/g", OWNED), Command(("update-grub",), after=("/etc/g",))]
+    changes: list[Change] = [FileChange("/etc/g", OWNED), Command(("update-grub",), after=("/etc/g",))]
     with pytest.raises(VectorlayError) as e:
         apply(host, compute(host, changes))
     assert "out of disk" in e.value.message

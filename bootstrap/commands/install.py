@@ -4,7 +4,7 @@ One run at a time (an flock under /run/vectorlay/; a second run names the holder
 time, read from the kernel's /proc/locks so that taking the lock writes nothing). Everything the run
 says goes to /var/log/vectorlay/bootstrap.log as well, through a filter that redacts secrets. The
 run state is saved after every stage (written only when it changed), so a re-run of an installed node
-writes nothing but its log. Exit codes (DESIGN.md section 5): 0 done, 1 failed or blocked, 2 usage,
+writes nothing but its log. Exit codes (docs/contracts.md#exit-codes): 0 done, 1 failed or blocked, 2 usage,
 3 reboot required.
 """
 
@@ -326,7 +326,7 @@ def run_install(
     if token_file is not None and str(token_file) != "-" and not token_file.is_file():
         raise UsageError(f"--token-file {token_file}: no such file")
     host = host or Host(root)
-    chosen, skipped = stages.select(only)
+    chosen = stages.select(only)
     settings = load_settings(host, repair=True)
     if api:
         settings = replace(settings, api=api)
@@ -368,8 +368,6 @@ def run_install(
             started = time.monotonic()
             names = ", ".join(s.name for s in chosen)
             log.info("install run started (pid %d, stages %s)", os.getpid(), names)
-            if skipped:
-                ctx.out("skipped (not implemented yet): " + ", ".join(s.name for s in skipped))
             for warning in settings.warnings:
                 ctx.out(f"warning: {warning}")
             ran = _run_stages(ctx, chosen, display)

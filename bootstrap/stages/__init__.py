@@ -1,7 +1,7 @@
-"""The installer's stages as data (DESIGN.md section 2), and what a stage receives and returns.
+"""The installer's stages as data (docs/contracts.md#stages-and-plans), and what a stage receives and returns.
 
-A stage is a module with `run(ctx) -> StageResult`; `module=None` marks one that is not implemented
-yet. `--only STAGE` runs that stage and the stages it needs.
+A stage is a module with `run(ctx) -> StageResult`. `--only STAGE` runs that stage and the stages it
+needs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from bootstrap.discovery import Inventory
-from bootstrap.errors import UsageError, VectorlayError
+from bootstrap.errors import UsageError
 from bootstrap.host import Host
 from bootstrap.manifest import Artifact
 from bootstrap.settings import Settings
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class Stage:
     name: str
     summary: str
-    module: str | None
+    module: str
     needs: tuple[str, ...] = ()
 
 
@@ -115,24 +115,15 @@ def _closure(name: str) -> list[Stage]:
     return [BY_NAME[n] for n in order if n in wanted]
 
 
-def select(only: str | None) -> tuple[list[Stage], list[Stage]]:
-    """(stages to run, stages skipped because they are not implemented yet)."""
+def select(only: str | None) -> list[Stage]:
+    """The stages to run, in order: all of them, or `only` and the stages it needs."""
     if only is None:
-        return [s for s in STAGES if s.module], [s for s in STAGES if not s.module]
+        return list(STAGES)
     if only not in BY_NAME:
         raise UsageError(f"unknown stage {only!r}", "choose one of: " + ", ".join(s.name for s in STAGES))
-    chosen = _closure(only)
-    missing = [s.name for s in chosen if s.module is None]
-    if missing:
-        raise VectorlayError(
-            f"stage {only!r} is not implemented yet"
-            + (f" (it needs {', '.join(missing)})" if missing != [only] else ""),
-            "run 'vectorlay-bootstrap install --only gpu' or '--only detect' for now",
-        )
-    return chosen, []
+    return _closure(only)
 
 
 def load(stage: Stage) -> StageModule:
-    assert stage.module is not None
     module: StageModule = importlib.import_module(stage.module)
     return module

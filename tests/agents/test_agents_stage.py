@@ -216,9 +216,15 @@ def test_plan_only_shows_the_changes_and_writes_nothing(node: Node) -> None:
     before = _snapshot(node.root)
     _host, out = node.run_stages(plan_only=True)
     assert _snapshot(node.root) == before
-    assert "artifacts: would download nebula 1.9.5" in out
-    assert "+++ /etc/systemd/system/nebula.service" in out or "nebula.service" in out
-    assert "agents: would switch node-agent (none) -> 1.0.0" in out
+    for name, version in VERSIONS.items():
+        assert f"artifacts: would download {name} {version}" in out
+        assert f"agents: would switch {name} (none) -> {version}" in out
+    # Each new unit is listed as a change and shown as a diff against nothing (unified diff headers).
+    for unit in ("nebula.service", "nomad.service", "node-agent.service", "node-agent-update.timer"):
+        path = f"/etc/systemd/system/{unit}"
+        assert re.search(rf"^  changed  file +{re.escape(path)} \(0644\)  \[create\]$", out, re.M), unit
+        assert f"--- /dev/null\n    +++ b{path}\n" in out, unit
+    assert re.search(r"^  changed  run +systemctl daemon-reload ", out, re.M)
 
 
 def test_every_unit_passes_systemd_analyze_verify_and_the_timer_fires_hourly_with_jitter(node: Node) -> None:

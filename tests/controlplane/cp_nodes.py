@@ -35,7 +35,7 @@ class Enrolled:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "box")]))
             .sign(self.key, hashes.SHA256())
         )
-        self.body = {
+        self.body: dict[str, Any] = {
             "token": token or cp.token(org),
             "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(),
             "nebula_public_key": nebula.generate_keypair()[1].decode(),

@@ -1,4 +1,4 @@
-"""The control plane's HTTP API (DESIGN.md section 7), spoken to directly over HTTPS."""
+"""The control plane's HTTP API (docs/contracts.md#control-plane-api), spoken to directly over HTTPS."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from bootstrap import nebula
 
 
-def _csr(key: Any, algorithm: hashes.HashAlgorithm | None = None) -> str:
+def _csr(key: Any, algorithm: hashes.SHA256 | None = None) -> str:
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "box")]))

@@ -10,7 +10,7 @@ from bootstrap.host import Host, RecordingRunner
 from hostsim import network, systemd
 from hostsim.runsc import run_in_tree
 
-# Minimal but real unit files: what the agents stage installs (DESIGN.md section 6).
+# Minimal but real unit files: what the agents stage installs (docs/contracts.md#agents).
 UNIT_FILES = {
     "nebula.service": "[Unit]\nDescription=Nebula overlay\n[Service]\nExecStart=/opt/vectorlay/bin/nebula\n"
     "[Install]\nWantedBy=multi-user.target\n",

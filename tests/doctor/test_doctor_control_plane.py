@@ -60,7 +60,12 @@ def test_the_control_planes_reason_for_advertising_less_is_shown(make_host: Make
 
 
 def test_no_heartbeat_yet_warns_and_says_where_to_look(make_host: Make) -> None:
-    for status in (None, "not json", {"last_error": "could not reach https://cp/v1/node/heartbeat"}):
+    statuses: tuple[dict[str, object] | str | None, ...] = (
+        None,
+        "not json",
+        {"last_error": "could not reach https://cp/v1/node/heartbeat"},
+    )
+    for status in statuses:
         result = _check(make_host("cpu-only"), status)
         assert result.status is Status.WARN, status
         assert result.message.startswith("no heartbeat")

@@ -42,7 +42,8 @@ def bash_step_by_step(root: Path) -> list[tuple[str, set[str]]]:
 
 
 def bash_culprit(root: Path) -> str | None:
-    culprit, had = None, set()
+    culprit: str | None = None
+    had: set[str] = set()
     for f, args in bash_step_by_step(root):
         if (had & IOMMU) - args:
             culprit = f

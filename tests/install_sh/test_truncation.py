@@ -1,4 +1,4 @@
-"""A download of install.sh cut short anywhere runs no command (DESIGN.md section 1).
+"""A download of install.sh cut short anywhere runs no command (docs/contracts.md#the-install-one-liner).
 
 Every prefix, cut at each line and at each byte of the last line, is executed by a real bash with
 PATH holding only recording stubs: a stub notes its name and arguments in a log, so any external

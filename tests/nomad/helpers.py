@@ -10,6 +10,7 @@ from lark import Token, Tree
 
 from bootstrap.host import Host
 from bootstrap.identity import Identity
+from bootstrap.plan import FileChange
 from bootstrap.settings import Settings, load_settings
 from bootstrap.stages import Context
 from bootstrap.stages.agents import NOMAD_CONFIG, desired
@@ -22,9 +23,8 @@ _PARSE = SerializationOptions(strip_string_quotes=True, with_comments=False, exp
 def render_nomad_config(host: Host, ident: Identity, mode: str, settings: Settings | None = None) -> str:
     """client.hcl from the agents stage's plan for `mode`, without applying anything."""
     ctx = Context(host=host, settings=settings or load_settings(host, env={}), state=load_state(host))
-    (config,) = [c for c in desired(ctx, ident, mode) if getattr(c, "path", None) == NOMAD_CONFIG]
-    content: bytes = config.content
-    return content.decode()
+    (config,) = [c for c in desired(ctx, ident, mode) if isinstance(c, FileChange) and c.path == NOMAD_CONFIG]
+    return config.content.decode()
 
 
 def parse_hcl(text: str) -> dict[str, Any]:

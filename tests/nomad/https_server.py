@@ -37,7 +37,7 @@ def main() -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.cert, args.key)
     port = 0
-    servers: list[http.server.HTTPServer] = []
+    servers: list[http.server.ThreadingHTTPServer] = []
     for addr in args.addresses:
         server = http.server.ThreadingHTTPServer((addr, port), _Ok)
         server.socket = ctx.wrap_socket(server.socket, server_side=True)

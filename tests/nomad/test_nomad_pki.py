@@ -56,7 +56,9 @@ def test_the_node_nomad_certificate_names_the_client_role_and_ignores_what_the_c
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
-    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    public = cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert public.public_numbers() == key.public_key().public_numbers()
     assert cert.not_valid_after_utc - now == timedelta(days=NODE_CERT_DAYS)
     cert.verify_directly_issued_by(ca.cert)
 
@@ -68,7 +70,9 @@ def test_the_nomad_server_certificate_names_the_server_role_and_has_its_own_key(
     cert = x509.load_pem_x509_certificate(cert_pem)
     key = serialization.load_pem_private_key(key_pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    public = cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert public.public_numbers() == key.public_key().public_numbers()
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "server.eu-west.nomad"
     assert _names(cert) == (["server.eu-west.nomad", "localhost"], ["127.0.0.1", "100.64.0.1"])
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

@@ -62,7 +62,6 @@ near_json = st.dictionaries(
         [
             "stage",
             "pending_commands",
-            "versions",
             "node_id",
             "org_id",
             "overlay_ip",

@@ -185,8 +185,6 @@ def test_the_doctor_runs_in_the_guest(node: Vm) -> None:
     res = node.run(["vectorlay-node-doctor", "--json"], timeout=300)
     print(f"rc={res.rc}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
     assert res.rc != 127 and "Traceback" not in res.stderr, res
-    if "not implemented yet" in res.stderr:
-        pytest.skip(f"the doctor on this branch is issue 3's placeholder: {res.stderr.strip()}")
     report = json.loads(res.stdout)
     assert report["verdict"] in ("PASS", "WARN", "FAIL")
     assert res.rc == (1 if report["verdict"] == "FAIL" else 0)
