@@ -133,3 +133,37 @@ def test_plain_http_on_the_tls_port_gets_a_plain_400(control_plane: testing.Runn
         while chunk := raw.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400") and b"only speaks HTTPS" in answer
+
+
+def test_an_expired_client_certificate_is_refused_even_when_a_resumed_session_skips_its_dates() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from controlplane.service import ApiError as CpApiError
+    from controlplane.service import peer_fingerprint
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "box")])
+    now = datetime.now(timezone.utc)
+
+    def pem(not_after: datetime) -> str:
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=2))
+            .not_valid_after(not_after)
+            .sign(key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    assert len(peer_fingerprint(pem(now + timedelta(days=1)))) == 64
+    with pytest.raises(CpApiError) as refused:
+        peer_fingerprint(pem(now - timedelta(seconds=1)))
+    assert refused.value.status == 401 and refused.value.code == "BAD_NODE_CREDENTIALS"
