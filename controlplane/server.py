@@ -14,7 +14,6 @@ the WSGI environ says the same as after a full handshake.
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 import ssl
 from pathlib import Path
@@ -27,8 +26,6 @@ from flask import Flask
 
 from controlplane.clock import wall_now
 from controlplane.pki import CertificateAuthority
-
-log = logging.getLogger(__name__)
 
 _PLAIN_HTTP_MESSAGE = b"This server only speaks HTTPS on this port: use https:// URLs."
 _PLAIN_HTTP_ANSWER = (
@@ -76,15 +73,15 @@ class _TLSConnection(cheroot_server.HTTPConnection):
             sock = self.socket
             try:
                 sock.do_handshake()
-            except ssl.SSLError as e:
-                if "http request" in str(e).lower():
+            except OSError as e:  # ssl.SSLError (a refused certificate...), a reset, a timeout
+                if isinstance(e, ssl.SSLError) and "http request" in str(e).lower():
                     # A plain-HTTP client: tell it in plain HTTP, past the TLS layer.
                     with contextlib.suppress(OSError):
                         socket.socket.sendall(sock, _PLAIN_HTTP_ANSWER)
-                log.debug("TLS handshake with %s failed: %s", getattr(self, "remote_addr", "?"), e)
-                return False
-            except OSError as e:  # reset, timeout
-                log.debug("TLS handshake with %s failed: %s", getattr(self, "remote_addr", "?"), e)
+                # Logged as cheroot logged a failed handshake: a refused certificate shows there.
+                self.server.error_log(
+                    f"Client {getattr(self, 'remote_addr', '?')} lost during the TLS handshake: {e}"
+                )
                 return False
             adapter = self.server.ssl_adapter
             assert isinstance(adapter, _TLSAdapter)
