@@ -38,6 +38,61 @@ class ApiError(VectorlayError):
         self.code = code
 
 
+class _ResumingSocket(ssl.SSLSocket):
+    resume_key: tuple[str | None, Any] | None = None
+
+    def close(self) -> None:
+        context = self.context
+        if isinstance(context, _ResumingContext):
+            context.keep_session(self)
+        super().close()
+
+
+class _ResumingContext(ssl.SSLContext):
+    """A client context that offers each new connection the TLS session of the last one to the same
+    server, so a node's heartbeat, which finds its keep-alive connection long closed by the server,
+    resumes (TLS 1.3 ticket: no certificate chain to verify, no signatures) instead of making a full
+    mTLS handshake.
+
+    The server still knows the node by its certificate, which it sealed into the ticket after
+    verifying it, and still checks the node token on every request. A session is offered only to
+    the host name and address it came from, and dies with this context, so a new client certificate
+    (re-enrollment builds a new ApiClient) never rides on an old session.
+    """
+
+    sslsocket_class = _ResumingSocket
+    _sessions: dict[tuple[str | None, Any], ssl.SSLSession]
+    resumed: int  # connections that resumed a session (tests, debugging)
+
+    def __new__(cls, protocol: int = ssl.PROTOCOL_TLS_CLIENT, *args: Any, **kwargs: Any) -> _ResumingContext:
+        self = super().__new__(cls, protocol, *args, **kwargs)
+        self._sessions = {}
+        self.resumed = 0
+        return self
+
+    def keep_session(self, sock: _ResumingSocket) -> None:
+        # At the close, not after the handshake: TLS 1.3 tickets arrive after it, with the answer.
+        session = sock.session
+        if sock.resume_key is not None and session is not None:
+            self._sessions[sock.resume_key] = session
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        key = None
+        if kwargs.get("session") is None and not kwargs.get("server_side"):
+            try:
+                key = (kwargs.get("server_hostname"), sock.getpeername())
+            except (OSError, AttributeError):
+                key = None
+            if key is not None:
+                kwargs["session"] = self._sessions.get(key)
+        wrapped = super().wrap_socket(sock, *args, **kwargs)
+        if isinstance(wrapped, _ResumingSocket):
+            wrapped.resume_key = key
+        if wrapped.session_reused:
+            self.resumed += 1
+        return wrapped
+
+
 class _ContextAdapter(HTTPAdapter):
     """Hands urllib3 our own SSLContext (trust set and client certificate) for every connection."""
 
@@ -91,6 +146,7 @@ class ApiClient:
         self.sleep = sleep
         self.node_token = node_token
         self._session: requests.Session | None = None
+        self._ssl_context: ssl.SSLContext | None = None
 
     def with_client_cert(self, client_cert: ClientCert | None) -> ApiClient:
         return ApiClient(
@@ -108,10 +164,12 @@ class ApiClient:
         try:
             if self.ca_file is not None:
                 # --ca-file names the one CA to trust, as for a private deployment.
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies peer and hostname
+                ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies peer and hostname
                 ctx.load_verify_locations(cafile=str(self.ca_file))
             else:
-                ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+                # ssl.create_default_context(Purpose.SERVER_AUTH), on a context that resumes.
+                ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
                 if self.pinned_ca is not None and self.pinned_ca.exists():
                     ctx.load_verify_locations(cafile=str(self.pinned_ca))
         except (OSError, ssl.SSLError) as e:
@@ -134,10 +192,17 @@ class ApiClient:
         if self._session is None:
             s = requests.Session()
             s.trust_env = False  # no proxy or CA-bundle environment overrides the verification set here
-            s.mount("https://", _ContextAdapter(self._context()))
+            self._ssl_context = self._context()
+            s.mount("https://", _ContextAdapter(self._ssl_context))
             s.headers["User-Agent"] = "vectorlay-bootstrap"
             self._session = s
         return self._session
+
+    @property
+    def resumed_connections(self) -> int:
+        """How many of this client's connections resumed a TLS session instead of a full handshake."""
+        ctx = self._ssl_context
+        return ctx.resumed if isinstance(ctx, _ResumingContext) else 0
 
     def close(self) -> None:
         if self._session is not None:

@@ -25,12 +25,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from controlplane.clock import from_iso, to_iso
 from controlplane.db import connect
-from controlplane.pki import fingerprint
-from controlplane.service import ApiError, ControlPlane, bad_request, unauthorized
+from controlplane.service import ApiError, ControlPlane, bad_request, peer_fingerprint, unauthorized
 from controlplane.tokens import hash_secret
 
 DEFAULT_INTERVAL_S = 240
@@ -229,19 +226,15 @@ def decide(
     return Offer(ready, ready, None)
 
 
-def _authenticate(
-    conn: sqlite3.Connection, client_cert_pem: str | None, node_token: str | None
-) -> sqlite3.Row:
-    """The node behind a client certificate + node token pair, both required and current (or the
-    pending pair of its last enrollment, which becomes current on this first use)."""
-    if not client_cert_pem:
-        raise unauthorized("a client certificate is required", "CLIENT_CERT_REQUIRED")
-    if not node_token:
-        raise unauthorized("a node token is required (Authorization: Bearer vnt_...)")
-    cert_fp = fingerprint(x509.load_pem_x509_certificate(client_cert_pem.encode()))
+def _authenticate(conn: sqlite3.Connection, cert_fp: str, node_token: str) -> sqlite3.Row:
+    """The node behind a client certificate (its fingerprint) + node token pair, both current (or
+    the pending pair of its last enrollment, which becomes current on this first use), with the
+    number of GPU units it enrolled with as `enrolled_units`."""
     token_hash = hash_secret(node_token)
     node: sqlite3.Row | None = conn.execute(
-        "SELECT * FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?", (cert_fp, cert_fp)
+        "SELECT nodes.*, (SELECT COUNT(*) FROM gpu_units g WHERE g.node_id = nodes.id) AS enrolled_units"
+        " FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?",
+        (cert_fp, cert_fp),
     ).fetchone()
     if node is None:
         raise unauthorized("the client certificate is not current", "BAD_NODE_CREDENTIALS")
@@ -255,11 +248,6 @@ def _authenticate(
         )
         return node
     raise unauthorized("the node token is not current", "BAD_NODE_CREDENTIALS")
-
-
-def _enrolled_units(conn: sqlite3.Connection, node_id: str) -> int:
-    (n,) = conn.execute("SELECT COUNT(*) FROM gpu_units WHERE node_id = ?", (node_id,)).fetchone()
-    return int(n)
 
 
 _local = threading.local()
@@ -286,9 +274,21 @@ def record_heartbeat(
 ) -> dict[str, Any]:
     """Store a node's heartbeat and answer what is advertised of it."""
     hb = parse_heartbeat(body)
+    if not client_cert_pem:
+        raise unauthorized("a client certificate is required", "CLIENT_CERT_REQUIRED")
+    if not node_token:
+        raise unauthorized("a node token is required (Authorization: Bearer vnt_...)")
+    cert_fp = peer_fingerprint(client_cert_pem)
+    # Everything that needs no database outside the write lock, which every heartbeat waits for.
+    encoded = (
+        json.dumps(hb.resources),
+        json.dumps(hb.thresholds),
+        json.dumps(hb.agents),
+        json.dumps(hb.checks),
+    )
     now = cp.clock.now()
     with cp.transaction(_heartbeat_conn(cp)) as conn:
-        node = _authenticate(conn, client_cert_pem, node_token)
+        node = _authenticate(conn, cert_fp, node_token)
         if node["status"] == "removed":
             # Answered, not refused: the agent keeps running and says so; nothing here revives it.
             return {
@@ -297,7 +297,7 @@ def record_heartbeat(
                 "next_heartbeat_s": hb.interval_s,
                 "reason": "removed",
             }
-        conn.execute(
+        stored = conn.execute(
             "INSERT INTO node_heartbeats (node_id, received_at, interval_s, verdict, units_ready,"
             " units_total, draining, resources, thresholds, agents, checks, heartbeats)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
@@ -306,7 +306,8 @@ def record_heartbeat(
             " units_ready = excluded.units_ready, units_total = excluded.units_total,"
             " draining = excluded.draining, resources = excluded.resources,"
             " thresholds = excluded.thresholds, agents = excluded.agents, checks = excluded.checks,"
-            " heartbeats = node_heartbeats.heartbeats + 1",
+            " heartbeats = node_heartbeats.heartbeats + 1"
+            " RETURNING *",
             (
                 node["id"],
                 to_iso(now),
@@ -315,14 +316,10 @@ def record_heartbeat(
                 hb.units_ready,
                 hb.units_total,
                 int(hb.draining),
-                json.dumps(hb.resources),
-                json.dumps(hb.thresholds),
-                json.dumps(hb.agents),
-                json.dumps(hb.checks),
+                *encoded,
             ),
-        )
-        stored = conn.execute("SELECT * FROM node_heartbeats WHERE node_id = ?", (node["id"],)).fetchone()
-        offer = decide(node["status"], stored, _enrolled_units(conn, node["id"]), now)
+        ).fetchone()
+    offer = decide(node["status"], stored, int(node["enrolled_units"]), now)
     return {
         "status": "active",
         "advertised_units": offer.advertised,

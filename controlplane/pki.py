@@ -8,6 +8,7 @@ TLS library a node runs understands it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import os
@@ -61,6 +62,14 @@ def _nomad_san(role: str, region: str, overlay_ip: str) -> list[x509.GeneralName
 
 def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def peer_certificate(pem: str) -> tuple[str, datetime]:
+    """Fingerprint and expiry of a client certificate the TLS layer verified (PEM, as in the WSGI
+    environ). Cached: a node presents the same certificate every heartbeat."""
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    return fingerprint(cert), cert.not_valid_after_utc
 
 
 def key_fingerprint(public_key: object) -> str:

@@ -4,19 +4,90 @@ Client certificates are optional at the TLS layer, because enrollment and intros
 nodes that have none yet, but any certificate presented must chain to the control plane's own CA:
 a certificate from another CA fails the handshake. Endpoints that need a node identity then demand
 one (service.node_self).
+
+A node resuming a TLS 1.3 session (bootstrap.api) skips the certificate exchange: the server
+sealed the certificate it verified into the session ticket (encrypted and authenticated with a key
+that never leaves this process), so the resumed connection carries the same verified identity and
+the WSGI environ says the same as after a full handshake.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
+from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from flask import Flask
 
 from controlplane.clock import wall_now
 from controlplane.pki import CertificateAuthority
+
+_PLAIN_HTTP_MESSAGE = b"This server only speaks HTTPS on this port: use https:// URLs."
+_PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    + f"Content-Length: {len(_PLAIN_HTTP_MESSAGE)}\r\n\r\n".encode()
+    + _PLAIN_HTTP_MESSAGE
+)
+
+
+class _TLSAdapter(BuiltinSSLAdapter):
+    """The TLS handshake in the worker thread that serves the connection, not in cheroot's single
+    accepting thread: there every handshake waited for the one before it, whatever the cores, and a
+    client stalling its handshake stalled every other connection for up to the socket timeout."""
+
+    def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, Any]]:
+        return self.context.wrap_socket(sock, do_handshake_on_connect=False, server_side=True), {}
+
+    def environ_of(self, sock: ssl.SSLSocket) -> dict[str, Any]:
+        """What app.py reads, as Apache and nginx name it. cheroot's own version also parses the
+        certificate into a dozen SSL_CLIENT_* variables and lists the context's ciphers, for every
+        connection; nothing here reads those."""
+        cipher = sock.cipher()
+        env: dict[str, Any] = {
+            "wsgi.url_scheme": "https",
+            "HTTPS": "on",
+            "SSL_PROTOCOL": cipher[1] if cipher else "",
+            "SSL_CIPHER": cipher[0] if cipher else "",
+            "SSL_CLIENT_VERIFY": "NONE",
+        }
+        # A certificate is there only if it verified: with CERT_OPTIONAL a bad one fails the handshake.
+        der = sock.getpeercert(binary_form=True)
+        if der:
+            env["SSL_CLIENT_VERIFY"] = "SUCCESS"
+            env["SSL_CLIENT_CERT"] = ssl.DER_cert_to_PEM_cert(der).strip()
+        return env
+
+
+class _TLSConnection(cheroot_server.HTTPConnection):
+    """Completes the handshake (_TLSAdapter) before the first request on the connection."""
+
+    _tls_done = False
+
+    def communicate(self) -> bool:
+        if not self._tls_done:
+            sock = self.socket
+            try:
+                sock.do_handshake()
+            except OSError as e:  # ssl.SSLError (a refused certificate...), a reset, a timeout
+                if isinstance(e, ssl.SSLError) and "http request" in str(e).lower():
+                    # A plain-HTTP client: tell it in plain HTTP, past the TLS layer.
+                    with contextlib.suppress(OSError):
+                        socket.socket.sendall(sock, _PLAIN_HTTP_ANSWER)
+                # Logged as cheroot logged a failed handshake: a refused certificate shows there.
+                self.server.error_log(
+                    f"Client {getattr(self, 'remote_addr', '?')} lost during the TLS handshake: {e}"
+                )
+                return False
+            adapter = self.server.ssl_adapter
+            assert isinstance(adapter, _TLSAdapter)
+            self.ssl_env = adapter.environ_of(sock)
+            self._tls_done = True
+        return bool(super().communicate())  # type: ignore[no-untyped-call]
 
 
 def build_server(
@@ -38,7 +109,8 @@ def build_server(
         # SYN retransmit each.
         request_queue_size=256,
     )
-    adapter = BuiltinSSLAdapter(str(cert_path), str(key_path), certificate_chain=str(state_dir / "ca.crt"))
+    server.ConnectionClass = _TLSConnection
+    adapter = _TLSAdapter(str(cert_path), str(key_path), certificate_chain=str(state_dir / "ca.crt"))
     ctx = adapter.context
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_OPTIONAL

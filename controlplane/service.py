@@ -18,14 +18,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from bootstrap.nebula import NebulaCertError, parse_public_key_pem
 from controlplane.clock import Clock, from_iso, to_iso, wall_now
 from controlplane.db import Database
 from controlplane.nebula_ca import NebulaCA
-from controlplane.pki import CertificateAuthority, CsrError, csr_key_fingerprint, fingerprint
+from controlplane.pki import (
+    CertificateAuthority,
+    CsrError,
+    csr_key_fingerprint,
+    fingerprint,
+    peer_certificate,
+)
 from controlplane.tokens import (
     API_KEY_PREFIX,
     NODE_TOKEN_PREFIX,
@@ -67,6 +72,15 @@ class ApiError(Exception):
 
 def unauthorized(message: str, code: str = "UNAUTHORIZED") -> ApiError:
     return ApiError(401, code, message)
+
+
+def peer_fingerprint(client_cert_pem: str) -> str:
+    """The fingerprint of the client certificate the TLS layer verified, refused once expired: a
+    resumed TLS session does not check the certificate's dates again, so this does."""
+    cert_fp, not_after = peer_certificate(client_cert_pem)
+    if wall_now() > not_after:
+        raise unauthorized("the client certificate has expired", "BAD_NODE_CREDENTIALS")
+    return cert_fp
 
 
 def bad_request(message: str) -> ApiError:
@@ -310,7 +324,7 @@ class ControlPlane:
             raise bad_request(f"nomad_csr_pem: {e}") from None
         cert_fp = None
         if client_cert_pem:
-            cert_fp = fingerprint(x509.load_pem_x509_certificate(client_cert_pem.encode()))
+            cert_fp = peer_fingerprint(client_cert_pem)
 
         now = self.clock.now()
         with self._tx() as conn:
@@ -547,7 +561,7 @@ class ControlPlane:
             raise unauthorized("a client certificate is required", "CLIENT_CERT_REQUIRED")
         if not node_token:
             raise unauthorized("a node token is required (Authorization: Bearer vnt_...)")
-        cert_fp = fingerprint(x509.load_pem_x509_certificate(client_cert_pem.encode()))
+        cert_fp = peer_fingerprint(client_cert_pem)
         token_hash = hash_secret(node_token)
         with self._tx() as conn:
             node = conn.execute(
