@@ -34,7 +34,6 @@ from bootstrap.api import ApiClient, ApiError, ClientCert, not_a_provider
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import (
-    IDENTITY_DIR,
     FaultHook,
     Identity,
     IdentityError,
@@ -44,6 +43,7 @@ from bootstrap.identity import (
     load_identity,
     write_identity,
 )
+from bootstrap.paths import IDENTITY_DIR
 
 log = logging.getLogger(__name__)
 

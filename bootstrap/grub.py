@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from bootstrap import platform
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.plan import Change, Command, FileChange, Removal, backup_path
@@ -37,7 +38,7 @@ def iommu_args(cpu_vendor: str | None, *, vfio_pci_builtin: bool = False) -> lis
     With vfio-pci built into the kernel, modprobe.d options never apply to it, so its D3cold
     workaround has to travel on the command line instead.
     """
-    args = ["intel_iommu=on", "iommu=pt"] if cpu_vendor != "amd" else ["iommu=pt"]
+    args = platform.iommu_args(cpu_vendor)
     if vfio_pci_builtin:
         args.append("vfio_pci.disable_idle_d3=1")
     return args

@@ -40,10 +40,10 @@ from typing import Any
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_symlink, fsync_dir, read_regular
 from bootstrap.host import Host
+from bootstrap.paths import IDENTITY_DIR
 
 log = logging.getLogger(__name__)
 
-IDENTITY_DIR = "/etc/vectorlay/identity"
 _GEN_PREFIX = ".identity-"
 # A plain directory found at IDENTITY_DIR (not made by this writer) is moved here before the first
 # switch, so the window in which `identity` does not exist can be recovered from.

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from bootstrap import artifacts
 from bootstrap.host import Host, RecordingRunner
 from bootstrap.manifest import Artifact
+from bootstrap.paths import AGENT_SERVICES
 
-SERVICES = {"nebula": "nebula.service", "nomad": "nomad.service", "node-agent": "node-agent.service"}
+SERVICES = AGENT_SERVICES
 
 
 @dataclass

@@ -11,11 +11,11 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from bootstrap import runsc
+from bootstrap import platform, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError
 from bootstrap.host import CommandResult, Host
-from bootstrap.paths import RUNSC
+from bootstrap.paths import AGENT_SERVICES, RUNSC
 from bootstrap.pci import PciDevice
 from bootstrap.settings import Settings
 from doctor.model import CheckResult, Report, Status
@@ -25,7 +25,7 @@ DISK_FAIL_GB, DISK_WARN_GB = 20, 50
 MEMORY_FAIL_GB, MEMORY_WARN_GB = 32, 64
 
 UNIT_DIR = "/etc/systemd/system"
-AGENTS = ("nebula.service", "nomad.service", "node-agent.service")
+AGENTS = tuple(AGENT_SERVICES.values())
 UPDATE_TIMER = "node-agent-update.timer"
 INSTALL = "run the install one-liner"
 REINSTALL = "re-run the install one-liner"
@@ -58,9 +58,9 @@ class Context:
     @property
     def mode(self) -> str:
         """passthrough | container | none: from the settings, or from detection before install."""
-        if self.settings.gpu_mode:
+        if self.settings.gpu_mode:  # known without detection, which costs more
             return self.settings.gpu_mode
-        return "passthrough" if self.inventory.gpus else "none"
+        return platform.gpu_mode(has_gpus=bool(self.inventory.gpus))
 
     def readiness(self) -> list[tuple[Unit, bool, str]]:
         """Per GPU unit: ready to rent?, and the line that says why."""
@@ -196,7 +196,7 @@ def check_kvm(ctx: Context) -> CheckResult:
     module = "kvm_amd" if cpu.vendor == "amd" else "kvm_intel"
     if not host.exists("/dev/kvm"):
         if cpu.virtualization is None:
-            bios = "SVM" if cpu.vendor == "amd" else "VT-x"
+            bios = platform.virtualization_name(cpu.vendor)
             return CheckResult(
                 name,
                 Status.FAIL,
@@ -233,10 +233,6 @@ def check_kvm(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, f"KVM works: {probe.detail}", None, (flags + note,))
 
 
-def _vendor_iommu_args(vendor: str | None) -> str:
-    return "amd_iommu=on iommu=pt" if vendor == "amd" else "intel_iommu=on iommu=pt"
-
-
 def check_iommu(ctx: Context) -> CheckResult:
     name = "iommu"
     skip = _gpu_skip(ctx, name)
@@ -261,10 +257,7 @@ def check_iommu(ctx: Context) -> CheckResult:
     if io.cmdline:
         details.insert(0, f"kernel command line: {io.cmdline}")
     if io.firmware_table is None:
-        if vendor == "amd":
-            bios = "enable AMD-Vi: SVM and IOMMU set to Enabled (not Auto) in BIOS/UEFI, then reboot"
-        else:
-            bios = "enable VT-d in BIOS/UEFI, then reboot"
+        bios = f"{platform.firmware_iommu_hint(vendor)}, then reboot"
         return CheckResult(
             name,
             Status.FAIL,
@@ -273,7 +266,7 @@ def check_iommu(ctx: Context) -> CheckResult:
             tuple(details),
         )
     off = [a for a in args if a in ("intel_iommu=off", "amd_iommu=off", "iommu=off")]
-    wanted = _vendor_iommu_args(vendor)
+    wanted = " ".join(platform.iommu_args(vendor))
     if off:
         msg = (
             f"IOMMU in firmware ({io.firmware_table}) but disabled on the kernel command line "
@@ -671,7 +664,7 @@ def check_control_plane(ctx: Context) -> CheckResult:
     """What the control plane answered the node-agent's last heartbeat (its status.json)."""
     import time
 
-    from bootstrap.identity import IDENTITY_DIR
+    from bootstrap.paths import IDENTITY_DIR
     from nodeagent.status import STATUS_PATH, parse_iso, read_status
 
     name = "control_plane"

@@ -11,9 +11,9 @@ import stat
 from collections.abc import Callable
 
 from bootstrap.host import Host
+from bootstrap.paths import IDENTITY_DIR
 from doctor.model import CheckResult, Status
 
-IDENTITY_DIR = "/etc/vectorlay/identity"
 EXPIRY_WARN_DAYS = 14
 REENROLL = "re-run the install one-liner to re-enroll (the node keeps its ID and overlay IP)"
 

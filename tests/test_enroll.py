@@ -22,7 +22,8 @@ from bootstrap.api import ApiClient, ApiError, ClientCert
 from bootstrap.cli import main
 from bootstrap.enroll import enroll
 from bootstrap.host import Host
-from bootstrap.identity import IDENTITY_DIR, load_identity
+from bootstrap.identity import load_identity
+from bootstrap.paths import IDENTITY_DIR
 from controlplane.clock import wall_now
 from controlplane.pki import CertificateAuthority
 

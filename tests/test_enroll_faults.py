@@ -18,7 +18,8 @@ import pytest
 from bootstrap.api import ApiClient, ApiError, ClientCert
 from bootstrap.enroll import ENROLL_POINTS, enroll
 from bootstrap.host import Host
-from bootstrap.identity import IDENTITY_DIR, REQUIRED_FILES, WRITE_POINTS, load_identity
+from bootstrap.identity import REQUIRED_FILES, WRITE_POINTS, load_identity
+from bootstrap.paths import IDENTITY_DIR
 
 POINTS = ENROLL_POINTS + WRITE_POINTS
 SWITCH = POINTS.index("switched")

@@ -11,13 +11,13 @@ import pytest
 
 from bootstrap.host import Host
 from bootstrap.identity import (
-    IDENTITY_DIR,
     IdentityError,
     NewIdentity,
     OverlayFiles,
     load_identity,
     write_identity,
 )
+from bootstrap.paths import IDENTITY_DIR
 
 
 def _pem(banner: str, body: str) -> bytes:

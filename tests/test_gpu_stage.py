@@ -237,8 +237,8 @@ def test_after_a_reboot_with_the_new_command_line_the_gpus_are_ready(make_tree: 
 @pytest.mark.parametrize(
     ("vendor", "hint"),
     [
-        ("intel", "enable VT-x/VT-d in BIOS/UEFI, then reboot and re-run"),
-        ("amd", "enable SVM + IOMMU set to Enabled, not Auto in BIOS/UEFI, then reboot and re-run"),
+        ("intel", "enable VT-x and VT-d in BIOS/UEFI, then reboot and re-run"),
+        ("amd", "enable SVM and IOMMU (set to Enabled, not Auto) in BIOS/UEFI, then reboot and re-run"),
     ],
 )
 def test_a_rerun_after_a_reboot_with_the_iommu_still_off_names_the_bios_setting(

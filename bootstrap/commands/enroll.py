@@ -6,11 +6,13 @@ import contextlib
 import logging
 from pathlib import Path
 
+from bootstrap import platform
 from bootstrap.api import ApiClient
 from bootstrap.discovery import UnitStatus, discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
-from bootstrap.identity import IDENTITY_DIR, identity_path
+from bootstrap.identity import identity_path
+from bootstrap.paths import IDENTITY_DIR
 from bootstrap.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ def hardware_report(host: Host, settings_gpu_mode: str | None) -> tuple[str, dic
     report: dict[str, object] = dict(inv.to_json())
     with contextlib.suppress(OSError, ValueError, RuntimeError):
         report["memory_bytes"] = host.memory_total_bytes()
-    gpu_mode = settings_gpu_mode or ("passthrough" if inv.gpus else "none")
+    gpu_mode = platform.gpu_mode(settings_gpu_mode, has_gpus=bool(inv.gpus))
     ready = sum(1 for u in inv.units if u.status is UnitStatus.READY)
     if gpu_mode == "passthrough" and inv.units and not ready:
         raise VectorlayError(

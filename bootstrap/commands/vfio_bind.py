@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bootstrap import platform
 from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
@@ -17,7 +18,7 @@ def run_bind(host: Host, *, timeout: float = DEFAULT_TIMEOUT) -> BindResult:
         raise VectorlayError(
             "the IOMMU is off: no GPU can be bound to vfio-pci",
             "reboot with the IOMMU arguments (vectorlay-bootstrap install --only gpu); if it stays off, "
-            "enable VT-d (Intel) or SVM + IOMMU (AMD) in BIOS/UEFI",
+            f"{platform.firmware_iommu_hint(inv.cpu.vendor or inv.iommu.vendor)}",
         )
     return bind_all(host, inv, timeout=timeout, log=lambda m: print(m, flush=True))
 

@@ -20,6 +20,7 @@ from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import REENROLL_HINT, Identity, IdentityError, load_identity
 from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
+from bootstrap.paths import IDENTITY_DIR
 from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Symlink, apply, compute, render
 from bootstrap.resources import units_dir
 from bootstrap.settings import settings_yaml
@@ -37,7 +38,6 @@ AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
 SETTINGS_FILE = "/etc/vectorlay/node.yaml"
 NOMAD_VFIO_DROPIN = f"{ETC_UNITS}/nomad.service.d/10-vectorlay-vfio.conf"
 DOCKER_DAEMON = "/etc/docker/daemon.json"
-IDENTITY_DIR = "/etc/vectorlay/identity"
 
 CONFIGS = {
     "nebula": (NEBULA_CONFIG,),

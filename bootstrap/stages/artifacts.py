@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from bootstrap import artifacts
+from bootstrap import artifacts, platform
 from bootstrap.api import ApiClient, ClientCert
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
@@ -95,9 +95,7 @@ def wanted(host: Host, manifest: Manifest, names: list[str], out: Callable[[str]
 
 def gpu_mode_of(ctx: Context) -> str:
     inv = ctx.inventory
-    return (
-        ctx.gpu_mode or ctx.settings.gpu_mode or ("passthrough" if inv is not None and inv.gpus else "none")
-    )
+    return platform.gpu_mode(ctx.gpu_mode, ctx.settings.gpu_mode, has_gpus=inv is not None and bool(inv.gpus))
 
 
 def run(ctx: Context) -> StageResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from bootstrap import grub, vfio
+from bootstrap import grub, platform, vfio
 from bootstrap.discovery import Inventory, UnitStatus, discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
@@ -29,22 +29,6 @@ UNIT_NAME = "vectorlay-vfio-bind.service"
 UNIT = f"/etc/systemd/system/{UNIT_NAME}"
 UNIT_WANTS = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
 INITRAMFS_INPUTS = (MODULES_LOAD, MODPROBE, UDEV_RULE, INITRAMFS_HOOK)
-
-BIOS_HINTS = {
-    "intel": "enable VT-x/VT-d in BIOS/UEFI, then reboot and re-run",
-    "amd": "enable SVM + IOMMU set to Enabled, not Auto in BIOS/UEFI, then reboot and re-run",
-}
-BIOS_HINT_ANY = (
-    "enable VT-x/VT-d (Intel) or SVM + IOMMU set to Enabled, not Auto (AMD) in BIOS/UEFI, "
-    "then reboot and re-run"
-)
-
-
-def _debian_family(host: Host) -> bool:
-    text = host.read_text("/etc/os-release", default="")
-    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    ids = {fields.get("ID", "").strip('"')} | set(fields.get("ID_LIKE", "").strip('"').split())
-    return "debian" in ids or "ubuntu" in ids
 
 
 def cpu_vendor(inv: Inventory) -> str | None:
@@ -94,7 +78,7 @@ def desired(host: Host, inv: Inventory, notes: list[str]) -> list[Change]:
             UDEV_RULE, render_template("99-vectorlay-vfio.rules.j2", devices=_rule_devices(inv)).encode()
         )
     )
-    debian = _debian_family(host)
+    debian = platform.os_release(host).debian_family
     if debian:
         changes.append(
             FileChange(
@@ -146,7 +130,7 @@ def owned_changes(host: Host) -> list[Change]:
         changes.append(Command(loader.update, after=(grub.DROPIN,)))
     changes.append(Command(("systemctl", "daemon-reload"), after=(UNIT, UNIT_WANTS)))
     changes.append(Command(("udevadm", "control", "--reload"), after=(UDEV_RULE,)))
-    if _debian_family(host):
+    if platform.os_release(host).debian_family:
         changes.append(Command(("update-initramfs", "-u"), after=INITRAMFS_INPUTS))
     return changes
 
@@ -170,7 +154,7 @@ def _warnings(inv: Inventory) -> list[str]:
 def run(ctx: Context) -> StageResult:
     host = ctx.host
     inv = ctx.inventory or discover(host, ctx.settings)
-    mode = ctx.gpu_mode or ctx.settings.gpu_mode or ("passthrough" if inv.gpus else "none")
+    mode = platform.gpu_mode(ctx.gpu_mode, ctx.settings.gpu_mode, has_gpus=bool(inv.gpus))
     if mode == "container":
         return container_mode(ctx, inv)
     if mode == "none" or not (inv.gpus or inv.nvswitches):
@@ -278,7 +262,7 @@ def gate(ctx: Context, inv: Inventory) -> StageResult:
                 )
             raise VectorlayError(
                 "the host rebooted but the IOMMU is still off: the firmware has it disabled",
-                BIOS_HINTS.get(vendor or "", BIOS_HINT_ANY),
+                f"{platform.firmware_iommu_hint(vendor)}, then reboot and re-run",
             )
         raise VectorlayError(
             f"after a reboot, {len(not_bound)} function(s) are still not on vfio-pci: {', '.join(not_bound)}",
@@ -292,6 +276,6 @@ def gate(ctx: Context, inv: Inventory) -> StageResult:
     save_state(host, state)
     msg = reboot_message(ctx.token_expires_at)
     if not inv.iommu.active and inv.iommu.firmware_table is None:
-        hint = BIOS_HINTS.get(cpu_vendor(inv) or "", BIOS_HINT_ANY).split(", then")[0]
+        hint = platform.firmware_iommu_hint(cpu_vendor(inv))
         msg += f"; the firmware reports no IOMMU either: {hint} while you reboot"
     return StageResult(Outcome.REBOOT, msg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from bootstrap import platform
 from bootstrap.api import ApiError
 from bootstrap.enroll import token_refused, token_state_words
 from bootstrap.errors import VectorlayError
@@ -29,18 +30,9 @@ SUPPORTED_OS = {("ubuntu", "22.04"), ("ubuntu", "24.04"), ("debian", "12")}
 DOCTOR_CHECKS = ("kvm", "memory", "disk")
 
 
-def os_release(host: Host) -> tuple[str, str, str]:
-    """(ID, VERSION_ID, PRETTY_NAME) from /etc/os-release, "" where missing."""
-    fields: dict[str, str] = {}
-    for line in host.read_text("/etc/os-release", default="").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            fields[key.strip()] = value.strip().strip("\"'")
-    return fields.get("ID", ""), fields.get("VERSION_ID", ""), fields.get("PRETTY_NAME", "")
-
-
 def check_os(host: Host) -> str:
-    os_id, version, pretty = os_release(host)
+    rel = platform.os_release(host)
+    os_id, version, pretty = rel.id, rel.version_id, rel.pretty_name
     found = pretty or f"{os_id or 'unknown'} {version}".strip()
     if (os_id, version) not in SUPPORTED_OS:
         raise VectorlayError(

@@ -48,7 +48,7 @@ def run(ctx: Context) -> StageResult:
 
 
 def _report_to_control_plane(ctx: Context) -> None:
-    from bootstrap.identity import IDENTITY_DIR
+    from bootstrap.paths import IDENTITY_DIR
     from nodeagent.agent import Agent, HeartbeatError, describe
 
     if not ctx.host.path(IDENTITY_DIR).exists():

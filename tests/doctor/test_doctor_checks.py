@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bootstrap import runsc
+from bootstrap import grub, runsc
 from bootstrap.errors import UsageError
 from bootstrap.host import CommandResult, Host, RecordingRunner
 from bootstrap.paths import RUNSC
@@ -168,7 +168,7 @@ def test_iommu_missing_from_firmware_gets_the_bios_hint(sim_host: Make) -> None:
 
     assert iommu.status is Status.FAIL
     assert iommu.message == "IOMMU off: no DMAR/IVRS ACPI table (disabled in BIOS/UEFI)"
-    assert iommu.hint == "enable VT-d in BIOS/UEFI, then reboot and re-run the install one-liner"
+    assert iommu.hint == "enable VT-x and VT-d in BIOS/UEFI, then reboot and re-run the install one-liner"
     assert report.get("gpu_units").message == "0/2 GPU unit(s) ready to rent"
 
 
@@ -178,7 +178,7 @@ def test_an_amd_host_without_ivrs_is_told_to_set_iommu_to_enabled_not_auto(sim_h
         desc["cpu"] = {"vendor": "amd", "count": 8}
 
     iommu = run_checks(sim_host("iommu-off", amd), env={}).get("iommu")
-    assert iommu.hint is not None and "SVM and IOMMU set to Enabled (not Auto)" in iommu.hint
+    assert iommu.hint is not None and "SVM and IOMMU (set to Enabled, not Auto)" in iommu.hint
 
 
 def test_the_kernel_hint_follows_the_cpu_vendor_and_flags_a_foreign_option(sim_host: Make) -> None:
@@ -188,8 +188,21 @@ def test_the_kernel_hint_follows_the_cpu_vendor_and_flags_a_foreign_option(sim_h
 
     iommu = run_checks(sim_host("iommu-off", amd_with_intel_flag), env={}).get("iommu")
     assert iommu.message == "IOMMU in firmware (IVRS) but not enabled by the kernel"
-    assert iommu.hint is not None and "amd_iommu=on iommu=pt" in iommu.hint
+    # What the doctor says the installer adds is what the installer's GRUB drop-in carries.
+    assert iommu.hint is not None and "the installer adds iommu=pt to the kernel" in iommu.hint
+    assert grub.iommu_args("amd") == ["iommu=pt"] and "amd_iommu" not in iommu.hint
     assert "intel_iommu=on has no effect on this amd CPU" in iommu.details
+
+
+def test_the_doctor_names_the_arguments_the_installer_writes_for_each_vendor(sim_host: Make) -> None:
+    for vendor in ("intel", "amd"):
+
+        def cpu(desc: dict[str, Any], vendor: str = vendor) -> None:
+            desc["cpu"] = {"vendor": vendor, "count": 8}
+
+        iommu = run_checks(sim_host("iommu-off", cpu), env={}).get("iommu")
+        args = " ".join(grub.iommu_args(vendor))
+        assert iommu.hint is not None and f"the installer adds {args} to the kernel" in iommu.hint
 
 
 def test_iommu_disabled_on_the_command_line_is_named(sim_host: Make) -> None:

@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import requests
 
 from bootstrap.host import Host
-from bootstrap.identity import IDENTITY_DIR, load_identity
+from bootstrap.identity import load_identity
+from bootstrap.paths import IDENTITY_DIR
 from bootstrap.update import probe
 from controlplane import testing
 from hostsim import build_host, load_topology

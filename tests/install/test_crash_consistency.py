@@ -34,7 +34,8 @@ import pytest
 
 from bootstrap.api import ApiClient, ClientCert
 from bootstrap.host import Host
-from bootstrap.identity import IDENTITY_DIR, load_identity
+from bootstrap.identity import load_identity
+from bootstrap.paths import IDENTITY_DIR
 from bootstrap.stages._token import PENDING_KEY
 from controlplane import testing
 from hostsim import build_host, load_topology

@@ -30,8 +30,9 @@ import pytest
 import yaml
 
 from bootstrap.host import CommandResult, Host
-from bootstrap.identity import IDENTITY_DIR, load_identity
+from bootstrap.identity import load_identity
 from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
+from bootstrap.paths import IDENTITY_DIR
 from controlplane import cli as cp_cli
 from doctor.checks import run_checks
 from doctor.model import Status
