@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { echo "python3 -m venv failed: run 'sudo apt-get install python3-venv'"; exit 1; }
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,controlplane]'
+	@# The control plane is a distribution of its own (controlplane-dist/), which hatch cannot install
+	@# editable; in this checkout's venv its command runs the checkout's code.
+	@printf '#!%s\nfrom controlplane.cli import main\nmain()\n' "$(abspath $(BIN))/python" > $(BIN)/vectorlay-control-plane
+	@chmod 755 $(BIN)/vectorlay-control-plane
 	@touch $@
 
 lint: venv

@@ -30,7 +30,27 @@ def test_wheel_contains_packages_templates_and_units_but_not_hostsim(wheel: Path
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "vectorlay-node-agent = nodeagent.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     assert any(n.startswith("bootstrap/_data/units/") for n in names)
-    assert not any(n.startswith(("hostsim/", "tests/")) for n in names)
+    assert not any(n.startswith(("hostsim/", "tests/", "controlplane/")) for n in names)
+    assert "vectorlay-control-plane" not in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_the_control_plane_is_a_wheel_of_its_own_with_install_sh(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+         str(repo / "controlplane-dist")],
+        check=True,
+    )  # fmt: skip
+    (whl,) = tmp_path.glob("vectorlay_control_plane-*.whl")
+    z = zipfile.ZipFile(whl)
+    names = z.namelist()
+    assert {"controlplane/cli.py", "controlplane/heartbeat.py", "controlplane/_data/install.sh"} <= set(names)
+    assert z.read("controlplane/_data/install.sh") == (repo / "install.sh").read_bytes()
+    assert not any(n.startswith(("bootstrap/", "doctor/", "nodeagent/", "hostsim/", "tests/")) for n in names)
+    meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "Requires-Dist: vectorlay-node" in meta
+    entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "vectorlay-control-plane = controlplane.cli:main" in entry_points
 
 
 def test_installed_wheel_finds_its_data_and_runs_detect(wheel: Path, tmp_path: Path) -> None:
@@ -56,6 +76,11 @@ def test_installed_wheel_finds_its_data_and_runs_detect(wheel: Path, tmp_path: P
     pkg, templates, units = out.stdout.split()
     assert pkg.startswith(site) and templates.startswith(site) and units.startswith(site)
     assert Path(templates, "grub-iommu.cfg.j2").is_file()
+    for absent in ("controlplane", "hostsim", "tests"):
+        res = subprocess.run(
+            [str(py), "-c", f"import {absent}"], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert res.returncode == 1 and "ModuleNotFoundError" in res.stderr, absent
 
     tree = tmp_path / "host"
     (tree / "proc").mkdir(parents=True)
