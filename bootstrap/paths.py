@@ -8,5 +8,6 @@ from __future__ import annotations
 # its versioned release directory; `current` is switched by rename, so this path never changes.
 RUNSC = "/opt/vectorlay/releases/runsc/current/bin/runsc"
 IDENTITY_DIR = "/etc/vectorlay/identity"
+LOG_PATH = "/var/log/vectorlay/bootstrap.log"
 # The long-running agents, by artifact name, and the systemd units that run them.
 AGENT_SERVICES = {"nebula": "nebula.service", "nomad": "nomad.service", "node-agent": "node-agent.service"}

@@ -664,8 +664,8 @@ def check_control_plane(ctx: Context) -> CheckResult:
     """What the control plane answered the node-agent's last heartbeat (its status.json)."""
     import time
 
+    from bootstrap.agent_status import STATUS_PATH, parse_iso, read_status
     from bootstrap.paths import IDENTITY_DIR
-    from nodeagent.status import STATUS_PATH, parse_iso, read_status
 
     name = "control_plane"
     ident = ctx.host.path(IDENTITY_DIR)

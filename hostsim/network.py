@@ -20,6 +20,7 @@ import yaml
 
 from bootstrap.host import CommandResult, Host, RecordingRunner
 from bootstrap.overlay import NEBULA_CONFIG
+from bootstrap.paths import IDENTITY_DIR
 from hostsim.systemd import Systemd, active_state
 
 STATE_DIR = "/run/hostsim/net"
@@ -170,7 +171,7 @@ def enroll_overlay(
         groups=[NODE_GROUP],
         now=now,
     )
-    ident = host.path(identity.IDENTITY_DIR)
+    ident = host.path(IDENTITY_DIR)
     ident.mkdir(parents=True, exist_ok=True)
     os.chmod(ident, 0o700)
     files = {
@@ -191,8 +192,6 @@ def enroll_overlay(
     config = host.path(NEBULA_CONFIG)
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(
-        render(
-            "nebula-config.yml.j2", nebula=nebula, identity_dir=identity.IDENTITY_DIR, tun_device=TUN_DEVICE
-        )
+        render("nebula-config.yml.j2", nebula=nebula, identity_dir=IDENTITY_DIR, tun_device=TUN_DEVICE)
     )
     set_active_state(host, "nebula.service", "active" if nebula_running else "inactive")

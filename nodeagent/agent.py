@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from bootstrap import artifacts
+from bootstrap.agent_status import iso, read_status, write_status
 from bootstrap.api import ApiClient, ClientCert
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
@@ -31,7 +32,6 @@ from bootstrap.settings import Settings, load_settings
 from bootstrap.update import SERVICES
 from nodeagent import __version__
 from nodeagent.resources import CpuSample, read_resources
-from nodeagent.status import iso, read_status, write_status
 
 log = logging.getLogger("node-agent")
 
@@ -276,13 +276,13 @@ class Daemon:
     _drain_requested: bool = False
     _in_flight: bool = False
 
-    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+    def _on_term(self, signum: int, _frame: FrameType | None) -> None:
         self._stop = True
         self._wake.set()
         if self._in_flight:
             raise _Terminate
 
-    def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
+    def _on_usr1(self, signum: int, _frame: FrameType | None) -> None:
         self._drain_requested = True
         self._wake.set()
 

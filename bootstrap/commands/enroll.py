@@ -2,46 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
-from bootstrap import platform
 from bootstrap.api import ApiClient
-from bootstrap.discovery import UnitStatus, discover
 from bootstrap.errors import VectorlayError
+from bootstrap.hardware import hardware_report
 from bootstrap.host import Host
 from bootstrap.identity import identity_path
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.settings import load_settings
 
 log = logging.getLogger(__name__)
-
-
-def hardware_report(host: Host, settings_gpu_mode: str | None) -> tuple[str, dict[str, object]]:
-    """The gpu mode to enroll with and what the control plane is told about the hardware.
-
-    Refuses passthrough while no GPU unit can be passed through: the node is never enrolled
-    advertising GPUs that cannot run a VM (the install command's gpu stage fixes that first).
-    """
-    inv = discover(host, load_settings(host))
-    report: dict[str, object] = dict(inv.to_json())
-    with contextlib.suppress(OSError, ValueError, RuntimeError):
-        report["memory_bytes"] = host.memory_total_bytes()
-    gpu_mode = platform.gpu_mode(settings_gpu_mode, has_gpus=bool(inv.gpus))
-    ready = sum(1 for u in inv.units if u.status is UnitStatus.READY)
-    if gpu_mode == "passthrough" and inv.units and not ready:
-        raise VectorlayError(
-            f"GPU passthrough is not working yet: 0/{len(inv.units)} GPU unit(s) ready; not enrolling",
-            "run the install one-liner (it sets up passthrough and asks for a reboot), "
-            "or choose VECTORLAY_GPU_MODE=container or none",
-        )
-    if gpu_mode == "container":
-        # Units are IOMMU groups, what passthrough rents; a container-mode node shares its GPUs
-        # (listed under "gpus") through runsc and may have no IOMMU at all, and the control plane
-        # keys units by group.
-        report["units"], report["nvswitch_units"] = [], []
-    return gpu_mode, report
 
 
 def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file: Path | None) -> None:

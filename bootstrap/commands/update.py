@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bootstrap.commands.install import run_lock
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import load_identity
+from bootstrap.lock import run_lock
 from bootstrap.settings import load_settings
 from bootstrap.stages.artifacts import agent_names, fetch_manifest, node_client, wanted
 from bootstrap.state import load_state, save_state

@@ -67,6 +67,18 @@ class StageResult:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class Doctor:
+    """The doctor's checks and the node-agent's one heartbeat, as preflight and verify use them. They
+    stand beside the stages on the same core, not under them, so the command that runs the stages
+    hands them in (bootstrap.commands.doctor_port)."""
+
+    run_checks: Callable[..., Report]
+    render_text: Callable[[Report], str]
+    # One heartbeat now; the line to show (delivered or not, it never raises).
+    report_now: Callable[[Host], str]
+
+
 @dataclass
 class Context:
     host: Host
@@ -94,6 +106,12 @@ class Context:
     # Checks the operator accepts failing (--ignore-preflight-errors, as kubeadm's): still run and
     # reported, but neither preflight nor verify stops the run on them.
     ignored_checks: frozenset[str] = frozenset()
+    doctor: Doctor | None = None
+
+    def need_doctor(self) -> Doctor:
+        if self.doctor is None:
+            raise RuntimeError("this stage runs the doctor's checks, and none was handed in")
+        return self.doctor
 
 
 class StageModule(Protocol):

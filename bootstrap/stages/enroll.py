@@ -58,8 +58,8 @@ def _kept(ctx: Context, why: str) -> StageResult:
 
 
 def run(ctx: Context) -> StageResult:
-    from bootstrap.commands.enroll import hardware_report
     from bootstrap.enroll import enroll, token_refused, token_state_words
+    from bootstrap.hardware import hardware_report
 
     host = ctx.host
     token = obtain_token(ctx)

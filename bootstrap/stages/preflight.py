@@ -56,7 +56,6 @@ def reach_api(ctx: Context) -> None:
 
 
 def run(ctx: Context) -> StageResult:
-    from doctor.checks import run_checks
     from doctor.model import Status
 
     host = ctx.host
@@ -65,7 +64,7 @@ def run(ctx: Context) -> StageResult:
     found = check_os(host)
     ctx.out(f"preflight: {found}")
 
-    report = run_checks(host, ctx.settings, only=DOCTOR_CHECKS)
+    report = ctx.need_doctor().run_checks(host, ctx.settings, only=DOCTOR_CHECKS)
     for r in report.results:
         ctx.out(f"  {r.name}: {r.message} [{r.status.value}]")
         if r.status is Status.WARN:

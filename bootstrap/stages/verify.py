@@ -14,22 +14,23 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bootstrap.errors import VectorlayError
+from bootstrap.paths import IDENTITY_DIR
 from bootstrap.stages import Context, Outcome, StageResult
 from bootstrap.stages.artifacts import gpu_mode_of
 
 
 def run(ctx: Context) -> StageResult:
-    from doctor.checks import run_checks
     from doctor.model import Status
-    from doctor.render import render_text
 
+    doctor = ctx.need_doctor()
     if ctx.plan_only:
         ctx.out("verify: the doctor's checks run after a real install")
         return StageResult(Outcome.PLANNED, "not run in plan mode")
-    _report_to_control_plane(ctx)
-    report = run_checks(ctx.host, replace(ctx.settings, gpu_mode=gpu_mode_of(ctx)))
+    if ctx.host.path(IDENTITY_DIR).exists():
+        ctx.out(f"node-agent: {doctor.report_now(ctx.host)}")
+    report = doctor.run_checks(ctx.host, replace(ctx.settings, gpu_mode=gpu_mode_of(ctx)))
     ctx.report = report
-    for line in render_text(report).rstrip("\n").splitlines():
+    for line in doctor.render_text(report).rstrip("\n").splitlines():
         ctx.out(f"  {line}" if line else "")
     units = f"; {report.units_ready}/{report.units_total} GPU unit(s) ready" if report.units_total else ""
     verdict = f"doctor: {report.verdict.value}{units}"
@@ -45,18 +46,3 @@ def run(ctx: Context) -> StageResult:
     if any(r.status is Status.FAIL for r in report.results):
         verdict += " (failed checks ignored on request: " + ", ".join(sorted(ctx.ignored_checks)) + ")"
     return StageResult(Outcome.OK, verdict)
-
-
-def _report_to_control_plane(ctx: Context) -> None:
-    from bootstrap.paths import IDENTITY_DIR
-    from nodeagent.agent import Agent, HeartbeatError, describe
-
-    if not ctx.host.path(IDENTITY_DIR).exists():
-        return
-    agent = Agent(ctx.host)
-    try:
-        ctx.out(f"node-agent: heartbeat: {describe(agent.heartbeat())}")
-    except HeartbeatError as e:
-        ctx.out(f"node-agent: heartbeat not delivered: {e.message}")
-    finally:
-        agent.close()

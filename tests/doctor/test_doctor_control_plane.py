@@ -7,11 +7,11 @@ import json
 import time
 from collections.abc import Callable
 
+from bootstrap.agent_status import STATUS_PATH, iso
 from bootstrap.host import Host
 from bootstrap.settings import Settings
 from doctor.checks import Context, check_control_plane
 from doctor.model import CheckResult, Status
-from nodeagent.status import STATUS_PATH, iso
 
 Make = Callable[..., Host]
 

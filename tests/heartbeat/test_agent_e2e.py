@@ -23,13 +23,13 @@ from typing import Any, ClassVar
 
 import requests
 
+from bootstrap.agent_status import STATUS_PATH
 from bootstrap.host import Host
 from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.update import probe
 from controlplane import testing
 from hostsim import build_host, load_topology
-from nodeagent.status import STATUS_PATH
 from tests.install.helpers import FAST, SIMULATOR, gpus_on_vfio, install, installed_demo_node
 
 AGENT_BIN = "/opt/vectorlay/releases/node-agent/current/bin/node-agent"

@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
-from bootstrap.commands.install import LOG_PATH, RedactSecrets, run_lock
+from bootstrap.commands.install import RedactSecrets
 from bootstrap.host import Host
 from bootstrap.identity import load_identity
+from bootstrap.lock import run_lock
+from bootstrap.paths import LOG_PATH
 from hostsim import build_host, load_topology
 from tests.install.helpers import gpus_on_vfio, install, stop_daemons
 

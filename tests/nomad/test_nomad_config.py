@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
+from bootstrap.paths import IDENTITY_DIR
 from bootstrap.resources import units_dir
 from bootstrap.settings import load_settings
-from bootstrap.stages.agents import IDENTITY_DIR
 from bootstrap.templating import hcl_string
 
 from .helpers import parse_hcl, render_nomad_config, template_parts
