@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(BIN)/ruff check bootstrap doctor hostsim controlplane nodeagent tests benchmarks
 	$(BIN)/ruff format --check bootstrap doctor hostsim controlplane nodeagent tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/vulture
 
 # tests and benchmarks import through the repository root (tests.install.helpers), hence the explicit
 # package bases; tests/vm imports its siblings by bare name (harness, image), so it is checked apart.

@@ -134,22 +134,6 @@ class Identity:
     def token_file(self) -> Path:
         return self.path / "node-token"
 
-    @property
-    def nebula_cert_file(self) -> Path:
-        return self.path / "nebula.crt"
-
-    @property
-    def nebula_ca_file(self) -> Path:
-        return self.path / "nebula-ca.crt"
-
-    @property
-    def nomad_cert_file(self) -> Path:
-        return self.path / "nomad.crt"
-
-    @property
-    def nomad_ca_file(self) -> Path:
-        return self.path / "nomad-ca.crt"
-
     def node_token(self) -> str:
         return self.token_file.read_text().strip()
 

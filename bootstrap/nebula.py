@@ -334,9 +334,6 @@ class NebulaCertificate:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
-    def expired(self, now: datetime) -> bool:
-        return self.not_before > now or self.not_after < now
-
 
 def parse_certificate(raw: bytes) -> NebulaCertificate:
     """A certificate from its protobuf bytes (the body of the PEM block)."""

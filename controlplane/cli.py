@@ -94,7 +94,7 @@ def serve(
         extra_names=(public_name,) if public_name else (),
     )
 
-    def _stop(signum: int, frame: FrameType | None) -> None:
+    def _stop(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)

@@ -27,7 +27,6 @@ from bootstrap.nebula import (
 from bootstrap.overlay import CONTROL_GROUP, TUN_DEVICE
 from controlplane.nebula_ca import NebulaCA
 
-DEFAULT_PORT = 4242
 # Re-running re-signs a certificate that has less than this left.
 RENEW_BEFORE = timedelta(days=30)
 

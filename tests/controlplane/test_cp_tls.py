@@ -99,7 +99,7 @@ def _raw_get(
         answer = b""
         while chunk := tls.recv(65536):
             answer += chunk
-        return tls.session_reused, answer, tls.session
+        return bool(tls.session_reused), answer, tls.session
 
 
 def test_a_session_is_bound_to_the_certificate_and_a_certless_context_cannot_take_it_over(

@@ -238,7 +238,7 @@ def _kill_all() -> None:
         kill_group(proc)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_sigterm(signum: int, _frame: Any) -> None:
     # A CI timeout usually sends SIGTERM first: the guests go, then the harness exits as asked.
     _kill_all()
     signal.signal(signum, signal.SIG_DFL)
