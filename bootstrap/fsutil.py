@@ -7,7 +7,6 @@ import errno
 import os
 import signal
 import stat
-import tempfile
 from pathlib import Path
 
 # Crash-consistency tests only: VECTORLAY_FAULT_AT=N kills this process (SIGKILL) at the N-th fault
@@ -98,6 +97,8 @@ def atomic_write(
     final_mode = keep_mode if mode is None else mode
     final_uid = keep_uid if uid is None else uid
     final_gid = keep_gid if gid is None else gid
+
+    import tempfile  # only a writer pays for it (shutil, random): the doctor mostly only reads
 
     _remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shlex
 import stat
-import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -107,6 +106,9 @@ class SubprocessRunner:
         timeout: float | None = 60.0,
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
+        # Imported here: the doctor on a node without agents, and every tree root, runs no command.
+        import subprocess
+
         full_env = None if env is None else {**os.environ, **env}
         try:
             proc = subprocess.run(

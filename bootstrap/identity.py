@@ -27,10 +27,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import logging
 import os
-import secrets
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,8 +37,6 @@ from typing import Any
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_symlink, fsync_dir, read_regular
 from bootstrap.host import Host
-
-log = logging.getLogger(__name__)
 
 IDENTITY_DIR = "/etc/vectorlay/identity"
 _GEN_PREFIX = ".identity-"
@@ -306,6 +301,8 @@ def remove_stale_generations(host: Host) -> list[str]:
             entry.unlink(missing_ok=True)
             removed.append(entry.name)
         elif stale_gen:
+            import shutil
+
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     if removed:
@@ -315,6 +312,12 @@ def remove_stale_generations(host: Host) -> list[str]:
 
 def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = None) -> Identity:
     """Replace the node's identity with `new` in one atomic switch (see the module docstring)."""
+    # logging, secrets and shutil only here: the doctor and the node-agent read the identity on
+    # every run and never write it.
+    import logging
+    import secrets
+    import shutil
+
     hook: FaultHook = fault or (lambda point: None)
     link = identity_path(host)
     parent = link.parent
@@ -369,5 +372,5 @@ def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = No
 
     identity = load_identity(host)
     assert identity is not None
-    log.info("identity of node %s written to %s", identity.node_id, IDENTITY_DIR)
+    logging.getLogger(__name__).info("identity of node %s written to %s", identity.node_id, IDENTITY_DIR)
     return identity
