@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,6 +159,8 @@ class Identity:
         """The non-secret enrollment data (nebula, nomad) saved for the agents stage; {} when the
         identity predates it. Raises IdentityError when it is damaged: the agents' configs are made
         from it, and a wrong type there must stop the run with a message, not a traceback."""
+        import json
+
         where = f"{IDENTITY_DIR}/enrollment.json"
         try:
             data = json.loads(read_regular(self.path / "enrollment.json", ENROLLMENT_LIMIT))
@@ -234,6 +235,8 @@ def load_identity(host: Host) -> Identity | None:
                 f"{IDENTITY_DIR}/{name} is readable by others (mode {mode:04o})",
                 f"chmod 600 {IDENTITY_DIR}/{name}",
             )
+    import json  # here, not at the top: a node that is not enrolled yet never reads any
+
     try:
         node = json.loads(read_regular(path / "node.json", ENROLLMENT_LIMIT))
     except (OSError, ValueError, RecursionError) as e:
@@ -312,8 +315,9 @@ def remove_stale_generations(host: Host) -> list[str]:
 
 def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = None) -> Identity:
     """Replace the node's identity with `new` in one atomic switch (see the module docstring)."""
-    # logging, secrets and shutil only here: the doctor and the node-agent read the identity on
+    # json, logging, secrets and shutil only here: the doctor and the node-agent read the identity on
     # every run and never write it.
+    import json
     import logging
     import secrets
     import shutil

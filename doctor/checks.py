@@ -586,6 +586,16 @@ def check_identity(ctx: Context) -> CheckResult:
 
 def check_overlay(ctx: Context) -> CheckResult:
     from bootstrap.identity import IdentityError, load_identity
+
+    name = "overlay"
+    try:
+        ident = load_identity(ctx.host)
+    except IdentityError:
+        return CheckResult(name, Status.SKIP, "no usable identity (see the identity check)")
+    if ident is None:
+        return CheckResult(name, Status.SKIP, "not enrolled (no overlay IP yet)")
+
+    # Only an enrolled node has an overlay to probe: a node being set up does not pay for it.
     from bootstrap.overlay import (
         NEBULA_CONFIG,
         PING_TIMEOUT_S,
@@ -595,13 +605,6 @@ def check_overlay(ctx: Context) -> CheckResult:
         ping_ms,
     )
 
-    name = "overlay"
-    try:
-        ident = load_identity(ctx.host)
-    except IdentityError:
-        return CheckResult(name, Status.SKIP, "no usable identity (see the identity check)")
-    if ident is None:
-        return CheckResult(name, Status.SKIP, "not enrolled (no overlay IP yet)")
     nebula_hint = "systemctl status nebula; journalctl -u nebula -n 50"
     try:
         dev = interface(ctx.host)
@@ -669,15 +672,17 @@ def _nebula_lighthouses(host: Host, config: str) -> list[tuple[str, list[str]]]:
 
 def check_control_plane(ctx: Context) -> CheckResult:
     """What the control plane answered the node-agent's last heartbeat (its status.json)."""
-    import time
-
     from bootstrap.identity import IDENTITY_DIR
-    from nodeagent.status import STATUS_PATH, parse_iso, read_status
 
     name = "control_plane"
     ident = ctx.host.path(IDENTITY_DIR)
     if not (ident.exists() or ident.is_symlink()):
         return CheckResult(name, Status.SKIP, "not enrolled: nothing to report to the control plane")
+
+    import time
+
+    from nodeagent.status import STATUS_PATH, parse_iso, read_status
+
     logs = "journalctl -u node-agent -n 50 says why; sudo systemctl restart node-agent"
     status = read_status(ctx.host)
     if status is None:
