@@ -221,7 +221,9 @@ def udev_names(addresses: Iterable[str]) -> dict[str, tuple[str | None, str | No
     return out
 
 
-_LSPCI_LINE = re.compile(
+# Compiled where it is used: re's compiler is pure Python, and this pattern alone costs more start-up
+# time than the doctor, which never parses lspci, can spare.
+_LSPCI_LINE = (
     r"^(?P<addr>(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])\s+"
     r"(?P<cname>.*?)\s+\[(?P<class>[0-9a-fA-F]{4})\]:\s+"
     r"(?P<desc>.*)\s+\[(?P<vendor>[0-9a-fA-F]{4}):(?P<device>[0-9a-fA-F]{4})\]"
@@ -243,8 +245,9 @@ class LspciEntry:
 def parse_lspci_nn(text: str) -> list[LspciEntry]:
     """Parse `lspci -Dnn` (or plain `lspci -nn`, assuming domain 0000)."""
     out = []
+    line_re = re.compile(_LSPCI_LINE)
     for line in text.splitlines():
-        m = _LSPCI_LINE.match(line.strip())
+        m = line_re.match(line.strip())
         if not m:
             continue
         addr = m["addr"].lower()

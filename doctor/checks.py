@@ -32,8 +32,9 @@ REINSTALL = "re-run the install one-liner"
 RESTART_BIND = "sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap"
 
 # Kernel log lines that mean a GPU fell off the bus this boot: the NVIDIA driver's Xid 79, the
-# driver's plain-text report, and the PCI core failing to wake a device from D3cold.
-_KERNEL_LOG_PATTERN = re.compile(
+# driver's plain-text report, and the PCI core failing to wake a device from D3cold. Compiled only
+# where a kernel log is read (a node with GPUs), not by every run's import.
+_KERNEL_LOG_PATTERN = (
     r"NVRM: Xid \([^)]*\): 79\b|fallen off the bus|Unable to change power state from D3cold to D0"
 )
 
@@ -100,7 +101,8 @@ def _read_kernel_log(host: Host) -> list[str]:
         res = host.run(argv, timeout=20)
         lines = [ln for ln in res.stdout.splitlines() if ln.strip() and not ln.startswith("-- ")]
         if res.ok and lines:
-            return [ln.strip() for ln in lines if _KERNEL_LOG_PATTERN.search(ln)]
+            pattern = re.compile(_KERNEL_LOG_PATTERN)
+            return [ln.strip() for ln in lines if pattern.search(ln)]
     return []
 
 
