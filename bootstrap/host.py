@@ -74,6 +74,8 @@ def resolve_in_root(root: Path, p: str, *, follow: bool = True) -> Path:
 
 @dataclass(frozen=True)
 class CommandResult:
+    """What a command returned: its exit code and its two output streams."""
+
     argv: tuple[str, ...]
     returncode: int
     stdout: str = ""

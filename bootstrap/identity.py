@@ -106,6 +106,8 @@ _ENROLLMENT_SHAPE: dict[str, Callable[[Any], bool]] = {
 
 @dataclass(frozen=True)
 class Identity:
+    """The identity in force, as node.json describes it."""
+
     path: Path  # the identity directory as seen through the symlink
     node_id: str
     org_id: str
@@ -190,6 +192,8 @@ class OverlayFiles:
 
 @dataclass(frozen=True)
 class NewIdentity:
+    """Everything enrollment returned, to be written as one new generation."""
+
     key_pem: bytes
     cert_pem: bytes
     ca_pem: bytes

@@ -19,6 +19,8 @@ _ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 
 @dataclass(frozen=True)
 class PciDevice:
+    """One PCI function as sysfs shows it, with its driver and IOMMU group."""
+
     address: str  # domain-qualified: dddd:bb:dd.f
     vendor_id: str  # lower-case hex, no 0x
     device_id: str
@@ -160,6 +162,8 @@ def group_sort_key(group: str | None) -> tuple[int, str]:
 
 @dataclass
 class PciNames:
+    """Vendor and device names from pci.ids, for the vendors asked for."""
+
     vendors: dict[str, str]
     devices: dict[tuple[str, str], str]
 
@@ -234,6 +238,8 @@ _LSPCI_LINE = (
 
 @dataclass(frozen=True)
 class LspciEntry:
+    """One line of `lspci -Dnn`."""
+
     address: str
     class_code: str
     vendor_id: str

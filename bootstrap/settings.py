@@ -18,6 +18,8 @@ GPU_MODES = ("passthrough", "container", "none")
 
 @dataclass(frozen=True)
 class Settings:
+    """The node's settings: node.yaml, then the environment over it."""
+
     api: str | None = None
     gpu_mode: str | None = None  # None: decided by detection (passthrough on GPU boxes, else none)
     autoupdate: bool = True
