@@ -4,9 +4,11 @@
 
 Both run against this machine's real root, alternately (doctor, then virt-host-validate, ...) so that
 load from other processes hits both alike; the figure that counts is the median over the per-pair
-ratios. Goal: the doctor at most 10x virt-host-validate's wall time, while checking far more (agents,
-a real KVM_CREATE_VM, IOMMU, VFIO units, wedged GPUs, disk, memory, identity). virt-host-validate is
-in Debian's libvirt-clients package: `apt-get install -y libvirt-clients`.
+ratios. Goal: each form (plain, --json, --prometheus: the node-agent and the textfile timer run the
+doctor often) at most 5x virt-host-validate's wall time, while checking far more (agents, a real
+KVM_CREATE_VM, IOMMU, VFIO units, wedged GPUs, disk, memory, identity).
+benchmarks/test_bench_doctor_cli.py times the same three forms under pytest-benchmark (`make bench`).
+virt-host-validate is in Debian's libvirt-clients package: `apt-get install -y libvirt-clients`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-GOAL = 10.0
+GOAL = 5.0
 
 
 def _doctor_exe() -> str:
@@ -70,16 +72,17 @@ def main() -> int:
             ("vectorlay-node-doctor --json", [doctor, "--json"]),
             ("vectorlay-node-doctor --prometheus FILE", [doctor, "--prometheus", f"{tmp}/doctor.prom"]),
         ]
-        headline = None
+        ratios = []
         for label, argv in variants:
             d, p, ratio = _compare(argv, peer, args.runs)
-            headline = headline if headline is not None else ratio
+            ratios.append(ratio)
             row = f"{label}  vs  virt-host-validate qemu"
             print(f"{row:<58} {d * 1000:7.1f}ms {p * 1000:7.1f}ms {ratio:6.1f}x")
-    assert headline is not None
-    verdict = "within" if headline <= GOAL else "OVER"
+    worst = max(ratios)
+    verdict = "within" if worst <= GOAL else "OVER"
     print(
-        f"median ratio (doctor / virt-host-validate qemu): {headline:.1f}x ({verdict} the {GOAL:.0f}x goal)"
+        f"slowest form's median ratio (doctor / virt-host-validate qemu): {worst:.1f}x "
+        f"({verdict} the {GOAL:.0f}x goal)"
     )
     return 0
 

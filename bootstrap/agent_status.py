@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from typing import Any
 
@@ -39,6 +38,8 @@ def write_status(host: Host, status: dict[str, Any]) -> None:
     """Temp file in the same directory, fsync, rename. Not through bootstrap.fsutil.atomic_write:
     this is runtime state in /run, not part of what an install run changes (nor one of its kill
     points)."""
+    import tempfile  # the doctor imports this module to read the status, never to write it
+
     path = host.path(STATUS_PATH)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.json.")

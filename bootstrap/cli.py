@@ -15,6 +15,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # typer's rich help panel prints a type after every option, flags too (`--plan <bool>`); the
+    # plain formatter, as the doctor uses, shows a flag as a flag.
+    rich_markup_mode=None,
 )
 
 

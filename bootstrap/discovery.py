@@ -54,6 +54,8 @@ class UnitStatus(str, Enum):
 
 @dataclass(frozen=True)
 class CpuInfo:
+    """The CPU's vendor and its /proc/cpuinfo flags."""
+
     vendor: str | None  # "intel", "amd" or None
     flags: frozenset[str]
 
@@ -68,6 +70,8 @@ class CpuInfo:
 
 @dataclass(frozen=True)
 class IommuState:
+    """Whether an IOMMU is on, how many groups it made, and who describes it."""
+
     active: bool
     groups: int
     vendor: str | None  # "intel" / "amd" from the kernel's IOMMU devices or firmware tables
@@ -77,6 +81,8 @@ class IommuState:
 
 @dataclass(frozen=True)
 class Unit:
+    """One GPU unit: its IOMMU group, its GPUs and devices, and what stands in its way."""
+
     iommu_group: str | None
     status: UnitStatus
     gpus: tuple[str, ...]
@@ -89,6 +95,8 @@ class Unit:
 
 @dataclass
 class Inventory:
+    """What detection found: IOMMU, CPU, PCI devices, GPUs, NVSwitches and units."""
+
     iommu: IommuState
     cpu: CpuInfo
     devices: dict[str, PciDevice]

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import stat
-import tempfile
 from pathlib import Path
 
 # Crash-consistency tests only: VECTORLAY_FAULT_AT=N kills this process (SIGKILL) at the N-th fault
@@ -32,6 +30,8 @@ def fault_point(what: str) -> None:
     if at is not None and (at == what if not at.isdigit() else int(at) == _fault_count):
         if os.environ.get(FAULT_KIND_ENV) == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what.partition(" ")[2])
+        import signal  # only the test suite's fault injection kills
+
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -74,6 +74,20 @@ def fsync_dir(path: Path, *, fault: bool = True) -> None:
         os.close(fd)
 
 
+def _create_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """tempfile.mkstemp's contract (a new name, O_EXCL, no symlink followed, mode 0600) without
+    importing tempfile (shutil, random, hashlib): `vectorlay-node-doctor --prometheus`, run by a timer
+    and timed against virt-host-validate, writes just this one file."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        name = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}{suffix}")
+        try:
+            return os.open(name, flags, 0o600), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no usable temporary file name", os.fspath(directory))
+
+
 def atomic_write(
     path: Path,
     data: bytes | str,
@@ -100,7 +114,7 @@ def atomic_write(
     final_gid = keep_gid if gid is None else gid
 
     _remove_stale_temps(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = _create_temp(path.parent, f".{path.name}.{os.getpid()}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

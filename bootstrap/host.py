@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shlex
 import stat
-import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +73,8 @@ def resolve_in_root(root: Path, p: str, *, follow: bool = True) -> Path:
 
 @dataclass(frozen=True)
 class CommandResult:
+    """What a command returned: its exit code and its two output streams."""
+
     argv: tuple[str, ...]
     returncode: int
     stdout: str = ""
@@ -106,6 +107,9 @@ class SubprocessRunner:
         timeout: float | None = 60.0,
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
+        # Imported here: the doctor on a node without agents, and every tree root, runs no command.
+        import subprocess
+
         full_env = None if env is None else {**os.environ, **env}
         try:
             proc = subprocess.run(

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
-import logging
 import os
-import secrets
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,8 +37,6 @@ from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_symlink, fsync_dir, read_regular
 from bootstrap.host import Host
 from bootstrap.paths import IDENTITY_DIR
-
-log = logging.getLogger(__name__)
 
 _GEN_PREFIX = ".identity-"
 # A plain directory found at IDENTITY_DIR (not made by this writer) is moved here before the first
@@ -112,6 +106,8 @@ _ENROLLMENT_SHAPE: dict[str, Callable[[Any], bool]] = {
 
 @dataclass(frozen=True)
 class Identity:
+    """The identity in force, as node.json describes it."""
+
     path: Path  # the identity directory as seen through the symlink
     node_id: str
     org_id: str
@@ -141,6 +137,8 @@ class Identity:
         """The non-secret enrollment data (nebula, nomad) saved for the agents stage; {} when the
         identity predates it. Raises IdentityError when it is damaged: the agents' configs are made
         from it, and a wrong type there must stop the run with a message, not a traceback."""
+        import json
+
         where = f"{IDENTITY_DIR}/enrollment.json"
         try:
             data = json.loads(read_regular(self.path / "enrollment.json", ENROLLMENT_LIMIT))
@@ -170,6 +168,8 @@ class OverlayFiles:
 
 @dataclass(frozen=True)
 class NewIdentity:
+    """Everything enrollment returned, to be written as one new generation."""
+
     key_pem: bytes
     cert_pem: bytes
     ca_pem: bytes
@@ -215,6 +215,8 @@ def load_identity(host: Host) -> Identity | None:
                 f"{IDENTITY_DIR}/{name} is readable by others (mode {mode:04o})",
                 f"chmod 600 {IDENTITY_DIR}/{name}",
             )
+    import json  # here, not at the top: a node that is not enrolled yet never reads any
+
     try:
         node = json.loads(read_regular(path / "node.json", ENROLLMENT_LIMIT))
     except (OSError, ValueError, RecursionError) as e:
@@ -282,6 +284,8 @@ def remove_stale_generations(host: Host) -> list[str]:
             entry.unlink(missing_ok=True)
             removed.append(entry.name)
         elif stale_gen:
+            import shutil
+
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     if removed:
@@ -291,6 +295,13 @@ def remove_stale_generations(host: Host) -> list[str]:
 
 def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = None) -> Identity:
     """Replace the node's identity with `new` in one atomic switch (see the module docstring)."""
+    # json, logging, secrets and shutil only here: the doctor and the node-agent read the identity on
+    # every run and never write it.
+    import json
+    import logging
+    import secrets
+    import shutil
+
     hook: FaultHook = fault or (lambda point: None)
     link = identity_path(host)
     parent = link.parent
@@ -345,5 +356,5 @@ def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = No
 
     identity = load_identity(host)
     assert identity is not None
-    log.info("identity of node %s written to %s", identity.node_id, IDENTITY_DIR)
+    logging.getLogger(__name__).info("identity of node %s written to %s", identity.node_id, IDENTITY_DIR)
     return identity

@@ -19,6 +19,8 @@ _ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 
 @dataclass(frozen=True)
 class PciDevice:
+    """One PCI function as sysfs shows it, with its driver and IOMMU group."""
+
     address: str  # domain-qualified: dddd:bb:dd.f
     vendor_id: str  # lower-case hex, no 0x
     device_id: str
@@ -160,6 +162,8 @@ def group_sort_key(group: str | None) -> tuple[int, str]:
 
 @dataclass
 class PciNames:
+    """Vendor and device names from pci.ids, for the vendors asked for."""
+
     vendors: dict[str, str]
     devices: dict[tuple[str, str], str]
 
@@ -221,7 +225,9 @@ def udev_names(addresses: Iterable[str]) -> dict[str, tuple[str | None, str | No
     return out
 
 
-_LSPCI_LINE = re.compile(
+# Compiled where it is used: re's compiler is pure Python, and this pattern alone costs more start-up
+# time than the doctor, which never parses lspci, can spare.
+_LSPCI_LINE = (
     r"^(?P<addr>(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])\s+"
     r"(?P<cname>.*?)\s+\[(?P<class>[0-9a-fA-F]{4})\]:\s+"
     r"(?P<desc>.*)\s+\[(?P<vendor>[0-9a-fA-F]{4}):(?P<device>[0-9a-fA-F]{4})\]"
@@ -232,6 +238,8 @@ _LSPCI_LINE = re.compile(
 
 @dataclass(frozen=True)
 class LspciEntry:
+    """One line of `lspci -Dnn`."""
+
     address: str
     class_code: str
     vendor_id: str
@@ -243,8 +251,9 @@ class LspciEntry:
 def parse_lspci_nn(text: str) -> list[LspciEntry]:
     """Parse `lspci -Dnn` (or plain `lspci -nn`, assuming domain 0000)."""
     out = []
+    line_re = re.compile(_LSPCI_LINE)
     for line in text.splitlines():
-        m = _LSPCI_LINE.match(line.strip())
+        m = line_re.match(line.strip())
         if not m:
             continue
         addr = m["addr"].lower()

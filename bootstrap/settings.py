@@ -11,7 +11,6 @@ from typing import Any
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
-from bootstrap.plan import MARKER
 
 SETTINGS_PATH = "/etc/vectorlay/node.yaml"
 GPU_MODES = ("passthrough", "container", "none")
@@ -19,6 +18,8 @@ GPU_MODES = ("passthrough", "container", "none")
 
 @dataclass(frozen=True)
 class Settings:
+    """The node's settings: node.yaml, then the environment over it."""
+
     api: str | None = None
     gpu_mode: str | None = None  # None: decided by detection (passthrough on GPU boxes, else none)
     autoupdate: bool = True
@@ -280,6 +281,10 @@ def load_settings(host: Host, env: Mapping[str, str] | None = None, *, repair: b
         try:
             values = _parse(text)
         except VectorlayError as e:
+            # bootstrap.plan (and all it imports) only here and in settings_yaml: the doctor and the
+            # node-agent read node.yaml on every run and never write it.
+            from bootstrap.plan import MARKER
+
             # Earlier versions put the marker and a note on one line.
             if not (repair and text.startswith(MARKER)):
                 raise
@@ -323,6 +328,8 @@ def settings_yaml(settings: Settings, *, api: str | None, gpu_mode: str) -> byte
     """node.yaml as the install run writes it: serialised by yaml.safe_dump, so no value can break
     the file or add a key, whatever it holds."""
     import yaml
+
+    from bootstrap.plan import MARKER
 
     data: dict[str, Any] = {
         "api": api,

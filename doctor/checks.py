@@ -15,7 +15,7 @@ from bootstrap import platform, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError
 from bootstrap.host import CommandResult, Host
-from bootstrap.paths import AGENT_SERVICES, RUNSC
+from bootstrap.paths import AGENT_SERVICES, IDENTITY_DIR, RUNSC
 from bootstrap.pci import PciDevice
 from bootstrap.settings import Settings
 from doctor.model import CheckResult, Report, Status
@@ -32,8 +32,9 @@ REINSTALL = "re-run the install one-liner"
 RESTART_BIND = "sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap"
 
 # Kernel log lines that mean a GPU fell off the bus this boot: the NVIDIA driver's Xid 79, the
-# driver's plain-text report, and the PCI core failing to wake a device from D3cold.
-_KERNEL_LOG_PATTERN = re.compile(
+# driver's plain-text report, and the PCI core failing to wake a device from D3cold. Compiled only
+# where a kernel log is read (a node with GPUs), not by every run's import.
+_KERNEL_LOG_PATTERN = (
     r"NVRM: Xid \([^)]*\): 79\b|fallen off the bus|Unable to change power state from D3cold to D0"
 )
 
@@ -100,7 +101,8 @@ def _read_kernel_log(host: Host) -> list[str]:
         res = host.run(argv, timeout=20)
         lines = [ln for ln in res.stdout.splitlines() if ln.strip() and not ln.startswith("-- ")]
         if res.ok and lines:
-            return [ln.strip() for ln in lines if _KERNEL_LOG_PATTERN.search(ln)]
+            pattern = re.compile(_KERNEL_LOG_PATTERN)
+            return [ln.strip() for ln in lines if pattern.search(ln)]
     return []
 
 
@@ -579,6 +581,16 @@ def check_identity(ctx: Context) -> CheckResult:
 
 def check_overlay(ctx: Context) -> CheckResult:
     from bootstrap.identity import IdentityError, load_identity
+
+    name = "overlay"
+    try:
+        ident = load_identity(ctx.host)
+    except IdentityError:
+        return CheckResult(name, Status.SKIP, "no usable identity (see the identity check)")
+    if ident is None:
+        return CheckResult(name, Status.SKIP, "not enrolled (no overlay IP yet)")
+
+    # Only an enrolled node has an overlay to probe: a node being set up does not pay for it.
     from bootstrap.overlay import (
         NEBULA_CONFIG,
         PING_TIMEOUT_S,
@@ -588,13 +600,6 @@ def check_overlay(ctx: Context) -> CheckResult:
         ping_ms,
     )
 
-    name = "overlay"
-    try:
-        ident = load_identity(ctx.host)
-    except IdentityError:
-        return CheckResult(name, Status.SKIP, "no usable identity (see the identity check)")
-    if ident is None:
-        return CheckResult(name, Status.SKIP, "not enrolled (no overlay IP yet)")
     nebula_hint = "systemctl status nebula; journalctl -u nebula -n 50"
     try:
         dev = interface(ctx.host)
@@ -662,15 +667,16 @@ def _nebula_lighthouses(host: Host, config: str) -> list[tuple[str, list[str]]]:
 
 def check_control_plane(ctx: Context) -> CheckResult:
     """What the control plane answered the node-agent's last heartbeat (its status.json)."""
-    import time
-
-    from bootstrap.agent_status import STATUS_PATH, parse_iso, read_status
-    from bootstrap.paths import IDENTITY_DIR
 
     name = "control_plane"
     ident = ctx.host.path(IDENTITY_DIR)
     if not (ident.exists() or ident.is_symlink()):
         return CheckResult(name, Status.SKIP, "not enrolled: nothing to report to the control plane")
+
+    import time
+
+    from bootstrap.agent_status import STATUS_PATH, parse_iso, read_status
+
     logs = "journalctl -u node-agent -n 50 says why; sudo systemctl restart node-agent"
     status = read_status(ctx.host)
     if status is None:

@@ -15,6 +15,8 @@ class Status(str, Enum):
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One check's outcome: a status, a message and, unless it passed, a fix."""
+
     name: str  # stable: docs/contracts.md#vectorlay-node-doctor
     status: Status
     message: str
@@ -28,6 +30,8 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class Report:
+    """Every check's result, with the GPU unit counts and wedged devices the outputs show."""
+
     results: tuple[CheckResult, ...]
     mode: str  # passthrough | container | none
     units_ready: int = 0

@@ -24,6 +24,8 @@ VFIO_GROUP_FLAGS_VIABLE = 1 << 0
 
 @dataclass(frozen=True)
 class KvmProbe:
+    """Whether a test VM could be created, and what happened."""
+
     ok: bool
     detail: str  # what worked, or the step that failed and why
 
@@ -55,6 +57,8 @@ def probe_kvm(path: str = "/dev/kvm") -> KvmProbe:
 
 @dataclass(frozen=True)
 class GroupProbe:
+    """Whether a VFIO group can be opened by a VM, and its state."""
+
     usable: bool
     state: str  # "viable", "in use by a VM", or why not usable
 
