@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.errors import VectorlayError
-from bootstrap.fsutil import atomic_symlink, fsync_dir, read_regular
+from bootstrap.fsutil import atomic_symlink, fault_point, fsync_dir, read_regular
 from bootstrap.host import Host
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ REQUIRED_FILES = (
     "node.json",
 )
 
-# Where the writer calls its fault hook, in order. Tests kill the process at each of them.
+# The writer's fault points (bootstrap.fsutil), in order, each named `enroll <point>`. The tests kill
+# the process at each of them.
 WRITE_POINTS = (
     "generation-created",
     "wrote:node.key",
@@ -84,7 +85,6 @@ WRITE_POINTS = (
     "old-removed",
 )
 
-FaultHook = Callable[[str], None]
 REENROLL_HINT = "re-enroll the node with a new token (vectorlay-bootstrap enroll)"
 
 
@@ -305,9 +305,14 @@ def remove_stale_generations(host: Host) -> list[str]:
     return removed
 
 
-def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = None) -> Identity:
+def enroll_point(point: str) -> None:
+    """A fault point of the enrollment (ENROLL_POINTS, WRITE_POINTS) under its `enroll <point>` name."""
+    fault_point(f"enroll {point}")
+
+
+def write_identity(host: Host, new: NewIdentity) -> Identity:
     """Replace the node's identity with `new` in one atomic switch (see the module docstring)."""
-    hook: FaultHook = fault or (lambda point: None)
+    hook = enroll_point
     link = identity_path(host)
     parent = link.parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ end by creating /run/vectorlay-<name>/drained (and answering `drained`). The wai
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +21,11 @@ from bootstrap.manifest import Artifact
 SERVICES = {"nebula": "nebula.service", "nomad": "nomad.service", "node-agent": "node-agent.service"}
 
 
+# How long a restarted unit must stay active before it counts as healthy, on a real box. hostsim
+# shortens it for the trees it simulates, whose stand-in agents are healthy at once.
+DEFAULT_SETTLE = 5.0
+
+
 @dataclass
 class Timing:
     settle: float = 5.0  # the unit must stay active this long after a restart
@@ -32,13 +36,9 @@ class Timing:
     monotonic: Callable[[], float] = time.monotonic
 
     @classmethod
-    def from_env(cls) -> Timing:
-        """VECTORLAY_HEALTH_SETTLE shortens the settle window (tests, the demo)."""
-        settle = os.environ.get("VECTORLAY_HEALTH_SETTLE")
-        try:
-            return cls(settle=float(settle)) if settle else cls()
-        except ValueError:
-            return cls()
+    def default(cls) -> Timing:
+        """What the install run and `update` wait with: DEFAULT_SETTLE as it stands now."""
+        return cls(settle=DEFAULT_SETTLE)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 from bootstrap.api import ApiClient
 from bootstrap.discovery import UnitStatus, discover
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, open_host
 from bootstrap.identity import IDENTITY_DIR, identity_path
 from bootstrap.settings import load_settings
 
@@ -48,7 +48,7 @@ def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file
     from bootstrap.enroll import enroll, introspect_token, read_token, token_refused
 
     console = Console(stderr=True)
-    host = Host(root)
+    host = open_host(root)
     settings = load_settings(host)
     api_url = api_url or settings.api
     if not api_url:
