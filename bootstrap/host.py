@@ -157,7 +157,7 @@ class RecordingRunner:
 # and their number varies with timing (health polls), so they are not fault points.
 _QUERY_PROGRAMS = frozenset({"journalctl", "dmesg", "ping"})
 _SYSTEMCTL_QUERIES = frozenset(
-    {"is-active", "is-enabled", "is-failed", "show", "status", "cat", "list-units"}
+    {"is-active", "is-enabled", "is-failed", "is-system-running", "show", "status", "cat", "list-units"}
 )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from bootstrap import artifacts
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host
 from bootstrap.manifest import Artifact
 
 SERVICES = {"nebula": "nebula.service", "nomad": "nomad.service", "node-agent": "node-agent.service"}
@@ -74,10 +74,20 @@ def probe(host: Host, name: str, timeout: float = 2.0) -> str | None:
     return data.decode(errors="replace").strip() or None
 
 
+# What `systemctl is-system-running` says when no systemd manages the system (or none answered).
+_NO_SYSTEMD = frozenset({"", "offline", "unknown"})
+
+
 def services_really_run(host: Host) -> bool:
-    """False against a tree whose commands are only recorded: there is nothing to wait for."""
-    runner = host.runner
-    return not isinstance(runner, RecordingRunner) or "systemctl" in runner.handlers
+    """Whether a systemd runs the host's services, so that there is something to wait for.
+
+    On the live root, always (the installer needs systemd). Against a tree, what systemd itself says:
+    a simulated one (hostsim) names its state, a tree whose commands are only recorded answers nothing.
+    """
+    if host.is_live:
+        return True
+    state = host.run(["systemctl", "is-system-running"], timeout=30).stdout.strip()
+    return state not in _NO_SYSTEMD
 
 
 def is_active(host: Host, unit: str) -> bool:
