@@ -6,8 +6,9 @@ product's own setters (bootstrap.host.set_host_factory, bootstrap.fsutil.set_fau
 bootstrap.update.DEFAULT_SETTLE). A subprocess that runs the product's real entry point (the crash
 harness's `vectorlay-bootstrap install`, the venv install.sh builds, the demo) gets them from `env()`:
 it puts hostsim/_site on PYTHONPATH, whose sitecustomize.py calls `install_from_env()` at interpreter
-start-up with the HOSTSIM_* variables below, before the entry point runs. The agents' services run
-Python with -E, so they ignore PYTHONPATH and run with none of this, as on a box.
+start-up with the HOSTSIM_* variables below, before the entry point runs. The agents' launcher runs
+Python with -E, which hides PYTHONPATH: the node-agent release hostsim builds installs the same
+itself where hostsim is importable (hostsim.agents), and runs without it in install.sh's venv.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ FAULT_KIND_ENV = "HOSTSIM_FAULT_KIND"  # "enospc": that write fails as on a full
 FAULT_LOG_ENV = "HOSTSIM_FAULT_LOG"  # FILE: every point as it passes, "N<TAB>name"
 SETTLE_ENV = "HOSTSIM_HEALTH_SETTLE"  # seconds: the agents' settle window
 FORBID_LIVE_ENV = "HOSTSIM_FORBID_LIVE_ROOT"  # "1": building a host on the real / raises
-ALL_ENV = (SIMULATE_ENV, FAULT_AT_ENV, FAULT_KIND_ENV, FAULT_LOG_ENV, SETTLE_ENV, FORBID_LIVE_ENV)
+FAULT_ENV = (FAULT_AT_ENV, FAULT_KIND_ENV, FAULT_LOG_ENV)
+ALL_ENV = (SIMULATE_ENV, *FAULT_ENV, SETTLE_ENV, FORBID_LIVE_ENV)
 
 SITE_DIR = Path(__file__).resolve().parent / "_site"
 

@@ -135,10 +135,11 @@ def _provide_venv(host: Host) -> None:
 
 
 def _service_env(host: Host) -> dict[str, str]:
-    """The environment a service starts with: the caller's, without the test machinery of
-    hostsim.inject. The agents' Python runs with -E and would ignore PYTHONPATH anyway; the stand-in
-    daemons' does not, and a service runs as on a box, with no simulator or fault hook behind it."""
-    env = {k: v for k, v in os.environ.items() if k not in inject.ALL_ENV}
+    """The environment a service starts with: the caller's, without hostsim's sitecustomize (the
+    agents' Python runs with -E and ignores it anyway; the stand-in daemons' would not) and without
+    the installer's fault points, which count the installer's own steps. The simulator stays asked
+    for: the node-agent release hostsim builds takes it where hostsim is importable (hostsim.agents)."""
+    env = {k: v for k, v in os.environ.items() if k not in inject.FAULT_ENV}
     env["VECTORLAY_ROOT"] = str(host.root)
     site = str(inject.SITE_DIR)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != site]
