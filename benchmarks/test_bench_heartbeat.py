@@ -209,7 +209,8 @@ def _proc_kb(pid: int, key: str) -> int:
 
 @pytest.mark.benchmark(group="heartbeat")
 def test_bench_node_agent_memory_and_cpu_per_heartbeat_on_the_demo_node(benchmark: Any) -> None:
-    from tests.install.helpers import SIMULATOR, installed_demo_node
+    from hostsim import inject
+    from tests.install.helpers import installed_demo_node
 
     base = Path(tempfile.mkdtemp(prefix="vlb", dir="/tmp"))
     try:
@@ -226,11 +227,7 @@ def test_bench_node_agent_memory_and_cpu_per_heartbeat_on_the_demo_node(benchmar
                         "--root",
                         str(root),
                     ],
-                    env={
-                        **os.environ,
-                        "VECTORLAY_ADVERTISE_INTERVAL": "1",
-                        "VECTORLAY_TREE_SIMULATOR": SIMULATOR,
-                    },
+                    env={**inject.env(), "VECTORLAY_ADVERTISE_INTERVAL": "1"},
                     stdout=log,
                     stderr=log,
                 )

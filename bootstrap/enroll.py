@@ -34,11 +34,11 @@ from bootstrap.api import ApiClient, ApiError, ClientCert, not_a_provider
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import (
-    FaultHook,
     Identity,
     IdentityError,
     NewIdentity,
     OverlayFiles,
+    enroll_point,
     identity_path,
     load_identity,
     write_identity,
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "VECTORLAY_TOKEN"
 TOKEN_RE = re.compile(r"^vtk_[A-Za-z0-9_-]{16,256}$")
-# Points before the identity writer's own (identity.WRITE_POINTS) where enroll() calls its hook.
+# Fault points before the identity writer's own (identity.WRITE_POINTS), also named `enroll <point>`.
 ENROLL_POINTS = ("before-request", "response-received")
 
 
@@ -301,17 +301,16 @@ def enroll(
     gpu_mode: str,
     hardware: dict[str, Any],
     hostname: str | None = None,
-    fault: FaultHook | None = None,
     key: ec.EllipticCurvePrivateKey | None = None,
 ) -> EnrollResult:
     """Enroll (or re-enroll) this node and switch its identity to the one the control plane issued.
 
-    `fault` is called at ENROLL_POINTS and identity.WRITE_POINTS; tests use it to kill the run there.
+    It passes the fault points ENROLL_POINTS and identity.WRITE_POINTS (tests kill the run there).
     On any error before the switch the existing identity is left exactly as it was. `key`: the key
     pair to enroll (one kept from an interrupted attempt lets the control plane recognise the retry
     of a token it already consumed); a fresh one by default.
     """
-    hook: FaultHook = fault or (lambda point: None)
+    hook = enroll_point
     current, cert, node_token = _credentials_for(host, api)
     hostname = hostname or _hostname(host)
     key, csr_pem = _make_csr(hostname, key)
@@ -372,7 +371,6 @@ def enroll(
             enrollment=enrollment,
             overlay=overlay,
         ),
-        fault=hook,
     )
     reenrolled = bool(answer.get("reenrolled", current is not None))
     _confirm(api, identity)

@@ -21,10 +21,6 @@ class UsageError(VectorlayError):
     exit_code = 2
 
 
-class LiveRootForbidden(RuntimeError):
-    """Raised in tests when code reaches for the real `/` without being told to."""
-
-
 def exit_with(e: VectorlayError) -> NoReturn:
     """What every console script does with an operator error: message, fix, exit code."""
     print(f"error: {e.message}", file=sys.stderr)

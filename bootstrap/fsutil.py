@@ -6,33 +6,32 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
-# Crash-consistency tests only: VECTORLAY_FAULT_AT=N kills this process (SIGKILL) at the N-th fault
-# point (every file and link switch, directory sync and changing command), or at the first one named
-# so (e.g. "enroll response-received"); with VECTORLAY_FAULT_KIND=enospc that write fails as on a full
-# disk instead. VECTORLAY_FAULT_LOG=FILE lists the points as they pass. Unset: two dict lookups.
-FAULT_AT_ENV = "VECTORLAY_FAULT_AT"
-FAULT_KIND_ENV = "VECTORLAY_FAULT_KIND"
-FAULT_LOG_ENV = "VECTORLAY_FAULT_LOG"
-_fault_count = 0
+FaultHook = Callable[[str], None]
+
+
+def _no_fault(what: str) -> None:
+    return None
+
+
+# Every file and link switch, directory sync and changing command passes a fault point named after
+# it ("write /etc/...", "run systemctl ...", "enroll switched"). The product's hook does nothing; the
+# crash-consistency harness (hostsim.inject) installs one that kills the process at the N-th point,
+# or fails that write as on a full disk, to prove that a run killed anywhere resumes cleanly.
+_fault_hook: FaultHook = _no_fault
+
+
+def set_fault_hook(hook: FaultHook | None) -> FaultHook:
+    """Install `hook` (None: the no-op) as the one fault hook; returns the hook it replaces."""
+    global _fault_hook
+    previous, _fault_hook = _fault_hook, hook or _no_fault
+    return previous
 
 
 def fault_point(what: str) -> None:
-    global _fault_count
-    at, log = os.environ.get(FAULT_AT_ENV), os.environ.get(FAULT_LOG_ENV)
-    if at is None and log is None:
-        return
-    _fault_count += 1
-    if log:
-        with open(log, "a") as f:
-            f.write(f"{_fault_count}\t{what}\n")
-    if at is not None and (at == what if not at.isdigit() else int(at) == _fault_count):
-        if os.environ.get(FAULT_KIND_ENV) == "enospc":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what.partition(" ")[2])
-        import signal  # only the test suite's fault injection kills
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    _fault_hook(what)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -16,16 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from bootstrap.errors import LiveRootForbidden, VectorlayError
+from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import NotRegularFile, fault_point, read_regular
-
-# Set by the test suite (conftest) so that code which forgets to pass --root fails loudly.
-FORBID_LIVE_ENV = "VECTORLAY_FORBID_LIVE_ROOT"
-# For a tree root only: "module:function" building the host's simulators (e.g.
-# hostsim.kernel:simulate), so that the real CLI run against a tree by the demo or a test answers
-# systemctl, modprobe and sysfs writes the way a booted box would. Ignored for the live root.
-TREE_SIMULATOR_ENV = "VECTORLAY_TREE_SIMULATOR"
-
 
 # Above any machine (x86-64's 52-bit physical address space is 4 PiB): a garbled figure.
 _MAX_SANE_MEMORY = 1 << 52
@@ -169,7 +161,7 @@ class RecordingRunner:
 # and their number varies with timing (health polls), so they are not fault points.
 _QUERY_PROGRAMS = frozenset({"journalctl", "dmesg", "ping"})
 _SYSTEMCTL_QUERIES = frozenset(
-    {"is-active", "is-enabled", "is-failed", "show", "status", "cat", "list-units"}
+    {"is-active", "is-enabled", "is-failed", "is-system-running", "show", "status", "cat", "list-units"}
 )
 
 
@@ -190,11 +182,6 @@ class Host:
 
     def __init__(self, root: Path | str = "/", runner: Runner | None = None) -> None:
         self.root = Path(root).resolve()
-        if self.is_live and os.environ.get(FORBID_LIVE_ENV) == "1":
-            raise LiveRootForbidden(
-                "this code reached for the real host root '/' under the test suite; pass a --root tree"
-            )
-        simulator = None if self.is_live or runner is not None else os.environ.get(TREE_SIMULATOR_ENV)
         if runner is None:
             runner = SubprocessRunner() if self.is_live else RecordingRunner()
         if isinstance(runner, RecordingRunner) and runner.host is None:
@@ -203,11 +190,6 @@ class Host:
         self.disk_free_override: int | None = None
         # Simulators of the kernel's reaction to sysfs writes (hostsim.kernel); empty on a real box.
         self.sysfs_hooks: list[Callable[[str, str], None]] = []
-        if simulator:
-            import importlib
-
-            module, _, func = simulator.partition(":")
-            getattr(importlib.import_module(module), func)(self)
 
     @property
     def is_live(self) -> bool:
@@ -318,3 +300,23 @@ class Host:
         # directly: importing psutil alone costs the doctor ~40 ms on every run.
         st = os.statvfs(real)
         return st.f_bavail * st.f_frsize
+
+
+HostFactory = Callable[[Path], Host]
+
+# What the commands open their --root with: a plain Host, live or tree. hostsim replaces it to hand
+# the real CLI, run against a tree by a test or the demo, a host whose systemctl, modprobe and sysfs
+# writes are answered the way a booted box would answer them.
+_host_factory: HostFactory = Host
+
+
+def set_host_factory(factory: HostFactory | None) -> HostFactory:
+    """Make `open_host` build hosts with `factory` (None: plain Host); returns the one it replaces."""
+    global _host_factory
+    previous, _host_factory = _host_factory, factory or Host
+    return previous
+
+
+def open_host(root: Path | str) -> Host:
+    """The host a command works on for --root `root`."""
+    return _host_factory(Path(root))

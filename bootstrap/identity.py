@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.errors import VectorlayError
-from bootstrap.fsutil import atomic_symlink, fsync_dir, read_regular
+from bootstrap.fsutil import atomic_symlink, fault_point, fsync_dir, read_regular
 from bootstrap.host import Host
 from bootstrap.paths import IDENTITY_DIR
 
@@ -58,7 +58,8 @@ REQUIRED_FILES = (
     "node.json",
 )
 
-# Where the writer calls its fault hook, in order. Tests kill the process at each of them.
+# The writer's fault points (bootstrap.fsutil), in order, each named `enroll <point>`. The tests kill
+# the process at each of them.
 WRITE_POINTS = (
     "generation-created",
     "wrote:node.key",
@@ -78,7 +79,6 @@ WRITE_POINTS = (
     "old-removed",
 )
 
-FaultHook = Callable[[str], None]
 REENROLL_HINT = "re-enroll the node with a new token (vectorlay-bootstrap enroll)"
 
 
@@ -293,7 +293,12 @@ def remove_stale_generations(host: Host) -> list[str]:
     return removed
 
 
-def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = None) -> Identity:
+def enroll_point(point: str) -> None:
+    """A fault point of the enrollment (ENROLL_POINTS, WRITE_POINTS) under its `enroll <point>` name."""
+    fault_point(f"enroll {point}")
+
+
+def write_identity(host: Host, new: NewIdentity) -> Identity:
     """Replace the node's identity with `new` in one atomic switch (see the module docstring)."""
     # json, logging, secrets and shutil only here: the doctor and the node-agent read the identity on
     # every run and never write it.
@@ -302,7 +307,7 @@ def write_identity(host: Host, new: NewIdentity, *, fault: FaultHook | None = No
     import secrets
     import shutil
 
-    hook: FaultHook = fault or (lambda point: None)
+    hook = enroll_point
     link = identity_path(host)
     parent = link.parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 
 def run(root: Path, json_out: bool, prometheus: Path | None, host: Host | None = None) -> int:
     """Run the checks, print, write the metrics file if asked; return the exit code."""
-    from bootstrap.host import Host
+    from bootstrap.host import open_host
     from doctor.checks import run_checks
     from doctor.render import render_json, render_prometheus, render_text, use_colour
 
-    report = run_checks(host or Host(root))
+    report = run_checks(host or open_host(root))
     if json_out:
         sys.stdout.write(render_json(report))
     else:

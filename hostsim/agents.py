@@ -120,8 +120,22 @@ BROKEN_LAUNCHER = """#!/bin/sh
 echo "node-agent {version}: fatal: cannot start" >&2
 exit 1
 """
-# Run as a script, so that its directory (lib/) comes first on sys.path.
-NODE_AGENT_MAIN = "from nodeagent.cli import main\n\nmain()\n"
+# Run as a script, so that its directory (lib/) comes first on sys.path. The launcher's -E hides
+# PYTHONPATH, hence hostsim's sitecustomize, from the agent: where hostsim is importable anyway (the
+# project's own venv, which the simulated tree's venv is) the agent takes the test machinery the
+# HOSTSIM_* variables ask for (the simulating host its doctor checks run on); in a venv install.sh
+# built it runs as on a box.
+NODE_AGENT_MAIN = """import importlib
+
+try:
+    importlib.import_module("hostsim.inject").install_from_env()
+except ImportError:
+    pass
+
+from nodeagent.cli import main
+
+main()
+"""
 
 
 def _tarball(files: dict[str, tuple[bytes, int]]) -> bytes:

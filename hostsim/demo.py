@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from controlplane import testing
+    from hostsim import inject
     from hostsim.agents import publish, publish_agents
     from hostsim.kernel import simulated_reboot
 
@@ -160,15 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             build_host(root, desc)
             say(f"Example host in {root}: HGX H100, 8 GPUs on the nvidia driver, 4 NVSwitches, IOMMU off")
         print("  /sys, /proc, /etc and /boot laid out as the kernel and Ubuntu do; systemctl, modprobe and")
-        print("  update-grub answered by simulators (hostsim.kernel:simulate); the agents run as real")
-        print("  processes.")
+        print("  update-grub answered by simulators (hostsim.inject hands them to the installer); the")
+        print("  agents run as real processes.")
 
-        tree_env = {
-            "VECTORLAY_TREE_SIMULATOR": "hostsim.kernel:simulate",
-            "VECTORLAY_TOKEN": token,
-            # Stand-in agents are healthy at once; a real node waits 5 s per agent.
-            "VECTORLAY_HEALTH_SETTLE": "0.3",
-        }
+        # Stand-in agents are healthy at once; a real node waits 5 s per agent.
+        tree_env = {**inject.env(settle=0.3), "VECTORLAY_TOKEN": token}
         install = [
             str(bindir / "vectorlay-bootstrap"),
             "install",

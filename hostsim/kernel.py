@@ -239,8 +239,8 @@ def simulated_host(root: Path, *, active: set[str] | None = None) -> tuple[Host,
 
 
 def simulate(host: Host) -> None:
-    """The VECTORLAY_TREE_SIMULATOR entry (`hostsim.kernel:simulate`): kernel, boot tools, and a
-    systemd that really runs the agents' daemons, for the real CLI run against a tree."""
+    """What hostsim.inject.simulating_host adds to a tree host: kernel, boot tools, and a systemd
+    that really runs the agents' daemons, for the real CLI run against a tree."""
     KernelSim(host).attach()
     install_handlers(host, Services(spawn=True))
 

@@ -35,7 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bootstrap.host import TREE_SIMULATOR_ENV, CommandResult, Host, RecordingRunner
+from bootstrap.host import CommandResult, Host, RecordingRunner
+from hostsim import inject
 
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 STATE_DIR = "/run/hostsim/systemd"
@@ -134,14 +135,18 @@ def _provide_venv(host: Host) -> None:
 
 
 def _service_env(host: Host) -> dict[str, str]:
-    """The environment a service starts with. The agents' Python runs with -E (no PYTHONPATH), so
-    the simulator is handed on only when hostsim is importable without it (the test suite's own venv);
-    in a venv install.sh built, the service runs as on a box, with no simulator behind its commands."""
-    env = {**os.environ, "VECTORLAY_ROOT": str(host.root)}
-    here = str(Path(__file__).resolve().parents[1])
-    from_env = {os.path.realpath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
-    if os.path.realpath(here) in from_env:
-        env.pop(TREE_SIMULATOR_ENV, None)
+    """The environment a service starts with: the caller's, without hostsim's sitecustomize (the
+    agents' Python runs with -E and ignores it anyway; the stand-in daemons' would not) and without
+    the installer's fault points, which count the installer's own steps. The simulator stays asked
+    for: the node-agent release hostsim builds takes it where hostsim is importable (hostsim.agents)."""
+    env = {k: v for k, v in os.environ.items() if k not in inject.FAULT_ENV}
+    env["VECTORLAY_ROOT"] = str(host.root)
+    site = str(inject.SITE_DIR)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != site]
+    if rest:
+        env["PYTHONPATH"] = os.pathsep.join(rest)
+    else:
+        env.pop("PYTHONPATH", None)
     return env
 
 
@@ -307,6 +312,8 @@ def systemctl(host: Host, argv: tuple[str, ...], sim: Systemd | None = None) -> 
 
     if verb == "daemon-reload":
         return CommandResult(argv, 0)
+    if verb == "is-system-running":
+        return CommandResult(argv, 0, "" if quiet else "running\n")
     if not names:
         return CommandResult(argv, 1, "", "Too few arguments.\n")
 

@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> None:
             raise VectorlayError(f"--root {args.root} is not a directory")
         if not args.config.startswith("/"):
             raise VectorlayError(f"--config {args.config} must be an absolute path on the node")
-        from bootstrap.host import Host
+        from bootstrap.host import open_host
         from nodeagent.agent import Agent, Daemon, HeartbeatError, describe
 
-        agent = Agent(Host(args.root), args.config)
+        agent = Agent(open_host(args.root), args.config)
         if args.once:
             try:
                 status = agent.heartbeat()

@@ -7,15 +7,18 @@ from typing import Any
 
 import pytest
 
-from bootstrap.host import FORBID_LIVE_ENV, Host
-from hostsim import build_host, load_topology
+from bootstrap.host import Host
+from hostsim import build_host, inject, load_topology
 
 
 @pytest.fixture(autouse=True)
 def _forbid_live_root(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[None]:
-    """Code that forgets --root and reaches for the real / fails, unless the test is marked `live`."""
+    """Code that forgets --root and reaches for the real / fails, unless the test is marked `live`:
+    here by guarding the Host constructor, in the product's subprocesses through hostsim.inject.env()
+    (which hands the variable on)."""
     if request.node.get_closest_marker("live") is None:
-        monkeypatch.setenv(FORBID_LIVE_ENV, "1")
+        monkeypatch.setattr(Host, "__init__", inject.guarded_init(Host.__init__))
+        monkeypatch.setenv(inject.FORBID_LIVE_ENV, "1")
     yield
 
 

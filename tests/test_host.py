@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
 import pytest
 
-from bootstrap.errors import LiveRootForbidden
+from bootstrap import host as host_module
 from bootstrap.fsutil import atomic_symlink, atomic_write
-from bootstrap.host import FORBID_LIVE_ENV, CommandResult, Host, RecordingRunner, SubprocessRunner
+from bootstrap.host import CommandResult, Host, RecordingRunner, SubprocessRunner, open_host, set_host_factory
+from hostsim import inject
+from hostsim.inject import LiveRootForbidden
 
 
 def test_paths_resolve_inside_the_root_and_back(tmp_path: Path) -> None:
@@ -108,21 +111,20 @@ def test_atomic_symlink_replaces_a_link_in_one_step(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["current"]
 
 
-def test_a_tree_simulator_named_in_the_environment_is_installed_for_tree_roots_only(
+def test_the_simulating_host_factory_simulates_tree_roots_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bootstrap.host import TREE_SIMULATOR_ENV
-
-    monkeypatch.setenv(TREE_SIMULATOR_ENV, "hostsim.kernel:simulate")
-    host = Host(tmp_path)
+    monkeypatch.setattr(host_module, "_host_factory", host_module._host_factory)
+    set_host_factory(inject.simulating_host)
+    host = open_host(tmp_path)
     assert isinstance(host.runner, RecordingRunner)
     assert "systemctl" in host.runner.handlers and "modprobe" in host.runner.handlers
     assert host.sysfs_hooks
     # A runner given explicitly is left alone.
     plain = Host(tmp_path, RecordingRunner())
     assert isinstance(plain.runner, RecordingRunner) and plain.runner.handlers == {}
-    # The real root never gets the simulator, whatever the environment says: commands run for real
+    # The real root never gets the simulator, whatever the factory: commands run for real
     # and sysfs writes reach the kernel. (Building the host reads and runs nothing.)
-    monkeypatch.delenv(FORBID_LIVE_ENV, raising=False)
-    live = Host("/")
+    monkeypatch.setattr(Host, "__init__", inspect.unwrap(Host.__init__))
+    live = open_host("/")
     assert isinstance(live.runner, SubprocessRunner) and live.sysfs_hooks == []

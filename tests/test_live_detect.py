@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from hostsim import inject
+
 # The rule written out here rather than imported from bootstrap.discovery, so that a change to the
 # product's tables shows up as a disagreement: NVIDIA or AMD, with a display class (VGA, 3D, other
 # display) or a processing accelerator (AMD Instinct).
@@ -34,7 +36,7 @@ def test_detect_on_this_machine_succeeds_and_counts_its_gpus() -> None:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k != "VECTORLAY_FORBID_LIVE_ROOT" and not k.startswith("VECTORLAY_EXTRA_")
+        if k not in inject.ALL_ENV and not k.startswith("VECTORLAY_EXTRA_")
     }
     out = subprocess.run(
         [sys.executable, "-m", "bootstrap.cli", "detect", "--json"],

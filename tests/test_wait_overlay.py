@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,7 +12,7 @@ import pytest
 from bootstrap.commands.wait_overlay import wait_overlay
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, RecordingRunner
-from hostsim import network, systemd
+from hostsim import inject, network, systemd
 from hostsim.systemd import set_active_state
 
 
@@ -81,8 +80,7 @@ def test_not_enrolled_fails_at_once(make_tree: Callable[..., Path]) -> None:
 
 
 def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VECTORLAY_TREE_SIMULATOR": "hostsim.kernel:simulate"}
-    env.pop("VECTORLAY_FORBID_LIVE_ROOT", None)
+    env = inject.env(forbid_live=False)
     return subprocess.run(
         [sys.executable, "-m", "bootstrap.cli", "wait-overlay", "--root", str(root), *args],
         capture_output=True,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from bootstrap.discovery import Inventory, UnitStatus, discover
-from bootstrap.host import Host
+from bootstrap.host import open_host
 from bootstrap.settings import load_settings
 
 _STATUS_STYLE = {
@@ -20,7 +20,7 @@ _STATUS_STYLE = {
 
 
 def run_detect(root: Path, json_out: bool) -> None:
-    host = Host(root)
+    host = open_host(root)
     inv = discover(host, load_settings(host))
     if json_out:
         json.dump(inv.to_json(), sys.stdout, indent=2)

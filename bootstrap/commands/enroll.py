@@ -8,7 +8,7 @@ from pathlib import Path
 from bootstrap.api import ApiClient
 from bootstrap.errors import VectorlayError
 from bootstrap.hardware import hardware_report
-from bootstrap.host import Host
+from bootstrap.host import open_host
 from bootstrap.identity import identity_path
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.settings import load_settings
@@ -22,7 +22,7 @@ def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file
     from bootstrap.enroll import enroll, introspect_token, read_token, token_refused
 
     console = Console(stderr=True)
-    host = Host(root)
+    host = open_host(root)
     settings = load_settings(host)
     api_url = api_url or settings.api
     if not api_url:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TextIO
 from bootstrap import stages
 from bootstrap.commands.doctor_port import doctor_port
 from bootstrap.errors import UsageError, VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, open_host
 from bootstrap.lock import run_lock
 from bootstrap.paths import LOG_PATH
 from bootstrap.settings import GPU_MODES, load_settings
@@ -273,7 +273,7 @@ def run_install(
         raise UsageError(f"--ca-file {ca_file}: no such file")
     if token_file is not None and str(token_file) != "-" and not token_file.is_file():
         raise UsageError(f"--token-file {token_file}: no such file")
-    host = host or Host(root)
+    host = host or open_host(root)
     chosen = stages.select(only)
     settings = load_settings(host, repair=True)
     if api:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bootstrap.host import Host
+from bootstrap.host import Host, open_host
 from bootstrap.plan import BACKUP_DIR, Change, Removal, apply, compute, render
 from bootstrap.stages import agents, gpu
 from bootstrap.state import load_state
@@ -29,7 +29,7 @@ def uninstall_changes(host: Host) -> list[Change]:
 
 
 def run_uninstall(root: Path, *, plan_only: bool = False, host: Host | None = None) -> int:
-    host = host or Host(root)
+    host = host or open_host(root)
     state = load_state(host)
     plan = compute(host, uninstall_changes(host), state)
     print("uninstall:")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, open_host
 from bootstrap.identity import load_identity
 from bootstrap.lock import run_lock
 from bootstrap.settings import load_settings
@@ -17,7 +17,7 @@ from bootstrap.update import Timing, upgrade
 
 
 def run_update(root: Path, *, host: Host | None = None) -> int:
-    host = host or Host(root)
+    host = host or open_host(root)
     ident = load_identity(host)
     if ident is None:
         raise VectorlayError(
@@ -33,7 +33,7 @@ def run_update(root: Path, *, host: Host | None = None) -> int:
             arts = wanted(host, manifest, agent_names(settings.gpu_mode or "none"), _log)
             listed = ", ".join(f"{a.name} {a.version}" for a in arts)
             print(f"update: manifest {manifest.version} (serial {manifest.serial}): {listed}")
-            report = upgrade(host, client, arts, Timing.from_env(), log=_log)
+            report = upgrade(host, client, arts, Timing.default(), log=_log)
         finally:
             client.close()
     if report.rolled_back:

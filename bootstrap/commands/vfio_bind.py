@@ -7,7 +7,7 @@ from pathlib import Path
 from bootstrap import platform
 from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, open_host
 from bootstrap.settings import load_settings
 from bootstrap.vfio import DEFAULT_TIMEOUT, BindResult, bind_all
 
@@ -24,7 +24,7 @@ def run_bind(host: Host, *, timeout: float = DEFAULT_TIMEOUT) -> BindResult:
 
 
 def run_vfio_bind(root: Path, *, timeout: float = DEFAULT_TIMEOUT, host: Host | None = None) -> int:
-    host = host or Host(root)
+    host = host or open_host(root)
     result = run_bind(host, timeout=timeout)
     for s in result.skipped:
         print(f"not bound: {s.reason}")

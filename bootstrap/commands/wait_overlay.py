@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, open_host
 from bootstrap.identity import IdentityError, load_identity
 from bootstrap.overlay import TUN_DEVICE, Interface, OverlayProbeError, interface
 
@@ -64,5 +64,5 @@ def wait_overlay(
 
 
 def run_wait_overlay(root: Path, *, timeout: float, host: Host | None = None) -> int:
-    print(wait_overlay(host or Host(root), timeout=timeout), flush=True)
+    print(wait_overlay(host or open_host(root), timeout=timeout), flush=True)
     return 0

@@ -247,7 +247,7 @@ def run(ctx: Context) -> StageResult:
         return StageResult(Outcome.PLANNED)
 
     apply(host, plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
-    report = switch(host, pending, Timing.from_env(), log=lambda m: ctx.out(f"  {m}"))
+    report = switch(host, pending, Timing.default(), log=lambda m: ctx.out(f"  {m}"))
     if report.rolled_back:
         bad = ", ".join(f"{n} {b} (back on {r})" for n, (b, r) in report.rolled_back.items())
         raise VectorlayError(

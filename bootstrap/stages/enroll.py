@@ -99,7 +99,6 @@ def run(ctx: Context) -> StageResult:
             gpu_mode=gpu_mode,
             hardware=hardware,
             key=key,
-            fault=lambda point: fault_point(f"enroll {point}"),
         )
     except ApiError as e:
         if retry and was_enrolled and e.status == 401:

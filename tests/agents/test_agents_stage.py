@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from bootstrap import artifacts
+from bootstrap import artifacts, update
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, RecordingRunner
 from bootstrap.settings import load_settings
@@ -31,7 +31,7 @@ from bootstrap.stages import agents as agents_stage
 from bootstrap.stages import artifacts as artifacts_stage
 from bootstrap.state import load_state
 from bootstrap.update import probe
-from hostsim import build_host, load_topology
+from hostsim import build_host, inject, load_topology
 from hostsim.agents import agent_tarball, publish, publish_agents
 from hostsim.snapshot import snapshot
 from hostsim.systemd import Systemd, active_state, enabled_state, install
@@ -76,7 +76,7 @@ class Node:
 def node(
     start_control_plane: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Node]:
-    monkeypatch.setenv("VECTORLAY_HEALTH_SETTLE", "0.3")
+    monkeypatch.setattr(update, "DEFAULT_SETTLE", 0.3)
     art_dir = tmp_path / "artifacts"
     publish_agents(art_dir, VERSIONS)
     cp = start_control_plane(args=("--artifacts", str(art_dir)))
@@ -129,7 +129,8 @@ def test_a_second_install_downloads_nothing_writes_nothing_and_restarts_nothing(
     assert _snapshot(node.root) == before
     runner = host.runner
     assert isinstance(runner, RecordingRunner)
-    changing = [c for c in runner.commands if c[:2] != ("systemctl", "is-active")]
+    queries = {("systemctl", "is-active"), ("systemctl", "is-system-running")}
+    changing = [c for c in runner.commands if c[:2] not in queries]
     assert changing == [], out
     assert "downloaded" not in out
     assert "present and verified" in out
@@ -273,12 +274,7 @@ def test_every_unit_passes_systemd_analyze_verify_and_the_timer_fires_hourly_wit
 def test_the_update_command_upgrades_and_rolls_back_with_the_durable_identity(node: Node) -> None:
     node.run_stages()
     publish(node.art_dir, "node-agent", "1.1.0", agent_tarball("node-agent", "1.1.0"))
-    env = {
-        **os.environ,
-        "VECTORLAY_TREE_SIMULATOR": "hostsim.kernel:simulate",
-        "VECTORLAY_HEALTH_SETTLE": "0.3",
-    }
-    env.pop("VECTORLAY_FORBID_LIVE_ROOT", None)
+    env = inject.env(settle=0.3, forbid_live=False)
     cmd = [sys.executable, "-m", "bootstrap.cli", "update", "--root", str(node.root)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr

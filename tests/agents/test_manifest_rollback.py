@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import shutil
 import ssl
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bootstrap import artifacts
+from bootstrap import artifacts, update
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, RecordingRunner
 from bootstrap.manifest import check_fresh, sign_manifest, verify_manifest
@@ -33,7 +32,7 @@ from bootstrap.stages import agents as agents_stage
 from bootstrap.stages import artifacts as artifacts_stage
 from bootstrap.state import load_state
 from controlplane.pki import CertificateAuthority
-from hostsim import build_host, load_topology
+from hostsim import build_host, inject, load_topology
 from hostsim.agents import agent_tarball, publish, publish_agents
 from hostsim.systemd import Systemd, active_state, install
 
@@ -66,8 +65,7 @@ class Node:
         agents_stage.run(ctx)
 
     def update(self, api: str | None = None) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "VECTORLAY_TREE_SIMULATOR": "hostsim.kernel:simulate"}
-        env.pop("VECTORLAY_FORBID_LIVE_ROOT", None)
+        env = inject.env(settle=update.DEFAULT_SETTLE, forbid_live=False)
         if api is not None:
             env["VECTORLAY_API"] = api
         return subprocess.run(
@@ -113,7 +111,7 @@ def _make_node(start_control_plane: Callable[..., Any], tmp_path: Path, **cp_kwa
 def node(
     start_control_plane: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Node]:
-    monkeypatch.setenv("VECTORLAY_HEALTH_SETTLE", "0.2")
+    monkeypatch.setattr(update, "DEFAULT_SETTLE", 0.2)
     yield from _make_node(start_control_plane, tmp_path)
 
 

@@ -5,7 +5,6 @@ an approved provider is reported as such by introspection and stops the installe
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import pytest
 import requests
 
 from bootstrap.manifest import public_key_from_text, verify_manifest
+from hostsim import inject
 from hostsim.agents import publish, publish_agents
 from hostsim.snapshot import snapshot
 from tests.controlplane.cp_nodes import Enrolled
@@ -122,8 +122,7 @@ def test_a_removed_node_no_longer_updates(cp: Any, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     node_id = cp.admin.org_summary("acme")["nodes"][0]["node_id"]
     _remove(cp, node_id)
-    env = {**os.environ, "VECTORLAY_TREE_SIMULATOR": "hostsim.kernel:simulate"}
-    env.pop("VECTORLAY_FORBID_LIVE_ROOT", None)
+    env = inject.env(forbid_live=False)
     upd = subprocess.run(
         [sys.executable, "-m", "bootstrap.cli", "update", "--root", str(root)],
         env=env,

@@ -15,8 +15,9 @@ import pytest
 
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, resolve_in_root
+from hostsim import inject
 from hostsim.snapshot import snapshot
-from tests.install.helpers import SIMULATOR, gpus_on_vfio, install
+from tests.install.helpers import gpus_on_vfio, install
 
 MakeTree = Callable[..., Path]
 
@@ -84,7 +85,7 @@ def test_uninstall_through_a_planted_link_removes_nothing_outside_the_tree(
     before = snapshot(outside)
     res = subprocess.run(
         [sys.executable, "-m", "bootstrap.cli", "uninstall", "--root", str(tree)],
-        env={**os.environ, "VECTORLAY_TREE_SIMULATOR": SIMULATOR},
+        env=inject.env(),
         capture_output=True,
         text=True,
         timeout=120,

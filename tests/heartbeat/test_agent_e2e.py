@@ -29,8 +29,8 @@ from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.update import probe
 from controlplane import testing
-from hostsim import build_host, load_topology
-from tests.install.helpers import FAST, SIMULATOR, gpus_on_vfio, install, installed_demo_node
+from hostsim import build_host, inject, load_topology
+from tests.install.helpers import FAST, gpus_on_vfio, install, installed_demo_node
 
 AGENT_BIN = "/opt/vectorlay/releases/node-agent/current/bin/node-agent"
 DAEMON_LOG = "run/hostsim/systemd/node-agent.service.log"
@@ -40,7 +40,7 @@ def agent_once(root: Path) -> subprocess.CompletedProcess[str]:
     """`node-agent --once` as installed in the tree: the release's launcher, code and the node's venv."""
     return subprocess.run(
         [str(root / AGENT_BIN.lstrip("/")), "--once", "--root", str(root)],
-        env={**os.environ, "VECTORLAY_TREE_SIMULATOR": SIMULATOR},
+        env=inject.env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -62,7 +62,7 @@ def nodes(cp: testing.RunningControlPlane, key: str) -> dict[str, dict[str, Any]
 def doctor(root: Path) -> dict[str, Any]:
     res = subprocess.run(
         [sys.executable, "-m", "doctor.cli", "--root", str(root), "--json"],
-        env={**os.environ, "VECTORLAY_TREE_SIMULATOR": SIMULATOR},
+        env=inject.env(),
         capture_output=True,
         text=True,
         timeout=120,

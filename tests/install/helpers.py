@@ -11,11 +11,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from hostsim import inject
 from hostsim.systemd import STATE_DIR
 
-SIMULATOR = "hostsim.kernel:simulate"
 # Stand-in agents are healthy at once: a short settle window keeps the runs quick.
-FAST = {"VECTORLAY_HEALTH_SETTLE": "0.2"}
+FAST = {inject.SETTLE_ENV: "0.2"}
 
 
 def gpus_on_vfio(desc: dict[str, Any]) -> None:
@@ -33,12 +33,12 @@ def install(
     env: Mapping[str, str] | None = None,
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
-    """`vectorlay-bootstrap install --root ROOT [--api ... --ca-file ...] ARGS`, token in the environment."""
+    """`vectorlay-bootstrap install --root ROOT [--api ... --ca-file ...] ARGS`, token in the environment,
+    on a simulating host (hostsim.inject); `env` adds to it (HOSTSIM_* settle window, fault points)."""
     argv = [sys.executable, "-m", "bootstrap.cli", "install", "--root", str(root)]
     if cp is not None:
         argv += ["--api", cp.url, "--ca-file", str(cp.ca_file)]
-    full_env = {k: v for k, v in os.environ.items() if k != "VECTORLAY_TOKEN"}
-    full_env["VECTORLAY_TREE_SIMULATOR"] = SIMULATOR
+    full_env = inject.env({k: v for k, v in os.environ.items() if k != "VECTORLAY_TOKEN"})
     if token is not None:
         full_env["VECTORLAY_TOKEN"] = token
     full_env.update(env or {})

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from controlplane.pki import CertificateAuthority
-from hostsim import build_host, load_topology
+from hostsim import build_host, inject, load_topology
 from hostsim.snapshot import snapshot
 from tests.install.helpers import gpus_on_vfio, install
 
@@ -169,7 +169,7 @@ def test_an_api_answering_html_or_garbage_is_refused(
 
 def _fault_points(root: Path, tmp_path: Path, *args: str) -> list[str]:
     log = tmp_path / "points"
-    res = install(root, *args, env={"VECTORLAY_FAULT_LOG": str(log)})
+    res = install(root, *args, env={inject.FAULT_LOG_ENV: str(log)})
     assert res.returncode in (0, 3), res.stderr
     return [line.split("\t", 1)[1] for line in log.read_text().splitlines()]
 
@@ -184,7 +184,7 @@ def test_a_full_disk_while_writing_is_reported_and_leaves_every_file_whole(
     for at in (writes[0], writes[3]):
         root = make_tree("iommu-off")
         res = install(
-            root, "--only", "gpu", env={"VECTORLAY_FAULT_AT": str(at), "VECTORLAY_FAULT_KIND": "enospc"}
+            root, "--only", "gpu", env={inject.FAULT_AT_ENV: str(at), inject.FAULT_KIND_ENV: "enospc"}
         )
         assert res.returncode == 1
         target = "/" + str(Path(points[at - 1].split(" ", 1)[1]).relative_to(probe))

@@ -2,10 +2,11 @@
 same command; every interrupted-then-resumed run must end in exactly the tree of an uninterrupted run,
 and no credential is lost on the way.
 
-Kill points are the fault points of bootstrap.fsutil (VECTORLAY_FAULT_AT=N): every file and link
+Kill points are the fault points of bootstrap.fsutil (the hook hostsim.inject installs, killing at
+N: HOSTSIM_FAULT_AT=N): every file and link
 switch, every directory made durable (artifact unpacking, the identity generation), every command
 that changes something, every step of the identity writer. An uninterrupted run lists them
-(VECTORLAY_FAULT_LOG) and is the reference. Two nodes: a ready HGX H100 (IOMMU on, GPUs on vfio-pci),
+(HOSTSIM_FAULT_LOG) and is the reference. Two nodes: a ready HGX H100 (IOMMU on, GPUs on vfio-pci),
 so that one run goes through every stage (preflight, detect, gpu, enroll, artifacts, agents, verify),
 and the demo's HGX (GPUs on nvidia, IOMMU off), whose first run ends in "reboot required".
 
@@ -38,11 +39,11 @@ from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.stages._token import PENDING_KEY
 from controlplane import testing
-from hostsim import build_host, load_topology
+from hostsim import build_host, inject, load_topology
 from hostsim.agents import publish_agents
 from tests.install.helpers import gpus_on_vfio, install, stop_daemons
 
-ENV = {"VECTORLAY_HEALTH_SETTLE": "0.2"}
+ENV = {inject.SETTLE_ENV: "0.2"}
 LOG = "var/log/vectorlay/bootstrap.log"
 STATE = "var/lib/vectorlay/state.json"
 # Each case is its own node: its keys, certificates and token are its own (the CAs are shared).
@@ -172,9 +173,7 @@ def test_an_install_killed_at_any_point_and_resumed_ends_as_if_never_interrupted
     expected = SCENARIOS[scenario]
     ref_root = _tree(base, f"{scenario}-ref", scenario)
     points_log = base / f"{scenario}-points"
-    res = install(
-        ref_root, cp=cp, token=cp.token("acme"), env={**ENV, "VECTORLAY_FAULT_LOG": str(points_log)}
-    )
+    res = install(ref_root, cp=cp, token=cp.token("acme"), env={**ENV, inject.FAULT_LOG_ENV: str(points_log)})
     assert res.returncode == expected, res.stdout[-3000:] + res.stderr
     points = [line.split("\t", 1)[1] for line in points_log.read_text().splitlines()]
     reference = normalized(ref_root)
@@ -193,7 +192,7 @@ def test_an_install_killed_at_any_point_and_resumed_ends_as_if_never_interrupted
         root = _tree(base, f"{scenario}-k{k}", scenario)
         try:
             token = tokens[k]
-            killed = install(root, cp=cp, token=token, env={**ENV, "VECTORLAY_FAULT_AT": str(k)})
+            killed = install(root, cp=cp, token=token, env={**ENV, inject.FAULT_AT_ENV: str(k)})
             where = f"kill point {k} ({points[k - 1].replace(str(base), '')})"
             if killed.returncode != -9:
                 return [f"{where}: not killed (exit {killed.returncode}): {killed.stderr[-500:]}"]
@@ -229,7 +228,7 @@ def test_a_re_enrollment_killed_mid_way_keeps_the_node_and_completes_with_the_sa
         assert first is not None
         old_token = first.node_token()
         token = cp.token("acme")
-        killed = install(root, "--only", "enroll", cp=cp, token=token, env={"VECTORLAY_FAULT_AT": point})
+        killed = install(root, "--only", "enroll", cp=cp, token=token, env={inject.FAULT_AT_ENV: point})
         assert killed.returncode == -9
         assert _credentials_intact(root) is None
         assert _identity_works(cp, root) == first.node_id  # whatever is on disk still works

@@ -19,7 +19,7 @@ from bootstrap.host import Host
 from bootstrap.identity import load_identity
 from bootstrap.lock import run_lock
 from bootstrap.paths import LOG_PATH
-from hostsim import build_host, load_topology
+from hostsim import build_host, inject, load_topology
 from tests.install.helpers import gpus_on_vfio, install, stop_daemons
 
 MakeTree = Callable[..., Path]
@@ -241,7 +241,7 @@ def test_a_failed_check_the_operator_accepts_is_reported_but_does_not_stop_the_r
     small(desc)
     root = build_host(base / "r", desc)
     token = control_plane.token(control_plane.org("acme"))
-    fast = {"VECTORLAY_HEALTH_SETTLE": "0.2"}
+    fast = {inject.SETTLE_ENV: "0.2"}
     refused = install(root, cp=control_plane, token=token, env=fast)
     assert refused.returncode == 1
     assert "this box cannot be a node yet: memory: " in refused.stderr

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from hostsim import inject
 from hostsim.snapshot import snapshot
 from tests.install.helpers import FAST, install, installed_demo_node
 
@@ -39,7 +40,7 @@ def test_a_rerun_on_the_installed_demo_node_writes_nothing_and_runs_nothing_that
     log_before = (root / LOG).stat().st_size
     points = tmp_path / "points"
     res = install(
-        root, cp=cp, token=token if with_token else None, env={**FAST, "VECTORLAY_FAULT_LOG": str(points)}
+        root, cp=cp, token=token if with_token else None, env={**FAST, inject.FAULT_LOG_ENV: str(points)}
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     assert "vectorlay-node: DONE" in res.stdout

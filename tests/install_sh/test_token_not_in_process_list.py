@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import testing
-from hostsim import build_host, load_topology
+from hostsim import build_host, inject, load_topology
 from hostsim.agents import publish, publish_agents
 from hostsim.wheelhouse import installer_tarball
 from tests.install.helpers import gpus_on_vfio, stop_daemons
@@ -97,15 +97,13 @@ def test_the_token_is_in_no_command_line_after_install_sh_re_execs(base: Path) -
         )
         for stub in stubs.iterdir():
             stub.chmod(0o755)
-        env = {
-            "PATH": f"{stubs}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(base),
-            "VECTORLAY_ROOT": str(root),
-            "VECTORLAY_TREE_SIMULATOR": "hostsim.kernel:simulate",
-            "VECTORLAY_HEALTH_SETTLE": "0.2",
-            "VECTORLAY_FORBID_LIVE_ROOT": "1",
-            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),  # hostsim, for the simulator
-        }
+        # The simulator, the settle window and the live-root guard reach the venv's vectorlay-bootstrap
+        # through hostsim's sitecustomize on PYTHONPATH; install.sh runs as it is.
+        env = inject.env(
+            {"PATH": f"{stubs}:/usr/local/bin:/usr/bin:/bin", "HOME": str(base), "VECTORLAY_ROOT": str(root)},
+            settle=0.2,
+            forbid_live=True,
+        )
         watcher = Watcher(token.encode())
         watcher.start()
         try:
