@@ -36,27 +36,13 @@ from typing import Any
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_symlink, fault_point, fsync_dir, read_regular
 from bootstrap.host import Host
-from bootstrap.paths import IDENTITY_DIR
+from bootstrap.paths import IDENTITY_DIR, IDENTITY_FILES, IDENTITY_SECRETS
 
 _GEN_PREFIX = ".identity-"
 # A plain directory found at IDENTITY_DIR (not made by this writer) is moved here before the first
 # switch, so the window in which `identity` does not exist can be recovered from.
 _LEGACY = ".identity-legacy"
 
-SECRET_FILES = ("node.key", "node-token", "nebula.key", "nomad.key")
-REQUIRED_FILES = (
-    "node.key",
-    "node.crt",
-    "ca.crt",
-    "nebula.key",
-    "nebula.crt",
-    "nebula-ca.crt",
-    "nomad.key",
-    "nomad.crt",
-    "nomad-ca.crt",
-    "node-token",
-    "node.json",
-)
 
 # The writer's fault points (bootstrap.fsutil), in order, each named `enroll <point>`. The tests kill
 # the process at each of them.
@@ -202,13 +188,13 @@ def load_identity(host: Host) -> Identity | None:
         raise IdentityError(
             f"{IDENTITY_DIR} is open to others (mode {dir_mode:04o})", f"chmod 700 {IDENTITY_DIR}"
         )
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    missing = [name for name in IDENTITY_FILES if not (path / name).is_file()]
     if missing:
         raise IdentityError(
             f"{IDENTITY_DIR} is incomplete: {', '.join(missing)} missing",
             REENROLL_HINT,
         )
-    for name in SECRET_FILES:
+    for name in IDENTITY_SECRETS:
         mode = (path / name).stat().st_mode & 0o777
         if mode & 0o077:
             raise IdentityError(

@@ -8,6 +8,22 @@ from __future__ import annotations
 # its versioned release directory; `current` is switched by rename, so this path never changes.
 RUNSC = "/opt/vectorlay/releases/runsc/current/bin/runsc"
 IDENTITY_DIR = "/etc/vectorlay/identity"
+# What a complete identity directory holds (the installer writes it, the doctor checks it), and which
+# of those files are secrets (0600, root's).
+IDENTITY_FILES = (
+    "node.key",
+    "node.crt",
+    "ca.crt",
+    "nebula.key",
+    "nebula.crt",
+    "nebula-ca.crt",
+    "nomad.key",
+    "nomad.crt",
+    "nomad-ca.crt",
+    "node-token",
+    "node.json",
+)
+IDENTITY_SECRETS = ("node.key", "node-token", "nebula.key", "nomad.key")
 LOG_PATH = "/var/log/vectorlay/bootstrap.log"
 # The long-running agents, by artifact name, and the systemd units that run them.
 AGENT_SERVICES = {"nebula": "nebula.service", "nomad": "nomad.service", "node-agent": "node-agent.service"}

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Callable
 
 from bootstrap.host import Host
-from bootstrap.paths import IDENTITY_DIR
+from bootstrap.paths import IDENTITY_DIR, IDENTITY_FILES, IDENTITY_SECRETS
 from doctor.model import CheckResult, Status
 
 EXPIRY_WARN_DAYS = 14
@@ -26,20 +26,6 @@ def _expected_owner(host: Host) -> int:
 
 # Secrets must be 0600 and root's; the rest must be present. node.json and the directory's own mode
 # are judged by bootstrap.identity.load_identity, the same reader the installer uses.
-SECRET_FILES = ("node.key", "node-token", "nebula.key", "nomad.key")
-REQUIRED_FILES = (
-    "node.crt",
-    "node.key",
-    "ca.crt",
-    "node-token",
-    "node.json",
-    "nebula.key",
-    "nebula.crt",
-    "nebula-ca.crt",
-    "nomad.key",
-    "nomad.crt",
-    "nomad-ca.crt",
-)
 Part = Callable[[Host, dt.datetime], "CheckResult | None"]
 
 
@@ -69,14 +55,14 @@ def check_identity(host: Host, now: dt.datetime | None = None) -> CheckResult:
 
 
 def _files(host: Host, now: dt.datetime) -> CheckResult | None:
-    paths = [f"{IDENTITY_DIR}/{f}" for f in REQUIRED_FILES]
+    paths = [f"{IDENTITY_DIR}/{f}" for f in IDENTITY_FILES]
     missing = [p for p in paths if not host.path(p).is_file()]
     if missing:
         return CheckResult(
             "identity", Status.FAIL, f"identity incomplete: {', '.join(missing)} missing", REENROLL
         )
     owner = _expected_owner(host)
-    for f in SECRET_FILES:
+    for f in IDENTITY_SECRETS:
         p = f"{IDENTITY_DIR}/{f}"
         st = host.path(p).stat()
         mode = stat.S_IMODE(st.st_mode)

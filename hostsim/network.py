@@ -20,7 +20,7 @@ import yaml
 
 from bootstrap.host import CommandResult, Host, RecordingRunner
 from bootstrap.overlay import NEBULA_CONFIG
-from bootstrap.paths import IDENTITY_DIR
+from bootstrap.paths import IDENTITY_DIR, IDENTITY_FILES, IDENTITY_SECRETS
 from hostsim.systemd import Systemd, active_state
 
 STATE_DIR = "/run/hostsim/net"
@@ -154,7 +154,6 @@ def enroll_overlay(
     import os
     from datetime import datetime, timezone
 
-    from bootstrap import identity
     from bootstrap.nebula import generate_keypair
     from bootstrap.overlay import NODE_GROUP, TUN_DEVICE
     from bootstrap.templating import render
@@ -180,10 +179,10 @@ def enroll_overlay(
         "nebula-ca.crt": ca.ca_pem.encode(),
         "node.json": json.dumps({"node_id": "node_1", "org_id": "org_1", "overlay_ip": overlay_ip}).encode(),
     }
-    for name in {*identity.REQUIRED_FILES, *files}:
+    for name in {*IDENTITY_FILES, *files}:
         path = ident / name
         path.write_bytes(files.get(name, b"placeholder\n"))
-        os.chmod(path, 0o600 if name in identity.SECRET_FILES or name == "nebula.key" else 0o644)
+        os.chmod(path, 0o600 if name in IDENTITY_SECRETS or name == "nebula.key" else 0o644)
     lighthouses = {"100.64.0.1": ["203.0.113.10:4242"]} if lighthouses is None else lighthouses
     nebula = {
         "lighthouses": [{"overlay_ip": ip, "endpoints": eps} for ip, eps in lighthouses.items()],

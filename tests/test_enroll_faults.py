@@ -19,8 +19,8 @@ from bootstrap.api import ApiClient, ApiError, ClientCert
 from bootstrap.enroll import ENROLL_POINTS, enroll
 from bootstrap.fsutil import set_fault_hook
 from bootstrap.host import Host
-from bootstrap.identity import REQUIRED_FILES, WRITE_POINTS, load_identity
-from bootstrap.paths import IDENTITY_DIR
+from bootstrap.identity import WRITE_POINTS, load_identity
+from bootstrap.paths import IDENTITY_DIR, IDENTITY_FILES
 
 POINTS = ENROLL_POINTS + WRITE_POINTS
 SWITCH = POINTS.index("switched")
@@ -105,7 +105,7 @@ def test_killing_a_reenrollment_at_any_point_leaves_the_old_or_the_new_identity_
         ident = load_identity(Host(root))  # raises if incomplete or damaged
         assert ident is not None, point
         after = _identity_files(root)
-        assert set(REQUIRED_FILES) <= set(after), point
+        assert set(IDENTITY_FILES) <= set(after), point
         if i < SWITCH:
             assert after == before, f"killed at {point}: the identity changed before the switch"
         else:
