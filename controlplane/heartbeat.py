@@ -226,13 +226,25 @@ def decide(
     return Offer(ready, ready, None)
 
 
+def _enrolled_units(nodes: str) -> str:
+    """SQL for the GPU units a node enrolled with, the cap on what it advertises. A passthrough node
+    rents IOMMU groups (its rows in gpu_units); a container-mode node shares each GPU through runsc
+    and enrolls no groups, so its units are the GPUs it enrolled with (hardware.gpus). Without this a
+    container-mode node that the doctor finds ready would be capped at 0 and never rented."""
+    return (
+        f"(CASE WHEN {nodes}.gpu_mode = 'container'"
+        f" THEN COALESCE(json_array_length({nodes}.hardware, '$.gpus'), 0)"
+        f" ELSE (SELECT COUNT(*) FROM gpu_units g WHERE g.node_id = {nodes}.id) END)"
+    )
+
+
 def _authenticate(conn: sqlite3.Connection, cert_fp: str, node_token: str) -> sqlite3.Row:
     """The node behind a client certificate (its fingerprint) + node token pair, both current (or
     the pending pair of its last enrollment, which becomes current on this first use), with the
     number of GPU units it enrolled with as `enrolled_units`."""
     token_hash = hash_secret(node_token)
     node: sqlite3.Row | None = conn.execute(
-        "SELECT nodes.*, (SELECT COUNT(*) FROM gpu_units g WHERE g.node_id = nodes.id) AS enrolled_units"
+        f"SELECT nodes.*, {_enrolled_units('nodes')} AS enrolled_units"
         " FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?",
         (cert_fp, cert_fp),
     ).fetchone()
@@ -340,7 +352,7 @@ def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> 
     rows = conn.execute(
         "SELECT n.id, n.hostname, n.status, h.node_id AS hb, h.received_at, h.interval_s, h.verdict,"
         " h.units_ready, h.units_total, h.draining, h.resources, h.thresholds, h.agents,"
-        " (SELECT COUNT(*) FROM gpu_units g WHERE g.node_id = n.id) AS enrolled"
+        f" {_enrolled_units('n')} AS enrolled"
         " FROM nodes n LEFT JOIN node_heartbeats h ON h.node_id = n.id"
         " WHERE n.org_id = ? ORDER BY n.seq",
         (key_org["id"],),

@@ -303,6 +303,8 @@ class ControlPlane:
             raise bad_request(HOSTNAME_RULE)
         if not isinstance(hardware, dict):
             raise bad_request("hardware must be an object")
+        if not isinstance(hardware.get("gpus", []), list):
+            raise bad_request("hardware.gpus must be a list")
         if gpu_mode not in GPU_MODES:
             raise bad_request(f"gpu_mode must be one of {', '.join(GPU_MODES)}")
         try:

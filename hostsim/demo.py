@@ -45,6 +45,12 @@ def example_host() -> dict[str, Any]:
 # Debian's docker.io layout (dockerd in /usr/sbin). The stand-in dockerd only runs until stopped: the
 # installer restarts docker after registering runsc, and the doctor runs runsc itself.
 DOCKERD = "#!/bin/sh\n# hostsim stand-in for dockerd: runs until stopped\nexec sleep infinity\n"
+# What `nvidia-ctk runtime configure --runtime=docker` leaves (the NVIDIA Container Toolkit's install
+# guide): the node's runsc entry has to go in beside it, not over it.
+NVIDIA_CTK_DAEMON_JSON = (
+    '{\n    "runtimes": {\n        "nvidia": {\n            "args": [],\n'
+    '            "path": "nvidia-container-runtime"\n        }\n    }\n}\n'
+)
 DOCKER_UNIT = (
     "[Unit]\nDescription=Docker Application Container Engine\n"
     "[Service]\nExecStart=/usr/sbin/dockerd -H fd://\n[Install]\nWantedBy=multi-user.target\n"
@@ -64,6 +70,7 @@ def container_host(*, iommu: bool = False) -> dict[str, Any]:
             "/usr/lib/systemd/system/docker.service": DOCKER_UNIT,
             "/usr/bin/nvidia-container-runtime-hook": "",
             "/usr/bin/nvidia-ctk": "",
+            "/etc/docker/daemon.json": NVIDIA_CTK_DAEMON_JSON,
         }
     )
     return desc

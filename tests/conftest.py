@@ -68,6 +68,19 @@ def control_plane(start_control_plane: Callable[..., Any]) -> Any:
 
 
 @pytest.fixture(scope="session")
+def dockerd() -> Path:
+    """Debian 12's dockerd, containerd and runc, unpacked from Debian's archive into the cache
+    (hostsim.dockerd; .ci/run fetches them first). Without them the daemon.json a container-mode node
+    writes meets no real dockerd, so the tests fail rather than skip."""
+    from hostsim import dockerd as real
+
+    try:
+        return real.fetch()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        pytest.fail(f"cannot get Debian's dockerd ({e}); run: python -m hostsim.dockerd fetch")
+
+
+@pytest.fixture(scope="session")
 def runsc_releases() -> dict[str, Path]:
     """The real runsc binaries (gVisor release -> path), from Debian's archive into the cache
     (hostsim.runsc; .ci/run fetches them first). Without them the container-mode tests cannot show

@@ -15,6 +15,7 @@ from bootstrap.host import Host
 from bootstrap.identity import load_identity
 from controlplane import testing
 from hostsim import build_host, load_topology
+from hostsim.demo import build_container_host
 from tests.install.helpers import gpus_on_vfio
 
 GOOD: dict[str, Any] = {
@@ -163,6 +164,37 @@ def test_a_node_enrolled_without_gpus_that_claims_ten_thousand_is_capped_at_zero
     seen = only_node(control_plane, "acme", key)
     assert seen["gpu_units"] == {"ready": 10_000, "total": 10_000, "enrolled": 0, "advertised": 0}
     assert seen["reason"] == "capped at the enrolled hardware (0 GPU unit(s))"
+
+
+def test_a_container_mode_node_advertises_the_gpus_it_enrolled_with_and_no_more(
+    tmp_path: Path, control_plane: testing.RunningControlPlane
+) -> None:
+    """A container-mode node enrolls no IOMMU groups (it shares each GPU through runsc): its cap is
+    the GPUs it enrolled with, not 0."""
+    control_plane.org("acme")
+    key = control_plane.api_key("acme")
+    root = tmp_path / "container-node"
+    build_container_host(root)
+    res = control_plane.enroll(root, "acme", gpu_mode="container")
+    assert res.returncode == 0, res.stderr
+    node = Node(control_plane, root)
+    assert node.beat(GOOD).json() == {
+        "status": "active",
+        "advertised_units": 8,
+        "next_heartbeat_s": 240,
+        "reason": None,
+    }
+    assert only_node(control_plane, "acme", key)["gpu_units"] == {
+        "ready": 8,
+        "total": 8,
+        "enrolled": 8,
+        "advertised": 8,
+    }
+    r = node.beat(_with(doctor__gpu_units={"ready": 9, "total": 9}))
+    assert (r.json()["advertised_units"], r.json()["reason"]) == (
+        8,
+        "capped at the enrolled hardware (8 GPU unit(s))",
+    )
 
 
 def test_three_intervals_without_a_heartbeat_on_the_control_planes_clock_advertise_nothing(

@@ -1,5 +1,6 @@
 """Container-GPU mode end to end: the real installer against the real control plane serving the real
-gVisor runsc (Debian's, hostsim.runsc), and that runsc run with the arguments the node gave docker."""
+gVisor runsc (Debian's, hostsim.runsc), that runsc run with the arguments the node gave docker, and
+the daemon.json the node wrote loaded by Debian 12's real dockerd (hostsim.dockerd)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 
 from bootstrap.paths import RUNSC
 from hostsim.agents import publish, publish_agents
-from hostsim.demo import build_container_host
+from hostsim.demo import NVIDIA_CTK_DAEMON_JSON, build_container_host
+from hostsim.dockerd import DockerdRefused, daemon_info
 from hostsim.runsc import NVPROXY, PRE_NVPROXY, artifact_tarball
 from tests.install.helpers import FAST, install, stop_daemons
 
@@ -39,7 +41,11 @@ def _docker_runsc(root: Path) -> tuple[Path, list[str]]:
 
 @pytest.mark.parametrize("iommu", [False, True], ids=["iommu-off", "iommu-groups-not-on-vfio"])
 def test_install_in_container_mode_ends_done_and_the_installed_runsc_accepts_dockers_arguments(
-    tmp_path: Path, start_control_plane: Callable[..., Any], runsc_releases: dict[str, Path], iommu: bool
+    tmp_path: Path,
+    start_control_plane: Callable[..., Any],
+    runsc_releases: dict[str, Path],
+    dockerd: Path,
+    iommu: bool,
 ) -> None:
     cp, root, token = _node(tmp_path, start_control_plane, NVPROXY, iommu=iommu)
     try:
@@ -56,6 +62,14 @@ def test_install_in_container_mode_ends_done_and_the_installed_runsc_accepts_doc
     assert not (root / "etc/default/grub.d").exists()
     assert not (root / "etc/modprobe.d/vectorlay-vfio.conf").exists()
     assert "gpu_mode: container" in (root / "etc/vectorlay/node.yaml").read_text()
+
+    # Debian 12's dockerd starts on the file the node wrote and lists both runtimes as the node and
+    # the NVIDIA Container Toolkit registered them.
+    info = daemon_info((root / "etc/docker/daemon.json").read_bytes())
+    assert info["Runtimes"]["runsc"] == {"path": RUNSC, "runtimeArgs": ["--nvproxy=true"]}
+    assert info["Runtimes"]["nvidia"] == {"path": "nvidia-container-runtime"}
+    assert info["ServerVersion"].startswith("20.10.")
+    assert (root / "var/lib/vectorlay/backup/etc/docker/daemon.json").read_text() == NVIDIA_CTK_DAEMON_JSON
 
     binary, args = _docker_runsc(root)
     assert binary.resolve().read_bytes() == runsc_releases[NVPROXY].read_bytes()
@@ -88,3 +102,14 @@ def test_a_control_plane_serving_debian_12s_runsc_blocks_the_install_at_verify_n
     )
     assert "nvproxy needs gVisor release-20230529 or later" in res.stdout + res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_debian_12s_dockerd_refuses_a_daemon_json_with_the_runtime_under_a_key_it_does_not_know(
+    dockerd: Path,
+) -> None:
+    """The check above can fail: dockerd refuses a file whose runsc entry is misplaced, naming it."""
+    with pytest.raises(DockerdRefused, match="don't match any configuration option: runsc"):
+        daemon_info(json.dumps({"runtime": {"runsc": {"path": RUNSC}}}).encode())
+    # ... and a runtimes entry of the wrong type.
+    with pytest.raises(DockerdRefused, match="runtimeArgs"):
+        daemon_info(json.dumps({"runtimes": {"runsc": {"path": RUNSC, "runtimeArgs": "--nvproxy"}}}).encode())

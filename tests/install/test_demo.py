@@ -99,6 +99,9 @@ def test_the_container_demo_installs_once_without_a_reboot_and_the_doctor_passes
         assert "NVIDIA driver 550.90.07 loaded" in lines["NVIDIA driver"]
         assert "8/8 GPU(s) on the nvidia driver, shared through runsc" in doctor
         assert "Verdict: PASS" in doctor
+        # A container-mode node enrolls no IOMMU groups; its GPUs are what it is rented for.
+        view = out[out.index("==> The control plane's view") :]
+        assert re.search(r"^control plane: node_[0-9a-f]+ active, 8 GPU unit\(s\) advertised$", view, re.M)
         assert "vtk_" not in out.replace("vtk_...", "")
         assert _processes_under(workdir / "host") == []
     finally:
