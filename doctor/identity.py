@@ -19,9 +19,7 @@ REENROLL = "re-run the install one-liner to re-enroll (the node keeps its ID and
 
 
 def _expected_owner(host: Host) -> int:
-    # On a live box "root-owned" means uid 0. A --root tree stands for a whole host whose files were
-    # created by whoever owns the tree, so the tree's owner plays root there.
-    return 0 if host.is_live else host.root.stat().st_uid
+    return host.root_uid
 
 
 # Secrets must be 0600 and root's; the rest must be present. node.json and the directory's own mode

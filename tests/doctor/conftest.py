@@ -8,6 +8,7 @@ import pytest
 
 from bootstrap.host import Host, RecordingRunner
 from hostsim import network, systemd
+from hostsim.host import SimHost
 from hostsim.runsc import run_in_tree
 
 # Minimal but real unit files: what the agents stage installs (docs/contracts.md#agents).
@@ -49,14 +50,14 @@ def to_vfio(desc: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def sim_host(make_tree: Callable[..., Path]) -> Callable[..., Host]:
+def sim_host(make_tree: Callable[..., Path]) -> Callable[..., SimHost]:
     """A host tree whose runner answers systemctl and nebula's device (`ip`, `ping`) from the tree and
     runs the runsc installed in it, with a fixed free-disk figure."""
 
-    def _make(name: str, edit: Callable[[dict[str, Any]], None] | None = None, **kw: Any) -> Host:
+    def _make(name: str, edit: Callable[[dict[str, Any]], None] | None = None, **kw: Any) -> SimHost:
         runner = network.install(systemd.install(RecordingRunner()))
         runner.handlers["runsc"] = run_in_tree
-        host = Host(make_tree(name, edit), runner)
+        host = SimHost(make_tree(name, edit), runner)
         host.disk_free_override = kw.get("disk_free", 500 * GB)
         return host
 

@@ -14,10 +14,12 @@ from bootstrap.paths import RUNSC
 from doctor.checks import run_checks
 from doctor.model import CheckResult, Status
 from doctor.render import render_text
+from hostsim.host import SimHost
 from hostsim.runsc import NVPROXY, PRE_NVPROXY
 
 GB = 1000**3
 Make = Callable[..., Host]
+MakeSim = Callable[..., SimHost]
 
 
 def statuses(host: Host, **kw: Any) -> dict[str, Status]:
@@ -238,7 +240,7 @@ def test_disk_is_measured_where_the_settings_put_vm_images(sim_host: Make) -> No
     assert disk.message == "500.0 GB free at /srv/images"
 
 
-def test_disk_free_space_comes_from_the_filesystem_without_an_override(sim_host: Make) -> None:
+def test_disk_free_space_comes_from_the_filesystem_without_an_override(sim_host: MakeSim) -> None:
     import shutil
 
     host = sim_host("cpu-only")

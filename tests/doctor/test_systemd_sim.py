@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
 from hostsim import systemd
 
 SERVICE = "[Unit]\nDescription=x\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
@@ -23,7 +23,7 @@ def host(tmp_path: Path) -> Host:
     (units / "nomad.service").write_text(SERVICE)
     (units / "node-agent-update.timer").write_text(TIMER)
     (units / "node-agent-update.service").write_text(STATIC)
-    return Host(root, systemd.install(RecordingRunner()))
+    return TreeHost(root, systemd.install(RecordingRunner()))
 
 
 def links(root: Path) -> dict[str, str]:
