@@ -1,8 +1,9 @@
 """The host model: one root directory and one command runner through which everything is done.
 
-On a real box the root is `/` and commands run for real. Against any other root (tests, the demo,
-`--root DIR`) nothing on this machine is read, written or run: paths resolve inside the tree and the
-runner records commands instead of running them.
+`Host` is what the product asks of a machine. `LiveHost` is this one: the root is `/` and commands
+run for real. `TreeHost` is any other root (the demo, `--root DIR`): nothing on this machine is read,
+written or run, paths resolve inside the tree and the runner records commands instead of running
+them. The test machinery's simulating host (hostsim.host) is a TreeHost with its seams added.
 """
 
 from __future__ import annotations
