@@ -12,7 +12,7 @@ from typing import Any
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from bootstrap.discovery import UnitStatus, discover
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from hostsim import build_host, load_topology
 
 
@@ -37,7 +37,7 @@ def hgx_sized_description() -> dict[str, Any]:
 
 def test_detect_on_an_hgx_sized_tree(benchmark: BenchmarkFixture, tmp_path: Path) -> None:
     root = build_host(tmp_path / "hgx", hgx_sized_description())
-    host = Host(root)
+    host = TreeHost(root)
     inv = benchmark(discover, host)
     assert len(inv.devices) >= 300
     assert len(inv.gpus) == 8 and len(inv.nvswitches) == 4

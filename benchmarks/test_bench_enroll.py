@@ -23,7 +23,7 @@ import pytest
 
 from bootstrap.api import ApiClient
 from bootstrap.enroll import enroll
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from controlplane import testing
 
 NODES = 500
@@ -50,7 +50,7 @@ def _run_load(cp: testing.RunningControlPlane, roots: list[Path], tokens: list[s
             api = ApiClient(cp.url, ca_file=cp.ca_file, attempts=1)
             t0 = time.perf_counter()
             try:
-                enroll(Host(roots[i]), api, tokens[i], gpu_mode="none", hardware={})
+                enroll(TreeHost(roots[i]), api, tokens[i], gpu_mode="none", hardware={})
             except BaseException as e:
                 with lock:
                     errors.append(e)

@@ -8,7 +8,7 @@ from typing import Any
 
 from bootstrap.commands.vfio_bind import run_bind
 from bootstrap.discovery import discover
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.plan import compute
 from bootstrap.stages import gpu
 from hostsim import build_host, load_topology
@@ -17,7 +17,7 @@ from hostsim.kernel import simulated_host
 
 def test_planning_the_gpu_stage_on_an_hgx(benchmark: Any, tmp_path: Path) -> None:
     root = build_host(tmp_path / "hgx", load_topology("hgx-h100"))
-    host = Host(root)
+    host = TreeHost(root)
 
     def plan() -> int:
         inv = discover(host, with_names=False)

@@ -37,7 +37,7 @@ import pytest
 
 from bootstrap.api import ApiClient, ClientCert
 from bootstrap.enroll import enroll
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from controlplane import testing
 
@@ -90,7 +90,7 @@ def _run_load(cp: testing.RunningControlPlane, roots: list[Path]) -> dict[str, f
     payload = json.dumps(BODY).encode()
     clients = []
     for r in roots:
-        ident = load_identity(Host(r))
+        ident = load_identity(TreeHost(r))
         assert ident is not None
         api = ApiClient(cp.url, ca_file=cp.ca_file, client_cert=ClientCert(ident.cert_file, ident.key_file))
         clients.append((api._context(), f"Bearer {ident.node_token()}"))
@@ -176,7 +176,7 @@ def test_bench_heartbeats_from_200_nodes_over_16_concurrent_clients(benchmark: A
             for r in roots:
                 r.mkdir()
                 api = ApiClient(cp.url, ca_file=cp.ca_file, attempts=1)
-                enroll(Host(r), api, cp.token("load"), gpu_mode="none", hardware={})
+                enroll(TreeHost(r), api, cp.token("load"), gpu_mode="none", hardware={})
                 api.close()
             result = benchmark.pedantic(_run_load, args=(cp, roots), rounds=1, iterations=1)
         finally:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host
 from bootstrap.pci import (
     PciDevice,
     PciNames,
@@ -318,7 +318,7 @@ def _names(host: Host, inv: Inventory) -> dict[str, str]:
             if model:
                 out[addr] = model
         missing = [a for a in missing if a not in out]
-    if missing and not isinstance(host.runner, RecordingRunner):
+    if missing and host.runs_commands:
         # lspci carries its own (possibly compressed) copy of the ID database and reads it even
         # with no driver loaded. Only asked where commands really run: a recorded call answers nothing.
         res = host.run(["lspci", "-Dnn"], timeout=10)

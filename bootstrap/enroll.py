@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bootstrap import nebula
+from bootstrap import credentials, nebula
 from bootstrap.api import ApiClient, ApiError, ClientCert, not_a_provider
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
@@ -205,12 +204,6 @@ class _OverlayKeys:
         return cls(private, public, nomad_key, nomad_csr)
 
 
-def _same_key(a: Any, b: Any) -> bool:
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    pem = serialization.Encoding.PEM
-    return bool(a.public_bytes(pem, spki) == b.public_bytes(pem, spki))
-
-
 def _unusable(url: str, why: str) -> VectorlayError:
     return VectorlayError(f"{url} returned an unusable enrollment: {why}", "re-run; report if it persists")
 
@@ -227,31 +220,25 @@ def _check_overlay(body: dict[str, Any], keys: _OverlayKeys, url: str, now: date
     ):
         raise _unusable(url, "no nebula certificate")
     try:
-        cert = nebula.parse_certificate_pem(neb["certificate"])
-        ca = nebula.parse_certificate_pem(neb["ca"])
-        nebula.verify_certificate(cert, ca, now)
+        cert = credentials.verified_nebula(neb["certificate"], neb["ca"], now)
     except nebula.NebulaCertError as e:
         raise _unusable(url, f"nebula certificate: {e}") from None
     if cert.public_key != nebula.parse_public_key_pem(keys.nebula_public_pem):
         raise _unusable(url, "the nebula certificate is not for this node's key")
-    if [str(i.ip) for i in cert.ips] != [body["overlay_ip"]]:
+    if credentials.overlay_ips(cert) != [body["overlay_ip"]]:
         raise _unusable(url, f"the nebula certificate is for {cert.ips}, not {body['overlay_ip']}")
     if not isinstance(nomad, dict) or not isinstance(nomad.get("region"), str):
         raise _unusable(url, "no Nomad settings")
-    try:
-        nomad_cert = x509.load_pem_x509_certificate(str(nomad.get("certificate_pem")).encode())
-        nomad_ca = x509.load_pem_x509_certificate(str(nomad.get("ca_pem")).encode())
-        nomad_cert.verify_directly_issued_by(nomad_ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise _unusable(url, "the Nomad certificate is missing or not signed by its CA") from None
-    if not _same_key(nomad_cert.public_key(), keys.nomad_key.public_key()):
+    nomad_cert = credentials.chained(
+        str(nomad.get("certificate_pem")).encode(), str(nomad.get("ca_pem")).encode()
+    )
+    if nomad_cert is None:
+        raise _unusable(url, "the Nomad certificate is missing or not signed by its CA")
+    if not credentials.same_key(nomad_cert.public_key(), keys.nomad_key.public_key()):
         raise _unusable(url, "the Nomad certificate is not for this node's Nomad key")
-    try:
-        names = nomad_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        names = x509.SubjectAlternativeName([])
+    dns, _addrs = credentials.alt_names(nomad_cert)
     wanted = f"client.{nomad['region']}.nomad"
-    if wanted not in names.get_values_for_type(x509.DNSName):
+    if wanted not in dns:
         raise _unusable(url, f"the Nomad certificate does not name {wanted}")
     return OverlayFiles(
         nebula_key_pem=keys.nebula_private_pem,
@@ -281,14 +268,11 @@ def _check_response(body: Any, key: ec.EllipticCurvePrivateKey, url: str) -> dic
         ca = x509.load_pem_x509_certificate(body["ca_pem"].encode())
     except ValueError:
         raise bad("certificate_pem or ca_pem is not PEM") from None
-    if not _same_key(cert.public_key(), key.public_key()):
+    if not credentials.same_key(cert.public_key(), key.public_key()):
         raise bad("the certificate is not for this node's key")
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise bad("the certificate is not signed by ca_pem") from None
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cns or cns[0].value != body["node_id"]:
+    if not credentials.issued_by(cert, ca):
+        raise bad("the certificate is not signed by ca_pem")
+    if credentials.common_name(cert) != body["node_id"]:
         raise bad("the certificate does not name the node ID")
     return body
 

@@ -1,8 +1,9 @@
 """The host model: one root directory and one command runner through which everything is done.
 
-On a real box the root is `/` and commands run for real. Against any other root (tests, the demo,
-`--root DIR`) nothing on this machine is read, written or run: paths resolve inside the tree and the
-runner records commands instead of running them.
+`Host` is what the product asks of a machine. `LiveHost` is this one: the root is `/` and commands
+run for real. `TreeHost` is any other root (the demo, `--root DIR`): nothing on this machine is read,
+written or run, paths resolve inside the tree and the runner records commands instead of running
+them. The test machinery's simulating host (hostsim.host) is a TreeHost with its seams added.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import NotRegularFile, fault_point, read_regular
@@ -78,6 +79,11 @@ class CommandResult:
 
 
 class Runner(Protocol):
+    @property
+    def executes(self) -> bool:
+        """The commands really execute on some machine (and their answers are its answers)."""
+        ...
+
     def run(
         self,
         argv: Sequence[str],
@@ -90,6 +96,8 @@ class Runner(Protocol):
 
 class SubprocessRunner:
     """Runs commands on this machine. Only ever used with the root `/`."""
+
+    executes = True
 
     def run(
         self,
@@ -131,6 +139,9 @@ class RecordingRunner:
     host tree; a command without a handler "succeeds" with no output. Tests and the demo register
     simulators (systemctl, modprobe, ...) where a stage needs an answer.
     """
+
+    # Not a field: what a recording runner is, not a setting of one.
+    executes: ClassVar[bool] = False
 
     host: Host | None = None
     handlers: dict[str, Handler] = field(default_factory=dict)
@@ -177,48 +188,65 @@ def _changes_something(argv: Sequence[str]) -> bool:
     return True
 
 
-class Host:
-    """A root directory plus a runner. Every path the tools touch goes through `path()`."""
+class Host(Protocol):
+    """What the product asks of the machine it works on: one root, every path through `path()`,
+    every command through `run()`. `LiveHost` is this machine; `TreeHost` a directory standing for
+    one (tests, the demo, `--root DIR`), where nothing outside the tree is read, written or run."""
 
-    def __init__(self, root: Path | str = "/", runner: Runner | None = None) -> None:
-        self.root = Path(root).resolve()
-        if runner is None:
-            runner = SubprocessRunner() if self.is_live else RecordingRunner()
-        if isinstance(runner, RecordingRunner) and runner.host is None:
-            runner.host = self
-        self.runner = runner
-        self.disk_free_override: int | None = None
-        # Simulators of the kernel's reaction to sysfs writes (hostsim.kernel); empty on a real box.
-        self.sysfs_hooks: list[Callable[[str, str], None]] = []
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def runner(self) -> Runner: ...
 
     @property
     def is_live(self) -> bool:
-        return self.root == Path("/")
+        """The root is this machine's own `/`: its device nodes, udev database and hostname are real."""
+        ...
 
-    def __repr__(self) -> str:
-        return f"Host(root={str(self.root)!r})"
+    @property
+    def runs_commands(self) -> bool:
+        """Commands really execute (and answer), instead of being recorded."""
+        ...
+
+    @property
+    def root_uid(self) -> int:
+        """The uid that plays root: the owner a root-owned file has on this host."""
+        ...
+
+    def path(self, p: str | os.PathLike[str], *, follow: bool = True) -> Path: ...
+
+    def to_host(self, real: Path) -> str: ...
+
+    def exists(self, p: str) -> bool: ...
+
+    def read_text(self, p: str, default: str | None = None) -> str: ...
+
+    def readlink_name(self, p: str) -> str | None: ...
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float | None = 60.0,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult: ...
+
+    def sysfs_write(self, p: str, data: str) -> None: ...
+
+    def memory_total_bytes(self) -> int: ...
+
+    def disk_free_bytes(self, p: str) -> int: ...
+
+
+class _RootedHost:
+    """What both hosts share once `path()` is defined: reads, commands, memory and disk figures."""
+
+    runner: Runner
 
     def path(self, p: str | os.PathLike[str], *, follow: bool = True) -> Path:
-        """Map an absolute host path such as `/etc/default/grub` into the root.
-
-        In a tree the path is resolved the way the kernel resolves it inside a chroot: a symlink's
-        absolute target starts again at the root and `..` stops at it, so no link planted in the tree
-        (`etc/modprobe.d -> /etc/modprobe.d`) leads a write, an append or a removal out of it. The
-        result holds no symlink, except the last component when `follow` is False: what a rename, an
-        unlink or a readlink of the link itself needs.
-        """
-        s = os.fspath(p)
-        if not s.startswith("/"):
-            raise ValueError(f"host paths are absolute, got {s!r}")
-        if self.is_live:
-            return Path(s)
-        return resolve_in_root(self.root, s, follow=follow)
-
-    def to_host(self, real: Path) -> str:
-        """The inverse of path(): a path inside the tree back to its host form."""
-        if self.is_live:
-            return str(real)
-        return "/" + str(Path(real).relative_to(self.root))
+        raise NotImplementedError
 
     def exists(self, p: str) -> bool:
         return self.path(p).exists()
@@ -240,6 +268,10 @@ class Host:
         except (FileNotFoundError, NotADirectoryError, OSError):
             return None
 
+    @property
+    def runs_commands(self) -> bool:
+        return self.runner.executes
+
     def run(
         self,
         argv: Sequence[str],
@@ -252,19 +284,8 @@ class Host:
             fault_point("run " + shlex.join(argv))
         return self.runner.run(argv, input=input, timeout=timeout, env=env)
 
-    def sysfs_write(self, p: str, data: str) -> None:
-        """Write a sysfs attribute (`driver_override`, `drivers_probe`, ...) at host path `p`.
-
-        A real kernel acts on the write itself. In a tree, registered hooks play the kernel: they
-        receive the host path and the data and change the tree as the kernel would (or raise the
-        OSError it would return); without hooks the data just lands in the file.
-        """
-        if self.sysfs_hooks:
-            for hook in self.sysfs_hooks:
-                hook(p, data)
-            return
+    def _write_attribute(self, p: str, flags: int, data: str) -> None:
         # One write() call, unbuffered: sysfs takes an attribute's value from a single write.
-        flags = os.O_WRONLY if self.is_live else (os.O_WRONLY | os.O_TRUNC)
         fd = os.open(self.path(p), flags)
         try:
             os.write(fd, data.encode())
@@ -272,8 +293,7 @@ class Host:
             os.close(fd)
 
     # Memory comes from <root>/proc/meminfo exactly as on a live box (MemTotal is what psutil and
-    # free(1) report as total); disk figures can be injected because a test tree has no filesystem
-    # of its own to measure.
+    # free(1) report as total).
     def memory_total_bytes(self) -> int:
         """MemTotal in bytes. Raises ValueError when /proc/meminfo does not hold a sane one."""
         text = self.read_text("/proc/meminfo")
@@ -291,8 +311,6 @@ class Host:
 
     def disk_free_bytes(self, p: str) -> int:
         """Free bytes on the filesystem holding host path `p` (its nearest existing ancestor)."""
-        if self.disk_free_override is not None:
-            return self.disk_free_override
         real = self.path(p)
         while not real.exists() and real != real.parent:
             real = real.parent
@@ -302,18 +320,101 @@ class Host:
         return st.f_bavail * st.f_frsize
 
 
+class LiveHost(_RootedHost):
+    """This machine: the root `/`, commands run with subprocess, sysfs writes reach the kernel."""
+
+    is_live = True
+    root_uid = 0
+
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.root = Path("/")
+        self.runner = runner if runner is not None else SubprocessRunner()
+
+    def __repr__(self) -> str:
+        return "LiveHost()"
+
+    def path(self, p: str | os.PathLike[str], *, follow: bool = True) -> Path:
+        s = os.fspath(p)
+        if not s.startswith("/"):
+            raise ValueError(f"host paths are absolute, got {s!r}")
+        return Path(s)
+
+    def to_host(self, real: Path) -> str:
+        return str(real)
+
+    def sysfs_write(self, p: str, data: str) -> None:
+        """Write a sysfs attribute (`driver_override`, `drivers_probe`, ...): the kernel acts on it."""
+        self._write_attribute(p, os.O_WRONLY, data)
+
+
+class TreeHost(_RootedHost):
+    """A directory standing for a whole host. Paths resolve inside it as in a chroot, and commands
+    go to `runner`: by default a RecordingRunner, so that nothing on this machine is run."""
+
+    is_live = False
+
+    def __init__(self, root: Path | str, runner: Runner | None = None) -> None:
+        resolved = Path(root).resolve()
+        if resolved == Path("/"):
+            # A tree at / would be this machine with its commands silently dropped.
+            raise ValueError("a tree host needs a directory other than '/'; the real root is LiveHost")
+        self.root = resolved
+        if runner is None:
+            runner = RecordingRunner()
+        if isinstance(runner, RecordingRunner) and runner.host is None:
+            runner.host = self
+        self.runner = runner
+
+    def __repr__(self) -> str:
+        return f"TreeHost(root={str(self.root)!r})"
+
+    @property
+    def root_uid(self) -> int:
+        # The tree stands for a whole host whose files were created by whoever owns the tree.
+        return self.root.stat().st_uid
+
+    def path(self, p: str | os.PathLike[str], *, follow: bool = True) -> Path:
+        """Map an absolute host path such as `/etc/default/grub` into the root.
+
+        The path is resolved the way the kernel resolves it inside a chroot: a symlink's absolute
+        target starts again at the root and `..` stops at it, so no link planted in the tree
+        (`etc/modprobe.d -> /etc/modprobe.d`) leads a write, an append or a removal out of it. The
+        result holds no symlink, except the last component when `follow` is False: what a rename, an
+        unlink or a readlink of the link itself needs.
+        """
+        s = os.fspath(p)
+        if not s.startswith("/"):
+            raise ValueError(f"host paths are absolute, got {s!r}")
+        return resolve_in_root(self.root, s, follow=follow)
+
+    def to_host(self, real: Path) -> str:
+        """The inverse of path(): a path inside the tree back to its host form."""
+        return "/" + str(Path(real).relative_to(self.root))
+
+    def sysfs_write(self, p: str, data: str) -> None:
+        """A tree has no kernel behind its sysfs: the data just lands in the file."""
+        self._write_attribute(p, os.O_WRONLY | os.O_TRUNC, data)
+
+
+def host_for(root: Path | str, runner: Runner | None = None) -> Host:
+    """The plain host for `root`: this machine for `/`, a tree for any other directory."""
+    if Path(root).resolve() == Path("/"):
+        return LiveHost(runner)
+    return TreeHost(root, runner)
+
+
 HostFactory = Callable[[Path], Host]
 
-# What the commands open their --root with: a plain Host, live or tree. hostsim replaces it to hand
+# What the commands open their --root with: a plain host, live or tree. hostsim replaces it to hand
 # the real CLI, run against a tree by a test or the demo, a host whose systemctl, modprobe and sysfs
 # writes are answered the way a booted box would answer them.
-_host_factory: HostFactory = Host
+_host_factory: HostFactory = host_for
 
 
 def set_host_factory(factory: HostFactory | None) -> HostFactory:
-    """Make `open_host` build hosts with `factory` (None: plain Host); returns the one it replaces."""
+    """Make `open_host` build hosts with `factory` (None: `host_for`); returns the one it replaces."""
     global _host_factory
-    previous, _host_factory = _host_factory, factory or Host
+    previous, _host_factory = _host_factory, factory or host_for
     return previous
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -165,6 +166,20 @@ class NewIdentity:
     overlay: OverlayFiles
 
 
+def missing_files(directory: Path) -> list[str]:
+    """The identity files `directory` does not hold as regular files, in IDENTITY_FILES' order."""
+    return [name for name in IDENTITY_FILES if not (directory / name).is_file()]
+
+
+def secret_modes(directory: Path) -> list[tuple[str, int, int]]:
+    """Each secret's name, permission bits and owner uid: what the writer and the doctor judge."""
+    out = []
+    for name in IDENTITY_SECRETS:
+        st = (directory / name).stat()
+        out.append((name, stat.S_IMODE(st.st_mode), st.st_uid))
+    return out
+
+
 def identity_path(host: Host) -> Path:
     return host.path(IDENTITY_DIR, follow=False)
 
@@ -188,14 +203,13 @@ def load_identity(host: Host) -> Identity | None:
         raise IdentityError(
             f"{IDENTITY_DIR} is open to others (mode {dir_mode:04o})", f"chmod 700 {IDENTITY_DIR}"
         )
-    missing = [name for name in IDENTITY_FILES if not (path / name).is_file()]
+    missing = missing_files(path)
     if missing:
         raise IdentityError(
             f"{IDENTITY_DIR} is incomplete: {', '.join(missing)} missing",
             REENROLL_HINT,
         )
-    for name in IDENTITY_SECRETS:
-        mode = (path / name).stat().st_mode & 0o777
+    for name, mode, _uid in secret_modes(path):
         if mode & 0o077:
             raise IdentityError(
                 f"{IDENTITY_DIR}/{name} is readable by others (mode {mode:04o})",

@@ -82,10 +82,11 @@ _NO_SYSTEMD = frozenset({"", "offline", "unknown"})
 def services_really_run(host: Host) -> bool:
     """Whether a systemd runs the host's services, so that there is something to wait for.
 
-    On the live root, always (the installer needs systemd). Against a tree, what systemd itself says:
-    a simulated one (hostsim) names its state, a tree whose commands are only recorded answers nothing.
+    Booted with systemd when /run/systemd/system is a directory (systemd's own sd_booted() test,
+    ansible's too). Otherwise what systemd itself says: a simulated one (hostsim) names its state, a
+    tree whose commands are only recorded answers nothing, a box without systemd says "offline".
     """
-    if host.is_live:
+    if host.path("/run/systemd/system").is_dir():
         return True
     state = host.run(["systemctl", "is-system-running"], timeout=30).stdout.strip()
     return state not in _NO_SYSTEMD

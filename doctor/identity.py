@@ -7,11 +7,10 @@ than the rest of the doctor together.
 from __future__ import annotations
 
 import datetime as dt
-import stat
 from collections.abc import Callable
 
 from bootstrap.host import Host
-from bootstrap.paths import IDENTITY_DIR, IDENTITY_FILES, IDENTITY_SECRETS
+from bootstrap.paths import IDENTITY_DIR
 from doctor.model import CheckResult, Status
 
 EXPIRY_WARN_DAYS = 14
@@ -19,9 +18,7 @@ REENROLL = "re-run the install one-liner to re-enroll (the node keeps its ID and
 
 
 def _expected_owner(host: Host) -> int:
-    # On a live box "root-owned" means uid 0. A --root tree stands for a whole host whose files were
-    # created by whoever owns the tree, so the tree's owner plays root there.
-    return 0 if host.is_live else host.root.stat().st_uid
+    return host.root_uid
 
 
 # Secrets must be 0600 and root's; the rest must be present. node.json and the directory's own mode
@@ -55,22 +52,22 @@ def check_identity(host: Host, now: dt.datetime | None = None) -> CheckResult:
 
 
 def _files(host: Host, now: dt.datetime) -> CheckResult | None:
-    paths = [f"{IDENTITY_DIR}/{f}" for f in IDENTITY_FILES]
-    missing = [p for p in paths if not host.path(p).is_file()]
+    from bootstrap.identity import missing_files, secret_modes
+
+    directory = host.path(IDENTITY_DIR)
+    missing = [f"{IDENTITY_DIR}/{f}" for f in missing_files(directory)]
     if missing:
         return CheckResult(
             "identity", Status.FAIL, f"identity incomplete: {', '.join(missing)} missing", REENROLL
         )
     owner = _expected_owner(host)
-    for f in IDENTITY_SECRETS:
+    for f, mode, uid in secret_modes(directory):
         p = f"{IDENTITY_DIR}/{f}"
-        st = host.path(p).stat()
-        mode = stat.S_IMODE(st.st_mode)
-        if mode != 0o600 or st.st_uid != owner:
+        if mode != 0o600 or uid != owner:
             return CheckResult(
                 "identity",
                 Status.FAIL,
-                f"{p} is mode {mode:04o} owned by uid {st.st_uid}; it must be 0600 and owned by root",
+                f"{p} is mode {mode:04o} owned by uid {uid}; it must be 0600 and owned by root",
                 f"sudo chown root:root {p} && sudo chmod 600 {p}",
             )
     if not host.read_text(f"{IDENTITY_DIR}/node-token", default="").strip():
@@ -95,8 +92,9 @@ def _node_certificate(host: Host, now: dt.datetime) -> CheckResult | None:
     crt_pem, key_pem, ca_pem = (host.path(p).read_bytes() for p in (crt_p, key_p, ca_p))
 
     from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
+
+    from bootstrap import credentials
 
     try:
         cert = x509.load_pem_x509_certificate(crt_pem)
@@ -111,12 +109,9 @@ def _node_certificate(host: Host, now: dt.datetime) -> CheckResult | None:
     except (ValueError, TypeError) as e:
         return CheckResult(name, Status.FAIL, f"{key_p} is not an unencrypted PEM private key: {e}", REENROLL)
 
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+    if not credentials.same_key(key.public_key(), cert.public_key()):
         return CheckResult(name, Status.FAIL, f"{key_p} does not match {crt_p}", REENROLL)
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    if not credentials.issued_by(cert, ca):
         return CheckResult(name, Status.FAIL, f"{crt_p} was not issued by the CA in {ca_p}", REENROLL)
 
     not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
@@ -184,7 +179,7 @@ def check_overlay_identity(
     (or signed by another CA) puts the node somewhere else on the overlay or off it; Nomad servers
     refuse a client certificate that does not name `client.<region>.nomad`.
     """
-    from bootstrap import nebula
+    from bootstrap import credentials, nebula
 
     name = "identity"
     paths = {f: f"{IDENTITY_DIR}/{f}" for f in ("nebula.crt", "nebula-ca.crt", "nomad.crt", "nomad-ca.crt")}
@@ -192,14 +187,14 @@ def check_overlay_identity(
     if missing:
         return CheckResult(name, Status.FAIL, f"identity incomplete: {', '.join(missing)} missing", REENROLL)
     try:
-        cert = nebula.parse_certificate_pem(host.path(paths["nebula.crt"]).read_bytes())
-        ca = nebula.parse_certificate_pem(host.path(paths["nebula-ca.crt"]).read_bytes())
-        nebula.verify_certificate(cert, ca, now)
+        cert = credentials.verified_nebula(
+            host.path(paths["nebula.crt"]).read_bytes(), host.path(paths["nebula-ca.crt"]).read_bytes(), now
+        )
     except nebula.NebulaCertError as e:
         return CheckResult(name, Status.FAIL, f"{paths['nebula.crt']}: {e}", REENROLL)
     except OSError as e:
         return CheckResult(name, Status.FAIL, f"cannot read the nebula certificate: {e.strerror}", REENROLL)
-    ips = [str(i.ip) for i in cert.ips]
+    ips = credentials.overlay_ips(cert)
     if ips != [overlay_ip]:
         return CheckResult(
             name,
@@ -208,26 +203,20 @@ def check_overlay_identity(
             REENROLL,
         )
 
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-
     try:
-        nomad = x509.load_pem_x509_certificate(host.path(paths["nomad.crt"]).read_bytes())
-        nomad_ca = x509.load_pem_x509_certificate(host.path(paths["nomad-ca.crt"]).read_bytes())
-        nomad.verify_directly_issued_by(nomad_ca)
-    except (ValueError, TypeError, InvalidSignature, OSError):
+        nomad = credentials.chained(
+            host.path(paths["nomad.crt"]).read_bytes(), host.path(paths["nomad-ca.crt"]).read_bytes()
+        )
+    except OSError:
+        nomad = None
+    if nomad is None:
         return CheckResult(
             name,
             Status.FAIL,
             f"{paths['nomad.crt']} is not a certificate issued by {paths['nomad-ca.crt']}",
             REENROLL,
         )
-    try:
-        san = nomad.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = san.get_values_for_type(x509.DNSName)
-        addrs = {str(a) for a in san.get_values_for_type(x509.IPAddress)}
-    except x509.ExtensionNotFound:
-        dns, addrs = [], set()
+    dns, addrs = credentials.alt_names(nomad)
     wanted = f"client.{region}.nomad" if region else None
     if wanted and wanted not in dns:
         return CheckResult(

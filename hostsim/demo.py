@@ -272,10 +272,10 @@ def stop_agents(root: Path) -> None:
     """End the agent daemons the second run started (the systemctl simulator's state names them)."""
     if not root.exists():
         return
-    from bootstrap.host import Host
+    from hostsim.host import SimHost
     from hostsim.systemd import Systemd
 
-    Systemd().stop_all(Host(root))
+    Systemd().stop_all(SimHost(root))
 
 
 if __name__ == "__main__":

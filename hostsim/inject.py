@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap import fsutil
-from bootstrap.host import Host, set_host_factory
+from bootstrap.host import Host, LiveHost, set_host_factory
 
 SIMULATE_ENV = "HOSTSIM_SIMULATE"  # "1": tree hosts get hostsim.kernel's simulators
 FAULT_AT_ENV = "HOSTSIM_FAULT_AT"  # N, or a point's name: killed there (SIGKILL)
@@ -44,11 +44,13 @@ class LiveRootForbidden(RuntimeError):
 def simulating_host(root: Path | str) -> Host:
     """A tree host whose kernel, boot tools and systemd (really running the agents' daemons) are
     simulated, for the real CLI run against a tree; the live root gets the plain live host."""
-    host = Host(root)
-    if not host.is_live:
-        from hostsim.kernel import simulate
+    if Path(root).resolve() == Path("/"):
+        return LiveHost()
+    from hostsim.host import SimHost
+    from hostsim.kernel import simulate
 
-        simulate(host)
+    host = SimHost(root)
+    simulate(host)
     return host
 
 
@@ -73,15 +75,13 @@ class FaultPoints:
 
 
 def guarded_init(original: Callable[..., None]) -> Callable[..., None]:
-    """Host.__init__ refusing the real `/`: code that forgets --root fails loudly under the tests."""
+    """LiveHost.__init__ refusing: code that forgets --root fails loudly under the tests."""
 
     @functools.wraps(original)
-    def __init__(self: Host, root: Path | str = "/", *args: Any, **kwargs: Any) -> None:
-        if Path(root).resolve() == Path("/"):
-            raise LiveRootForbidden(
-                "this code reached for the real host root '/' under the test suite; pass a --root tree"
-            )
-        original(self, root, *args, **kwargs)
+    def __init__(self: LiveHost, *args: Any, **kwargs: Any) -> None:
+        raise LiveRootForbidden(
+            "this code reached for the real host root '/' under the test suite; pass a --root tree"
+        )
 
     return __init__
 
@@ -89,7 +89,7 @@ def guarded_init(original: Callable[..., None]) -> Callable[..., None]:
 def install_from_env(environ: Mapping[str, str] = os.environ) -> None:
     """Install what the HOSTSIM_* variables ask for (sitecustomize calls this at start-up)."""
     if environ.get(FORBID_LIVE_ENV) == "1":
-        setattr(Host, "__init__", guarded_init(Host.__init__))  # noqa: B010 - mypy refuses the assignment
+        setattr(LiveHost, "__init__", guarded_init(LiveHost.__init__))  # noqa: B010 - mypy refuses the assignment
     if environ.get(SIMULATE_ENV) == "1":
         set_host_factory(simulating_host)
     settle = environ.get(SETTLE_ENV)

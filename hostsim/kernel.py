@@ -1,6 +1,6 @@
 """The kernel's side of a host tree: what sysfs writes do, what the boot-time tools do, and a reboot.
 
-- `KernelSim` reacts to writes the production code makes through `Host.sysfs_write`, the way the PCI
+- `KernelSim` reacts to writes the production code makes through `SimHost.sysfs_write`, the way the PCI
   core does: `driver_override` stores the name, `drivers/<drv>/unbind` detaches the device (its
   `driver` link and the driver's `<addr>` link go), `drivers_probe` and `drivers/<drv>/bind` attach
   it to the override's driver (vfio-pci only with an IOMMU group, as vfio-pci's probe requires) or,
@@ -29,6 +29,7 @@ from typing import Any
 from bootstrap.host import CommandResult, Host, RecordingRunner
 from hostsim import network
 from hostsim.builder import build_host, expand_devices
+from hostsim.host import SimHost
 from hostsim.runsc import run_in_tree
 from hostsim.systemd import Systemd, active_units, set_active_state
 
@@ -41,7 +42,7 @@ DRIVERS = "/sys/bus/pci/drivers"
 
 
 class KernelSim:
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: SimHost) -> None:
         self.host = host
         self.writes: list[tuple[str, str]] = []
         # The driver each device had when the simulation started: what a probe without an override
@@ -231,14 +232,14 @@ def install_handlers(host: Host, services: Services | None = None) -> Services:
     return services
 
 
-def simulated_host(root: Path, *, active: set[str] | None = None) -> tuple[Host, KernelSim, Services]:
-    """A Host over `root` with the kernel and the boot-time tools simulated."""
-    host = Host(root, RecordingRunner())
+def simulated_host(root: Path, *, active: set[str] | None = None) -> tuple[SimHost, KernelSim, Services]:
+    """A host over `root` with the kernel and the boot-time tools simulated."""
+    host = SimHost(root, RecordingRunner())
     sim = KernelSim(host).attach()
     return host, sim, install_handlers(host, Services(active))
 
 
-def simulate(host: Host) -> None:
+def simulate(host: SimHost) -> None:
     """What hostsim.inject.simulating_host adds to a tree host: kernel, boot tools, and a systemd
     that really runs the agents' daemons, for the real CLI run against a tree."""
     KernelSim(host).attach()
@@ -282,7 +283,7 @@ def simulated_reboot(
     """
     new = copy.deepcopy(desc)
     if run_update_grub:
-        _grub_mkconfig(Host(root), ("update-grub",))
+        _grub_mkconfig(SimHost(root), ("update-grub",))
     cmdline = (root / "proc/cmdline").read_text().strip()
     cmdline = _next_cmdline(root, cmdline)
     args = cmdline.split()

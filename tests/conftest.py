@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 
-from bootstrap.host import Host
+from bootstrap.host import Host, LiveHost, TreeHost
 from hostsim import build_host, inject, load_topology
 
 
 @pytest.fixture(autouse=True)
 def _forbid_live_root(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[None]:
     """Code that forgets --root and reaches for the real / fails, unless the test is marked `live`:
-    here by guarding the Host constructor, in the product's subprocesses through hostsim.inject.env()
+    here by guarding the LiveHost constructor, in the product's subprocesses through hostsim.inject.env()
     (which hands the variable on)."""
     if request.node.get_closest_marker("live") is None:
-        monkeypatch.setattr(Host, "__init__", inject.guarded_init(Host.__init__))
+        monkeypatch.setattr(LiveHost, "__init__", inject.guarded_init(LiveHost.__init__))
         monkeypatch.setenv(inject.FORBID_LIVE_ENV, "1")
     yield
 
@@ -39,7 +39,7 @@ def make_tree(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def make_host(make_tree: Callable[..., Path]) -> Callable[..., Host]:
     def _make(name: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Host:
-        return Host(make_tree(name, edit))
+        return TreeHost(make_tree(name, edit))
 
     return _make
 

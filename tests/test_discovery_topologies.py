@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bootstrap.discovery import UnitStatus, discover
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.settings import Settings
 
 MakeHost = Callable[..., Host]
@@ -155,7 +155,7 @@ def test_a_recorded_tree_asks_no_command_for_names(make_tree: Callable[..., Any]
     def no_ids(desc: dict[str, Any]) -> None:
         desc["pci_ids"] = False
 
-    host = Host(make_tree("gpu-shares-nic", no_ids))
+    host = TreeHost(make_tree("gpu-shares-nic", no_ids))
     discover(host)
     assert host.runner.commands == []  # type: ignore[attr-defined]
 
@@ -170,6 +170,8 @@ def test_names_fall_back_to_lspci_when_pci_ids_lacks_them(make_tree: Callable[..
     class GuestRunner:
         """Stands for a runner that really executes (the VM harness's), answering lspci."""
 
+        executes = True
+
         def __init__(self) -> None:
             self.commands: list[tuple[str, ...]] = []
 
@@ -181,7 +183,7 @@ def test_names_fall_back_to_lspci_when_pci_ids_lacks_them(make_tree: Callable[..
         desc["pci_ids"] = False
 
     runner = GuestRunner()
-    inv = discover(Host(make_tree("gpu-shares-nic", no_ids), runner))
+    inv = discover(TreeHost(make_tree("gpu-shares-nic", no_ids), runner))
     assert runner.commands == [("lspci", "-Dnn")]
     assert inv.name("0000:41:00.0") == "NVIDIA Corporation GH100 [H100 SXM5 80GB]"
     assert inv.name("0000:61:00.0") == ""

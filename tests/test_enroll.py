@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from bootstrap.api import ApiClient, ApiError, ClientCert
 from bootstrap.cli import main
 from bootstrap.enroll import enroll
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
 from controlplane.clock import wall_now
@@ -79,7 +79,7 @@ def snapshot(root: Path) -> dict[str, Any]:
 
 def node_self(cp: Any, root: Path, *, token: str | None = None, cert_dir: Path | None = None) -> Any:
     """GET /v1/node/self with the identity found under `root` (or the given cert dir/token)."""
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
     d = cert_dir or ident.path
     api = ApiClient(
@@ -99,7 +99,7 @@ def test_first_enrollment_writes_a_complete_identity_the_control_plane_accepts(
     code, out, err = run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))
     assert code == 0, err
     assert "provisioning token valid until" in err
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
     assert out.strip() == f"enrolled node {ident.node_id} (org {org}, overlay IP {ident.overlay_ip})"
     assert ident.org_id == org and ident.overlay_ip.startswith("100.64.")
@@ -147,7 +147,7 @@ def test_reenrollment_keeps_node_id_and_overlay_ip_and_rotates_the_token(
     root = make_tree("cpu-only")
     control_plane.org("acme", node_quota=1)
     assert run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))[0] == 0
-    first = load_identity(Host(root))
+    first = load_identity(TreeHost(root))
     assert first is not None
     old_token = first.node_token()
     old_certs = tmp_path / "old-certs"
@@ -157,7 +157,7 @@ def test_reenrollment_keeps_node_id_and_overlay_ip_and_rotates_the_token(
 
     code, out, err = run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))
     assert code == 0, err
-    second = load_identity(Host(root))
+    second = load_identity(TreeHost(root))
     assert second is not None
     assert out.startswith(f"re-enrolled node {first.node_id} ")
     assert (second.node_id, second.overlay_ip) == (first.node_id, first.overlay_ip)
@@ -190,7 +190,7 @@ def test_reenrollment_consumes_no_node_quota(
     code, _, err = run_cli(*enroll_args(other, control_plane), token=control_plane.token("acme"))
     assert code == 1
     assert "409" in err and "NODE_QUOTA_EXCEEDED" in err
-    assert load_identity(Host(other)) is None
+    assert load_identity(TreeHost(other)) is None
 
 
 def test_a_used_token_is_refused_with_401_and_the_identity_is_untouched(
@@ -212,7 +212,7 @@ def test_a_used_token_is_refused_with_401_and_the_identity_is_untouched(
     # The control plane itself refuses it too (the CLI's preflight is not the only guard).
     api = ApiClient(control_plane.url, ca_file=control_plane.ca_file, attempts=1)
     with pytest.raises(ApiError) as e:
-        enroll(Host(root), api, token, gpu_mode="none", hardware={})
+        enroll(TreeHost(root), api, token, gpu_mode="none", hardware={})
     assert e.value.status == 401 and e.value.code == "TOKEN_USED"
     assert snapshot(root) == before
     assert node_self(control_plane, root)["status"] == "active"
@@ -268,7 +268,7 @@ def test_decommission_then_reenroll_brings_the_node_back(
     org = control_plane.org("acme")
     key = control_plane.api_key("acme")
     assert run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))[0] == 0
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
 
     args = ["decommission", "--api", control_plane.url, "--org", org, "--node", ident.node_id]
@@ -299,7 +299,7 @@ def test_a_client_certificate_from_a_foreign_ca_is_refused_by_node_self(
     root = make_tree("cpu-only")
     control_plane.org("acme")
     assert run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))[0] == 0
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
 
     # A foreign CA signs a certificate claiming to be this very node, for the node's own key: only
@@ -354,7 +354,7 @@ def test_two_concurrent_enrollments_with_one_token_have_exactly_one_winner(
         api = ApiClient(control_plane.url, ca_file=control_plane.ca_file, attempts=1)
         barrier.wait()
         try:
-            results[i] = enroll(Host(roots[i]), api, token, gpu_mode="none", hardware={})
+            results[i] = enroll(TreeHost(roots[i]), api, token, gpu_mode="none", hardware={})
         except ApiError as e:
             results[i] = e
 
@@ -367,7 +367,7 @@ def test_two_concurrent_enrollments_with_one_token_have_exactly_one_winner(
     losers = [r for r in results if isinstance(r, ApiError)]
     assert len(winners) == 1
     assert [(e.status, e.code) for e in losers] == [(401, "TOKEN_USED")] * (len(roots) - 1)
-    assert sum(load_identity(Host(r)) is not None for r in roots) == 1
+    assert sum(load_identity(TreeHost(r)) is not None for r in roots) == 1
     assert len(control_plane.admin.org_summary("acme")["nodes"]) == 1
 
 
@@ -399,7 +399,7 @@ def test_an_unreachable_control_plane_is_retried_with_backoff_then_reported_with
     slept: list[float] = []
     api = ApiClient(dead, ca_file=control_plane.ca_file, attempts=4, backoff=0.25, sleep=slept.append)
     with pytest.raises(ApiError) as e:
-        enroll(Host(root), api, control_plane.token("acme"), gpu_mode="none", hardware={})
+        enroll(TreeHost(root), api, control_plane.token("acme"), gpu_mode="none", hardware={})
     assert slept == [0.25, 0.5, 1.0]
     assert e.value.message.startswith(f"could not reach {dead}/v1/nodes/enroll")
     assert "gave up after 4 attempt(s)" in e.value.message
@@ -412,7 +412,7 @@ def test_reenrollment_without_ca_file_trusts_the_ca_pinned_at_the_first_enrollme
     root = make_tree("cpu-only")
     control_plane.org("acme")
     assert run_cli(*enroll_args(root, control_plane), token=control_plane.token("acme"))[0] == 0
-    first = load_identity(Host(root))
+    first = load_identity(TreeHost(root))
     assert first is not None
     code, out, err = run_cli(
         "enroll", "--root", str(root), "--api", control_plane.url, token=control_plane.token("acme")
@@ -430,7 +430,11 @@ def test_the_control_plane_itself_refuses_an_expired_token_with_401(
     root = make_tree("cpu-only")
     with pytest.raises(ApiError) as e:
         enroll(
-            Host(root), ApiClient(cp.url, ca_file=cp.ca_file, attempts=1), token, gpu_mode="none", hardware={}
+            TreeHost(root),
+            ApiClient(cp.url, ca_file=cp.ca_file, attempts=1),
+            token,
+            gpu_mode="none",
+            hardware={},
         )
     assert (e.value.status, e.value.code) == (401, "TOKEN_EXPIRED")
     assert "401 bad, missing or expired token" in e.value.message
@@ -446,21 +450,21 @@ def test_an_identity_from_another_control_plane_is_not_presented_and_the_node_en
         cp.org("acme")
     root = make_tree("cpu-only")
     first = enroll(
-        Host(root),
+        TreeHost(root),
         ApiClient(old_cp.url, ca_file=old_cp.ca_file),
         old_cp.token("acme"),
         gpu_mode="none",
         hardware={},
     )
     moved = enroll(
-        Host(root),
+        TreeHost(root),
         ApiClient(new_cp.url, ca_file=new_cp.ca_file),
         new_cp.token("acme"),
         gpu_mode="none",
         hardware={},
     )
     assert moved.reenrolled is False and moved.node_id != first.node_id
-    assert load_identity(Host(root)).api == new_cp.url  # type: ignore[union-attr]
+    assert load_identity(TreeHost(root)).api == new_cp.url  # type: ignore[union-attr]
 
 
 class _Flaky:
@@ -547,5 +551,5 @@ def test_a_gpu_box_whose_gpus_cannot_be_passed_through_yet_is_not_enrolled(
         *enroll_args(root, control_plane), token=token, env={"VECTORLAY_GPU_MODE": "container"}
     )
     assert code == 0, err
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None and ident.enrollment()["gpu_mode"] == "container"

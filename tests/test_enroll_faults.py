@@ -18,7 +18,7 @@ import pytest
 from bootstrap.api import ApiClient, ApiError, ClientCert
 from bootstrap.enroll import ENROLL_POINTS, enroll
 from bootstrap.fsutil import set_fault_hook
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import WRITE_POINTS, load_identity
 from bootstrap.paths import IDENTITY_DIR, IDENTITY_FILES
 
@@ -40,7 +40,7 @@ def _enroll_killed_at(point: str, root: Path, cp: Any, token: str) -> int:
                     os.kill(os.getpid(), signal.SIGKILL)
 
             set_fault_hook(hook)
-            enroll(Host(root), _api(cp), token, gpu_mode="none", hardware={})
+            enroll(TreeHost(root), _api(cp), token, gpu_mode="none", hardware={})
         finally:
             os._exit(3)  # reached only if the kill point was never hit
     _, status = os.waitpid(pid, 0)
@@ -54,7 +54,7 @@ def _identity_files(root: Path) -> dict[str, bytes]:
 
 def _works(cp: Any, root: Path) -> str:
     """GET /v1/node/self with whatever identity is on disk; returns the node ID it proves."""
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
     api = ApiClient(
         cp.url, ca_file=cp.ca_file, client_cert=ClientCert(ident.cert_file, ident.key_file), attempts=1
@@ -73,7 +73,7 @@ def test_the_fault_points_cover_request_to_cleanup_in_order(
     # generation's removal.
     control_plane.org("acme")
     root = make_tree("cpu-only")
-    enroll(Host(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
+    enroll(TreeHost(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
     reached: list[str] = []
 
     def hook(what: str) -> None:
@@ -83,7 +83,7 @@ def test_the_fault_points_cover_request_to_cleanup_in_order(
 
     previous = set_fault_hook(hook)
     try:
-        enroll(Host(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
+        enroll(TreeHost(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
     finally:
         set_fault_hook(previous)
     assert tuple(reached) == POINTS
@@ -96,13 +96,15 @@ def test_killing_a_reenrollment_at_any_point_leaves_the_old_or_the_new_identity_
 ) -> None:
     control_plane.org("acme")
     root = make_tree("cpu-only")
-    first = enroll(Host(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
+    first = enroll(
+        TreeHost(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={}
+    )
 
     for i, point in enumerate(POINTS):
         before = _identity_files(root)
         assert _enroll_killed_at(point, root, control_plane, control_plane.token("acme")) == -signal.SIGKILL
 
-        ident = load_identity(Host(root))  # raises if incomplete or damaged
+        ident = load_identity(TreeHost(root))  # raises if incomplete or damaged
         assert ident is not None, point
         after = _identity_files(root)
         assert set(IDENTITY_FILES) <= set(after), point
@@ -115,7 +117,9 @@ def test_killing_a_reenrollment_at_any_point_leaves_the_old_or_the_new_identity_
         assert _works(control_plane, root) == first.node_id, point
 
     # A normal run afterwards re-enrolls the same node and sweeps the debris of the killed runs.
-    again = enroll(Host(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
+    again = enroll(
+        TreeHost(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={}
+    )
     assert (again.node_id, again.overlay_ip, again.reenrolled) == (first.node_id, first.overlay_ip, True)
     base = root / "etc/vectorlay"
     assert [p.name for p in base.iterdir() if p.name.startswith(".identity-")] == [
@@ -131,7 +135,7 @@ def test_killing_a_first_enrollment_leaves_no_identity_or_a_complete_one(
     control_plane.org("acme")
     root = make_tree("cpu-only")
     assert _enroll_killed_at(point, root, control_plane, control_plane.token("acme")) == -signal.SIGKILL
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     if point == "switched":
         assert ident is not None and _works(control_plane, root) == ident.node_id
     else:
@@ -143,16 +147,16 @@ def test_a_stale_identity_is_refused_rather_than_silently_replaced_by_a_new_node
 ) -> None:
     control_plane.org("acme")
     root = make_tree("cpu-only")
-    enroll(Host(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
+    enroll(TreeHost(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
     stale = _identity_files(root)
     for _ in range(2):  # two completed rotations retire the saved pair for good
-        enroll(Host(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
+        enroll(TreeHost(root), _api(control_plane), control_plane.token("acme"), gpu_mode="none", hardware={})
     idir = root / IDENTITY_DIR.lstrip("/")
     for name, data in stale.items():
         (idir / name).write_bytes(data)
     token = control_plane.token("acme")
     with pytest.raises(Exception, match="no longer accepts this node's identity") as e:
-        enroll(Host(root), _api(control_plane), token, gpu_mode="none", hardware={})
+        enroll(TreeHost(root), _api(control_plane), token, gpu_mode="none", hardware={})
     assert not isinstance(e.value, ApiError) or e.value.status == 401
     assert control_plane.admin.introspect(token)["valid"] is True
     assert _identity_files(root) == stale

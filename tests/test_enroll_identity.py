@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import (
     IdentityError,
     NewIdentity,
@@ -45,11 +45,11 @@ def _new(node_id: str = "node_1", token: str = "vnt_" + "t" * 43) -> NewIdentity
 
 
 def test_an_unenrolled_node_has_no_identity(tmp_path: Path) -> None:
-    assert load_identity(Host(tmp_path)) is None
+    assert load_identity(TreeHost(tmp_path)) is None
 
 
 def test_writing_twice_switches_the_link_and_keeps_a_single_generation(tmp_path: Path) -> None:
-    host = Host(tmp_path)
+    host = TreeHost(tmp_path)
     first = write_identity(host, _new("node_1"))
     second = write_identity(host, _new("node_2", "vnt_" + "u" * 43))
     assert (first.node_id, second.node_id) == ("node_1", "node_2")
@@ -62,7 +62,7 @@ def test_writing_twice_switches_the_link_and_keeps_a_single_generation(tmp_path:
 
 
 def test_a_plain_identity_directory_is_taken_over_by_the_first_switch(tmp_path: Path) -> None:
-    host = Host(tmp_path)
+    host = TreeHost(tmp_path)
     plain = tmp_path / IDENTITY_DIR.lstrip("/")
     plain.mkdir(parents=True, mode=0o700)
     (plain / "stray").write_text("x")
@@ -77,8 +77,8 @@ def test_a_node_token_in_the_non_secret_files_is_refused_before_anything_is_writ
     bad = _new()
     leaky = NewIdentity(**{**bad.__dict__, "enrollment": {"oops": bad.node_token}})
     with pytest.raises(ValueError, match="must not contain the node token"):
-        write_identity(Host(tmp_path), leaky)
-    assert load_identity(Host(tmp_path)) is None
+        write_identity(TreeHost(tmp_path), leaky)
+    assert load_identity(TreeHost(tmp_path)) is None
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_a_node_token_in_the_non_secret_files_is_refused_before_anything_is_writ
     ],
 )
 def test_a_damaged_identity_is_reported_with_a_fix(tmp_path: Path, damage: object, message: str) -> None:
-    host = Host(tmp_path)
+    host = TreeHost(tmp_path)
     ident = write_identity(host, _new())
     damage(ident.path.resolve())  # type: ignore[operator]
     with pytest.raises(IdentityError, match=message) as e:
@@ -103,7 +103,7 @@ def test_a_damaged_identity_is_reported_with_a_fix(tmp_path: Path, damage: objec
 
 
 def test_debris_of_an_interrupted_write_is_swept_by_the_next_one(tmp_path: Path) -> None:
-    host = Host(tmp_path)
+    host = TreeHost(tmp_path)
     write_identity(host, _new())
     base = tmp_path / "etc/vectorlay"
     (base / ".identity-20260101T000000-deadbeef").mkdir(mode=0o700)

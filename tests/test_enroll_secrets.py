@@ -16,7 +16,7 @@ import pytest
 from bootstrap.cli import main
 from bootstrap.enroll import read_token
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 
 
@@ -85,7 +85,7 @@ def test_the_provisioning_token_is_in_no_file_log_line_or_output_after_an_enroll
         assert _files_containing(control_plane.db_path.parent, secret.encode()) == []
 
     # The durable node token, by contrast, is on disk exactly once: in the 0600 credential file.
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
     node_token = ident.node_token()
     assert _files_containing(root, node_token.encode()) == [

@@ -15,7 +15,7 @@ import pytest
 
 from bootstrap.cli import main
 from bootstrap.commands.install import run_install
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.resources import units_dir
 from hostsim import load_topology
 from hostsim.kernel import simulated_host, simulated_reboot
@@ -136,7 +136,7 @@ def test_exact_files_on_an_amd_host(make_tree: MakeTree) -> None:
 
 def test_the_commands_run_in_order_and_are_only_recorded_against_a_tree(make_tree: MakeTree) -> None:
     root = make_tree("iommu-off")
-    host = Host(root)
+    host = TreeHost(root)
     install(root, host=host)
     assert isinstance(host.runner, RecordingRunner)
     assert host.runner.render() == [
@@ -192,7 +192,7 @@ def test_a_second_run_in_the_same_boot_writes_nothing_and_runs_nothing(make_tree
     root = make_tree("iommu-off")
     assert install(root)[0] == 3
     before = snapshot(root, skip=("var/log",))
-    host = Host(root)
+    host = TreeHost(root)
     code, out = install(root, host=host)
     assert code == 3
     assert snapshot(root, skip=("var/log",)) == before

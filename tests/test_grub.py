@@ -9,7 +9,7 @@ import pytest
 
 from bootstrap import grub
 from bootstrap.cli import main
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from hostsim.snapshot import snapshot
 
 MakeTree = Callable[..., Path]
@@ -145,7 +145,7 @@ def test_the_shell_evaluator_agrees_with_bash(tmp_path: Path, text: str) -> None
     (tmp_path / "etc/default").mkdir(parents=True)
     (tmp_path / "etc/default/grub").write_text(text)
     expected = bash_effective(tmp_path)
-    got = grub.effective_values(Host(tmp_path))
+    got = grub.effective_values(TreeHost(tmp_path))
     if "`echo hi`" in text:
         expected["GRUB_CMDLINE_LINUX"] = ""  # command substitutions are not run
     assert got == expected
@@ -186,7 +186,7 @@ def test_a_host_whose_running_kernel_already_has_the_args_is_not_blocked_by_its_
         desc["boot_loader"] = "systemd-boot"
 
     root = make_tree("gpu-shares-nic", edit)  # booted with intel_iommu=on iommu=pt
-    host = Host(root)
+    host = TreeHost(root)
     assert grub.detect_loader(host).kind == "systemd-boot"
     assert install_gpu(root) in (0, 3)
     assert not (root / "etc/default/grub.d/99-vectorlay-iommu.cfg").exists()
@@ -198,7 +198,7 @@ def test_grub_mkconfig_is_used_when_update_grub_is_missing(make_tree: MakeTree) 
     tool = root / "usr/sbin/grub-mkconfig"
     tool.write_text("#!/bin/sh\n")
     tool.chmod(0o755)
-    loader = grub.detect_loader(Host(root))
+    loader = grub.detect_loader(TreeHost(root))
     assert loader.update == ("/usr/sbin/grub-mkconfig", "-o", "/boot/grub/grub.cfg")
 
 
@@ -207,4 +207,4 @@ def test_the_running_systemd_boot_efi_variable_wins_over_leftover_grub_files(mak
     var = root / grub.SYSTEMD_BOOT_EFIVAR.lstrip("/")
     var.parent.mkdir(parents=True)
     var.write_bytes(b"\x06\x00\x00\x00s\x00d\x00")
-    assert grub.detect_loader(Host(root)).kind == "systemd-boot"
+    assert grub.detect_loader(TreeHost(root)).kind == "systemd-boot"

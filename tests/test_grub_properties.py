@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from bootstrap import grub
 from bootstrap.commands.install import run_install
 from bootstrap.commands.uninstall import run_uninstall
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from hostsim import build_host, load_topology
 from hostsim.snapshot import snapshot
 from tests.test_grub import bash_effective
@@ -122,7 +122,7 @@ def test_applying_twice_equals_applying_once_and_foreign_lines_are_kept_byte_for
     with tempfile.TemporaryDirectory() as tmp:
         root = _build(Path(tmp), case)
         original = _etc_default(root)
-        host = Host(root)
+        host = TreeHost(root)
         before = grub.effective_values(host)
         before_with_foreign = grub.effective_values(host, with_dropin=True)
         assert _quiet_install(root) == 3
@@ -169,4 +169,4 @@ def test_the_shell_evaluator_agrees_with_bash_on_generated_files(main: str, clou
         (root / "etc/default/grub.d").mkdir(parents=True)
         (root / "etc/default/grub").write_text(main)
         (root / "etc/default/grub.d/50-cloudimg-settings.cfg").write_text(cloud)
-        assert grub.effective_values(Host(root)) == bash_effective(root)
+        assert grub.effective_values(TreeHost(root)) == bash_effective(root)

@@ -1,20 +1,19 @@
 from __future__ import annotations
 
-import inspect
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bootstrap import host as host_module
 from bootstrap.fsutil import atomic_symlink, atomic_write
-from bootstrap.host import CommandResult, Host, RecordingRunner, SubprocessRunner, open_host, set_host_factory
-from hostsim import inject
+from bootstrap.host import CommandResult, LiveHost, RecordingRunner, SubprocessRunner, TreeHost, open_host
 from hostsim.inject import LiveRootForbidden
 
 
 def test_paths_resolve_inside_the_root_and_back(tmp_path: Path) -> None:
-    host = Host(tmp_path)
+    host = TreeHost(tmp_path)
     assert host.path("/etc/default/grub") == tmp_path / "etc/default/grub"
     assert host.to_host(tmp_path / "etc/default/grub") == "/etc/default/grub"
     with pytest.raises(ValueError):
@@ -22,7 +21,7 @@ def test_paths_resolve_inside_the_root_and_back(tmp_path: Path) -> None:
 
 
 def test_a_tree_root_never_runs_commands_it_records_them(tmp_path: Path) -> None:
-    host = Host(tmp_path)
+    host = TreeHost(tmp_path)
     assert isinstance(host.runner, RecordingRunner)
     marker = tmp_path / "would-be-created"
     result = host.run(["touch", str(marker)])
@@ -32,21 +31,70 @@ def test_a_tree_root_never_runs_commands_it_records_them(tmp_path: Path) -> None
 
 def test_recording_runner_hands_a_program_to_its_simulator(tmp_path: Path) -> None:
     runner = RecordingRunner(handlers={"systemctl": lambda h, argv: CommandResult(argv, 3, "inactive\n")})
-    host = Host(tmp_path, runner)
+    host = TreeHost(tmp_path, runner)
     assert host.run(["/usr/bin/systemctl", "is-active", "nomad"]).stdout == "inactive\n"
     assert host.run(["modprobe", "vfio-pci"]).returncode == 0
 
 
 def test_the_real_root_is_unreachable_under_the_test_suite() -> None:
     with pytest.raises(LiveRootForbidden):
-        Host("/")
+        LiveHost()
+    with pytest.raises(LiveRootForbidden):
+        open_host("/")
+
+
+def test_a_tree_host_refuses_the_real_root() -> None:
+    # A tree at / would be this machine with its commands silently dropped.
+    with pytest.raises(ValueError, match="LiveHost"):
+        TreeHost("/")
 
 
 @pytest.mark.live
 def test_the_real_root_uses_the_subprocess_runner_when_asked_for() -> None:
-    host = Host("/")
-    assert host.is_live and isinstance(host.runner, SubprocessRunner)
+    host = open_host("/")
+    assert isinstance(host, LiveHost) and isinstance(host.runner, SubprocessRunner)
+    assert host.is_live and host.runs_commands and host.root_uid == 0
     assert host.path("/proc/cmdline") == Path("/proc/cmdline")
+
+
+def test_a_tree_host_runs_commands_only_through_a_runner_that_executes(tmp_path: Path) -> None:
+    recorded = TreeHost(tmp_path)
+    assert not recorded.is_live and not recorded.runs_commands
+
+    class Executing:
+        executes = True
+
+        def run(self, argv: Sequence[str], **kwargs: Any) -> CommandResult:
+            return CommandResult(tuple(argv), 0, "ran\n")
+
+    executing = TreeHost(tmp_path, Executing())
+    assert executing.runs_commands and not executing.is_live
+    assert executing.run(["true"]).stdout == "ran\n"
+
+
+def test_a_tree_stands_for_a_host_whose_root_is_the_trees_owner(tmp_path: Path) -> None:
+    assert TreeHost(tmp_path).root_uid == tmp_path.stat().st_uid
+
+
+def test_systemd_runs_services_where_run_systemd_system_is_a_directory(tmp_path: Path) -> None:
+    from bootstrap.update import services_really_run
+
+    host = TreeHost(tmp_path)
+    # Nothing answers `systemctl is-system-running` in a recorded tree, and no marker: no systemd.
+    assert not services_really_run(host)
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    assert services_really_run(host)
+    assert isinstance(host.runner, RecordingRunner) and host.runner.commands == [
+        ("systemctl", "is-system-running")
+    ]
+
+
+def test_a_tree_sysfs_write_replaces_the_attribute_in_one_write(tmp_path: Path) -> None:
+    attr = tmp_path / "sys/bus/pci/devices/0000:01:00.0/driver_override"
+    attr.parent.mkdir(parents=True)
+    attr.write_text("nvidia-long-old-value\n")
+    TreeHost(tmp_path).sysfs_write("/sys/bus/pci/devices/0000:01:00.0/driver_override", "vfio-pci")
+    assert attr.read_text() == "vfio-pci"
 
 
 def test_memory_comes_from_the_trees_proc_meminfo(tmp_path: Path) -> None:
@@ -56,7 +104,7 @@ def test_memory_comes_from_the_trees_proc_meminfo(tmp_path: Path) -> None:
         "Buffers:        0 kB\nCached:         0 kB\nShmem:          0 kB\nSReclaimable:   0 kB\n"
         "Active:         0 kB\nInactive:       0 kB\n"
     )
-    assert Host(tmp_path).memory_total_bytes() == 32 * 1024**3
+    assert TreeHost(tmp_path).memory_total_bytes() == 32 * 1024**3
 
 
 def test_disk_free_is_what_an_unprivileged_writer_may_use_on_the_nearest_existing_ancestor(
@@ -76,7 +124,7 @@ def test_disk_free_is_what_an_unprivileged_writer_may_use_on_the_nearest_existin
 
     (tmp_path / "var").mkdir()
     monkeypatch.setattr(os, "statvfs", statvfs)
-    assert Host(tmp_path).disk_free_bytes("/var/lib/vectorlay") == 1000 * 4096
+    assert TreeHost(tmp_path).disk_free_bytes("/var/lib/vectorlay") == 1000 * 4096
     assert asked == [str(tmp_path / "var")]
 
 
@@ -109,22 +157,3 @@ def test_atomic_symlink_replaces_a_link_in_one_step(tmp_path: Path) -> None:
     atomic_symlink("v2", link)
     assert os.readlink(link) == "v2"
     assert sorted(os.listdir(tmp_path)) == ["current"]
-
-
-def test_the_simulating_host_factory_simulates_tree_roots_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(host_module, "_host_factory", host_module._host_factory)
-    set_host_factory(inject.simulating_host)
-    host = open_host(tmp_path)
-    assert isinstance(host.runner, RecordingRunner)
-    assert "systemctl" in host.runner.handlers and "modprobe" in host.runner.handlers
-    assert host.sysfs_hooks
-    # A runner given explicitly is left alone.
-    plain = Host(tmp_path, RecordingRunner())
-    assert isinstance(plain.runner, RecordingRunner) and plain.runner.handlers == {}
-    # The real root never gets the simulator, whatever the factory: commands run for real
-    # and sysfs writes reach the kernel. (Building the host reads and runs nothing.)
-    monkeypatch.setattr(Host, "__init__", inspect.unwrap(Host.__init__))
-    live = open_host("/")
-    assert isinstance(live.runner, SubprocessRunner) and live.sysfs_hooks == []

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.pci import load_pci_ids, parse_lspci_nn
 
 LSPCI = """\
@@ -43,7 +43,7 @@ def test_pci_ids_scan_reads_device_names_and_skips_subsystems(tmp_path: Path) ->
         "10df  Emulex Corporation\n\t0720  OneConnect\n"
         "C 03  Display controller\n"
     )
-    names = load_pci_ids(Host(tmp_path), ["10de", "1002"])
+    names = load_pci_ids(TreeHost(tmp_path), ["10de", "1002"])
     assert names.vendor("10de") == "NVIDIA Corporation"
     assert names.device("10de", "2330") == "GH100 [H100 SXM5 80GB]"
     assert names.device("10de", "22a3") == "GH100 [H100 NVSwitch]"
@@ -53,5 +53,5 @@ def test_pci_ids_scan_reads_device_names_and_skips_subsystems(tmp_path: Path) ->
 
 
 def test_no_pci_ids_file_means_no_names_not_an_error(tmp_path: Path) -> None:
-    names = load_pci_ids(Host(tmp_path), ["10de"])
+    names = load_pci_ids(TreeHost(tmp_path), ["10de"])
     assert names.devices == {} and names.vendors == {}

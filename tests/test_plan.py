@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import VectorlayError
-from bootstrap.host import CommandResult, Host, RecordingRunner
+from bootstrap.host import CommandResult, Host, RecordingRunner, TreeHost
 from bootstrap.plan import (
     MARKER,
     Change,
@@ -30,7 +30,7 @@ OWNED = f"{MARKER}\nkey=value\n".encode()
 
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
-    return Host(tmp_path, RecordingRunner())
+    return TreeHost(tmp_path, RecordingRunner())
 
 
 def commands(host: Host) -> list[tuple[str, ...]]:

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.settings import Settings, load_settings
 
 
@@ -15,7 +15,7 @@ def _host(tmp_path: Path, text: str | None) -> Host:
         p = tmp_path / "etc/vectorlay/node.yaml"
         p.parent.mkdir(parents=True)
         p.write_text(text)
-    return Host(tmp_path)
+    return TreeHost(tmp_path)
 
 
 def test_defaults_without_a_settings_file(tmp_path: Path) -> None:

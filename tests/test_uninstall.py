@@ -10,7 +10,7 @@ import pytest
 
 from bootstrap.cli import main
 from bootstrap.commands.install import run_install
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import RecordingRunner, TreeHost
 from hostsim.snapshot import snapshot
 
 MakeTree = Callable[..., Path]
@@ -71,7 +71,7 @@ def test_uninstall_runs_the_commands_that_pick_up_the_removal(make_tree: MakeTre
 
     root = make_tree("iommu-off")
     quiet(lambda: run_install(root, only="gpu"))
-    host = Host(root)
+    host = TreeHost(root)
     quiet(lambda: run_uninstall(root, host=host))
     assert isinstance(host.runner, RecordingRunner)
     assert host.runner.render() == [

@@ -10,8 +10,9 @@ import pytest
 from bootstrap.cli import main
 from bootstrap.commands.vfio_bind import run_bind
 from bootstrap.discovery import UnitStatus, discover
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.vfio import bind_all, reserved_addresses, select
+from hostsim.host import SimHost
 from hostsim.kernel import KernelSim, Services, install_handlers, simulated_host
 
 MakeTree = Callable[..., Path]
@@ -116,7 +117,7 @@ def test_a_bind_that_does_not_take_fails_loudly(
     make_tree: MakeTree, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = make_tree("workstation-consumer")
-    host = Host(root, RecordingRunner())
+    host = SimHost(root, RecordingRunner())
     sim = KernelSim(host).attach()
     sim.refuse.add("0000:01:00.2")
     install_handlers(host, Services())
@@ -165,7 +166,7 @@ def test_the_bind_service_refuses_with_the_iommu_off(make_tree: MakeTree) -> Non
 def test_a_wedged_gpu_is_not_touched_but_stays_reserved_for_after_the_power_cycle(
     make_tree: MakeTree,
 ) -> None:
-    host = Host(make_tree("wedged-gpu"))
+    host = TreeHost(make_tree("wedged-gpu"))
     inv = discover(host)
     targets, skipped = select(inv)
     assert [t.address for t in targets] == ["0000:18:00.0"]
@@ -177,5 +178,5 @@ def test_with_the_iommu_off_the_rule_reserves_the_gpus_and_their_slot_functions(
     def edit(desc: dict[str, Any]) -> None:
         desc["iommu"] = False
 
-    inv = discover(Host(make_tree("workstation-consumer", edit)))
+    inv = discover(TreeHost(make_tree("workstation-consumer", edit)))
     assert reserved_addresses(inv) == ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]

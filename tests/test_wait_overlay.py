@@ -11,13 +11,13 @@ import pytest
 
 from bootstrap.commands.wait_overlay import wait_overlay
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
 from hostsim import inject, network, systemd
 from hostsim.systemd import set_active_state
 
 
 def _host(make_tree: Callable[..., Path]) -> Host:
-    return Host(make_tree("cpu-only"), network.install(systemd.install(RecordingRunner())))
+    return TreeHost(make_tree("cpu-only"), network.install(systemd.install(RecordingRunner())))
 
 
 class FakeClock:

@@ -24,7 +24,7 @@ import yaml
 
 from bootstrap import artifacts, update
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.settings import load_settings
 from bootstrap.stages import Context
 from bootstrap.stages import agents as agents_stage
@@ -47,7 +47,7 @@ class Node:
     sim: Systemd
 
     def host(self) -> Host:
-        return Host(self.root, install(RecordingRunner(), self.sim))
+        return TreeHost(self.root, install(RecordingRunner(), self.sim))
 
     def run_stages(self, *, plan_only: bool = False, env: dict[str, str] | None = None) -> tuple[Host, str]:
         host = self.host()

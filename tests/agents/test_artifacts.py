@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bootstrap import artifacts
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.manifest import Artifact, verify_manifest
 
 from .artifact_helpers import DirectoryDownloader, make_tarball, manifest_for
@@ -25,7 +25,7 @@ def mirror(tmp_path: Path) -> DirectoryDownloader:
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
     (tmp_path / "root").mkdir()
-    return Host(tmp_path / "root")
+    return TreeHost(tmp_path / "root")
 
 
 def _publish(mirror: DirectoryDownloader, name: str, version: str, data: bytes | None = None) -> Artifact:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bootstrap import artifacts, update
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.manifest import check_fresh, sign_manifest, verify_manifest
 from bootstrap.settings import load_settings
 from bootstrap.stages import Context
@@ -49,7 +49,7 @@ class Node:
     sim: Systemd
 
     def host(self) -> Host:
-        return Host(self.root, install(RecordingRunner(), self.sim))
+        return TreeHost(self.root, install(RecordingRunner(), self.sim))
 
     def install_agents(self) -> None:
         host = self.host()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bootstrap import artifacts
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.manifest import Manifest, verify_manifest
 from bootstrap.resources import units_dir
 from bootstrap.update import Timing, probe, upgrade
@@ -33,7 +33,7 @@ def env() -> Iterator[tuple[Host, Systemd, DirectoryDownloader]]:
     for unit in ("nebula.service", "nomad.service", "node-agent.service"):
         shutil.copy(units_dir() / unit, root / "etc/systemd/system" / unit)
     sim = Systemd(spawn=True)
-    host = Host(root, install(RecordingRunner(), sim))
+    host = TreeHost(root, install(RecordingRunner(), sim))
     try:
         yield host, sim, DirectoryDownloader(base / "mirror")
     finally:

@@ -193,13 +193,13 @@ def test_enrollment_answers_carry_the_manifest_key_to_pin(
 ) -> None:
     cp = start_control_plane(args=("--artifacts", str(tmp_path)))
     cp.org("acme", provider=True)
-    from bootstrap.host import Host
+    from bootstrap.host import TreeHost
     from bootstrap.identity import load_identity
 
     root = tmp_path / "node"
     root.mkdir()
     res = cp.enroll(root, "acme")
     assert res.returncode == 0, res.stderr
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
     assert ident.enrollment()["manifest_keys"] == [(cp.state_dir / "manifest-signing.pub").read_text()]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from controlplane import testing
 from hostsim import build_host, load_topology
@@ -43,7 +43,7 @@ def _with(**changes: Any) -> dict[str, Any]:
 
 class Node:
     def __init__(self, cp: testing.RunningControlPlane, root: Path) -> None:
-        ident = load_identity(Host(root))
+        ident = load_identity(TreeHost(root))
         assert ident is not None
         self.cp, self.ident = cp, ident
 

@@ -11,13 +11,16 @@ from bootstrap import grub, runsc
 from bootstrap.errors import UsageError
 from bootstrap.host import CommandResult, Host, RecordingRunner
 from bootstrap.paths import RUNSC
+from bootstrap.resources import units_dir
 from doctor.checks import run_checks
 from doctor.model import CheckResult, Status
 from doctor.render import render_text
+from hostsim.host import SimHost
 from hostsim.runsc import NVPROXY, PRE_NVPROXY
 
 GB = 1000**3
 Make = Callable[..., Host]
+MakeSim = Callable[..., SimHost]
 
 
 def statuses(host: Host, **kw: Any) -> dict[str, Status]:
@@ -238,7 +241,7 @@ def test_disk_is_measured_where_the_settings_put_vm_images(sim_host: Make) -> No
     assert disk.message == "500.0 GB free at /srv/images"
 
 
-def test_disk_free_space_comes_from_the_filesystem_without_an_override(sim_host: Make) -> None:
+def test_disk_free_space_comes_from_the_filesystem_without_an_override(sim_host: MakeSim) -> None:
     import shutil
 
     host = sim_host("cpu-only")
@@ -325,7 +328,7 @@ def test_a_runner_that_cannot_reach_systemd_is_a_fail_not_a_pass(
     host = make_host("cpu-only")  # a plain RecordingRunner: systemctl answers nothing
     for name in ("nebula.service", "nomad.service", "node-agent.service"):
         host.path(f"/etc/systemd/system/{name}").parent.mkdir(parents=True, exist_ok=True)
-        host.path(f"/etc/systemd/system/{name}").write_text("[Service]\nExecStart=/bin/true\n")
+        shutil.copyfile(units_dir() / name, host.path(f"/etc/systemd/system/{name}"))
     result = run_checks(host, env={}, only=["agents"]).get("agents")
     assert result.status is Status.FAIL and result.message.startswith("cannot ask systemd")
 

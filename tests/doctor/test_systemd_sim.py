@@ -7,23 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
+from bootstrap.resources import units_dir
 from hostsim import systemd
-
-SERVICE = "[Unit]\nDescription=x\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
-TIMER = "[Unit]\nDescription=t\n[Timer]\nOnCalendar=hourly\n[Install]\nWantedBy=timers.target\n"
-STATIC = "[Unit]\nDescription=s\n[Service]\nType=oneshot\nExecStart=/bin/true\n"
 
 
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
+    """The shipped units: a service wanted by multi-user.target, a timer wanted by timers.target and
+    the static (no [Install]) service the timer starts."""
     root = tmp_path / "root"
     units = root / "etc/systemd/system"
     units.mkdir(parents=True)
-    (units / "nomad.service").write_text(SERVICE)
-    (units / "node-agent-update.timer").write_text(TIMER)
-    (units / "node-agent-update.service").write_text(STATIC)
-    return Host(root, systemd.install(RecordingRunner()))
+    for name in ("nomad.service", "node-agent-update.timer", "node-agent-update.service"):
+        shutil.copyfile(units_dir() / name, units / name)
+    return TreeHost(root, systemd.install(RecordingRunner()))
 
 
 def links(root: Path) -> dict[str, str]:

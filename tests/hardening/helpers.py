@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.identity import NewIdentity, OverlayFiles, write_identity
 
 
 def enrolled_host(root: Path, enrollment: object) -> Host:
-    host = Host(root)
+    host = TreeHost(root)
     write_identity(
         host,
         NewIdentity(

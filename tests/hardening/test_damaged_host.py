@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bootstrap import artifacts
 from bootstrap.artifacts import UnpackLimits
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.identity import IdentityError
 from bootstrap.manifest import Artifact, verify_manifest
 from bootstrap.settings import Settings
@@ -121,7 +121,7 @@ def test_a_state_json_of_the_right_types_still_loads(tmp_path: Path) -> None:
     (tmp_path / "var/lib/vectorlay/state.json").write_text(
         json.dumps({"stage": "gpu", "pending_commands": [["update-grub"]], "versions": {"nebula": "1"}})
     )
-    state = load_state(Host(tmp_path))
+    state = load_state(TreeHost(tmp_path))
     assert state == RunState(stage="gpu", pending_commands=[["update-grub"]])
 
 
@@ -186,7 +186,7 @@ def test_an_enrollment_json_of_the_wrong_shape_is_an_identity_error(
 )
 def test_garbage_in_proc_meminfo_is_a_memory_fail_not_a_traceback(ready_tree: Path, meminfo: bytes) -> None:
     (ready_tree / "proc/meminfo").write_bytes(meminfo)
-    result = check_memory(DoctorContext(Host(ready_tree), Settings()))
+    result = check_memory(DoctorContext(TreeHost(ready_tree), Settings()))
     assert result.status.value == "FAIL"
     assert "/proc/meminfo" in result.message and result.hint
     res = _cli("doctor.cli", "--root", str(ready_tree), "--json")
@@ -254,7 +254,7 @@ def _assert_refused(
 
 def test_a_gzip_bomb_is_refused_before_it_is_unpacked(tmp_path: Path) -> None:
     (tmp_path / "root").mkdir()
-    host, mirror = Host(tmp_path / "root"), DirectoryDownloader(tmp_path / "mirror")
+    host, mirror = TreeHost(tmp_path / "root"), DirectoryDownloader(tmp_path / "mirror")
     blob = _zeros_tarball(64 << 20)  # 64 MiB of zeros: ~64 KiB on the wire
     assert len(blob) < 200_000
     _assert_refused(host, mirror, _signed(mirror, "bomb", blob), UnpackLimits(max_bytes=16 << 20))
@@ -266,12 +266,12 @@ def test_an_archive_declaring_a_huge_member_is_refused_by_the_default_limits(tmp
     info.size = 1 << 40
     blob = gzip.compress(info.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024))
     (tmp_path / "root").mkdir()
-    host, mirror = Host(tmp_path / "root"), DirectoryDownloader(tmp_path / "mirror")
+    host, mirror = TreeHost(tmp_path / "root"), DirectoryDownloader(tmp_path / "mirror")
     _assert_refused(host, mirror, _signed(mirror, "huge", blob), None)
 
 
 def test_an_archive_of_too_many_members_is_refused(tmp_path: Path) -> None:
     (tmp_path / "root").mkdir()
-    host, mirror = Host(tmp_path / "root"), DirectoryDownloader(tmp_path / "mirror")
+    host, mirror = TreeHost(tmp_path / "root"), DirectoryDownloader(tmp_path / "mirror")
     blob = _zeros_tarball(0, members=300)
     _assert_refused(host, mirror, _signed(mirror, "many", blob), UnpackLimits(max_members=100))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host, resolve_in_root
+from bootstrap.host import TreeHost, resolve_in_root
 from hostsim import inject
 from hostsim.snapshot import snapshot
 from tests.install.helpers import gpus_on_vfio, install
@@ -101,7 +101,7 @@ def test_a_link_loop_in_the_tree_is_a_clear_error_not_a_hang(tmp_path: Path) -> 
     os.symlink("b", tmp_path / "etc/a")
     os.symlink("a", tmp_path / "etc/b")
     with pytest.raises(VectorlayError, match="too many levels of symbolic links"):
-        Host(tmp_path).path("/etc/a/x")
+        TreeHost(tmp_path).path("/etc/a/x")
 
 
 def test_dotdot_and_absolute_targets_stop_at_the_root(tmp_path: Path) -> None:

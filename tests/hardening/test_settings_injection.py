@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.plan import FileChange
 from bootstrap.settings import SETTINGS_PATH, Settings, load_settings
@@ -55,7 +55,7 @@ def test_a_bad_disk_path_is_refused_naming_the_variable_and_nothing_is_written(
 
 def test_a_control_character_in_the_api_setting_is_refused(tmp_path: Path) -> None:
     with pytest.raises(VectorlayError, match="VECTORLAY_API contains a control character"):
-        load_settings(Host(tmp_path), env={"VECTORLAY_API": "https://cp.example\r\nX-Evil: 1"})
+        load_settings(TreeHost(tmp_path), env={"VECTORLAY_API": "https://cp.example\r\nX-Evil: 1"})
 
 
 def _written(host: Host, settings: Settings) -> dict[str, bytes]:
@@ -133,7 +133,7 @@ def test_a_node_yaml_an_older_installer_broke_does_not_block_the_run_that_rewrit
     assert res.returncode in (0, 3), res.stdout[-2000:] + res.stderr
     assert "warning: /etc/vectorlay/node.yaml is not valid YAML" in res.stdout
     assert "keeping api, autoupdate, disk_path, gpu_mode" in res.stdout
-    settings = load_settings(Host(tree), env={}, repair=True)
+    settings = load_settings(TreeHost(tree), env={}, repair=True)
     assert (settings.disk_path, settings.autoupdate, settings.gpu_mode) == (
         "/data: fast",
         False,
@@ -159,7 +159,7 @@ def test_settings_of_the_wrong_type_in_node_yaml_are_refused_without_unbounded_w
     levels += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
     p.write_text("extra_gpu_vendor_ids: [" + ", ".join(levels) + "]\n")
     with pytest.raises(VectorlayError, match="is not a 4-digit hex ID"):
-        load_settings(Host(tmp_path), env={})
+        load_settings(TreeHost(tmp_path), env={})
     p.write_text("disk_path: [1, 2]\n")
     with pytest.raises(VectorlayError, match="disk_path must be a string"):
-        load_settings(Host(tmp_path), env={})
+        load_settings(TreeHost(tmp_path), env={})

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import requests
 
 from bootstrap.agent_status import STATUS_PATH
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.update import probe
@@ -73,7 +73,7 @@ def doctor(root: Path) -> dict[str, Any]:
 
 
 def node_id(root: Path) -> str:
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
     return ident.node_id
 
@@ -191,7 +191,7 @@ def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_an
         drained = root / "run/vectorlay-node-agent/drained"
         os.kill(daemon_pid(root), signal.SIGUSR1)
         wait_for("the drained file", drained.exists)
-        assert (probe(Host(root), "node-agent") or "").startswith("drained node-agent 1.0.0")
+        assert (probe(TreeHost(root), "node-agent") or "").startswith("drained node-agent 1.0.0")
         seen = nodes(cp, key)[me]
         assert (
             seen["draining"] is True and seen["gpu_units"]["advertised"] == 0 and seen["reason"] == "draining"
@@ -291,7 +291,7 @@ def test_html_500_garbage_json_or_no_answer_never_kill_the_agent_and_it_backs_of
         gpus_on_vfio(desc)
         root = build_host(base / "r", desc)
         assert control_plane.enroll(root, "acme", gpu_mode="passthrough").returncode == 0
-        token = load_identity(Host(root)).node_token()  # type: ignore[union-attr]
+        token = load_identity(TreeHost(root)).node_token()  # type: ignore[union-attr]
 
         _BadControlPlane.answers = ["html", "500", "garbage json", "wrong json", "hang up"]
         _BadControlPlane.served = []
@@ -322,7 +322,7 @@ def test_html_500_garbage_json_or_no_answer_never_kill_the_agent_and_it_backs_of
                 "a refused connection", lambda: log_path.read_text().count("could not reach") > refused + 1
             )
             assert agent.poll() is None, "the agent died"
-            assert (probe(Host(root), "node-agent") or "").startswith("ok node-agent")
+            assert (probe(TreeHost(root), "node-agent") or "").startswith("ok node-agent")
         finally:
             agent.send_signal(signal.SIGTERM)
             code = agent.wait(timeout=15)

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from bootstrap.api import ApiClient, ClientCert
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.stages._token import PENDING_KEY
@@ -86,7 +86,7 @@ def _tree(base: Path, name: str, scenario: str) -> Path:
 
 def normalized(root: Path) -> dict[str, tuple[Any, ...]]:
     """The tree as (type, mode, content) per path, with the legitimate differences taken out."""
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     subs = []
     if ident is not None:
         generation = os.readlink(root / IDENTITY_DIR.lstrip("/"))
@@ -131,7 +131,7 @@ def normalized(root: Path) -> dict[str, tuple[Any, ...]]:
 
 
 def _identity_works(plane: testing.RunningControlPlane, root: Path) -> str:
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
     api = ApiClient(
         plane.url,
@@ -148,7 +148,7 @@ def _identity_works(plane: testing.RunningControlPlane, root: Path) -> str:
 def _credentials_intact(root: Path) -> str | None:
     """After a kill: the identity is absent or complete, and a kept key pair is private."""
     try:
-        load_identity(Host(root))
+        load_identity(TreeHost(root))
     except Exception as e:
         return f"identity damaged: {e}"
     pending = root / PENDING_KEY.lstrip("/")
@@ -224,7 +224,7 @@ def test_a_re_enrollment_killed_mid_way_keeps_the_node_and_completes_with_the_sa
     root = _tree(base, f"reenroll-{point.split()[-1]}", "ready")
     try:
         assert install(root, "--only", "enroll", cp=cp, token=cp.token("acme"), env=ENV).returncode == 0
-        first = load_identity(Host(root))
+        first = load_identity(TreeHost(root))
         assert first is not None
         old_token = first.node_token()
         token = cp.token("acme")
@@ -234,7 +234,7 @@ def test_a_re_enrollment_killed_mid_way_keeps_the_node_and_completes_with_the_sa
         assert _identity_works(cp, root) == first.node_id  # whatever is on disk still works
         resumed = install(root, "--only", "enroll", cp=cp, token=token, env=ENV)
         assert resumed.returncode == 0, resumed.stderr
-        after = load_identity(Host(root))
+        after = load_identity(TreeHost(root))
         assert after is not None and (after.node_id, after.overlay_ip) == (first.node_id, first.overlay_ip)
         assert after.node_token() != old_token
         assert _identity_works(cp, root) == first.node_id

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bootstrap.commands.install import RedactSecrets
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.lock import run_lock
 from bootstrap.paths import LOG_PATH
@@ -78,7 +78,7 @@ def test_the_log_filter_redacts_tokens_bearer_headers_keys_and_tracebacks() -> N
 
 
 def test_a_second_run_is_refused_and_names_the_pid_and_start_time_of_the_first(ready_tree: Path) -> None:
-    with run_lock(Host(ready_tree)):
+    with run_lock(TreeHost(ready_tree)):
         res = install(ready_tree, "--only", "gpu")
     assert res.returncode == 1
     assert f"another vectorlay-bootstrap run is in progress (pid {os.getpid()}, started 20" in res.stderr
@@ -91,13 +91,13 @@ def test_an_enrolled_node_runs_without_a_token_and_keeps_its_identity(
 ) -> None:
     token = control_plane.token(control_plane.org("acme"))
     assert install(ready_tree, "--only", "enroll", cp=control_plane, token=token).returncode == 0
-    first = load_identity(Host(ready_tree))
+    first = load_identity(TreeHost(ready_tree))
     assert first is not None
     res = install(ready_tree, "--only", "enroll", cp=control_plane)
     assert res.returncode == 0, res.stderr
     assert f"enroll: skipped; node {first.node_id}" in res.stdout
     assert "keeps its identity: no provisioning token given" in res.stdout
-    again = load_identity(Host(ready_tree))
+    again = load_identity(TreeHost(ready_tree))
     assert again == first and again.node_token() == first.node_token()
     # The spent token is no error either: the node keeps what it has.
     res = install(ready_tree, "--only", "enroll", cp=control_plane, token=token)
@@ -112,13 +112,13 @@ def test_a_new_token_re_enrolls_with_the_same_node_id_and_a_new_node_token(
         install(ready_tree, "--only", "enroll", cp=control_plane, token=control_plane.token(org)).returncode
         == 0
     )
-    first = load_identity(Host(ready_tree))
+    first = load_identity(TreeHost(ready_tree))
     assert first is not None
     old_token = first.node_token()
     res = install(ready_tree, "--only", "enroll", cp=control_plane, token=control_plane.token(org))
     assert res.returncode == 0, res.stderr
     assert f"enroll: re-enrolled node {first.node_id}" in res.stdout
-    again = load_identity(Host(ready_tree))
+    again = load_identity(TreeHost(ready_tree))
     assert again is not None and again.overlay_ip == first.overlay_ip
     assert again.node_token() != old_token
 
@@ -245,7 +245,7 @@ def test_a_failed_check_the_operator_accepts_is_reported_but_does_not_stop_the_r
     refused = install(root, cp=control_plane, token=token, env=fast)
     assert refused.returncode == 1
     assert "this box cannot be a node yet: memory: " in refused.stderr
-    assert load_identity(Host(root)) is None
+    assert load_identity(TreeHost(root)) is None
 
     try:
         res = install(root, "--ignore-preflight-errors", "memory", cp=control_plane, token=token, env=fast)

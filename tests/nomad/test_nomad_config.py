@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.identity import Identity, load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.resources import units_dir
@@ -377,7 +377,7 @@ def test_the_config_of_a_node_enrolled_through_the_product_passes_the_walk(
     root = make_tree("cpu-only")
     res = cp.enroll(root, "acme")
     assert res.returncode == 0, res.stderr
-    host = Host(root)
+    host = TreeHost(root)
     ident = load_identity(host)
     assert ident is not None
     parsed = parse_hcl(render_nomad_config(host, ident, "none"))

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.identity import Identity, load_identity
 from controlplane.clock import wall_now
 from controlplane.pki import CertificateAuthority
@@ -128,7 +128,7 @@ def nomad_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NomadNode]:
         root = build_host(base / "root", load_topology("cpu-only"))
         res = cp.enroll(root, "acme")
         assert res.returncode == 0, res.stderr
-        host = Host(root)
+        host = TreeHost(root)
         ident = load_identity(host)
         assert ident is not None
         config = parse_hcl(render_nomad_config(host, ident, "container"))

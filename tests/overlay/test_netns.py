@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
 
-from bootstrap.host import CommandResult, Host
+from bootstrap.host import CommandResult, TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
 from bootstrap.paths import IDENTITY_DIR
@@ -190,6 +190,7 @@ class NetnsRunner:
     """The doctor's commands (`ip`, `ping`) run inside a node's namespace: its kernel, its tun device."""
 
     ns: str
+    executes: ClassVar[bool] = True
 
     def run(
         self,
@@ -235,7 +236,7 @@ def test_nodes_reach_the_lighthouse_and_only_the_control_group_reaches_a_node(
     for name in ("a", "b", "c"):
         roots[name] = _installed_node(short_base, control_plane, org, underlay["lh"])
         configs[name] = roots[name] / NEBULA_CONFIG.lstrip("/")
-        ident = load_identity(Host(roots[name]))
+        ident = load_identity(TreeHost(roots[name]))
         assert ident is not None
         overlay[name] = ident.overlay_ip
     assert len(set(overlay.values())) == 4
@@ -271,7 +272,7 @@ def test_nodes_reach_the_lighthouse_and_only_the_control_group_reaches_a_node(
     assert _connects(net, "lh", overlay["a"], AGENT_PORT), net.logs()
 
     # The doctor's overlay check, on node A's tree with A's kernel answering.
-    doctor_host = Host(roots["a"], NetnsRunner(net.ns("a")))
+    doctor_host = TreeHost(roots["a"], NetnsRunner(net.ns("a")))
     result = run_checks(doctor_host, env={}, only=["overlay"]).get("overlay")
     assert result.status is Status.PASS, result
     assert re.fullmatch(

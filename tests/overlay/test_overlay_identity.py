@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from bootstrap import nebula
-from bootstrap.host import Host
+from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 
 NEBULA_CERT = shutil.which("nebula-cert")
@@ -52,7 +52,7 @@ def test_the_enrolled_nebula_certificate_verifies_and_carries_the_nodes_overlay_
     root = make_tree("cpu-only")
     res = control_plane.enroll(root, control_plane.org("acme"))
     assert res.returncode == 0, res.stderr
-    ident = load_identity(Host(root))
+    ident = load_identity(TreeHost(root))
     assert ident is not None
     idir = ident.path
 
@@ -78,14 +78,14 @@ def test_re_enrollment_replaces_the_nebula_certificate_for_the_same_ip(
     root = make_tree("cpu-only")
     org = control_plane.org("acme")
     assert control_plane.enroll(root, org).returncode == 0
-    first = load_identity(Host(root))
+    first = load_identity(TreeHost(root))
     assert first is not None
     first_cert = (first.path / "nebula.crt").read_bytes()
     first_key = (first.path / "nebula.key").read_bytes()
 
     res = control_plane.enroll(root, org)
     assert res.returncode == 0, res.stderr
-    again = load_identity(Host(root))
+    again = load_identity(TreeHost(root))
     assert again is not None
     assert (again.node_id, again.overlay_ip) == (first.node_id, first.overlay_ip)
     assert (again.path / "nebula.crt").read_bytes() != first_cert

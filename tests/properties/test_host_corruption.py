@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from bootstrap.commands.install import InternalError, run_install
 from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
-from bootstrap.host import Host
+from bootstrap.host import Host, TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.plan import compute
 from bootstrap.settings import load_settings
@@ -138,7 +138,7 @@ def corrupted(template: Path, changes: list[tuple[str, tuple[str, bytes]]]) -> I
                 os.mkfifo(p)
             elif kind == "link-out":
                 os.symlink(outside / "sentinel", p)
-        yield Host(root), outside
+        yield TreeHost(root), outside
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

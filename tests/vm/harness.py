@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from image import GuestImage
 
@@ -622,6 +622,7 @@ class GuestRunner:
     """bootstrap.host.Runner that runs commands in the guest: the product's own code can drive it."""
 
     vm: Vm
+    executes: ClassVar[bool] = True
 
     def run(
         self,
