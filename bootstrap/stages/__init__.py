@@ -29,7 +29,7 @@ from bootstrap.manifest import Artifact
 from bootstrap.plan import Plan
 from bootstrap.provisioning import ProvisioningToken, TokenReader
 from bootstrap.settings import Settings
-from bootstrap.state import RunState
+from bootstrap.state import RunState, save_state
 
 if TYPE_CHECKING:
     from doctor.model import Report
@@ -215,10 +215,13 @@ def introspect(ctx: Context, token: ProvisioningToken) -> ProvisioningToken:
 
 
 def keep_expiry(ctx: Context, token: ProvisioningToken) -> None:
-    """Record a valid token's expiry in the run state (the runner saves it): the reboot message
-    after a reboot names it."""
+    """Record a valid token's expiry in the run state at once, also when the stage then stops: the
+    reboot message of the run after a reboot names it."""
     if token.state == "valid" and token.expires_at is not None:
-        ctx.state.token_expires_at = token.expires_at.isoformat(timespec="seconds")
+        stamp = token.expires_at.isoformat(timespec="seconds")
+        if ctx.state.token_expires_at != stamp:
+            ctx.state.token_expires_at = stamp
+            save_state(ctx.host, ctx.state)
 
 
 def expiry(ctx: Context, facts: Facts) -> datetime | None:
