@@ -131,9 +131,10 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     try:
         gpu_mode, hardware = hardware_report(host, ctx.gpu_mode or ctx.settings.gpu_mode)
     except VectorlayError as e:
-        ctx.out(f"enroll: would {verb} once passthrough works ({e.message})")
+        # No output of its own: a real run stops with the error, a plan shows it as the note.
         mode = ctx.gpu_mode or ctx.settings.gpu_mode or "passthrough"
-        changes = compute(host, [Enroll(api, mode, was_enrolled, reason=f"{kind}, once passthrough works")])
+        held = Enroll(api, mode, was_enrolled, reason=f"{kind}, once passthrough works: {e.message}")
+        changes = compute(host, [held])
         planned = StageResult(Outcome.PLANNED, f"would {verb} after the reboot the gpu stage asks for")
         return StagePlan(facts, planned, changes, blocked=e)
     changes = compute(host, [Enroll(api, gpu_mode, was_enrolled, reason=kind)])
