@@ -224,7 +224,6 @@ def final_screen(
         left.append(last.result.message)
     if not_run:
         left.append("not run yet: " + ", ".join(not_run))
-    left.extend(ctx.notes)
     left.extend(ctx.left)
     if left:
         lines.append("  left:")

@@ -120,8 +120,7 @@ class Context:
     token_expires_at: datetime | None = None
     out: Callable[[str], None] = print
     tokens: TokenReader = field(default_factory=lambda: TokenReader(prompt=False))
-    notes: list[str] = field(default_factory=list)
-    # What the final screen lists: steps still to take after this run.
+    # What the final screen lists: warnings and steps still to take after this run, in stage order.
     left: list[str] = field(default_factory=list)
     report: Report | None = None  # the doctor's, once verify ran
     # Checks the operator accepts failing (--ignore-preflight-errors, as kubeadm's): still run and

@@ -74,7 +74,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     for r in report.results:
         ctx.out(f"  {r.name}: {r.message} [{r.status.value}]")
         if r.status is Status.WARN:
-            ctx.notes.append(f"{r.name}: {r.message} ({r.hint})")
+            ctx.left.append(f"{r.name}: {r.message} ({r.hint})")
     failed = [r for r in report.results if r.status is Status.FAIL]
     for r in [r for r in failed if r.name in ctx.ignored_checks]:
         ctx.out(f"  {r.name}: FAIL ignored on request (--ignore-preflight-errors)")
