@@ -6,6 +6,11 @@ shows unified diffs; `apply` writes only what changed (atomically, keeping owner
 file the installer does not own once before its first change, and runs the commands whose trigger
 files changed. Planning again after an apply gives an empty plan.
 
+Three kinds are not files but actions (`Enroll`, `Fetch`, `Switch`): they are planned, rendered and
+counted like the others so that `--plan` shows the whole run, and carried out by their stage's apply.
+`apply` here refuses a plan that holds one: it has no way to enroll or download, and skipping one
+silently would leave the run half done.
+
 Commands are journalled in the run state before the first write and struck off as each succeeds, so a
 crash between writing /etc/default/grub.d/... and running update-grub is repaired by the next run.
 """
@@ -78,7 +83,50 @@ class Command:
     check: bool = True
 
 
-Change = FileChange | Symlink | Removal | Command
+@dataclass(frozen=True)
+class Enroll:
+    """The token exchanged for the node's identity (the enroll stage carries it out)."""
+
+    api: str
+    gpu_mode: str
+    reenroll: bool = False
+    needed: bool = True
+    reason: str = ""
+
+
+OFFERED = "the version the signed manifest offers"
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """An agent's release downloaded and verified (the artifacts stage). `version` None: not known
+    yet, because the manifest is fetched with the identity the node does not have before enrolling."""
+
+    name: str
+    version: str | None = None
+    size: int | None = None
+    sha256: str = ""
+    needed: bool = True
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Switch:
+    """An agent moved to another release: drain, switch, restart, health check (the agents stage)."""
+
+    name: str
+    from_version: str | None
+    to_version: str | None  # None: OFFERED
+    reason: str = ""
+
+    @property
+    def needed(self) -> bool:
+        return self.to_version is None or self.from_version != self.to_version
+
+
+Action = Enroll | Fetch | Switch
+ACTIONS = (Enroll, Fetch, Switch)
+Change = FileChange | Symlink | Removal | Command | Action
 
 
 class Status(str, Enum):
@@ -102,7 +150,8 @@ class Item:
 
     @property
     def path(self) -> str | None:
-        return None if isinstance(self.change, Command) else self.change.path
+        ch = self.change
+        return ch.path if isinstance(ch, (FileChange, Symlink, Removal)) else None
 
 
 @dataclass
@@ -116,6 +165,14 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.changes
+
+    @property
+    def actions(self) -> list[Item]:
+        return [i for i in self.items if isinstance(i.change, ACTIONS)]
+
+    def without_actions(self) -> Plan:
+        """What `apply` carries out; the actions are the stage's."""
+        return Plan([i for i in self.items if not isinstance(i.change, ACTIONS)])
 
 
 def backup_path(path: str) -> str:
@@ -216,6 +273,9 @@ def compute(host: Host, changes: Sequence[Change], state: RunState | None = None
             items.append(Item(ch, Status.CHANGED, note="left over from an interrupted run"))
         else:
             items.append(Item(ch, Status.OK))
+    for ch in changes:
+        if isinstance(ch, ACTIONS):
+            items.append(Item(ch, Status.CHANGED if ch.needed else Status.OK, note=ch.reason))
     return Plan(items)
 
 
@@ -230,8 +290,17 @@ def _describe(item: Item) -> str:
         what = f"symlink  {ch.path} -> {ch.target}"
     elif isinstance(ch, Removal):
         what = f"remove   {ch.path}"
-    else:
+    elif isinstance(ch, Command):
         what = f"run      {shlex.join(ch.argv)}"
+    elif isinstance(ch, Enroll):
+        what = f"enroll   node with {ch.api} ({ch.gpu_mode})"
+    elif isinstance(ch, Fetch):
+        if ch.version is None:
+            what = f"fetch    {ch.name} ({OFFERED})"
+        else:
+            what = f"fetch    {ch.name} {ch.version} ({ch.size} bytes, sha256 {ch.sha256[:12]}…)"
+    else:
+        what = f"switch   {ch.name} {ch.from_version or 'none'} -> {ch.to_version or OFFERED}"
     note = f"  [{item.note}]" if item.note and item.changed else ""
     return f"{item.status.value:<8} {what}{note}"
 
@@ -244,7 +313,7 @@ def _lines(data: bytes | None) -> list[str]:
 
 def diff(item: Item) -> str:
     ch = item.change
-    if not item.changed or isinstance(ch, Command):
+    if not item.changed or isinstance(ch, (Command, Enroll, Fetch, Switch)):
         return ""
     before: bytes | None
     after: bytes | None
@@ -307,7 +376,11 @@ def apply(
     log: Callable[[str], None] = lambda _msg: None,
     state: RunState | None = None,
 ) -> Applied:
-    """Carry out the changed items of `plan`. Raises VectorlayError when a command fails."""
+    """Carry out the changed items of `plan`. Raises VectorlayError when a command fails, and
+    TypeError, before writing anything, when the plan holds an action (Plan.without_actions)."""
+    acts = [type(i.change).__name__ for i in plan.actions]
+    if acts:
+        raise TypeError(f"plan.apply does not carry out {', '.join(acts)}: the stage's apply does")
     done = Applied()
     todo = plan.changes
     if not todo:

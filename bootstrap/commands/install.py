@@ -29,8 +29,10 @@ from bootstrap.errors import UsageError, VectorlayError
 from bootstrap.host import Host, open_host
 from bootstrap.lock import run_lock
 from bootstrap.paths import LOG_PATH
+from bootstrap.plan import render
+from bootstrap.provisioning import TokenReader
 from bootstrap.settings import GPU_MODES, load_settings
-from bootstrap.stages import Context, Outcome, Stage, StageResult
+from bootstrap.stages import Context, Facts, Outcome, Stage, StagePlan, StageResult
 from bootstrap.state import load_state, save_state
 
 if TYPE_CHECKING:
@@ -196,8 +198,10 @@ class InternalError(VectorlayError):
     """A bug, not an operator error: the traceback is in the log."""
 
 
-def final_screen(ctx: Context, chosen: list[Stage], ran: list[Finished], log_path: Path | None) -> list[str]:
-    verdict, _ = _verdict(ran, ctx.plan_only)
+def final_screen(
+    ctx: Context, chosen: list[Stage], ran: list[Finished], log_path: Path | None, plan_only: bool
+) -> list[str]:
+    verdict, _ = _verdict(ran, plan_only)
     lines = ["", f"vectorlay-node: {verdict}"]
     done = [f for f in ran if f.result is not None]
     if done:
@@ -220,7 +224,6 @@ def final_screen(ctx: Context, chosen: list[Stage], ran: list[Finished], log_pat
         left.append(last.result.message)
     if not_run:
         left.append("not run yet: " + ", ".join(not_run))
-    left.extend(ctx.notes)
     left.extend(ctx.left)
     if left:
         lines.append("  left:")
@@ -229,7 +232,7 @@ def final_screen(ctx: Context, chosen: list[Stage], ran: list[Finished], log_pat
         r = ctx.report
         units = f", {r.units_ready}/{r.units_total} GPU unit(s) ready" if r.units_total else ""
         lines.append(f"  doctor: {r.verdict.value}{units} (sudo vectorlay-node-doctor for details)")
-    elif not ctx.plan_only:
+    elif not plan_only:
         lines.append("  doctor: not run (the run stopped before verify); sudo vectorlay-node-doctor")
     if log_path is not None:
         lines.append(f"  log: {log_path}")
@@ -283,26 +286,25 @@ def run_install(
         with contextlib.suppress(ValueError):
             token_expires_at = datetime.fromisoformat(state.token_expires_at)
     display = Display(len(chosen), stream, rich)
+    # The token read this run, redacted by value from every line and log record, also once spent.
+    seen: set[str] = set()
+
+    def secrets() -> set[str]:
+        return seen
+
     ctx = Context(
         host=host,
         settings=settings,
         state=state,
-        plan_only=plan_only,
         gpu_mode=gpu_mode,
         api=settings.api,
         ca_file=ca_file,
         token_expires_at=token_expires_at,
-        token_file=token_file,
+        # A plan never waits for a token on standard input: it shows what a real run would ask.
+        tokens=TokenReader(token_file, prompt=not plan_only, remember=seen.add),
         ignored_checks=ignored,
         doctor=doctor_port(),
     )
-    seen: set[str] = set()
-
-    def secrets() -> set[str]:
-        # Remembered after the enroll stage forgets the spent token: it stays redacted.
-        if ctx.token:
-            seen.add(ctx.token)
-        return seen
 
     def out(text: str) -> None:
         text = redact(text, secrets())
@@ -319,7 +321,7 @@ def run_install(
             log.info("install run started (pid %d, stages %s)", os.getpid(), names)
             for warning in settings.warnings:
                 ctx.out(f"warning: {warning}")
-            ran = _run_stages(ctx, chosen, display)
+            ran = _run_stages(ctx, chosen, display, plan_only)
             display.close()
             if only is None and not plan_only and ran and _verdict(ran, plan_only)[1] == EXIT_OK:
                 _drop_stale_commands(ctx)
@@ -328,7 +330,7 @@ def run_install(
                 state.stage = ran[-1].stage.name
                 save_state(host, state)
             verdict, code = _verdict(ran, plan_only)
-            for line in final_screen(ctx, chosen, ran, log_path):
+            for line in final_screen(ctx, chosen, ran, log_path, plan_only):
                 ctx.out(line)
             log.info("install run ended: %s (exit %d, %.1fs)", verdict, code, time.monotonic() - started)
     if ran and ran[-1].error is not None:
@@ -336,13 +338,16 @@ def run_install(
     return code
 
 
-def _run_stages(ctx: Context, chosen: list[Stage], display: Display) -> list[Finished]:
+def _run_stages(ctx: Context, chosen: list[Stage], display: Display, plan_only: bool) -> list[Finished]:
+    """Plan every stage; in a real run apply each just after its plan (the earlier stages changed the
+    host it plans from). A plan run hands the later stages what each would produce."""
     ran: list[Finished] = []
+    facts = Facts()
     for index, stage in enumerate(chosen, 1):
         display.start(index, stage)
         before = ctx.state.to_json()
         try:
-            result = stages.load(stage).run(ctx)
+            result, facts = step(ctx, stage, facts, plan_only)
         except VectorlayError as e:
             err = e
         except OSError as e:
@@ -354,7 +359,7 @@ def _run_stages(ctx: Context, chosen: list[Stage], display: Display) -> list[Fin
                 f"re-run the same command; if it happens again, report it with {LOG_PATH}",
             )
         else:
-            if not ctx.plan_only and ctx.state.to_json() != before:
+            if not plan_only and ctx.state.to_json() != before:
                 save_state(ctx.host, ctx.state)
             display.finish(stage, result)
             ran.append(Finished(stage, result))
@@ -366,6 +371,20 @@ def _run_stages(ctx: Context, chosen: list[Stage], display: Display) -> list[Fin
         ran.append(Finished(stage, None, err))
         break
     return ran
+
+
+def step(ctx: Context, stage: Stage, facts: Facts, plan_only: bool) -> tuple[StageResult, Facts]:
+    """One stage: its plan shown (with diffs in a plan run), then, in a real run, applied."""
+    module = stages.load(stage)
+    sp: StagePlan = module.plan(ctx, facts)
+    if sp.plan.items:
+        for line in render(sp.plan, diffs=plan_only):
+            ctx.out(line)
+    for line in sp.tail:
+        ctx.out(line)
+    if plan_only:
+        return sp.planned, sp.facts
+    return module.apply(ctx, sp)
 
 
 def _drop_stale_commands(ctx: Context) -> None:

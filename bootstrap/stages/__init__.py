@@ -1,25 +1,35 @@
 """The installer's stages as data (docs/contracts.md#stages-and-plans), and what a stage receives and returns.
 
-A stage is a module with `run(ctx) -> StageResult`. `--only STAGE` runs that stage and the stages it
-needs.
+A stage is a module with `plan(ctx, facts) -> StagePlan` and `apply(ctx, plan) -> (StageResult,
+Facts)`. `plan` only reads the host; `apply` carries the plan out. Only the runner
+(bootstrap/commands/install.py) knows whether the run is a plan: it plans every stage and, in a real
+run, applies each just after planning it (earlier stages change the host). What a stage finds out for
+later ones (the inventory, the identity, the manifest's targets, the token) goes forward in `Facts`,
+a value: in a plan run the later stages plan from what the earlier ones would produce. `--only STAGE`
+runs that stage and the stages it needs.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
+from bootstrap.api import ApiClient
 from bootstrap.discovery import Inventory
-from bootstrap.errors import UsageError
+from bootstrap.errors import UsageError, VectorlayError
 from bootstrap.host import Host
+from bootstrap.identity import Identity, IdentityError, identity_path, load_identity
 from bootstrap.manifest import Artifact
+from bootstrap.plan import Plan
+from bootstrap.provisioning import ProvisioningToken, TokenReader
 from bootstrap.settings import Settings
-from bootstrap.state import RunState
+from bootstrap.state import RunState, save_state
 
 if TYPE_CHECKING:
     from doctor.model import Report
@@ -79,28 +89,38 @@ class Doctor:
     report_now: Callable[[Host], str]
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the stages run so far found out, or in a plan run would produce, for the later ones.
+    Never changed in place: a stage returns a new value (`replace`)."""
+
+    inventory: Inventory | None = None
+    # The identity in force after the enroll stage; None while the node is not enrolled.
+    identity: Identity | None = None
+    # The enroll stage would enroll (a plan run) or re-enroll: the later stages plan for that.
+    would_enroll: bool = False
+    # Stage artifacts -> agents: what the signed manifest offers for each agent.
+    targets: Mapping[str, Artifact] = field(default_factory=lambda: MappingProxyType({}))
+    # None: no stage has read the token yet.
+    token: ProvisioningToken | None = None
+
+
 @dataclass
 class Context:
+    """What a run hands every stage: the host, its settings and state, where output goes, the
+    doctor's port, and the run's options. The facts travel separately (`Facts`)."""
+
     host: Host
     settings: Settings
     state: RunState
-    plan_only: bool = False
     gpu_mode: str | None = None
     api: str | None = None
     ca_file: Path | None = None
+    # The expiry known when the run started (the state's, or the caller's): the reboot message's.
     token_expires_at: datetime | None = None
     out: Callable[[str], None] = print
-    inventory: Inventory | None = None
-    notes: list[str] = field(default_factory=list)
-    # Stage artifacts -> agents: what the signed manifest offers for each agent.
-    targets: dict[str, Artifact] = field(default_factory=dict)
-    # The provisioning token: read once (VECTORLAY_TOKEN, --token-file, standard input), held in
-    # memory only. `token_state` is what introspection said: valid, used, expired, unknown, or None.
-    token_file: Path | None = None
-    token: str | None = field(default=None, repr=False)
-    token_read: bool = False
-    token_state: str | None = None
-    # What the final screen lists: steps still to take after this run.
+    tokens: TokenReader = field(default_factory=lambda: TokenReader(prompt=False))
+    # What the final screen lists: warnings and steps still to take after this run, in stage order.
     left: list[str] = field(default_factory=list)
     report: Report | None = None  # the doctor's, once verify ran
     # Checks the operator accepts failing (--ignore-preflight-errors, as kubeadm's): still run and
@@ -114,8 +134,100 @@ class Context:
         return self.doctor
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage's plan: the changes (files, commands, actions) as compared with the host, lines to
+    show after them, what a plan run reports, and what the later stages may plan from. (What the
+    stage says while planning it says through ctx.out: a check that fails must not hide the ones
+    before it.)"""
+
+    facts: Facts
+    planned: StageResult
+    plan: Plan = field(default_factory=Plan)
+    tail: tuple[str, ...] = ()
+    # A gate that stops a real run: shown in a plan run as what would come first, raised by apply.
+    blocked: VectorlayError | None = None
+    # What apply needs of the planning that is no fact for later stages (the stage's own type).
+    carry: object = None
+
+
 class StageModule(Protocol):
-    def run(self, ctx: Context) -> StageResult: ...
+    def plan(self, ctx: Context, facts: Facts) -> StagePlan: ...
+
+    def apply(self, ctx: Context, plan: StagePlan) -> tuple[StageResult, Facts]: ...
+
+
+# --- what preflight and enroll share: the control plane and the token --------------------------------
+
+
+def api_url(ctx: Context) -> str:
+    """--api, else node.yaml's api, else the control plane this node enrolled with."""
+    if ctx.api:
+        return ctx.api
+    try:
+        ident = load_identity(ctx.host)
+    except IdentityError:
+        ident = None
+    if ident is not None and ident.api:
+        ctx.api = ident.api
+        return ident.api
+    raise VectorlayError(
+        "no control plane URL", "pass api=https://... to the one-liner (or --api, or api: in node.yaml)"
+    )
+
+
+def client(ctx: Context, *, attempts: int = 5) -> ApiClient:
+    return ApiClient(
+        api_url(ctx), ca_file=ctx.ca_file, pinned_ca=identity_path(ctx.host) / "ca.crt", attempts=attempts
+    )
+
+
+def enrolled(ctx: Context) -> bool:
+    """A complete identity is in place (a damaged one counts as not enrolled: enrollment repairs it)."""
+    try:
+        return load_identity(ctx.host) is not None
+    except IdentityError:
+        return False
+
+
+def token_of(ctx: Context, facts: Facts) -> ProvisioningToken:
+    """The token as the earlier stages left it, else read now (once per run)."""
+    if facts.token is not None:
+        return facts.token
+    return ctx.tokens.read(enrolled=enrolled(ctx))
+
+
+def introspect(ctx: Context, token: ProvisioningToken) -> ProvisioningToken:
+    """The token with its state (valid / used / expired / unknown) and expiry, asked without
+    consuming it; asked once per run."""
+    if token.state is not None or token.secret is None:
+        return token
+    from bootstrap.enroll import introspect_token
+
+    api = client(ctx, attempts=3)
+    try:
+        info = introspect_token(api, token.secret)
+    finally:
+        api.close()
+    state = "valid" if info.valid else (info.reason or "unknown")
+    return token.introspected(state, info.expires_at if info.valid else None)
+
+
+def keep_expiry(ctx: Context, token: ProvisioningToken) -> None:
+    """Record a valid token's expiry in the run state at once, also when the stage then stops: the
+    reboot message of the run after a reboot names it."""
+    if token.state == "valid" and token.expires_at is not None:
+        stamp = token.expires_at.isoformat(timespec="seconds")
+        if ctx.state.token_expires_at != stamp:
+            ctx.state.token_expires_at = stamp
+            save_state(ctx.host, ctx.state)
+
+
+def expiry(ctx: Context, facts: Facts) -> datetime | None:
+    tok = facts.token
+    if tok is not None and tok.expires_at is not None:
+        return tok.expires_at
+    return ctx.token_expires_at
 
 
 def _closure(name: str) -> list[Stage]:

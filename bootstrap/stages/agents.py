@@ -15,17 +15,18 @@ from typing import Any
 import jinja2
 
 from bootstrap import artifacts, runsc
-from bootstrap.discovery import UnitStatus
+from bootstrap.discovery import Inventory, UnitStatus
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import REENROLL_HINT, Identity, IdentityError, load_identity
 from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
 from bootstrap.paths import IDENTITY_DIR
-from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Symlink, apply, compute, render
+from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Switch, Symlink, compute
+from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
 from bootstrap.settings import settings_yaml
-from bootstrap.stages import Context, Outcome, StageResult
-from bootstrap.stages.artifacts import gpu_mode_of
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.artifacts import agent_names, gpu_mode_of
 from bootstrap.templating import render as render_template
 from bootstrap.update import SERVICES, Timing, is_active, services_really_run, switch
 
@@ -73,8 +74,7 @@ def _docker_daemon_json(host: Host) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _gpu_meta(ctx: Context, mode: str) -> dict[str, str]:
-    inv = ctx.inventory
+def _gpu_meta(inv: Inventory | None, mode: str) -> dict[str, str]:
     units = inv.units if inv is not None else []
     ready = [u for u in units if u.status is UnitStatus.READY]
     meta = {"vectorlay_gpu_mode": mode, "vectorlay_gpu_units_total": str(len(units))}
@@ -111,9 +111,9 @@ def _agent_yaml(common: dict[str, Any]) -> bytes:
     return (header + yaml.safe_dump(data, sort_keys=False, width=4096)).encode()
 
 
-def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
+def desired(ctx: Context, ident: Identity, mode: str, facts: Facts | None = None) -> list[Change]:
     try:
-        return _desired(ctx, ident, mode)
+        return _desired(ctx, ident, mode, facts or Facts())
     except (TypeError, AttributeError, ValueError, jinja2.TemplateError) as e:
         # The configs are rendered from the enrollment answer saved on disk: a damaged one (a list
         # where an object belongs, a number for a list of servers) is the identity's fault.
@@ -123,7 +123,7 @@ def desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
         ) from None
 
 
-def _desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
+def _desired(ctx: Context, ident: Identity, mode: str, facts: Facts) -> list[Change]:
     host, settings = ctx.host, ctx.settings
     enrollment = ident.enrollment()
     nebula = enrollment.get("nebula") or {}
@@ -155,7 +155,7 @@ def _desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
                     "datacenter": nomad.get("datacenter") or "vectorlay",
                     "node_class": nomad.get("node_class") or mode,
                     "servers": nomad.get("servers") or [],
-                    "meta": {**(nomad.get("meta") or {}), **_gpu_meta(ctx, mode)},
+                    "meta": {**(nomad.get("meta") or {}), **_gpu_meta(facts.inventory, mode)},
                 },
                 **common,
             ).encode(),
@@ -189,7 +189,7 @@ def _desired(ctx: Context, ident: Identity, mode: str) -> list[Change]:
     # Agents whose binary changes are restarted by the version switch after this plan, with drain
     # and health check; the others are restarted here when their unit or config changed, and
     # started when found stopped.
-    switching = {n for n, art in ctx.targets.items() if artifacts.current_version(host, n) != art.version}
+    switching = {n for n, art in facts.targets.items() if artifacts.current_version(host, n) != art.version}
     for name, unit in SERVICES.items():
         if name in switching:
             continue
@@ -224,29 +224,37 @@ def owned_changes(host: Host) -> list[Change]:
     return changes
 
 
-def run(ctx: Context) -> StageResult:
+def plan(ctx: Context, facts: Facts) -> StagePlan:
     host = ctx.host
-    ident = load_identity(host)
+    ident = facts.identity if facts.identity is not None else load_identity(host)
+    mode = gpu_mode_of(ctx, facts)
     if ident is None:
         ctx.out("agents: not enrolled yet; the agents are configured after enrollment")
-        return StageResult(Outcome.PLANNED if ctx.plan_only else Outcome.OK, "not enrolled")
-    mode = gpu_mode_of(ctx)
-    plan = compute(host, desired(ctx, ident, mode), ctx.state)
+        # Their units and configs are rendered from the enrollment answer; what is known now is
+        # that each agent goes from nothing to the version the manifest will offer.
+        switches = [Switch(n, artifacts.current_version(host, n), None) for n in agent_names(mode)]
+        changes = compute(host, switches if facts.would_enroll else [])
+        return StagePlan(facts, StageResult(Outcome.PLANNED, "not enrolled"), changes)
+    switches = [Switch(n, artifacts.current_version(host, n), a.version) for n, a in facts.targets.items()]
+    changes = compute(host, [*desired(ctx, ident, mode, facts), *switches], ctx.state)
     ctx.out(
         f"agents: nebula, nomad, node-agent ({mode} mode; "
         f"auto-update {'on' if ctx.settings.autoupdate else 'off'})"
     )
-    for line in render(plan, diffs=ctx.plan_only):
-        ctx.out(line)
-    pending = [a for n, a in ctx.targets.items() if artifacts.current_version(host, n) != a.version]
+    return StagePlan(facts, StageResult(Outcome.PLANNED), changes, carry=ident)
+
+
+def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+    host = ctx.host
+    if not isinstance(sp.carry, Identity):
+        return StageResult(Outcome.OK, sp.planned.message), sp.facts
+    pending = [
+        sp.facts.targets[i.change.name] for i in sp.plan.actions if i.changed and isinstance(i.change, Switch)
+    ]
     for art in pending:
         old = artifacts.current_version(host, art.name)
-        verb = "would switch" if ctx.plan_only else "switching"
-        ctx.out(f"agents: {verb} {art.name} {old or '(none)'} -> {art.version}")
-    if ctx.plan_only:
-        return StageResult(Outcome.PLANNED)
-
-    apply(host, plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
+        ctx.out(f"agents: switching {art.name} {old or '(none)'} -> {art.version}")
+    plan_apply(host, sp.plan.without_actions(), log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
     report = switch(host, pending, Timing.default(), log=lambda m: ctx.out(f"  {m}"))
     if report.rolled_back:
         bad = ", ".join(f"{n} {b} (back on {r})" for n, (b, r) in report.rolled_back.items())
@@ -254,4 +262,4 @@ def run(ctx: Context) -> StageResult:
             f"agent update failed its health check and was rolled back: {bad}",
             "re-run later; journalctl -u node-agent shows why the new version did not come up",
         )
-    return StageResult(Outcome.OK, f"{len(report.upgraded)} agent(s) switched")
+    return StageResult(Outcome.OK, f"{len(report.upgraded)} agent(s) switched"), sp.facts

@@ -8,7 +8,9 @@ health); this stage only downloads what is missing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from bootstrap import artifacts, platform
 from bootstrap.api import ApiClient, ClientCert
@@ -23,7 +25,8 @@ from bootstrap.manifest import (
     public_key_from_text,
     verify_manifest,
 )
-from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.plan import Fetch, compute
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
 from bootstrap.state import STATE_PATH, RunState, save_state
 from bootstrap.update import SERVICES
 
@@ -93,41 +96,67 @@ def wanted(host: Host, manifest: Manifest, names: list[str], out: Callable[[str]
     return found
 
 
-def gpu_mode_of(ctx: Context) -> str:
-    inv = ctx.inventory
+def gpu_mode_of(ctx: Context, facts: Facts) -> str:
+    inv = facts.inventory
     return platform.gpu_mode(ctx.gpu_mode, ctx.settings.gpu_mode, has_gpus=inv is not None and bool(inv.gpus))
 
 
-def run(ctx: Context) -> StageResult:
-    ident = load_identity(ctx.host)
+@dataclass(frozen=True)
+class _Accepted:
+    """The manifest the plan verified: its serial is recorded, what is missing downloaded."""
+
+    serial: int
+    keyring: str | None
+    missing: tuple[Artifact, ...]
+
+
+def plan(ctx: Context, facts: Facts) -> StagePlan:
+    ident = facts.identity if facts.identity is not None else load_identity(ctx.host)
+    names = agent_names(gpu_mode_of(ctx, facts))
     if ident is None:
-        # Only reachable when enrollment did not run (--only, or a plan): the enroll stage fails a
-        # run that cannot enroll.
         ctx.out(
             "artifacts: not enrolled yet; the agents are fetched from the signed manifest after enrollment"
         )
-        return StageResult(Outcome.PLANNED if ctx.plan_only else Outcome.OK, "not enrolled")
+        # The manifest is fetched with the identity the enrollment gives: its versions are not known.
+        fetches = [Fetch(n, reason="after enrollment") for n in names] if facts.would_enroll else []
+        changes = compute(ctx.host, fetches)
+        return StagePlan(facts, StageResult(Outcome.PLANNED, "not enrolled"), changes)
     client = node_client(ident, ctx.api, ctx.ca_file)
+    # A copy: the serial accepted is the run state's only once apply records it.
+    trial = replace(ctx.state)
     try:
-        manifest = fetch_manifest(client, ident, ctx.state)
-        if not ctx.plan_only:
-            # Kept at once, not only when the stage ends well: the serial was accepted.
-            save_state(ctx.host, ctx.state)
-        for art in wanted(
-            ctx.host, manifest, agent_names(gpu_mode_of(ctx)), lambda m: ctx.out(f"artifacts: {m}")
-        ):
-            name = art.name
-            ctx.targets[name] = art
-            if artifacts.is_installed(ctx.host, art):
-                ctx.out(f"artifacts: {name} {art.version} present and verified")
-            elif ctx.plan_only:
-                ctx.out(
-                    f"artifacts: would download {name} {art.version} "
-                    f"({art.size} bytes, sha256 {art.sha256[:12]}…)"
-                )
-            else:
-                artifacts.install(ctx.host, client, art)
-                ctx.out(f"artifacts: {name} {art.version} downloaded, sha256 verified, unpacked")
+        manifest = fetch_manifest(client, ident, trial)
     finally:
         client.close()
-    return StageResult(Outcome.PLANNED if ctx.plan_only else Outcome.OK)
+    arts = wanted(ctx.host, manifest, names, lambda m: ctx.out(f"artifacts: {m}"))
+    fetches, missing = [], []
+    for art in arts:
+        present = artifacts.is_installed(ctx.host, art)
+        if present:
+            ctx.out(f"artifacts: {art.name} {art.version} present and verified")
+        else:
+            missing.append(art)
+        fetches.append(Fetch(art.name, art.version, art.size, art.sha256, needed=not present))
+    targets = MappingProxyType({a.name: a for a in arts})
+    carry = _Accepted(trial.manifest_serial, trial.manifest_keys, tuple(missing))
+    after = replace(facts, identity=ident, targets=targets)
+    return StagePlan(after, StageResult(Outcome.PLANNED), compute(ctx.host, fetches), carry=carry)
+
+
+def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+    ok = StageResult(Outcome.OK, sp.planned.message)
+    accepted, ident = sp.carry, sp.facts.identity
+    if not isinstance(accepted, _Accepted) or ident is None:
+        return ok, sp.facts
+    ctx.state.manifest_serial, ctx.state.manifest_keys = accepted.serial, accepted.keyring
+    # Kept at once, not only when the stage ends well: the serial was accepted.
+    save_state(ctx.host, ctx.state)
+    if accepted.missing:
+        client = node_client(ident, ctx.api, ctx.ca_file)
+        try:
+            for art in accepted.missing:
+                artifacts.install(ctx.host, client, art)
+                ctx.out(f"artifacts: {art.name} {art.version} downloaded, sha256 verified, unpacked")
+        finally:
+            client.close()
+    return ok, sp.facts

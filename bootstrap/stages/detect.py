@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bootstrap.discovery import UnitStatus, discover
-from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
 
 
-def run(ctx: Context) -> StageResult:
+def plan(ctx: Context, facts: Facts) -> StagePlan:
     inv = discover(ctx.host, ctx.settings)
-    ctx.inventory = inv
     io = inv.iommu
     iommu = f"IOMMU {'active' if io.active else 'off'}" + (f" ({io.vendor})" if io.vendor else "")
     ready = sum(1 for u in inv.units if u.status is UnitStatus.READY)
@@ -17,4 +18,8 @@ def run(ctx: Context) -> StageResult:
         f"{ready}/{len(inv.units)} GPU unit(s) ready"
     )
     ctx.out(f"detect: {msg}")
-    return StageResult(Outcome.OK, msg)
+    return StagePlan(replace(facts, inventory=inv), StageResult(Outcome.OK, msg))
+
+
+def apply(_ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+    return sp.planned, sp.facts

@@ -14,6 +14,8 @@ would be refused ("token already used") and the enrollment lost.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,8 +24,21 @@ from bootstrap.api import ApiError
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_write, fault_point, fsync_dir
 from bootstrap.identity import load_identity
-from bootstrap.stages import Context, Outcome, StageResult
-from bootstrap.stages._token import PENDING_KEY, client, enrolled, introspect, obtain_token
+from bootstrap.plan import Enroll, compute
+from bootstrap.provisioning import PENDING_KEY
+from bootstrap.stages import (
+    Context,
+    Facts,
+    Outcome,
+    StagePlan,
+    StageResult,
+    api_url,
+    client,
+    enrolled,
+    introspect,
+    keep_expiry,
+    token_of,
+)
 
 
 def _pending_key(ctx: Context) -> ec.EllipticCurvePrivateKey:
@@ -48,68 +63,126 @@ def _drop_pending(ctx: Context) -> None:
         fsync_dir(path.parent)
 
 
-def _kept(ctx: Context, why: str) -> StageResult:
-    _drop_pending(ctx)
+@dataclass(frozen=True)
+class _Kept:
+    """The node keeps its identity: apply drops a pending key and says why."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """The token is exchanged: apply enrolls with this GPU mode and hardware report."""
+
+    gpu_mode: str
+    hardware: Mapping[str, object]
+    retry: bool
+    reenroll: bool
+
+
+def _kept(ctx: Context, facts: Facts, why: str) -> StagePlan:
     ident = load_identity(ctx.host)
     assert ident is not None
+    api = ctx.api or ident.api or "the control plane"
     msg = f"node {ident.node_id} (overlay IP {ident.overlay_ip}) keeps its identity: {why}"
-    ctx.out(f"enroll: skipped; {msg}")
-    return StageResult(Outcome.SKIPPED, msg)
+    changes = compute(ctx.host, [Enroll(api, ctx.gpu_mode or ctx.settings.gpu_mode or "-", needed=False)])
+    kept = StageResult(Outcome.SKIPPED, msg)
+    return StagePlan(replace(facts, identity=ident), kept, changes, carry=_Kept(msg))
 
 
-def run(ctx: Context) -> StageResult:
-    from bootstrap.enroll import enroll, token_refused, token_state_words
+def plan(ctx: Context, facts: Facts) -> StagePlan:
+    from bootstrap.enroll import token_refused, token_state_words
     from bootstrap.hardware import hardware_report
 
     host = ctx.host
-    token = obtain_token(ctx)
+    token = token_of(ctx, facts)
+    facts = replace(facts, token=token)
     was_enrolled = enrolled(ctx)
-    if token is None:
+    if not token.given:
         if was_enrolled:
-            return _kept(ctx, "no provisioning token given")
+            return _kept(ctx, facts, "no provisioning token given")
+        # A real run reads a token or stops: only a plan run gets here.
+        api = ctx.api or "the control plane"
         ctx.out("enroll: would enroll this node (a real run needs a provisioning token)")
-        return StageResult(Outcome.PLANNED, "needs a provisioning token")
-    state = introspect(ctx, token)
+        mode = ctx.gpu_mode or ctx.settings.gpu_mode or "-"
+        wanted = Enroll(api, mode, reason="first enrollment; needs a provisioning token")
+        changes = compute(host, [wanted])
+        return StagePlan(
+            replace(facts, would_enroll=True),
+            StageResult(Outcome.PLANNED, "needs a provisioning token"),
+            changes,
+            blocked=VectorlayError("no provisioning token given"),
+        )
+    token = introspect(ctx, token)
+    facts = replace(facts, token=token)
+    state = token.state
     retry = state == "used" and host.exists(PENDING_KEY)
     if state != "valid" and not retry:
         if was_enrolled:
             # A token that is used or expired cannot re-enroll; the working identity stays.
-            return _kept(ctx, f"the provisioning token is {token_state_words(state)}")
+            return _kept(ctx, facts, f"the provisioning token is {token_state_words(state)}")
         raise token_refused(ctx.api, state)
     verb = "re-enroll" if was_enrolled else "enroll"
+    kind = "re-enrollment" if was_enrolled else "first enrollment"
+    current = load_identity(host) if was_enrolled else None
+    facts = replace(facts, identity=current, would_enroll=True)
+    api = api_url(ctx)
     # The passthrough gate: refuses while no GPU unit is ready.
     try:
         gpu_mode, hardware = hardware_report(host, ctx.gpu_mode or ctx.settings.gpu_mode)
     except VectorlayError as e:
-        if not ctx.plan_only:
-            raise
-        ctx.out(f"enroll: would {verb} once passthrough works ({e.message})")
-        return StageResult(Outcome.PLANNED, f"would {verb} after the reboot the gpu stage asks for")
-    if ctx.plan_only:
-        ctx.out(f"enroll: would {verb} this node ({gpu_mode}) with {ctx.api}")
-        return StageResult(Outcome.PLANNED, f"would {verb}")
+        # No output of its own: a real run stops with the error, a plan shows it as the note.
+        mode = ctx.gpu_mode or ctx.settings.gpu_mode or "passthrough"
+        held = Enroll(api, mode, was_enrolled, reason=f"{kind}, once passthrough works: {e.message}")
+        changes = compute(host, [held])
+        planned = StageResult(Outcome.PLANNED, f"would {verb} after the reboot the gpu stage asks for")
+        return StagePlan(facts, planned, changes, blocked=e)
+    changes = compute(host, [Enroll(api, gpu_mode, was_enrolled, reason=kind)])
+    carry = _Exchange(gpu_mode, hardware, retry, was_enrolled)
+    return StagePlan(facts, StageResult(Outcome.PLANNED, f"would {verb}"), changes, carry=carry)
 
+
+def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+    from bootstrap.enroll import enroll
+
+    host, facts = ctx.host, sp.facts
+    if facts.token is not None:
+        keep_expiry(ctx, facts.token)
+    if sp.blocked is not None:
+        raise sp.blocked
+    if isinstance(sp.carry, _Kept):
+        _drop_pending(ctx)
+        ctx.out(f"enroll: skipped; {sp.carry.why}")
+        return sp.planned, facts
+    ex = sp.carry
+    assert isinstance(ex, _Exchange) and facts.token is not None and facts.token.secret is not None
     key = _pending_key(ctx)
     api = client(ctx)
     try:
         result = enroll(
             host,
             api,
-            token,
-            gpu_mode=gpu_mode,
-            hardware=hardware,
+            facts.token.secret,
+            gpu_mode=ex.gpu_mode,
+            hardware=dict(ex.hardware),
             key=key,
         )
     except ApiError as e:
-        if retry and was_enrolled and e.status == 401:
-            return _kept(ctx, "the interrupted re-enrollment's token can no longer be used")
+        if ex.retry and ex.reenroll and e.status == 401:
+            _drop_pending(ctx)
+            ident = load_identity(host)
+            assert ident is not None
+            why = "the interrupted re-enrollment's token can no longer be used"
+            msg = f"node {ident.node_id} (overlay IP {ident.overlay_ip}) keeps its identity: {why}"
+            ctx.out(f"enroll: skipped; {msg}")
+            return StageResult(Outcome.SKIPPED, msg), replace(facts, identity=ident, would_enroll=False)
         raise
     finally:
         api.close()
     _drop_pending(ctx)
-    # Spent: nothing later in the run may present it again.
-    ctx.token, ctx.token_state = None, "used"
     done = "re-enrolled" if result.reenrolled else "enrolled"
     msg = f"{done} node {result.node_id} (org {result.org_id}, overlay IP {result.overlay_ip})"
     ctx.out(f"enroll: {msg}")
-    return StageResult(Outcome.OK, msg)
+    # Spent: nothing later in the run may present it again.
+    after = replace(facts, token=facts.token.spent(), identity=load_identity(host), would_enroll=False)
+    return StageResult(Outcome.OK, msg), after

@@ -9,15 +9,17 @@ the IOMMU switched off".
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from bootstrap import grub, platform, vfio
 from bootstrap.discovery import Inventory, UnitStatus, discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
-from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, apply, compute, render
+from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, compute
+from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
-from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, expiry
 from bootstrap.state import boot_id, reboot_message, save_state
 from bootstrap.templating import render as render_template
 
@@ -151,36 +153,42 @@ def _warnings(inv: Inventory) -> list[str]:
     return out
 
 
-def run(ctx: Context) -> StageResult:
+def plan(ctx: Context, facts: Facts) -> StagePlan:
     host = ctx.host
-    inv = ctx.inventory or discover(host, ctx.settings)
+    inv = facts.inventory or discover(host, ctx.settings)
+    facts = replace(facts, inventory=inv)
     mode = platform.gpu_mode(ctx.gpu_mode, ctx.settings.gpu_mode, has_gpus=bool(inv.gpus))
     if mode == "container":
-        return container_mode(ctx, inv)
+        return StagePlan(facts, container_mode(ctx, inv))
     if mode == "none" or not (inv.gpus or inv.nvswitches):
         why = "no GPU found" if not inv.gpus else "GPU mode none"
         ctx.out(f"gpu: {why}; passthrough not configured")
-        return StageResult(Outcome.OK, why)
+        return StagePlan(facts, StageResult(Outcome.OK, why))
 
     notes: list[str] = []
-    plan = compute(host, desired(host, inv, notes), ctx.state)
+    changes = compute(host, desired(host, inv, notes), ctx.state)
     ctx.out(f"gpu: passthrough for {len(inv.gpus)} GPU(s), {len(inv.nvswitches)} NVSwitch(es)")
-    for line in render(plan, diffs=ctx.plan_only):
-        ctx.out(line)
-    for w in _warnings(inv):
-        ctx.out(f"  warning: {w}")
-    for n in notes:
-        ctx.out(f"  note: {n}")
-    if ctx.plan_only:
-        return StageResult(Outcome.PLANNED)
+    tail = (*(f"  warning: {w}" for w in _warnings(inv)), *(f"  note: {n}" for n in notes))
+    return StagePlan(facts, StageResult(Outcome.PLANNED), changes, tail, carry=_Passthrough())
 
-    apply(host, plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
+
+@dataclass(frozen=True)
+class _Passthrough:
+    """The plan configures passthrough: apply regenerates, rediscovers and runs the gate."""
+
+
+def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+    if not isinstance(sp.carry, _Passthrough):
+        return sp.planned, sp.facts
+    host, inv = ctx.host, sp.facts.inventory
+    assert inv is not None
+    plan_apply(host, sp.plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
     loader = grub.detect_loader(host)
     if loader.kind == "grub" and loader.update is not None:
         grub.verify_generated(host, loader, wanted_args(host, inv))
-    after = discover(host, ctx.settings) if plan.changes else inv
-    ctx.inventory = after
-    return gate(ctx, after)
+    after = discover(host, ctx.settings) if sp.plan.changes else inv
+    facts = replace(sp.facts, inventory=after)
+    return gate(ctx, after, expiry(ctx, facts)), facts
 
 
 CONTAINER_NEEDS = (
@@ -232,7 +240,7 @@ def _isolatable(inv: Inventory) -> list[str]:
     ]
 
 
-def gate(ctx: Context, inv: Inventory) -> StageResult:
+def gate(ctx: Context, inv: Inventory, expires_at: datetime | None) -> StageResult:
     """Reboot required, blocked, or passthrough ready."""
     host, state = ctx.host, ctx.state
     not_bound = _isolatable(inv)
@@ -274,7 +282,7 @@ def gate(ctx: Context, inv: Inventory) -> StageResult:
         state.reboot_requested_boot_id = now_boot
         state.reboot_requested_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     save_state(host, state)
-    msg = reboot_message(ctx.token_expires_at)
+    msg = reboot_message(expires_at)
     if not inv.iommu.active and inv.iommu.firmware_table is None:
         hint = platform.firmware_iommu_hint(cpu_vendor(inv))
         msg += f"; the firmware reports no IOMMU either: {hint} while you reboot"

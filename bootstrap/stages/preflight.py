@@ -9,21 +9,26 @@ token: it keeps its identity and the enroll stage is skipped.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from bootstrap import platform
 from bootstrap.api import ApiError
 from bootstrap.enroll import token_refused, token_state_words
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
-from bootstrap.stages import Context, Outcome, StageResult
-from bootstrap.stages._token import (
-    PENDING_KEY,
+from bootstrap.provisioning import PENDING_KEY, describe_expiry
+from bootstrap.stages import (
+    Context,
+    Facts,
+    Outcome,
+    StagePlan,
+    StageResult,
     api_url,
     client,
-    describe_expiry,
     enrolled,
     introspect,
-    obtain_token,
+    keep_expiry,
+    token_of,
 )
 
 SUPPORTED_OS = {("ubuntu", "22.04"), ("ubuntu", "24.04"), ("debian", "12")}
@@ -55,7 +60,8 @@ def reach_api(ctx: Context) -> None:
         api.close()
 
 
-def run(ctx: Context) -> StageResult:
+def plan(ctx: Context, facts: Facts) -> StagePlan:
+    """Every check runs here: preflight only reads the host and asks the control plane."""
     from doctor.model import Status
 
     host = ctx.host
@@ -68,7 +74,7 @@ def run(ctx: Context) -> StageResult:
     for r in report.results:
         ctx.out(f"  {r.name}: {r.message} [{r.status.value}]")
         if r.status is Status.WARN:
-            ctx.notes.append(f"{r.name}: {r.message} ({r.hint})")
+            ctx.left.append(f"{r.name}: {r.message} ({r.hint})")
     failed = [r for r in report.results if r.status is Status.FAIL]
     for r in [r for r in failed if r.name in ctx.ignored_checks]:
         ctx.out(f"  {r.name}: FAIL ignored on request (--ignore-preflight-errors)")
@@ -81,26 +87,28 @@ def run(ctx: Context) -> StageResult:
         )
 
     api_url(ctx)
-    token = obtain_token(ctx)
+    token = token_of(ctx, facts)
     api = None
-    if token is None:
+    if not token.given:
         reach_api(ctx)
         api = ctx.api
-        if ctx.plan_only and not enrolled(ctx):
+        # A real run reads a token (or stops) unless the node is enrolled: only a plan gets here.
+        if not enrolled(ctx):
             msg = "no provisioning token given (a real run needs one)"
         else:
             msg = "already enrolled and no token given: the node keeps its identity"
         ctx.out(f"  control plane {api} reachable; {msg}")
-        return StageResult(Outcome.OK, msg)
+        return StagePlan(replace(facts, token=token), StageResult(Outcome.OK, msg))
 
-    state = introspect(ctx, token)
+    token = introspect(ctx, token)
+    state = token.state
     api = ctx.api
     if state == "not_a_provider":
         # Before the gpu stage rewrites GRUB and asks for a reboot: no token of this org will
         # enroll until the org is approved.
         raise token_refused(api, state)
     if state == "valid":
-        msg = f"provisioning token {describe_expiry(ctx.token_expires_at)}"
+        msg = f"provisioning token {describe_expiry(token.expires_at or ctx.token_expires_at)}"
     elif state == "used" and host.exists(PENDING_KEY):
         msg = "provisioning token already used by this node's interrupted enrollment: retrying it"
     elif enrolled(ctx):
@@ -108,4 +116,10 @@ def run(ctx: Context) -> StageResult:
     else:
         raise token_refused(api, state)
     ctx.out(f"  control plane {api} reachable; {msg}")
-    return StageResult(Outcome.OK, msg)
+    return StagePlan(replace(facts, token=token), StageResult(Outcome.OK, msg))
+
+
+def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+    if sp.facts.token is not None:
+        keep_expiry(ctx, sp.facts.token)
+    return sp.planned, sp.facts

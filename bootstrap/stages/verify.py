@@ -15,20 +15,22 @@ from dataclasses import replace
 
 from bootstrap.errors import VectorlayError
 from bootstrap.paths import IDENTITY_DIR
-from bootstrap.stages import Context, Outcome, StageResult
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
 from bootstrap.stages.artifacts import gpu_mode_of
 
 
-def run(ctx: Context) -> StageResult:
+def plan(ctx: Context, facts: Facts) -> StagePlan:
+    ctx.need_doctor()
+    return StagePlan(facts, StageResult(Outcome.PLANNED, "the doctor's checks run after a real install"))
+
+
+def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
     from doctor.model import Status
 
     doctor = ctx.need_doctor()
-    if ctx.plan_only:
-        ctx.out("verify: the doctor's checks run after a real install")
-        return StageResult(Outcome.PLANNED, "not run in plan mode")
     if ctx.host.path(IDENTITY_DIR).exists():
         ctx.out(f"node-agent: {doctor.report_now(ctx.host)}")
-    report = doctor.run_checks(ctx.host, replace(ctx.settings, gpu_mode=gpu_mode_of(ctx)))
+    report = doctor.run_checks(ctx.host, replace(ctx.settings, gpu_mode=gpu_mode_of(ctx, sp.facts)))
     ctx.report = report
     for line in doctor.render_text(report).rstrip("\n").splitlines():
         ctx.out(f"  {line}" if line else "")
@@ -45,4 +47,4 @@ def run(ctx: Context) -> StageResult:
             ctx.left.append(f"{r.name}: {r.message} ({r.hint})")
     if any(r.status is Status.FAIL for r in report.results):
         verdict += " (failed checks ignored on request: " + ", ".join(sorted(ctx.ignored_checks)) + ")"
-    return StageResult(Outcome.OK, verdict)
+    return StageResult(Outcome.OK, verdict), sp.facts

@@ -23,12 +23,11 @@ import requests
 import yaml
 
 from bootstrap import artifacts, update
+from bootstrap.commands.install import step
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.settings import load_settings
-from bootstrap.stages import Context
-from bootstrap.stages import agents as agents_stage
-from bootstrap.stages import artifacts as artifacts_stage
+from bootstrap.stages import BY_NAME, Context, Facts
 from bootstrap.state import load_state
 from bootstrap.update import probe
 from hostsim import build_host, inject, load_topology
@@ -59,13 +58,13 @@ class Node:
                 host=host,
                 settings=load_settings(host),
                 state=load_state(host),
-                plan_only=plan_only,
                 api=self.cp.url,
                 ca_file=self.cp.ca_file,
                 out=lambda line: print(line, file=out),
             )
-            artifacts_stage.run(ctx)
-            agents_stage.run(ctx)
+            facts = Facts()
+            for name in ("artifacts", "agents"):
+                _result, facts = step(ctx, BY_NAME[name], facts, plan_only)
         finally:
             os.environ.clear()
             os.environ.update(old)
@@ -218,8 +217,10 @@ def test_plan_only_shows_the_changes_and_writes_nothing(node: Node) -> None:
     _host, out = node.run_stages(plan_only=True)
     assert _snapshot(node.root) == before
     for name, version in VERSIONS.items():
-        assert f"artifacts: would download {name} {version}" in out
-        assert f"agents: would switch {name} (none) -> {version}" in out
+        assert re.search(
+            rf"^  changed  fetch +{name} {re.escape(version)} \(\d+ bytes, sha256 ", out, re.M
+        ), name
+        assert re.search(rf"^  changed  switch +{name} none -> {re.escape(version)}$", out, re.M), name
     # Each new unit is listed as a change and shown as a diff against nothing (unified diff headers).
     for unit in ("nebula.service", "nomad.service", "node-agent.service", "node-agent-update.timer"):
         path = f"/etc/systemd/system/{unit}"

@@ -23,13 +23,12 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bootstrap import artifacts, update
+from bootstrap.commands.install import step
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.manifest import check_fresh, sign_manifest, verify_manifest
 from bootstrap.settings import load_settings
-from bootstrap.stages import Context
-from bootstrap.stages import agents as agents_stage
-from bootstrap.stages import artifacts as artifacts_stage
+from bootstrap.stages import BY_NAME, Context, Facts
 from bootstrap.state import load_state
 from controlplane.pki import CertificateAuthority
 from hostsim import build_host, inject, load_topology
@@ -61,8 +60,9 @@ class Node:
             ca_file=self.cp.ca_file,
             out=lambda _line: None,
         )
-        artifacts_stage.run(ctx)
-        agents_stage.run(ctx)
+        facts = Facts()
+        for name in ("artifacts", "agents"):
+            _result, facts = step(ctx, BY_NAME[name], facts, plan_only=False)
 
     def update(self, api: str | None = None) -> subprocess.CompletedProcess[str]:
         env = inject.env(settle=update.DEFAULT_SETTLE, forbid_live=False)

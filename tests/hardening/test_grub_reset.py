@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap.commands.install import step
 from bootstrap.errors import VectorlayError
 from bootstrap.host import CommandResult, Host
 from bootstrap.settings import Settings
-from bootstrap.stages import Context
-from bootstrap.stages import gpu as gpu_stage
+from bootstrap.stages import BY_NAME, Context, Facts
 from bootstrap.state import RunState
 from hostsim.kernel import simulated_host
 from tests.install.helpers import install
@@ -107,7 +107,7 @@ def test_a_grub_cfg_without_the_args_and_no_defaults_file_to_blame_points_at_gru
     host.runner.handlers["update-grub"] = mkconfig_ignoring_defaults  # type: ignore[attr-defined]
     ctx = Context(host=host, settings=Settings(), state=RunState(), out=lambda _m: None)
     with pytest.raises(VectorlayError) as err:
-        gpu_stage.run(ctx)
+        step(ctx, BY_NAME["gpu"], Facts(), plan_only=False)
     assert "no file in /etc/default/grub or /etc/default/grub.d takes it away" in err.value.message
     assert err.value.hint is not None and "/etc/grub.d/" in err.value.hint
     assert ctx.state.reboot_requested_boot_id is None

@@ -37,7 +37,7 @@ from bootstrap.api import ApiClient, ClientCert
 from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
-from bootstrap.stages._token import PENDING_KEY
+from bootstrap.provisioning import PENDING_KEY
 from controlplane import testing
 from hostsim import build_host, inject, load_topology
 from hostsim.agents import publish_agents
