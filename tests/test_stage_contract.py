@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bootstrap import stages
-from bootstrap.host import Host, RecordingRunner
+from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.plan import OFFERED, Enroll, Fetch, FileChange, Status, Switch, apply, compute, render
 from bootstrap.provisioning import ProvisioningToken, TokenReader
 from hostsim.snapshot import snapshot
@@ -21,7 +21,7 @@ SHA = "ab12cd34ef56" + "0" * 52
 
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
-    return Host(tmp_path, RecordingRunner())
+    return TreeHost(tmp_path, RecordingRunner())
 
 
 def test_the_actions_render_and_count_like_the_other_changes(host: Host) -> None:
