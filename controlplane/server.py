@@ -14,6 +14,7 @@ the WSGI environ says the same as after a full handshake.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 from pathlib import Path
@@ -59,8 +60,15 @@ class _TLSAdapter(BuiltinSSLAdapter):
         der = sock.getpeercert(binary_form=True)
         if der:
             env["SSL_CLIENT_VERIFY"] = "SUCCESS"
-            env["SSL_CLIENT_CERT"] = ssl.DER_cert_to_PEM_cert(der).strip()
+            env["SSL_CLIENT_CERT"] = _pem(der)
         return env
+
+
+@functools.lru_cache(maxsize=4096)
+def _pem(der: bytes) -> str:
+    # Cached: a node presents the same certificate every heartbeat, and the conversion (base64 and
+    # textwrap) is as slow as the rest of environ_of together.
+    return ssl.DER_cert_to_PEM_cert(der).strip()
 
 
 class _TLSConnection(cheroot_server.HTTPConnection):
@@ -114,5 +122,9 @@ def build_server(
     ctx = adapter.context
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_OPTIONAL
+    # One TLS 1.3 ticket per handshake instead of OpenSSL's two: a node keeps only the last one it
+    # got (bootstrap.api), and each ticket costs the server an encryption of the session, client
+    # certificate included, on every heartbeat.
+    ctx.num_tickets = 1
     server.ssl_adapter = adapter
     return server
