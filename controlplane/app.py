@@ -268,7 +268,14 @@ class _HeartbeatPath:
         data = (self._app.json.dumps(answer, separators=(",", ":")) + "\n").encode()
         start_response(
             f"{status} {HTTP_STATUS_CODES[status]}",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+            # Closed after the answer: the next heartbeat is an interval away (240 s), long after
+            # the server would have dropped the idle connection (10 s), which in the meantime held
+            # a slot and cost a round through the connection manager to notice the client's close.
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(data))),
+                ("Connection", "close"),
+            ],
         )
         return [data]
 

@@ -76,6 +76,18 @@ def _pem(der: bytes) -> str:
     return ssl.DER_cert_to_PEM_cert(der).strip()
 
 
+class _Gateway(wsgi.Gateway_10):
+    """An application's `Connection: close` closes the connection after the answer: cheroot only
+    honours the client's, and otherwise keeps the connection open for the next request after
+    telling the client it won't."""
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        write = super().start_response(status, headers, exc_info)
+        if any(k.lower() == "connection" and v.lower() == "close" for k, v in headers):
+            self.req.close_connection = True
+        return write
+
+
 class _TLSConnection(cheroot_server.HTTPConnection):
     """Completes the handshake (_TLSAdapter) before the first request on the connection."""
 
@@ -123,6 +135,7 @@ def build_server(
         request_queue_size=256,
     )
     server.ConnectionClass = _TLSConnection
+    server.gateway = _Gateway
     adapter = _TLSAdapter(str(cert_path), str(key_path), certificate_chain=str(state_dir / "ca.crt"))
     ctx = adapter.context
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
