@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bootstrap.api import ApiClient, ClientCert
 from controlplane import testing
+from controlplane.artifacts import ManifestSerial
 from controlplane.clock import Clock, from_iso
 from tests.controlplane.cp_nodes import Enrolled
 from tests.controlplane.test_cp_tls import BEAT
@@ -93,3 +94,16 @@ def test_a_worker_does_not_outlive_a_killed_server(tmp_path: Path) -> None:
         assert all(_gone(w) for w in workers)
     finally:
         testing.stop(cp)
+
+
+def test_workers_number_the_artifact_set_from_one_serial_file(tmp_path: Path) -> None:
+    # Two workers' serials on one state dir; the first sees the set change twice, the second
+    # sees only the last set: it must not hand out a serial lower than one a node already has.
+    a, b = ManifestSerial(tmp_path), ManifestSerial(tmp_path)
+    assert a.for_digest("d1") == b.for_digest("d1") == 1
+    assert a.for_digest("d2") == 2
+    assert a.for_digest("d3") == 3
+    assert b.for_digest("d3") == 3
+    assert b.for_digest("d2") == 4  # a set seen before is a change all the same
+    assert a.for_digest("d2") == 4 and a.for_digest("d2") == 4
+    assert ManifestSerial(tmp_path).for_digest("d2") == 4
