@@ -20,6 +20,9 @@ _.row_factory
 _.wrap
 _.ssl_env
 _.ConnectionClass
+_.gateway
+_.reuse_port
+_.num_tickets
 _.do_GET
 _.do_POST
 _.log_message

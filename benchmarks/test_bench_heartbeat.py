@@ -3,15 +3,17 @@
 1. The reference control plane taking heartbeats from 200 enrolled nodes over 16 concurrent clients,
    each heartbeat with its node's own client certificate and token and the body a node-agent sends
    (the doctor's JSON, the load, the agents' versions). Every heartbeat opens a new TCP + TLS
-   connection and closes it after the answer, as a real node beating every 240 s does (the server
-   closes keep-alive connections idle for 10 s). Like the node-agent (bootstrap.api), each node
-   resumes its last TLS 1.3 session: after one full mTLS handshake per node in the warm-up, the
-   figure is the cost of a resumed handshake plus a heartbeat, not of a full handshake.
-   The load generator runs on the same cores as the server, so it speaks HTTP with http.client over
-   the node's own SSL context from bootstrap.api (the same trust set, client certificate and
-   resumption) rather than through requests, whose overhead per heartbeat (~2 ms of CPU) is the
-   agent's, once per interval, not the control plane's. Reported: heartbeats per second, p50/p99
-   latency, and the server's CPU time per heartbeat (its capacity per core, whatever the client).
+   connection, which the server closes after the answer, as for a real node beating every 240 s.
+   Like the node-agent (bootstrap.api), each node resumes its last TLS 1.3 session: after one full
+   mTLS handshake per node in the warm-up, the figure is the cost of a resumed handshake plus a
+   heartbeat, not of a full handshake. The server runs as it would on this machine's 2 cores:
+   `serve --workers 2`, two processes on one port.
+   The load generator runs on the same cores as the server, so it writes its HTTP/1.1 request and
+   reads the answer itself, over a socket wrapped by the node's own SSL context from bootstrap.api
+   (the same trust set, client certificate and resumption), rather than through requests or
+   http.client, whose overhead per heartbeat is the agent's, once per interval, not the control
+   plane's. Reported: heartbeats per second, p50/p99 latency, the server's CPU time per heartbeat
+   (all its processes: its capacity per core, whatever the client) and the load generator's.
 2. The real node-agent daemon (the artifact built from this repository) on the demo node, beating
    every second: its resident memory (VmHWM) and the CPU time one heartbeat costs it (doctor run,
    psutil, mTLS POST, status.json).
@@ -19,11 +21,12 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import statistics
 import subprocess
 import tempfile
@@ -44,6 +47,7 @@ from controlplane import testing
 NODES = 200
 CLIENTS = 16
 ROUNDS = 10  # heartbeats per node
+WORKERS = 2  # server processes: this machine's cores
 BODY: dict[str, Any] = {
     "doctor": {
         "verdict": "PASS",
@@ -93,30 +97,27 @@ def _run_load(cp: testing.RunningControlPlane, roots: list[Path]) -> dict[str, f
         ident = load_identity(TreeHost(r))
         assert ident is not None
         api = ApiClient(cp.url, ca_file=cp.ca_file, client_cert=ClientCert(ident.cert_file, ident.key_file))
-        clients.append((api._context(), f"Bearer {ident.node_token()}"))
+        head = (
+            f"POST /v1/node/heartbeat HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            f"Authorization: Bearer {ident.node_token()}\r\n\r\n"
+        )
+        clients.append((api._context(), head.encode() + payload))
     resumed_before = sum(ctx.resumed for ctx, _ in clients)  # type: ignore[attr-defined]
 
     def beat(i: int) -> None:
-        ctx, bearer = clients[i]
-        conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
-        try:
-            conn.request(
-                "POST",
-                "/v1/node/heartbeat",
-                body=payload,
-                headers={"Content-Type": "application/json", "Authorization": bearer},
-            )
-            resp = conn.getresponse()
-            answer = json.loads(resp.read())
-        finally:
-            conn.close()
-        assert resp.status == 200 and answer["status"] == "active", answer
+        ctx, request = clients[i]
+        with ctx.wrap_socket(socket.create_connection((host, port), timeout=30), server_hostname=host) as tls:
+            tls.sendall(request)
+            status, answer = _read_response(tls)
+        assert status == 200 and answer["status"] == "active", answer
 
     # One warm-up heartbeat per node: its one full mTLS handshake, then a session to resume.
     for i in range(len(clients)):
         beat(i)
     resumed_warm = sum(ctx.resumed for ctx, _ in clients)  # type: ignore[attr-defined]
-    server_cpu0 = _proc_cpu_s(cp.proc.pid)
+    server_cpu0 = _server_cpu_s(cp.proc.pid)
+    client_cpu0 = _self_cpu_s()
     latencies: list[float] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -148,7 +149,8 @@ def _run_load(cp: testing.RunningControlPlane, roots: list[Path]) -> dict[str, f
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    server_cpu = _proc_cpu_s(cp.proc.pid) - server_cpu0
+    server_cpu = _server_cpu_s(cp.proc.pid) - server_cpu0
+    client_cpu = _self_cpu_s() - client_cpu0
     resumed = sum(ctx.resumed for ctx, _ in clients) - resumed_warm  # type: ignore[attr-defined]
     assert not errors, errors[:3]
     lat = sorted(latencies)
@@ -160,6 +162,7 @@ def _run_load(cp: testing.RunningControlPlane, roots: list[Path]) -> dict[str, f
         "p99_ms": 1000 * _percentile(lat, 0.99),
         "max_ms": 1000 * lat[-1],
         "server_cpu_ms_per_heartbeat": 1000 * server_cpu / len(lat),
+        "client_cpu_ms_per_heartbeat": 1000 * client_cpu / len(lat),
         "resumed_handshakes": resumed,
         "warmup_resumed_handshakes": resumed_warm - resumed_before,
     }
@@ -167,7 +170,7 @@ def _run_load(cp: testing.RunningControlPlane, roots: list[Path]) -> dict[str, f
 
 @pytest.mark.benchmark(group="heartbeat")
 def test_bench_heartbeats_from_200_nodes_over_16_concurrent_clients(benchmark: Any, tmp_path: Path) -> None:
-    with testing.running(tmp_path / "cp") as cp:
+    with testing.running(tmp_path / "cp", args=("--workers", str(WORKERS))) as cp:
         cp.org("load", node_quota=NODES)
         shm = Path("/dev/shm")
         nodes_dir = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else tmp_path))
@@ -187,12 +190,45 @@ def test_bench_heartbeats_from_200_nodes_over_16_concurrent_clients(benchmark: A
             f"{result['heartbeats_per_s']:.1f} heartbeats/s, p50 {result['p50_ms']:.1f} ms, "
             f"p99 {result['p99_ms']:.1f} ms, max {result['max_ms']:.1f} ms; "
             f"{result['resumed_handshakes']:.0f} resumed TLS handshakes; "
-            f"server CPU {result['server_cpu_ms_per_heartbeat']:.2f} ms per heartbeat"
+            f"server CPU {result['server_cpu_ms_per_heartbeat']:.2f} ms per heartbeat, "
+            f"load generator CPU {result['client_cpu_ms_per_heartbeat']:.2f} ms"
         )
         assert result["heartbeats"] == NODES * ROUNDS
         # Each heartbeat a new connection: every one resumed, none rode a kept-alive connection.
         assert result["resumed_handshakes"] == NODES * ROUNDS
         assert result["warmup_resumed_handshakes"] == 0
+
+
+def _read_response(tls: ssl.SSLSocket) -> tuple[int, Any]:
+    """Status and JSON body of the one HTTP/1.1 answer on `tls` (Content-Length framed, as the
+    control plane sends it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = tls.recv(65536)
+        assert chunk, f"connection closed mid-answer: {data[:200]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(":", 1) for line in lines[1:])
+    length = int(next(v for k, v in headers.items() if k.lower() == "content-length"))
+    while len(body) < length:
+        chunk = tls.recv(65536)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+def _self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _server_cpu_s(pid: int) -> float:
+    """CPU time of the server process and of its worker processes (serve --workers)."""
+    children = [
+        int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()
+    ]
+    return _proc_cpu_s(pid) + sum(_proc_cpu_s(c) for c in children)
 
 
 def _proc_cpu_s(pid: int) -> float:

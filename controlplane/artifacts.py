@@ -22,6 +22,7 @@ active node's client certificate and node token.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -88,28 +89,37 @@ class ManifestSerial:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / SERIAL_FILE
         self._lock = threading.Lock()
-        self.serial, self.digest = 0, ""
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                serial, digest = data["serial"], data["digest"]
-            except (ValueError, KeyError, TypeError):
-                serial = digest = None
-            if not (isinstance(serial, int) and serial >= 0 and isinstance(digest, str)):
-                raise ValueError(
-                    f"{self.path} is damaged; it must hold the last manifest serial handed out "
-                    '({"serial": N, "digest": "..."}); restore it from a backup, or write a serial '
-                    "higher than any a node has seen"
-                )
-            self.serial, self.digest = serial, digest
+        self.serial, self.digest = self._read()
+
+    def _read(self) -> tuple[int, str]:
+        if not self.path.exists():
+            return 0, ""
+        try:
+            data = json.loads(self.path.read_text())
+            serial, digest = data["serial"], data["digest"]
+        except (ValueError, KeyError, TypeError):
+            serial = digest = None
+        if not (isinstance(serial, int) and serial >= 0 and isinstance(digest, str)):
+            raise ValueError(
+                f"{self.path} is damaged; it must hold the last manifest serial handed out "
+                '({"serial": N, "digest": "..."}); restore it from a backup, or write a serial '
+                "higher than any a node has seen"
+            )
+        return serial, digest
 
     def for_digest(self, digest: str) -> int:
-        with self._lock:
-            if digest != self.digest:
-                data = json.dumps({"serial": self.serial + 1, "digest": digest}) + "\n"
+        # The file, not this process's memory, says where the serial is: the server's worker
+        # processes (serve --workers) each hold one of these, and a worker that saw fewer changes
+        # of the set than another must not hand out a lower serial for a newer set.
+        with self._lock, open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            on_file, stored = self._read()
+            serial = max(on_file, self.serial) + (digest != stored)
+            if (serial, digest) != (on_file, stored):
+                data = json.dumps({"serial": serial, "digest": digest}) + "\n"
                 _write_private(self.path, data.encode())
-                self.serial, self.digest = self.serial + 1, digest
-            return self.serial
+            self.serial, self.digest = serial, digest
+            return serial
 
 
 @dataclass

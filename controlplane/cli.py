@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -66,7 +67,10 @@ def serve(
     public_host: str | None = typer.Option(
         None, "--public-host", help="Address nodes reach nebula/nomad at (default: the listen host)."
     ),
-    threads: int = typer.Option(32, "--threads", min=1, help="Worker threads."),
+    threads: int = typer.Option(32, "--threads", min=1, help="Worker threads (per process)."),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=64, help="Server processes sharing the port (SO_REUSEPORT)."
+    ),
 ) -> None:
     """Serve the API over HTTPS (mTLS for node endpoints) until SIGINT/SIGTERM."""
     from controlplane.app import create_app
@@ -98,18 +102,45 @@ def serve(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    children: list[int] = []
+    reserved = None
+    if workers > 1:
+        from controlplane.server import fork_workers, reserve_port
+
+        try:
+            reserved = reserve_port(host, port)
+        except OSError as e:
+            _fail(f"cannot listen on {listen}: {e.strerror or e}")
+        server.bind_addr = (host, reserved.getsockname()[1])
+        server.reuse_port = True
+        plane.db.close_conn()
+        children = fork_workers(server, workers - 1)
     try:
-        server.prepare()
-    except OSError as e:
-        _fail(f"cannot listen on {listen}: {e.strerror or e}")
-    bound_host, bound_port = server.bind_addr[:2]
-    print(f"serving https://{bound_host}:{bound_port} (CA: {state_dir / 'ca.crt'})", flush=True)
-    try:
-        server.serve()
-    except KeyboardInterrupt:
-        pass
+        try:
+            server.prepare()
+        except OSError as e:
+            _fail(f"cannot listen on {listen}: {e.strerror or e}")
+        if reserved is not None:
+            reserved.close()
+        bound_host, bound_port = server.bind_addr[:2]
+        print(f"serving https://{bound_host}:{bound_port} (CA: {state_dir / 'ca.crt'})", flush=True)
+        try:
+            server.serve()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        _stop_workers(children)
+
+
+def _stop_workers(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 @app.command("overlay-host")

@@ -7,8 +7,12 @@ one transaction per step, so a crash mid-migration leaves the previous version i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 MIGRATIONS: tuple[str, ...] = (
@@ -123,6 +127,8 @@ class Database:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._thread_lock = threading.Lock()
+        self._lock_fd: tuple[int, int] | None = None  # (pid, fd)
         migrate(self.conn())
 
     def conn(self) -> sqlite3.Connection:
@@ -131,3 +137,31 @@ class Database:
             conn = connect(self.path)
             self._local.conn = conn
         return conn
+
+    def close_conn(self) -> None:
+        """Close this thread's connection (before a fork: a child must not use the parent's)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextlib.contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Held around every write transaction, by every process on this database (the server's
+        workers, the admin CLI): SQLite lets one writer in and makes the others poll with sleeps of
+        up to 100 ms, where a writer waiting here is woken the moment the lock is free."""
+        with self._thread_lock:
+            fd = self._lock_file()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _lock_file(self) -> int:
+        # One open file per process: flock belongs to the open file, which a forked child would
+        # otherwise share with its parent, and then both would hold the lock at once.
+        if self._lock_fd is None or self._lock_fd[0] != os.getpid():
+            path = self.path.with_name(self.path.name + "-writer.lock")
+            self._lock_fd = (os.getpid(), os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        return self._lock_fd[1]

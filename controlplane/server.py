@@ -14,8 +14,13 @@ the WSGI environ says the same as after a full handshake.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
+import signal
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from flask import Flask
 from controlplane.clock import wall_now
 from controlplane.pki import CertificateAuthority
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _PLAIN_HTTP_MESSAGE = b"This server only speaks HTTPS on this port: use https:// URLs."
 _PLAIN_HTTP_ANSWER = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
@@ -59,8 +65,27 @@ class _TLSAdapter(BuiltinSSLAdapter):
         der = sock.getpeercert(binary_form=True)
         if der:
             env["SSL_CLIENT_VERIFY"] = "SUCCESS"
-            env["SSL_CLIENT_CERT"] = ssl.DER_cert_to_PEM_cert(der).strip()
+            env["SSL_CLIENT_CERT"] = _pem(der)
         return env
+
+
+@functools.lru_cache(maxsize=4096)
+def _pem(der: bytes) -> str:
+    # Cached: a node presents the same certificate every heartbeat, and the conversion (base64 and
+    # textwrap) is as slow as the rest of environ_of together.
+    return ssl.DER_cert_to_PEM_cert(der).strip()
+
+
+class _Gateway(wsgi.Gateway_10):
+    """An application's `Connection: close` closes the connection after the answer: cheroot only
+    honours the client's, and otherwise keeps the connection open for the next request after
+    telling the client it won't."""
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        write = super().start_response(status, headers, exc_info)
+        if any(k.lower() == "connection" and v.lower() == "close" for k, v in headers):
+            self.req.close_connection = True
+        return write
 
 
 class _TLSConnection(cheroot_server.HTTPConnection):
@@ -110,9 +135,77 @@ def build_server(
         request_queue_size=256,
     )
     server.ConnectionClass = _TLSConnection
+    server.gateway = _Gateway
     adapter = _TLSAdapter(str(cert_path), str(key_path), certificate_chain=str(state_dir / "ca.crt"))
     ctx = adapter.context
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_OPTIONAL
+    # One TLS 1.3 ticket per handshake instead of OpenSSL's two: a node keeps only the last one it
+    # got (bootstrap.api), and each ticket costs the server an encryption of the session, client
+    # certificate included, on every heartbeat.
+    ctx.num_tickets = 1
     server.ssl_adapter = adapter
     return server
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) with SO_REUSEPORT that never listens: it holds the port
+    (port 0: picks one) for the worker processes to bind theirs beside it, and takes no connection."""
+    family, kind, proto, _name, addr = socket.getaddrinfo(
+        host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def fork_workers(server: wsgi.Server, count: int) -> list[int]:
+    """`count` more processes serving `server`'s port, forked before any thread starts; returns
+    their pids (in the parent; a child serves until SIGTERM and exits there).
+
+    Forked, not started afresh: each one holds the same TLS context, so the same session-ticket
+    key, and a node resumes its session whichever process the kernel hands its connection to.
+    Processes, because one Python process serves a heartbeat holding the GIL for most of it: on
+    more cores than one, one process is the limit. Each worker binds its own listening socket
+    (SO_REUSEPORT, which only processes of this user can join) and opens its own database
+    connections; writes from all of them queue on the database's write lock (db.Database).
+    """
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid:
+            pids.append(pid)
+            continue
+        code = 0
+        try:
+            _die_with(parent)
+            server.prepare()
+            try:
+                server.serve()
+            finally:
+                server.stop()
+        except KeyboardInterrupt:  # SIGTERM (cli.serve's handler)
+            pass
+        except BaseException as e:
+            server.error_log(f"worker process {os.getpid()} failed: {e}")
+            code = 1
+        finally:
+            os._exit(code)
+    return pids
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM this process when its parent dies: a worker must not outlive the server it is part of."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -11,7 +11,6 @@ import ipaddress
 import json
 import re
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,10 +138,6 @@ class ControlPlane:
         self._nebula_ca = nebula_ca
         self.clock = clock
         self.network = network or Network()
-        # SQLite allows one writer; waiting on its busy handler means sleeps of up to 100 ms, so
-        # this process's writers queue on a lock instead and the database lock is never contended
-        # from here.
-        self._write_lock = threading.Lock()
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -159,7 +154,8 @@ class ControlPlane:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         conn = self.db.conn()
-        with self._write_lock:
+        # SQLite allows one writer; writers queue on the database's lock instead of its busy handler.
+        with self.db.write_lock():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -173,7 +169,7 @@ class ControlPlane:
         """One serialised write transaction for the modules beside this one (heartbeats), on `conn`
         when given: a connection to this database with pragmas of its own."""
         conn = conn or self.db.conn()
-        with self._write_lock:
+        with self.db.write_lock():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
