@@ -43,7 +43,10 @@ def block_underlay(host: Host, blocked: bool = True) -> None:
 
 def _nebula_config(host: Host) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(host.path(NEBULA_CONFIG).read_text())
+        # libyaml's loader where PyYAML has it: the simulated ping reads this on every call, and the
+        # pure-Python loader was a quarter of a simulated node-agent heartbeat's CPU.
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        data = yaml.load(host.path(NEBULA_CONFIG).read_text(), Loader=loader)
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
