@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
@@ -17,8 +17,7 @@ PCI_IDS_PATHS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids", "/usr/s
 _ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
 
 
-@dataclass(frozen=True)
-class PciDevice:
+class PciDevice(NamedTuple):
     """One PCI function as sysfs shows it, with its driver and IOMMU group."""
 
     address: str  # domain-qualified: dddd:bb:dd.f
@@ -160,8 +159,7 @@ def group_sort_key(group: str | None) -> tuple[int, str]:
 # --- names -------------------------------------------------------------------------------------
 
 
-@dataclass
-class PciNames:
+class PciNames(NamedTuple):
     """Vendor and device names from pci.ids, for the vendors asked for."""
 
     vendors: dict[str, str]
@@ -236,8 +234,7 @@ _LSPCI_LINE = (
 )
 
 
-@dataclass(frozen=True)
-class LspciEntry:
+class LspciEntry(NamedTuple):
     """One line of `lspci -Dnn`."""
 
     address: str

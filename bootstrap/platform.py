@@ -4,8 +4,7 @@ is. One definition each, so the installer's action and the doctor's hint cannot 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from bootstrap.host import Host
@@ -40,8 +39,7 @@ def gpu_mode(*choices: str | None, has_gpus: bool) -> str:
     return "passthrough" if has_gpus else "none"
 
 
-@dataclass(frozen=True)
-class OsRelease:
+class OsRelease(NamedTuple):
     id: str = ""
     version_id: str = ""
     pretty_name: str = ""

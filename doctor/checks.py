@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 
 from bootstrap import platform, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
@@ -39,16 +38,23 @@ _KERNEL_LOG_PATTERN = (
 )
 
 
-@dataclass
 class Context:
     """What the checks share: the host, its settings, and facts computed once on first use."""
 
-    host: Host
-    settings: Settings
-    _inventory: Inventory | None = field(default=None, repr=False)
-    _readiness: list[tuple[Unit, bool, str]] | None = field(default=None, repr=False)
-    _shared: list[tuple[PciDevice, bool, str]] | None = field(default=None, repr=False)
-    _kernel_log: list[str] | None = field(default=None, repr=False)
+    # A plain class, not a dataclass: every doctor run creates this class at import, and a dataclass
+    # compiles its generated methods then, for an object nobody compares or prints.
+    __slots__ = ("_inventory", "_kernel_log", "_readiness", "_shared", "host", "settings")
+
+    def __init__(self, host: Host, settings: Settings) -> None:
+        self.host = host
+        self.settings = settings
+        self._inventory: Inventory | None = None
+        self._readiness: list[tuple[Unit, bool, str]] | None = None
+        self._shared: list[tuple[PciDevice, bool, str]] | None = None
+        self._kernel_log: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"Context(host={self.host!r}, settings={self.settings!r})"
 
     @property
     def inventory(self) -> Inventory:

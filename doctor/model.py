@@ -1,9 +1,13 @@
-"""What a check returns: data only. Rendering (terminal, JSON, Prometheus) lives in doctor.render."""
+"""What a check returns: data only. Rendering (terminal, JSON, Prometheus) lives in doctor.render.
+
+Named tuples, not dataclasses: every doctor run creates these classes at import, and a frozen
+dataclass compiles six generated methods then, which costs more start-up time than all the checks.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 
 class Status(str, Enum):
@@ -13,23 +17,34 @@ class Status(str, Enum):
     SKIP = "SKIP"
 
 
-@dataclass(frozen=True)
-class CheckResult:
-    """One check's outcome: a status, a message and, unless it passed, a fix."""
-
+class _CheckFields(NamedTuple):
     name: str  # stable: docs/contracts.md#vectorlay-node-doctor
     status: Status
     message: str
     hint: str | None = None  # one-line fix; required for WARN and FAIL
     details: tuple[str, ...] = ()  # evidence shown to people (not part of the JSON contract)
 
-    def __post_init__(self) -> None:
-        if self.status in (Status.WARN, Status.FAIL) and not self.hint:
-            raise ValueError(f"check {self.name}: a {self.status.value} needs a hint saying what to do")
+
+class CheckResult(_CheckFields):
+    """One check's outcome: a status, a message and, unless it passed, a fix."""
+
+    __slots__ = ()
+
+    # A NamedTuple cannot define __new__ itself, hence the base class.
+    def __new__(
+        cls,
+        name: str,
+        status: Status,
+        message: str,
+        hint: str | None = None,
+        details: tuple[str, ...] = (),
+    ) -> CheckResult:
+        if status in (Status.WARN, Status.FAIL) and not hint:
+            raise ValueError(f"check {name}: a {status.value} needs a hint saying what to do")
+        return super().__new__(cls, name, status, message, hint, details)
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(NamedTuple):
     """Every check's result, with the GPU unit counts and wedged devices the outputs show."""
 
     results: tuple[CheckResult, ...]

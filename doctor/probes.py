@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # <linux/kvm.h>: KVMIO = 0xAE; _IO(KVMIO, 0x00) and _IO(KVMIO, 0x01).
 KVM_GET_API_VERSION = 0xAE00
@@ -22,8 +22,7 @@ VFIO_GROUP_GET_STATUS = 0x3B67
 VFIO_GROUP_FLAGS_VIABLE = 1 << 0
 
 
-@dataclass(frozen=True)
-class KvmProbe:
+class KvmProbe(NamedTuple):
     """Whether a test VM could be created, and what happened."""
 
     ok: bool
@@ -55,8 +54,7 @@ def probe_kvm(path: str = "/dev/kvm") -> KvmProbe:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class GroupProbe:
+class GroupProbe(NamedTuple):
     """Whether a VFIO group can be opened by a VM, and its state."""
 
     usable: bool
