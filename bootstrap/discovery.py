@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from bootstrap.host import Host
 from bootstrap.pci import (
@@ -52,8 +52,7 @@ class UnitStatus(str, Enum):
     NO_IOMMU = "no_iommu"
 
 
-@dataclass(frozen=True)
-class CpuInfo:
+class CpuInfo(NamedTuple):
     """The CPU's vendor and its /proc/cpuinfo flags."""
 
     vendor: str | None  # "intel", "amd" or None
@@ -68,8 +67,7 @@ class CpuInfo:
         return None
 
 
-@dataclass(frozen=True)
-class IommuState:
+class IommuState(NamedTuple):
     """Whether an IOMMU is on, how many groups it made, and who describes it."""
 
     active: bool
@@ -79,8 +77,7 @@ class IommuState:
     cmdline: str
 
 
-@dataclass(frozen=True)
-class Unit:
+class Unit(NamedTuple):
     """One GPU unit: its IOMMU group, its GPUs and devices, and what stands in its way."""
 
     iommu_group: str | None

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import NotRegularFile, fault_point, read_regular
@@ -64,8 +64,7 @@ def resolve_in_root(root: Path, p: str, *, follow: bool = True) -> Path:
     return root.joinpath(*out)
 
 
-@dataclass(frozen=True)
-class CommandResult:
+class CommandResult(NamedTuple):
     """What a command returned: its exit code and its two output streams."""
 
     argv: tuple[str, ...]
