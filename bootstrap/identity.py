@@ -37,12 +37,10 @@ from typing import Any
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_symlink, fault_point, fsync_dir, read_regular
 from bootstrap.host import Host
-from bootstrap.paths import IDENTITY_DIR, IDENTITY_FILES, IDENTITY_SECRETS
+from bootstrap.paths import IDENTITY_DIR, IDENTITY_FILES, IDENTITY_LEGACY, IDENTITY_SECRETS
 
 _GEN_PREFIX = ".identity-"
-# A plain directory found at IDENTITY_DIR (not made by this writer) is moved here before the first
-# switch, so the window in which `identity` does not exist can be recovered from.
-_LEGACY = ".identity-legacy"
+_LEGACY = IDENTITY_LEGACY
 
 
 # The writer's fault points (bootstrap.fsutil), in order, each named `enroll <point>`. The tests kill

@@ -8,6 +8,9 @@ from __future__ import annotations
 # its versioned release directory; `current` is switched by rename, so this path never changes.
 RUNSC = "/opt/vectorlay/releases/runsc/current/bin/runsc"
 IDENTITY_DIR = "/etc/vectorlay/identity"
+# Beside IDENTITY_DIR: where the identity writer moves a plain directory it found at IDENTITY_DIR before
+# its first switch (bootstrap.identity), so the window in which `identity` does not exist is recoverable.
+IDENTITY_LEGACY = ".identity-legacy"
 # What a complete identity directory holds (the installer writes it, the doctor checks it), and which
 # of those files are secrets (0600, root's).
 IDENTITY_FILES = (

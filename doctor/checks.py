@@ -14,7 +14,7 @@ from bootstrap import platform, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError
 from bootstrap.host import CommandResult, Host
-from bootstrap.paths import AGENT_SERVICES, IDENTITY_DIR, RUNSC
+from bootstrap.paths import AGENT_SERVICES, IDENTITY_DIR, IDENTITY_LEGACY, RUNSC
 from bootstrap.pci import PciDevice
 from bootstrap.settings import Settings
 from doctor.model import CheckResult, Report, Status
@@ -586,9 +586,19 @@ def check_identity(ctx: Context) -> CheckResult:
 
 
 def check_overlay(ctx: Context) -> CheckResult:
+    name = "overlay"
+    # load_identity's own test for a node never enrolled, made before importing bootstrap.identity:
+    # its classes cost such a node more start-up time than this check's whole answer.
+    ident_dir = ctx.host.path(IDENTITY_DIR, follow=False)
+    if (
+        not ident_dir.exists()
+        and not ident_dir.is_symlink()
+        and not (ident_dir.parent / IDENTITY_LEGACY).is_dir()
+    ):
+        return CheckResult(name, Status.SKIP, "not enrolled (no overlay IP yet)")
+
     from bootstrap.identity import IdentityError, load_identity
 
-    name = "overlay"
     try:
         ident = load_identity(ctx.host)
     except IdentityError:
