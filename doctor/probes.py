@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from typing import NamedTuple
 
 # <linux/kvm.h>: KVMIO = 0xAE; _IO(KVMIO, 0x00) and _IO(KVMIO, 0x01).
@@ -64,6 +63,7 @@ class GroupProbe(NamedTuple):
 def probe_vfio_group(path: str) -> GroupProbe:
     """VFIO_GROUP_GET_STATUS on /dev/vfio/<group>. A group is single-open: EBUSY means a VM holds it."""
     import fcntl
+    import struct  # here: a node without GPUs never asks VFIO, and struct is an extension to load
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
