@@ -8,10 +8,10 @@ them. The test machinery's simulating host (hostsim.host) is a TreeHost with its
 
 from __future__ import annotations
 
+import _thread  # threading's lock without threading's import, which every doctor run would pay
 import os
 import shlex
 import stat
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +145,7 @@ class RecordingRunner:
     host: Host | None = None
     handlers: dict[str, Handler] = field(default_factory=dict)
     commands: list[tuple[str, ...]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: _thread.LockType = field(default_factory=_thread.allocate_lock, repr=False)
 
     def run(
         self,
