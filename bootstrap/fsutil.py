@@ -94,11 +94,14 @@ def atomic_write(
     mode: int | None = None,
     uid: int | None = None,
     gid: int | None = None,
+    durable: bool = True,
 ) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file, never a mix.
 
     Without an explicit mode/owner the existing file's are kept (a new file gets 0644 and the
     caller's owner). The temp file is created 0600 so secrets are never briefly world-readable.
+    `durable=False` skips syncing the directory: still old-or-new after a crash, but a crash right
+    after the rename may bring the old file back (for files rewritten on every run anyway).
     """
     if isinstance(data, str):
         data = data.encode()
@@ -129,7 +132,8 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent, fault=False)
+    if durable:
+        fsync_dir(path.parent, fault=False)
 
 
 def atomic_symlink(target: str, link: Path) -> None:

@@ -41,7 +41,10 @@ def run(root: Path, json_out: bool, prometheus: Path | None, host: Host | None =
         from bootstrap.fsutil import atomic_write
 
         try:
-            atomic_write(prometheus, render_prometheus(report), mode=0o644)
+            # Not durable: the textfile timer rewrites it on every run, so a crash that brings back
+            # the previous run's (complete) file loses nothing, and the directory's sync was the
+            # slowest step of a --prometheus run.
+            atomic_write(prometheus, render_prometheus(report), mode=0o644, durable=False)
         except OSError as e:
             raise VectorlayError(
                 f"cannot write {prometheus}: {e.strerror}",
