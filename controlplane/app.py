@@ -133,22 +133,21 @@ def create_app(
 
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError) -> tuple[Response, int]:
-        return jsonify({"error": {"code": e.code, "message": e.message}}), e.status
+        return jsonify(_error(e.code, e.message)), e.status
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(e: RequestEntityTooLarge) -> tuple[Response, int]:
         message = f"the request body is larger than the {MAX_BODY >> 20} MiB this API accepts"
-        return jsonify({"error": {"code": "PAYLOAD_TOO_LARGE", "message": message}}), 413
+        return jsonify(_error("PAYLOAD_TOO_LARGE", message)), 413
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> tuple[Response, int]:
-        code = (e.name or "error").upper().replace(" ", "_")
-        return jsonify({"error": {"code": code, "message": e.description}}), e.code or 500
+        return jsonify(_http_error_body(e)), e.code or 500
 
     @app.errorhandler(Exception)
     def _internal(e: Exception) -> tuple[Response, int]:
         log.exception("internal error on %s %s", request.method, request.path)
-        return jsonify({"error": {"code": "INTERNAL", "message": "internal error"}}), 500
+        return jsonify(_INTERNAL), 500
 
     @app.post("/v1/provisioning-tokens")
     def create_token() -> Response:
@@ -229,8 +228,8 @@ class _HeartbeatPath:
     context, URL map, header objects and Response: every node beats, so this is the one request the
     control plane takes at hundreds a second, and Flask's share of it was a third of the time the
     request held the GIL. The same checks, limits and answers as the Flask route (node_heartbeat);
-    a request this path does not take as is (chunked, no Content-Length, another content type)
-    goes to Flask, which answers it as before.
+    a request this path does not take as is (chunked, no Content-Length, another content type, too
+    large) goes to Flask, which answers it as before.
     """
 
     def __init__(self, app: Flask, cp: ControlPlane) -> None:
@@ -244,26 +243,24 @@ class _HeartbeatPath:
             environ.get("PATH_INFO") != HEARTBEAT_PATH
             or environ.get("REQUEST_METHOD") != "POST"
             or not length.isdigit()
+            # Refused unread by the route, which keeps the connection: closing it with the body
+            # still arriving would reset it before the client reads the 413.
+            or int(length) > MAX_BODY_BYTES
             or "HTTP_TRANSFER_ENCODING" in environ
             or environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower() != "application/json"
         ):
             return self._next(environ, start_response)
         status = 200
         try:
-            if int(length) > MAX_BODY_BYTES:
-                raise ApiError(413, "PAYLOAD_TOO_LARGE", f"a heartbeat is at most {MAX_BODY_BYTES} bytes")
             body = _parse_json(_read_exactly(environ["wsgi.input"], int(length)))
             answer = record_heartbeat(self._cp, body, _client_cert_of(environ), _bearer_of(environ))
         except ApiError as e:
-            status, answer = e.status, {"error": {"code": e.code, "message": e.message}}
+            status, answer = e.status, _error(e.code, e.message)
         except HTTPException as e:  # a body cut short: werkzeug's own exception, as the route raises
-            status = e.code or 400
-            answer = {
-                "error": {"code": (e.name or "error").upper().replace(" ", "_"), "message": e.description}
-            }
+            status, answer = e.code or 400, _http_error_body(e)
         except Exception:
             log.exception("internal error on POST %s", HEARTBEAT_PATH)
-            status, answer = 500, {"error": {"code": "INTERNAL", "message": "internal error"}}
+            status, answer = 500, _INTERNAL
         # As jsonify writes it (compact, sorted keys, a final newline).
         data = (self._app.json.dumps(answer, separators=(",", ":")) + "\n").encode()
         start_response(
@@ -278,6 +275,18 @@ class _HeartbeatPath:
             ],
         )
         return [data]
+
+
+def _error(code: str, message: str | None) -> dict[str, Any]:
+    """The body of every error answer, the Flask routes' and the heartbeat path's alike."""
+    return {"error": {"code": code, "message": message}}
+
+
+def _http_error_body(e: HTTPException) -> dict[str, Any]:
+    return _error((e.name or "error").upper().replace(" ", "_"), e.description)
+
+
+_INTERNAL = _error("INTERNAL", "internal error")
 
 
 def _read_exactly(stream: Any, length: int) -> bytes:

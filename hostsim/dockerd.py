@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hostsim.runsc import DEBIAN, KEYRING, _apt_options, _run
+from hostsim.runsc import private_apt, run_checked
 
 CACHE_ENV = "VECTORLAY_DOCKER_CACHE"
 PACKAGES = ("docker.io", "containerd", "runc")
@@ -57,20 +57,15 @@ def fetch() -> Path:
     if have is not None:
         return have
     base = cache_dir()
-    apt = base / "apt"
-    for d in ("sources.list.d", "preferences.d", "lists/partial", "cache/archives/partial"):
-        (apt / d).mkdir(parents=True, exist_ok=True)
-    (apt / "sources.list").write_text(f"deb [signed-by={KEYRING}] {DEBIAN} {SUITE} main\n")
-    opts = _apt_options(apt)
-    _run(["apt-get", *opts, "update"])
+    opts = private_apt(base, [SUITE])
     with tempfile.TemporaryDirectory(dir=base, prefix=".fetch-") as tmp:
         work = Path(tmp)
-        _run(["apt-get", *opts, "download", *(f"{p}/{SUITE}" for p in PACKAGES)], cwd=work)
+        run_checked(["apt-get", *opts, "download", *(f"{p}/{SUITE}" for p in PACKAGES)], cwd=work)
         debs = sorted(work.glob("*.deb"))
         if len(debs) != len(PACKAGES):
             raise RuntimeError(f"apt-get download {' '.join(PACKAGES)} left {len(debs)} .deb files")
         for deb in debs:
-            _run(["dpkg-deb", "-x", str(deb), str(work / "root")])
+            run_checked(["dpkg-deb", "-x", str(deb), str(work / "root")])
         final = base / "root"
         shutil.rmtree(final, ignore_errors=True)  # a half-filled one from an interrupted fetch
         os.replace(work / "root", final)

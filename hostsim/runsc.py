@@ -66,7 +66,22 @@ def _apt_options(apt: Path) -> list[str]:
     ]
 
 
-def _run(argv: list[str], cwd: Path | None = None) -> None:
+def private_apt(base: Path, suites: list[str]) -> list[str]:
+    """apt-get's options for a private configuration under `base` (its own sources list of Debian's
+    `suites`, package lists and archive cache), with the lists updated: this machine's apt state is
+    never read or written."""
+    apt = base / "apt"
+    for d in ("sources.list.d", "preferences.d", "lists/partial", "cache/archives/partial"):
+        (apt / d).mkdir(parents=True, exist_ok=True)
+    (apt / "sources.list").write_text(
+        "".join(f"deb [signed-by={KEYRING}] {DEBIAN} {s} main\n" for s in suites)
+    )
+    opts = _apt_options(apt)
+    run_checked(["apt-get", *opts, "update"])
+    return opts
+
+
+def run_checked(argv: list[str], cwd: Path | None = None) -> None:
     res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} failed (exit {res.returncode}): {res.stderr.strip()}")
@@ -82,19 +97,11 @@ def fetch(releases: tuple[str, ...] = tuple(SUITES)) -> dict[str, Path]:
     if not missing:
         return out
     base = cache_dir()
-    apt = base / "apt"
-    for d in ("sources.list.d", "preferences.d", "lists/partial", "cache/archives/partial"):
-        (apt / d).mkdir(parents=True, exist_ok=True)
-    suites = sorted({SUITES[r] for r in missing})
-    (apt / "sources.list").write_text(
-        "".join(f"deb [signed-by={KEYRING}] {DEBIAN} {s} main\n" for s in suites)
-    )
-    opts = _apt_options(apt)
-    _run(["apt-get", *opts, "update"])
+    opts = private_apt(base, sorted({SUITES[r] for r in missing}))
     for release in missing:
         with tempfile.TemporaryDirectory(dir=base, prefix=".fetch-") as tmp:
             work = Path(tmp)
-            _run(["apt-get", *opts, "download", f"runsc/{SUITES[release]}"], cwd=work)
+            run_checked(["apt-get", *opts, "download", f"runsc/{SUITES[release]}"], cwd=work)
             debs = sorted(work.glob("runsc_*.deb"))
             if len(debs) != 1:
                 raise RuntimeError(f"apt-get download runsc/{SUITES[release]} left {len(debs)} .deb files")
@@ -107,7 +114,7 @@ def fetch(releases: tuple[str, ...] = tuple(SUITES)) -> dict[str, Path]:
                     f"{SUITES[release]} now carries runsc {version}, not gVisor {release}: update "
                     "hostsim.runsc.SUITES (and the README's tested version)"
                 )
-            _run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")])
+            run_checked(["dpkg-deb", "-x", str(debs[0]), str(work / "x")])
             staging = work / release
             staging.mkdir()
             os.replace(work / "x/usr/bin/runsc", staging / "runsc")
