@@ -54,8 +54,8 @@ class _ResumingContext(ssl.SSLContext):
     resumes (TLS 1.3 ticket: no certificate chain to verify, no signatures) instead of making a full
     mTLS handshake.
 
-    The server still knows the node by its certificate, which it sealed into the ticket after
-    verifying it, and still checks the node token on every request. A session is offered only to
+    The server still knows the node by its certificate, which it keeps with the session the ticket
+    names, and still checks the node token on every request. A session is offered only to
     the host name and address it came from, and dies with this context, so a new client certificate
     (re-enrollment builds a new ApiClient) never rides on an old session.
     """

@@ -75,7 +75,7 @@ def serve(
     """Serve the API over HTTPS (mTLS for node endpoints) until SIGINT/SIGTERM."""
     from controlplane.app import create_app
     from controlplane.pki import CertificateAuthority
-    from controlplane.server import build_server
+    from controlplane.server import build_server, prepare
     from controlplane.service import Network
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -104,8 +104,9 @@ def serve(
     signal.signal(signal.SIGTERM, _stop)
     children: list[int] = []
     reserved = None
+    ready = None
     if workers > 1:
-        from controlplane.server import fork_workers, reserve_port
+        from controlplane.server import fork_workers, reserve_port, workers_listening
 
         try:
             reserved = reserve_port(host, port)
@@ -114,14 +115,16 @@ def serve(
         server.bind_addr = (host, reserved.getsockname()[1])
         server.reuse_port = True
         plane.db.close_conn()
-        children = fork_workers(server, workers - 1)
+        children, ready = fork_workers(server, workers - 1)
     try:
         try:
-            server.prepare()
+            prepare(server, workers)
         except OSError as e:
             _fail(f"cannot listen on {listen}: {e.strerror or e}")
         if reserved is not None:
             reserved.close()
+        if ready is not None and not workers_listening(ready, len(children)):
+            _fail(f"a worker process could not listen on {listen}: see its error above")
         bound_host, bound_port = server.bind_addr[:2]
         print(f"serving https://{bound_host}:{bound_port} (CA: {state_dir / 'ca.crt'})", flush=True)
         try:

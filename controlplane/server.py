@@ -5,10 +5,13 @@ nodes that have none yet, but any certificate presented must chain to the contro
 a certificate from another CA fails the handshake. Endpoints that need a node identity then demand
 one (service.node_self).
 
-A node resuming a TLS 1.3 session (bootstrap.api) skips the certificate exchange: the server
-sealed the certificate it verified into the session ticket (encrypted and authenticated with a key
-that never leaves this process), so the resumed connection carries the same verified identity and
-the WSGI environ says the same as after a full handshake.
+A node resuming a TLS 1.3 session (bootstrap.api) skips the certificate exchange. The server keeps
+the sessions it made (OpenSSL's session cache, with the certificate it verified) and gives the node
+a ticket naming one, so the resumed connection carries the same verified identity and the WSGI
+environ says the same as after a full handshake. Kept, not sealed into the ticket: OpenSSL 3.0
+decodes a sealed session's certificate through its slow key decoder, the largest single cost of a
+heartbeat. A session lives in the process that made it, so with several worker processes
+(fork_workers) the kernel hands each client address to the same one (worker_affinity).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import contextlib
 import ctypes
 import functools
 import os
+import select
 import signal
 import socket
 import ssl
+import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +120,26 @@ class _TLSConnection(cheroot_server.HTTPConnection):
             self._tls_done = True
         return bool(super().communicate())  # type: ignore[no-untyped-call]
 
+    def close(self) -> None:
+        """TLS's own end of the connection, a close_notify, without waiting for the client's.
+
+        OpenSSL drops a session from its cache when the connection that made it is freed without
+        having sent a close_notify, and the node could not resume it. Sending one is not enough:
+        reading the client's close (an EOF, which OP_IGNORE_UNEXPECTED_EOF takes for a close_notify)
+        makes OpenSSL 3.0 forget it sent its own (SSL_set_shutdown), and CPython's shutdown reads
+        once after sending. So when that read found the client gone, say it again."""
+        tls = getattr(self.socket, "_sslobj", None) if self._tls_done else None
+        if tls is not None:
+            try:
+                self.socket.settimeout(0)
+                tls.shutdown()
+            except OSError:  # SSLWantReadError (sent, nothing to read yet), a reset: nothing read
+                pass
+            else:
+                with contextlib.suppress(OSError):
+                    tls.shutdown()
+        super().close()
+
 
 def build_server(
     app: Flask,
@@ -140,9 +166,14 @@ def build_server(
     ctx = adapter.context
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_OPTIONAL
-    # One TLS 1.3 ticket per handshake instead of OpenSSL's two: a node keeps only the last one it
-    # got (bootstrap.api), and each ticket costs the server an encryption of the session, client
-    # certificate included, on every heartbeat.
+    # Sessions stay in the server's cache; the TLS 1.3 ticket only names one (module docstring).
+    ctx.options |= ssl.OP_NO_TICKET
+    # A client closing its keep-alive connection without a close_notify (requests, curl) ends it,
+    # as in OpenSSL 1.1: OpenSSL 3 calls that a fatal error, which drops the session from the cache.
+    # Requests are framed by Content-Length or chunks, so a cut one is still an incomplete request.
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    # One ticket per handshake instead of OpenSSL's two: a node keeps only the last one it got
+    # (bootstrap.api), and each ticket is a session the cache keeps until it expires.
     ctx.num_tickets = 1
     server.ssl_adapter = adapter
     return server
@@ -164,14 +195,66 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def fork_workers(server: wsgi.Server, count: int) -> list[int]:
-    """`count` more processes serving `server`'s port, forked before any thread starts; returns
-    their pids (in the parent; a child serves until SIGTERM and exits there).
+# SO_ATTACH_REUSEPORT_CBPF (asm-generic/socket.h) and the classic BPF opcodes (linux/filter.h).
+_SO_ATTACH_REUSEPORT_CBPF = 51
+_SKF_NET_OFF = -0x100000  # loads relative to the IP header
+_LD_B_ABS, _LD_W_ABS = 0x30, 0x20
+_ALU_RSH_K, _ALU_MOD_K = 0x74, 0x94
+_JMP_JEQ_K, _JMP_JA = 0x15, 0x05
+_RET_A = 0x16
 
-    Forked, not started afresh: each one holds the same TLS context, so the same session-ticket
-    key, and a node resumes its session whichever process the kernel hands its connection to.
-    Processes, because one Python process serves a heartbeat holding the GIL for most of it: on
-    more cores than one, one process is the limit. Each worker binds its own listening socket
+
+def _affinity_program(workers: int) -> bytes:
+    """Classic BPF for a reuseport group: the index of the socket that takes a new connection, the
+    client's IPv4 address (or the last 32 bits of its IPv6 one) modulo `workers`."""
+
+    def op(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+    return b"".join(
+        (
+            op(_LD_B_ABS, _SKF_NET_OFF),  # the IP version nibble
+            op(_ALU_RSH_K, 4),
+            op(_JMP_JEQ_K, 6, jt=0, jf=2),
+            op(_LD_W_ABS, _SKF_NET_OFF + 20),  # IPv6: source address, last word
+            op(_JMP_JA, 1),
+            op(_LD_W_ABS, _SKF_NET_OFF + 12),  # IPv4: source address
+            op(_ALU_MOD_K, workers),
+            op(_RET_A),
+        )
+    )
+
+
+def worker_affinity(sock: socket.socket, workers: int) -> None:
+    """Have the kernel hand every connection from one client address to the same socket of the
+    SO_REUSEPORT group `sock` is in, so to the same worker process: the one holding that node's TLS
+    session (module docstring). Without it the kernel picks by a hash of both addresses and ports,
+    a node's next connection came from another port, and `workers - 1` in `workers` of its
+    heartbeats would miss the session and pay a full handshake. The index is the socket's place in
+    the group; a group smaller than `workers` (a worker gone) falls back to the kernel's hash."""
+    program = _affinity_program(workers)
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HP", len(program) // 8, ctypes.addressof(buf))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def prepare(server: wsgi.Server, workers: int) -> None:
+    """Bind and listen (cheroot's prepare), then join the worker processes' affinity."""
+    server.prepare()
+    if workers > 1:
+        assert server.socket is not None
+        worker_affinity(server.socket, workers)
+
+
+def fork_workers(server: wsgi.Server, count: int) -> tuple[list[int], int]:
+    """`count` more processes serving `server`'s port, forked before any thread starts; returns
+    their pids and a pipe each writes a byte to once it listens, for workers_listening (in the
+    parent; a child serves until SIGTERM and exits there).
+
+    Each process keeps the TLS sessions it made, and the kernel hands a client's connections to
+    the same process (worker_affinity), so a node resumes its session there. Processes, because
+    one Python process serves a heartbeat holding the GIL for most of it: on more cores than one,
+    one process is the limit. Each worker binds its own listening socket
     (SO_REUSEPORT, which only processes of this user can join) and opens its own database
     connections; writes from all of them queue on the database's write lock (db.Database).
     """
@@ -179,6 +262,7 @@ def fork_workers(server: wsgi.Server, count: int) -> list[int]:
     sys.stdout.flush()
     sys.stderr.flush()
     pids = []
+    ready_r, ready_w = os.pipe()
     for _ in range(count):
         pid = os.fork()
         if pid:
@@ -186,8 +270,11 @@ def fork_workers(server: wsgi.Server, count: int) -> list[int]:
             continue
         code = 0
         try:
+            os.close(ready_r)
             _die_with(parent)
-            server.prepare()
+            prepare(server, count + 1)
+            os.write(ready_w, b".")
+            os.close(ready_w)
             try:
                 server.serve()
             finally:
@@ -199,7 +286,28 @@ def fork_workers(server: wsgi.Server, count: int) -> list[int]:
             code = 1
         finally:
             os._exit(code)
-    return pids
+    os.close(ready_w)
+    return pids, ready_r
+
+
+def workers_listening(ready: int, count: int, timeout: float = 60.0) -> bool:
+    """Whether all `count` workers of fork_workers listen (each wrote its byte to `ready`) within
+    `timeout`: until then the port's group is short of them, and the kernel hands a node's
+    connections to a process other than the one it will have later."""
+    got = 0
+    deadline = time.monotonic() + timeout
+    try:
+        while got < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([ready], [], [], left)[0]:
+                return False
+            data = os.read(ready, count - got)
+            if not data:  # every worker closed its end: one exited before listening
+                return False
+            got += len(data)
+        return True
+    finally:
+        os.close(ready)
 
 
 def _die_with(parent: int) -> None:

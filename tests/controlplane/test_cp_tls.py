@@ -2,7 +2,7 @@
 
 The handshake happens in the worker serving the connection (controlplane.server), and a plain-HTTP
 client still gets a plain-HTTP answer. TLS session resumption (bootstrap.api offers the last
-session; the server's tickets carry the client certificate it verified) keeps every node request
+session; the server keeps it with the client certificate it verified) keeps every node request
 authenticated as before: as the node whose certificate made the session, with that node's token,
 and a connection without a certificate is still refused on node endpoints, resumed or not."""
 
