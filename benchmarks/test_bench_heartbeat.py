@@ -203,11 +203,6 @@ def test_bench_heartbeats_from_200_nodes_over_16_concurrent_clients(benchmark: A
         assert result["warmup_resumed_handshakes"] == 0
 
 
-def _self_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def _server_cpu_s(pid: int) -> float:
     """CPU time of the server process and of its worker processes (serve --workers)."""
     children = [
