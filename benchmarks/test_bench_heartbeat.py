@@ -39,6 +39,7 @@ from bootstrap.enroll import enroll
 from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from controlplane import testing
+from tests.controlplane.cp_nodes import heartbeat_request
 
 NODES = 200
 CLIENTS = 16
@@ -123,14 +124,7 @@ def _run_load(cp: testing.RunningControlPlane, roots: list[Path], work: Path) ->
         ident = load_identity(TreeHost(r))
         assert ident is not None
         request = work / f"request-{i}"
-        request.write_bytes(
-            (
-                f"POST /v1/node/heartbeat HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-                f"Authorization: Bearer {ident.node_token()}\r\n\r\n"
-            ).encode()
-            + payload
-        )
+        request.write_bytes(heartbeat_request(host, port, ident.node_token(), payload))
         request.chmod(0o600)  # it holds the node's token
         lines.append(f"{ident.cert_file}\t{ident.key_file}\t{request}\n")
     nodes_file = work / "nodes"

@@ -14,6 +14,15 @@ from cryptography.x509.oid import NameOID
 from bootstrap import nebula
 
 
+def heartbeat_request(host: str, port: int | str, token: str, body: bytes) -> bytes:
+    """A node's heartbeat on the wire, as HTTP/1.1 bytes, for clients that speak to the socket."""
+    head = (
+        f"POST /v1/node/heartbeat HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 def _csr() -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (

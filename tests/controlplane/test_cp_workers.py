@@ -23,7 +23,7 @@ from controlplane import testing
 from controlplane.artifacts import ManifestSerial
 from controlplane.clock import Clock, from_iso
 from controlplane.server import worker_affinity, workers_listening
-from tests.controlplane.cp_nodes import Enrolled
+from tests.controlplane.cp_nodes import Enrolled, heartbeat_request
 from tests.controlplane.test_cp_tls import BEAT
 
 
@@ -73,10 +73,7 @@ def _beat(
     that took it, whether it resumed a session)."""
     host, port = cp.url.removeprefix("https://").rsplit(":", 1)
     body = json.dumps(BEAT).encode()
-    request = (
-        f"POST /v1/node/heartbeat HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nAuthorization: Bearer {node.token}\r\n\r\n"
-    ).encode() + body
+    request = heartbeat_request(host, port, node.token, body)
     raw = socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0))
     with ctx.wrap_socket(raw, server_hostname=host) as tls:
         pid = _taker(cp, tls)
