@@ -6,7 +6,8 @@ install.sh installs it (`python3 -m venv`, then `pip install --no-index --find-l
 3.10 to 3.13 of this machine's pyenv (the python3 of Ubuntu 22.04, Debian 12, Ubuntu 24.04, Debian
 13). Each venv then runs `vectorlay-bootstrap --help`, `detect` and the doctor on the demo's HGX H100
 tree, and must answer exactly as this checkout does. 3.14 (Ubuntu 26.04) has no interpreter here:
-its wheels are checked by resolving its requirements from the artifact's wheels alone.
+its wheels are checked by resolving its requirements from the artifact's wheels alone. And the
+build itself, run by CPython 3.10 and its pip 23, picks the same files for every target.
 
 A pyenv build that is missing skips here but fails in CI (CI=true), where the same builds exist.
 """
@@ -17,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -25,7 +27,14 @@ from pathlib import Path
 import pytest
 
 from hostsim import build_host, load_topology
-from hostsim.wheelhouse import TARGETS, installer_tarball, missing_requirements, runtime_requirements
+from hostsim.wheelhouse import (
+    REPO,
+    TARGETS,
+    dependency_wheels,
+    installer_tarball,
+    missing_requirements,
+    runtime_requirements,
+)
 from tests.install.pythons import require_python
 
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
@@ -186,3 +195,47 @@ def test_the_artifact_installs_offline_and_runs_with(
     assert doctor.returncode == reference["doctor"].returncode == 1
     gpu_units = next(c for c in report["checks"] if c["name"] == "gpu_units")
     assert gpu_units["message"] == "0/8 GPU unit(s) ready to rent"
+
+
+def test_a_build_on_another_python_picks_the_same_wheels_for_every_target(
+    wheelhouse: Path, tmp_path: Path
+) -> None:
+    """The control plane's side: the build does not depend on the Python (or the pip) that runs it.
+
+    CPython 3.10 with its own pip 23 builds the dependency wheels again, offline from the artifact's
+    own wheels; for every target it must pick exactly the files this test's Python picked.
+    """
+    python = require_python("3.10")
+    venv = tmp_path / "venv"
+    env = _clean_env()
+    subprocess.run([python, "-m", "venv", venv], env=env, check=True, timeout=300)
+    # packaging and vectorlay-node's metadata from this test's environment (pure Python, read only);
+    # the venv's own pip comes first on the path.
+    site = subprocess.run(
+        [venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout.strip()  # fmt: skip
+    Path(site, "checkout-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env |= {
+        "PYTHONPATH": str(REPO),
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(wheelhouse),
+    }
+    script = """
+import json, sys, pip
+from pathlib import Path
+from hostsim.wheelhouse import TARGETS, dependency_wheels
+cache = Path(sys.argv[1])
+picked = {t.tag: sorted(w.name for w in dependency_wheels(t, cache).glob("*.whl")) for t in TARGETS}
+print(json.dumps([pip.__version__, picked]))
+"""
+    proc = subprocess.run(
+        [venv / "bin/python", "-c", script, tmp_path / "cache"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    pip_version, built = json.loads(proc.stdout)
+    assert pip_version.split(".")[0] == "23"
+    ours = {t.tag: sorted(w.name for w in dependency_wheels(t).glob("*.whl")) for t in TARGETS}
+    assert built == ours
