@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,22 @@ def require_python(version: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return python
+
+
+# The pip that `python3 -m venv` puts into a venv on the release whose python3 each CPython stands for
+# (its python3-pip-whl): Ubuntu 22.04, Debian 12, Ubuntu 24.04, Debian 13.
+RELEASE_PIP = {"3.10": "22.0.2", "3.11": "23.0.1", "3.12": "24.0", "3.13": "25.1.1"}
+
+
+def release_pip(version: str, cache: Path) -> Path:
+    """The wheel of the pip of the release whose python3 is CPython `version`: from PyPI once, then
+    from `cache`."""
+    pip = RELEASE_PIP[version]
+    wheel = cache / "release-pips" / f"pip-{pip}-py3-none-any.whl"
+    if not wheel.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+             "--dest", str(wheel.parent), f"pip=={pip}"],
+            check=True,
+        )  # fmt: skip
+    return wheel

@@ -4,8 +4,9 @@ The artifact is built as the control plane serves it (hostsim.wheelhouse.install
 tarball of wheels for Python 3.10 to 3.14), unpacked as install.sh unpacks it, and installed the way
 install.sh installs it (`python3 -m venv`, then `pip install --no-index --find-links`) by each CPython
 3.10 to 3.13 of this machine's pyenv (the python3 of Ubuntu 22.04, Debian 12, Ubuntu 24.04, Debian
-13). Each venv then runs `vectorlay-bootstrap --help`, `detect` and the doctor on the demo's HGX H100
-tree, and must answer exactly as this checkout does. 3.14 (Ubuntu 26.04) has no interpreter here:
+13), each venv with the pip that release's python3-venv puts in it (22.0.2 to 25.1.1). Each venv
+then runs `vectorlay-bootstrap --help`, `detect` and the doctor on the demo's HGX H100 tree, and
+must answer exactly as this checkout does. 3.14 (Ubuntu 26.04) has no interpreter here:
 its wheels are checked by resolving its requirements from the artifact's wheels alone. And the
 build itself, run by CPython 3.10 and its pip 23, picks the same files for every target.
 
@@ -28,6 +29,7 @@ import pytest
 
 from hostsim import build_host, load_topology
 from hostsim.wheelhouse import (
+    DEFAULT_CACHE,
     REPO,
     TARGETS,
     dependency_wheels,
@@ -35,7 +37,7 @@ from hostsim.wheelhouse import (
     missing_requirements,
     runtime_requirements,
 )
-from tests.install.pythons import require_python
+from tests.install.pythons import RELEASE_PIP, release_pip, require_python
 
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 # The compiled dependencies, each by a module that exists only in its compiled form.
@@ -162,8 +164,17 @@ def test_the_artifact_installs_offline_and_runs_with(
             check=False,
         )
 
-    made = run(python, "-m", "venv", venv)
+    # What `python3 -m venv` makes on that release: the interpreter with the release's own pip.
+    made = run(python, "-m", "venv", "--without-pip", venv)
     assert made.returncode == 0, made.stderr
+    pip_wheel = release_pip(version, DEFAULT_CACHE)
+    got_pip = run(
+        venv / "bin/python", pip_wheel / "pip", "install", "--isolated", "-q", "--no-index", pip_wheel
+    )
+    assert got_pip.returncode == 0, got_pip.stderr
+    assert run(venv / "bin/python", "-m", "pip", "--version").stdout.startswith(
+        f"pip {RELEASE_PIP[version]} "
+    )
     pip = run(
         venv / "bin/python", "-m", "pip", "install", "--isolated", "--quiet", "--disable-pip-version-check",
         "--no-index", "--find-links", wheelhouse, "vectorlay-node",
