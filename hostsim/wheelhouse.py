@@ -133,15 +133,19 @@ def dependency_wheels(target: Target, cache: Path = DEFAULT_CACHE) -> Path:
     tmp = cache / f".deps-{target.tag}-{key}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    subprocess.run(
-        [
-            sys.executable, "-c", _PIP_FOR_TARGET, json.dumps(target.marker_environment()),
-            "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
-            *target.pip_args(), "--dest", str(tmp), *reqs,
-        ],
-        check=True,
-    )  # fmt: skip
-    missing = missing_requirements(reqs, tmp.glob("*.whl"), target)
+    try:
+        subprocess.run(
+            [
+                sys.executable, "-c", _PIP_FOR_TARGET, json.dumps(target.marker_environment()),
+                "download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
+                *target.pip_args(), "--dest", str(tmp), *reqs,
+            ],
+            check=True,
+        )  # fmt: skip
+        missing = missing_requirements(reqs, tmp.glob("*.whl"), target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if missing:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(
