@@ -104,6 +104,35 @@ vectorlay_install() {
     fi
     printf 'vectorlay-node installer: %s (%s), control plane %s\n' "${os_pretty:-$os_id $os_version}" "$arch" "$api"
 
+    # The installer artifact holds wheels for CPython 3.10 to 3.14, the python3 of Ubuntu 22.04 to
+    # 26.04 and Debian 12 and 13: another python3 is refused here, before apt or pip change anything.
+    # A box without python3 gets its release's own with python3-venv below, and is checked then.
+    vectorlay_python_ok() {
+        local impl="" major="" minor=""
+        read -r impl major minor < <(python3 -c \
+            'import sys; print(sys.implementation.name, *sys.version_info[:2])' 2>/dev/null) || true
+        local need='vectorlay-node needs Python 3.10 to 3.14 (the system python3 of Ubuntu 22.04+ / Debian 12+)'
+        if [ "$impl" != cpython ] || ! [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]]; then
+            printf 'error: python3 (%s) is not a CPython that runs: %s\n' "$(command -v python3 || echo none)" "$need" >&2
+            printf "  fix: install the release's own python3 (apt-get install python3-venv)\n" >&2
+            return 1
+        elif [ "$major" -ne 3 ] || [ "$minor" -lt 10 ]; then
+            printf 'error: Python %s.%s is too old: %s\n' "$major" "$minor" "$need" >&2
+            printf '  fix: install on Ubuntu 22.04 or later, or Debian 12 or later\n' >&2
+            return 1
+        elif [ "$minor" -gt 14 ]; then
+            printf 'error: Python %s.%s is newer than this installer: %s\n' "$major" "$minor" "$need" >&2
+            printf '  fix: ask the control plane operator for a vectorlay-node release built for Python %s.%s\n' \
+                "$major" "$minor" >&2
+            return 1
+        fi
+    }
+    local python_checked=""
+    if command -v python3 > /dev/null 2>&1; then
+        vectorlay_python_ok || return 1
+        python_checked=1
+    fi
+
     local -a missing=()
     local pkg
     for pkg in python3-venv jq tar unzip pciutils curl ca-certificates openssl; do
@@ -114,6 +143,7 @@ vectorlay_install() {
         DEBIAN_FRONTEND=noninteractive apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
     fi
+    [ -n "$python_checked" ] || vectorlay_python_ok || return 1
 
     local etc="$root/etc/vectorlay" opt="$root/opt/vectorlay"
     mkdir -p "$etc" "$opt/venvs" "$opt/wheelhouse"
