@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,7 @@ from bootstrap import platform
 from bootstrap.errors import VectorlayError
 from bootstrap.host import TreeHost
 from bootstrap.stages import preflight
+from tests.install.helpers import install
 from tests.os_trees import ACCEPTED, REFUSED, WARNED, write_release
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,3 +132,19 @@ def test_preflight_refuses_anything_else_saying_what_is_missing(tmp_path: Path, 
     assert e.value.message == f"unsupported OS: {found}: " + "; ".join(missing)
     assert e.value.hint is not None
     assert re.search(r"supports Ubuntu 22\.04, .* and Debian 13, and other", e.value.hint)
+
+
+def test_the_installer_run_on_another_release_shows_the_warn_and_goes_on(
+    make_tree: Callable[..., Path], control_plane: Any
+) -> None:
+    root = write_release(make_tree("cpu-only"), "ubuntu-25.10")
+    token = control_plane.token(control_plane.org("acme", provider=True))
+    res = install(root, "--only", "preflight", cp=control_plane, token=token)
+    assert res.returncode == 0, res.stdout + res.stderr
+    warning = (
+        f"Ubuntu 25.10 is not a release vectorlay-node is tested on ({platform.supported_names()}); "
+        f"it has {platform.CAPABILITIES}, so the install goes on"
+    )
+    assert f"preflight: Ubuntu 25.10\n  WARN: {warning}\n" in res.stdout
+    assert "vectorlay-node: DONE" in res.stdout
+    assert f"  left:\n    {warning}\n" in res.stdout  # and the final screen repeats it
