@@ -108,3 +108,23 @@ def test_on_a_tree_of_roots_files_a_command_says_what_it_cannot_read(
     assert res.returncode == 1, res.stdout + res.stderr
     assert lines[0].startswith(first_line.format(root=node_tree)), res.stderr
     assert lines[1:] == ["  fix: re-run it with sudo"], res.stderr
+
+
+def test_install_sh_run_by_an_ordinary_user_says_run_it_with_sudo() -> None:
+    script = Path(__file__).resolve().parents[1] / "install.sh"
+    res = subprocess.run(
+        [*NOBODY, "/bin/bash", str(script), "api=https://127.0.0.1:9"],
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [
+        "error: the installer must run as root",
+        "  fix: re-run it with sudo (curl -fsSL https://127.0.0.1:9/install.sh | sudo bash)",
+    ]
+    assert res.stdout == "vectorlay-node installer: starting\n"
