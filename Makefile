@@ -38,7 +38,7 @@ unit: venv
 # root it installs them, else it names the command) and the gVisor/dockerd builds cached in ~/.cache.
 deps:
 	@tests/deps.sh system
-	@$(MAKE) --no-print-directory venv
+	@$(MAKE) --no-print-directory -s venv
 	@tests/deps.sh caches $(BIN)/python
 
 # In one sub-make after deps, so that even `make -j` has the machine ready before the first test.
