@@ -74,6 +74,7 @@ def test_the_recommended_one_liner_asks_for_the_token_and_no_argv_ever_holds_it(
         watcher.start()
         try:
             term = Terminal(["/bin/bash", "-c", one_liner], env)
+            watcher.root_pid = term.pid
             term.expect(QUESTION, timeout=120)
             assert term.quiet_for(1.0) == b""  # waits for the answer with the question on screen
             term.type(token + "\r")
