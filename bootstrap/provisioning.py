@@ -57,10 +57,13 @@ class TokenReader:
         token_file: Path | None = None,
         *,
         prompt: bool = True,
+        required: bool = False,
         remember: Callable[[str], None] = lambda _secret: None,
     ) -> None:
         self.token_file = token_file
         self.prompt = prompt
+        # `vectorlay-bootstrap enroll`: a token is read (or asked for) also on an enrolled node.
+        self.required = required
         self._remember = remember
         self._token: ProvisioningToken | None = None
 
@@ -72,7 +75,7 @@ class TokenReader:
         from bootstrap.enroll import read_token
 
         given = self.token_file is not None or bool(os.environ.get(TOKEN_ENV, "").strip())
-        if not given and (not self.prompt or enrolled):
+        if not given and not self.required and (not self.prompt or enrolled):
             self._token = ProvisioningToken()
             return self._token
         try:
