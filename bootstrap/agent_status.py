@@ -12,6 +12,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
 
 STATUS_PATH = "/run/vectorlay/node-agent/status.json"
@@ -25,11 +26,17 @@ def parse_iso(s: str) -> float:
     return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
 
+# A status is a few hundred bytes; a larger file is not one the agent wrote.
+STATUS_LIMIT = 64 << 10
+
+
 def read_status(host: Host) -> dict[str, Any] | None:
-    """The last status written, None when there is none (or it is not a JSON object)."""
+    """The last status written, None when there is none, or when what is there is not a status
+    (not a JSON object, too large, or not a regular file: a FIFO planted there must not hang the
+    doctor or the agent, so it is read with the bounded, non-blocking reader)."""
     try:
-        data = json.loads(host.path(STATUS_PATH).read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(host.path(STATUS_PATH), STATUS_LIMIT))
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -132,6 +132,11 @@ def _systemctl_states(ctx: Context, verb: str, units: Iterable[str]) -> tuple[di
     return {}, text[0] if text else f"exit status {res.returncode}"
 
 
+# A --root tree runs no command: its recorded `systemctl` answers nothing, which says nothing about
+# the units (not "exit status 0"). What only a running systemd can answer is not judged there.
+_NO_SYSTEMD = "not checked: a --root tree runs no command, so there is no systemd to ask {}"
+
+
 # --- checks ------------------------------------------------------------------------------------
 
 
@@ -144,6 +149,8 @@ def check_agents(ctx: Context) -> CheckResult:
     if missing:
         return CheckResult(name, Status.FAIL, f"unit(s) missing: {', '.join(missing)}", REINSTALL)
     states, why = _systemctl_states(ctx, "is-active", AGENTS)
+    if not states and not ctx.host.runs_commands:
+        return CheckResult(name, Status.SKIP, _NO_SYSTEMD.format("whether the agents are active"))
     if not states:
         return CheckResult(
             name,
@@ -179,6 +186,8 @@ def check_autoupdate(ctx: Context) -> CheckResult:
         return CheckResult(name, Status.FAIL, f"{UPDATE_TIMER} is not installed", REINSTALL)
     states, why = _systemctl_states(ctx, "is-enabled", [UPDATE_TIMER])
     state = states.get(UPDATE_TIMER)
+    if state is None and not ctx.host.runs_commands:
+        return CheckResult(name, Status.SKIP, _NO_SYSTEMD.format(f"whether {UPDATE_TIMER} is enabled"))
     if state is None:
         return CheckResult(
             name,
@@ -695,6 +704,14 @@ def check_control_plane(ctx: Context) -> CheckResult:
 
     logs = "journalctl -u node-agent -n 50 says why; sudo systemctl restart node-agent"
     status = read_status(ctx.host)
+    if status is None and os.path.lexists(ctx.host.path(STATUS_PATH, follow=False)):
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"{STATUS_PATH} is not a status the node-agent wrote "
+            "(not a regular file, not JSON, or too large)",
+            f"sudo rm -rf {STATUS_PATH} && sudo systemctl restart node-agent (it writes a new one)",
+        )
     if status is None:
         return CheckResult(name, Status.WARN, f"no heartbeat yet (no {STATUS_PATH})", logs)
     error = status.get("last_error")

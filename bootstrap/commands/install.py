@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -82,8 +83,18 @@ class RedactSecrets(logging.Filter):
 def run_log(host: Host, secrets: Callable[[], Iterable[str]]) -> Iterator[Path]:
     """Append this run's messages (bootstrap.* loggers) to the log file, secrets redacted."""
     path = host.path(LOG_PATH)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Non-blocking: opening a FIFO planted there for writing would wait for a reader forever.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+    except OSError as e:
+        raise VectorlayError(
+            f"cannot open the run log {LOG_PATH}: {e.strerror or e}",
+            f"make {LOG_PATH} a plain file again (sudo rm -rf {LOG_PATH}), then re-run",
+        ) from None
     stream = os.fdopen(fd, "a", encoding="utf-8")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

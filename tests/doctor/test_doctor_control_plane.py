@@ -62,7 +62,6 @@ def test_the_control_planes_reason_for_advertising_less_is_shown(make_host: Make
 def test_no_heartbeat_yet_warns_and_says_where_to_look(make_host: Make) -> None:
     statuses: tuple[dict[str, object] | str | None, ...] = (
         None,
-        "not json",
         {"last_error": "could not reach https://cp/v1/node/heartbeat"},
     )
     for status in statuses:
@@ -72,6 +71,11 @@ def test_no_heartbeat_yet_warns_and_says_where_to_look(make_host: Make) -> None:
         assert result.hint is not None and "journalctl -u node-agent" in result.hint
     failed = _check(make_host("cpu-only"), {"last_error": "boom 500"})
     assert failed.message == "no heartbeat delivered yet: boom 500"
+    # What the agent never writes (it replaces the file atomically) is named as such.
+    garbage = _check(make_host("cpu-only"), "not json")
+    assert garbage.status is Status.WARN and garbage.message.startswith(
+        "/run/vectorlay/node-agent/status.json is not a status the node-agent wrote"
+    )
 
 
 def test_a_heartbeat_older_than_three_intervals_warns(make_host: Make) -> None:
