@@ -12,6 +12,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from bootstrap.errors import redact
 from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
 
@@ -52,7 +53,8 @@ def write_status(host: Host, status: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.json.")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+            # 0644 and read by anyone: whatever an answer echoed, no secret is written here.
+            f.write(redact(json.dumps(status, indent=2, sort_keys=True)) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

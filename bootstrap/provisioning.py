@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from bootstrap.errors import VectorlayError
+from bootstrap.errors import VectorlayError, hold_secret
 from bootstrap.state import format_expiry
 
 TOKEN_ENV = "VECTORLAY_TOKEN"
@@ -85,6 +85,7 @@ class TokenReader:
                 "no provisioning token given",
                 f"set {TOKEN_ENV}=vtk_... (from the dashboard) or pass --token-file FILE",
             ) from None
+        hold_secret(secret)
         self._remember(secret)
         self._token = ProvisioningToken(secret)
         return self._token

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from bootstrap import stages
-from bootstrap.errors import VectorlayError
+from bootstrap.errors import VectorlayError, redact
 from bootstrap.host import open_host
 from bootstrap.lock import run_lock
 from bootstrap.paths import IDENTITY_DIR
@@ -27,7 +27,7 @@ log = logging.getLogger("bootstrap.enroll_command")
 
 
 def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file: Path | None) -> None:
-    from bootstrap.commands.install import _os_error, redact, run_log
+    from bootstrap.commands.install import _os_error, run_log
     from bootstrap.enroll import token_refused
 
     if ca_file is not None and not ca_file.is_file():

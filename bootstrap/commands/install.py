@@ -14,7 +14,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import stat
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from bootstrap import stages
 from bootstrap.commands.doctor_port import doctor_port
-from bootstrap.errors import UsageError, VectorlayError
+from bootstrap.errors import UsageError, VectorlayError, redact
 from bootstrap.host import Host, open_host
 from bootstrap.lock import run_lock
 from bootstrap.paths import LOG_PATH
@@ -43,22 +42,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REBOOT = 0, 1, 2, 3
 READ_ONLY = frozenset({"detect"})
 
 log = logging.getLogger("bootstrap.install")
-
-# Provisioning tokens (vtk_), node tokens (vnt_), bearer headers and PEM private keys, wherever they
-# appear in a message; the token this run holds is also redacted by value, whatever its shape.
-_SECRET_RE = re.compile(
-    r"\b(vtk|vnt)_[A-Za-z0-9_-]+|(?<=Bearer )\S+"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
-    re.S,
-)
-REDACTED = "[redacted]"
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, REDACTED)
-    return _SECRET_RE.sub(REDACTED, text)
 
 
 class RedactSecrets(logging.Filter):
@@ -378,7 +361,7 @@ def _run_stages(ctx: Context, chosen: list[Stage], display: Display, plan_only: 
                 break
             continue
         log.error("stage %s: %s", stage.name, err.message)
-        display.finish(stage, None, err.message)
+        display.finish(stage, None, redact(err.message))
         ran.append(Finished(stage, None, err))
         break
     return ran
