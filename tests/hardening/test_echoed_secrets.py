@@ -56,7 +56,7 @@ class _Echo:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = _serve
+            do_GET = do_POST = do_PATCH = _serve
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -168,3 +168,26 @@ def test_a_node_token_echoed_by_the_heartbeat_answer_is_not_in_status_json_nor_t
         field = status["last_error"] if kind == "error" else status["reason"]
         assert "[redacted]" in field, (kind, status)
         assert oct(status_file.stat().st_mode & 0o777) == "0o644"
+
+
+def test_an_api_key_echoed_by_the_control_plane_is_not_printed_by_decommission(
+    control_plane: Any, echo: Callable[..., _Echo]
+) -> None:
+    key = "vlk_" + "k3y" * 15
+
+    def answer(_path: str, _sent: str, bearer: str) -> tuple[int, dict[str, Any]]:
+        return 401, {"error": {"code": "BAD_KEY", "message": f"Authorization: Bearer {bearer} refused"}}
+
+    server = echo(answer)
+    env = {k: v for k, v in os.environ.items() if k != "VL_KEY"}
+    argv = ["decommission", "--api", server.url, "--org", "acme", "--node", "node_x"]
+    res = subprocess.run(
+        [sys.executable, "-m", "bootstrap.cli", *argv, "--ca-file", str(control_plane.ca_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "VL_KEY": key},
+        check=False,
+    )
+    assert res.returncode == 1 and "BAD_KEY" in res.stderr, res.stderr
+    assert key not in res.stdout + res.stderr and "[redacted]" in res.stderr
