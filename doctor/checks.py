@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from bootstrap import platform, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
-from bootstrap.errors import UsageError
+from bootstrap.errors import UsageError, redact
 from bootstrap.host import CommandResult, Host
 from bootstrap.paths import AGENT_SERVICES, IDENTITY_DIR, IDENTITY_LEGACY, RUNSC
 from bootstrap.pci import PciDevice
@@ -714,7 +714,8 @@ def check_control_plane(ctx: Context) -> CheckResult:
         )
     if status is None:
         return CheckResult(name, Status.WARN, f"no heartbeat yet (no {STATUS_PATH})", logs)
-    error = status.get("last_error")
+    # A status written by an agent before redaction, or by hand, may still hold a secret.
+    error = redact(status["last_error"]) if isinstance(status.get("last_error"), str) else None
     if status.get("status") == "removed":
         return CheckResult(
             name,
@@ -741,7 +742,7 @@ def check_control_plane(ctx: Context) -> CheckResult:
     message = f"{advertised} GPU unit(s) advertised (heartbeat {age} s ago)"
     reason = status.get("reason")
     if isinstance(reason, str) and reason:
-        message += f": {reason}"
+        message += f": {redact(reason)}"
     return CheckResult(name, Status.PASS, message)
 
 

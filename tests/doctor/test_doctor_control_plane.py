@@ -92,3 +92,12 @@ def test_a_removed_node_fails_with_the_way_back(make_host: Make) -> None:
     assert result.status is Status.FAIL
     assert result.message == "the control plane removed this node: none of its GPU units are advertised"
     assert result.hint == "re-run the install one-liner with a new token to bring it back"
+
+
+def test_a_secret_in_an_old_status_file_is_not_shown(make_host: Make) -> None:
+    # Written by hand, or by an agent from before status.json was redacted as written.
+    secret = "vnt_" + "s3cr3t" * 7
+    failed = _check(make_host("cpu-only"), {"last_error": f"401 refused {secret}"})
+    assert failed.message == "no heartbeat delivered yet: 401 refused [redacted]"
+    shown = _check(make_host("cpu-only"), _answer(3, reason=f"token {secret}"))
+    assert secret not in shown.message and shown.message.endswith(": token [redacted]")
