@@ -272,8 +272,10 @@ vectorlay_install() {
     if ! jq -r '.signature // ""' "$work/manifest.json" | base64 -d > "$work/manifest.sig" 2>/dev/null \
         || ! openssl pkeyutl -verify -pubin -inkey "$work/manifest-key.pem" -rawin \
             -in "$work/manifest.signed" -sigfile "$work/manifest.sig" > /dev/null 2>&1; then
-        printf 'error: the artifact manifest is not signed by the pinned key (502 ARTIFACT)\n' >&2
-        printf '  fix: a stale artifact — re-run; artifacts are re-fetched and verified each run\n' >&2
+        # Not a stale download: what the control plane signs always verifies, so this is a manifest
+        # someone altered or made, or a different server answering: a security event.
+        printf 'error: SECURITY: the artifact manifest from %s does not verify against the key pinned in this install.sh: it was altered, or is not from your control plane\n' "$api" >&2
+        printf '  fix: do not proceed and do not re-run blindly; check api= and any proxy or TLS-intercepting middlebox between this machine and %s, fetch install.sh again from your control plane, and if it persists contact vectorlay support with this message\n' "$api" >&2
         return 1
     fi
     # A manifest really signed but past its expiry is a replayed or frozen one (the control plane

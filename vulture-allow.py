@@ -25,6 +25,7 @@ _.reuse_port
 _.num_tickets
 _.do_GET
 _.do_POST
+_.do_PATCH
 _.log_message
 _.close_connection
 _.optionxform

@@ -12,6 +12,8 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from bootstrap.errors import redact
+from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
 
 STATUS_PATH = "/run/vectorlay/node-agent/status.json"
@@ -25,11 +27,17 @@ def parse_iso(s: str) -> float:
     return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
 
+# A status is a few hundred bytes; a larger file is not one the agent wrote.
+STATUS_LIMIT = 64 << 10
+
+
 def read_status(host: Host) -> dict[str, Any] | None:
-    """The last status written, None when there is none (or it is not a JSON object)."""
+    """The last status written, None when there is none, or when what is there is not a status
+    (not a JSON object, too large, or not a regular file: a FIFO planted there must not hang the
+    doctor or the agent, so it is read with the bounded, non-blocking reader)."""
     try:
-        data = json.loads(host.path(STATUS_PATH).read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(host.path(STATUS_PATH), STATUS_LIMIT))
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -45,7 +53,8 @@ def write_status(host: Host, status: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.json.")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+            # 0644 and read by anyone: whatever an answer echoed, no secret is written here.
+            f.write(redact(json.dumps(status, indent=2, sort_keys=True)) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

@@ -40,6 +40,7 @@ from bootstrap.identity import (
     enroll_point,
     identity_path,
     load_identity,
+    read_node_token,
     write_identity,
 )
 from bootstrap.paths import IDENTITY_DIR
@@ -158,8 +159,8 @@ def _stored_credentials(host: Host) -> tuple[Identity | None, ClientCert | None,
         path = identity_path(host)
         cert = ClientCert(path / "node.crt", path / "node.key")
         token = None
-        with contextlib.suppress(OSError):
-            token = (path / "node-token").read_text().strip() or None
+        with contextlib.suppress(IdentityError):
+            token = read_node_token(path)
         usable = cert.cert_file.is_file() and cert.key_file.is_file()
         return None, cert if usable else None, token
     if current is None:

@@ -72,6 +72,28 @@ class IdentityError(VectorlayError):
 
 
 ENROLLMENT_LIMIT = 1 << 20
+# Far above the control plane's tokens (vnt_ and 43 characters); a bearer token is one short line.
+NODE_TOKEN_LIMIT = 4096
+
+
+def read_node_token(directory: Path) -> str:
+    """The node token in `directory`, checked before it goes into an Authorization header: one line
+    of printable ASCII (RFC 6750's b64token is narrower still). Its content is never shown: a damaged
+    token is still mostly a secret. Raises IdentityError when it is unreadable, empty or damaged."""
+    where = f"{IDENTITY_DIR}/node-token"
+    try:
+        raw = read_regular(directory / "node-token", NODE_TOKEN_LIMIT + 1).strip()
+    except OSError as e:
+        raise IdentityError(f"cannot read {where}: {e.strerror or e}", REENROLL_HINT) from None
+    if not raw:
+        raise IdentityError(f"{where} is empty", REENROLL_HINT)
+    if len(raw) > NODE_TOKEN_LIMIT or not all(0x21 <= b <= 0x7E for b in raw):
+        raise IdentityError(
+            f"{where} is damaged: a node token is one line of printable ASCII, this file is not "
+            "(its content is not shown)",
+            REENROLL_HINT,
+        )
+    return raw.decode("ascii")
 
 
 def _str_list(v: Any) -> bool:
@@ -116,7 +138,7 @@ class Identity:
         return self.path / "node-token"
 
     def node_token(self) -> str:
-        return self.token_file.read_text().strip()
+        return read_node_token(self.path)
 
     def enrollment(self) -> dict[str, Any]:
         """The non-secret enrollment data (nebula, nomad) saved for the agents stage; {} when the
@@ -213,6 +235,7 @@ def load_identity(host: Host) -> Identity | None:
                 f"{IDENTITY_DIR}/{name} is readable by others (mode {mode:04o})",
                 f"chmod 600 {IDENTITY_DIR}/{name}",
             )
+    read_node_token(path)
     import json  # here, not at the top: a node that is not enrolled yet never reads any
 
     try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from datetime import datetime
 
 from bootstrap.errors import VectorlayError
+from bootstrap.fsutil import NotRegularFile
 from bootstrap.host import Host
 from bootstrap.paths import LOG_PATH
 
@@ -51,12 +54,17 @@ def run_lock(host: Host) -> Iterator[None]:
     path = host.path(LOCK_PATH)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotRegularFile(errno.EINVAL, "not a regular file")
     except OSError as e:
+        # Not root, or a directory, a symlink or a FIFO planted there: a clear error, not a
+        # traceback or a hang.
         hint = (
             "re-run it with sudo"
             if isinstance(e, PermissionError)
-            else f"check {os.path.dirname(LOCK_PATH)} (a directory on a writable /run), then re-run"
+            else f"remove what is there (sudo rm -rf {LOCK_PATH}), then re-run: each run creates it anew"
         )
         raise VectorlayError(f"cannot take the run lock {LOCK_PATH}: {e.strerror or e}", hint) from None
     try:

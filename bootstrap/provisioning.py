@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from bootstrap.errors import VectorlayError
+from bootstrap.errors import VectorlayError, hold_secret
 from bootstrap.state import format_expiry
 
 TOKEN_ENV = "VECTORLAY_TOKEN"
@@ -59,11 +59,14 @@ class TokenReader:
         token_file: Path | None = None,
         *,
         prompt: bool = True,
+        required: bool = False,
         remember: Callable[[str], None] = lambda _secret: None,
         around_prompt: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.token_file = token_file
         self.prompt = prompt
+        # `vectorlay-bootstrap enroll`: a token is read (or asked for) also on an enrolled node.
+        self.required = required
         self._remember = remember
         # Held while the token is read: the progress display steps aside for a question on the terminal.
         self._around_prompt = around_prompt
@@ -77,7 +80,7 @@ class TokenReader:
         from bootstrap.enroll import read_token
 
         given = self.token_file is not None or bool(os.environ.get(TOKEN_ENV, "").strip())
-        if not given and (not self.prompt or enrolled):
+        if not given and not self.required and (not self.prompt or enrolled):
             self._token = ProvisioningToken()
             return self._token
         try:
@@ -88,6 +91,7 @@ class TokenReader:
                 "no provisioning token given",
                 f"set {TOKEN_ENV}=vtk_... (from the dashboard) or pass --token-file FILE",
             ) from None
+        hold_secret(secret)
         self._remember(secret)
         self._token = ProvisioningToken(secret)
         return self._token

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from bootstrap import platform, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
-from bootstrap.errors import UsageError
+from bootstrap.errors import UsageError, redact
 from bootstrap.host import CommandResult, Host
 from bootstrap.paths import AGENT_SERVICES, IDENTITY_DIR, IDENTITY_LEGACY, RUNSC
 from bootstrap.pci import PciDevice
@@ -132,6 +132,11 @@ def _systemctl_states(ctx: Context, verb: str, units: Iterable[str]) -> tuple[di
     return {}, text[0] if text else f"exit status {res.returncode}"
 
 
+# A --root tree runs no command: its recorded `systemctl` answers nothing, which says nothing about
+# the units (not "exit status 0"). What only a running systemd can answer is not judged there.
+_NO_SYSTEMD = "not checked: a --root tree runs no command, so there is no systemd to ask {}"
+
+
 # --- checks ------------------------------------------------------------------------------------
 
 
@@ -144,6 +149,8 @@ def check_agents(ctx: Context) -> CheckResult:
     if missing:
         return CheckResult(name, Status.FAIL, f"unit(s) missing: {', '.join(missing)}", REINSTALL)
     states, why = _systemctl_states(ctx, "is-active", AGENTS)
+    if not states and not ctx.host.runs_commands:
+        return CheckResult(name, Status.SKIP, _NO_SYSTEMD.format("whether the agents are active"))
     if not states:
         return CheckResult(
             name,
@@ -179,6 +186,8 @@ def check_autoupdate(ctx: Context) -> CheckResult:
         return CheckResult(name, Status.FAIL, f"{UPDATE_TIMER} is not installed", REINSTALL)
     states, why = _systemctl_states(ctx, "is-enabled", [UPDATE_TIMER])
     state = states.get(UPDATE_TIMER)
+    if state is None and not ctx.host.runs_commands:
+        return CheckResult(name, Status.SKIP, _NO_SYSTEMD.format(f"whether {UPDATE_TIMER} is enabled"))
     if state is None:
         return CheckResult(
             name,
@@ -695,9 +704,18 @@ def check_control_plane(ctx: Context) -> CheckResult:
 
     logs = "journalctl -u node-agent -n 50 says why; sudo systemctl restart node-agent"
     status = read_status(ctx.host)
+    if status is None and os.path.lexists(ctx.host.path(STATUS_PATH, follow=False)):
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"{STATUS_PATH} is not a status the node-agent wrote "
+            "(not a regular file, not JSON, or too large)",
+            f"sudo rm -rf {STATUS_PATH} && sudo systemctl restart node-agent (it writes a new one)",
+        )
     if status is None:
         return CheckResult(name, Status.WARN, f"no heartbeat yet (no {STATUS_PATH})", logs)
-    error = status.get("last_error")
+    # A status written by an agent before redaction, or by hand, may still hold a secret.
+    error = redact(status["last_error"]) if isinstance(status.get("last_error"), str) else None
     if status.get("status") == "removed":
         return CheckResult(
             name,
@@ -724,7 +742,7 @@ def check_control_plane(ctx: Context) -> CheckResult:
     message = f"{advertised} GPU unit(s) advertised (heartbeat {age} s ago)"
     reason = status.get("reason")
     if isinstance(reason, str) and reason:
-        message += f": {reason}"
+        message += f": {redact(reason)}"
     return CheckResult(name, Status.PASS, message)
 
 

@@ -127,7 +127,13 @@ def render_prometheus(report: Report, now: float | None = None) -> str:
     )
     unit = "GPUs on the nvidia driver" if report.mode == "container" else "IOMMU groups"
     gauge("gpu_units_ready", f"GPU units ({unit}) ready to rent.", [("", report.units_ready)])
-    gauge("gpu_units_total", f"GPU units ({unit}) on the node.", [("", report.units_total)])
+    gauge("gpu_units", f"GPU units ({unit}) on the node.", [("", report.units_total)])
+    # The name 0.1.0 wrote, kept for one release for the scripts and alerts that query it. Prometheus'
+    # naming rules keep `_total` for counters (promtool rejects a gauge named so); untyped, as a
+    # sample whose type is not declared, it passes, and queries of the name see the same value.
+    out.append(f"# HELP {PREFIX}_gpu_units_total Deprecated: use {PREFIX}_gpu_units (removed in 0.3.0).")
+    out.append(f"# TYPE {PREFIX}_gpu_units_total untyped")
+    out.append(f"{PREFIX}_gpu_units_total {_number(report.units_total)}")
     gauge("wedged_gpus", "GPUs and NVSwitches that fell off the bus.", [("", len(report.wedged))])
     if report.wedged:
         gauge(

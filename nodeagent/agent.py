@@ -25,7 +25,7 @@ from typing import Any
 from bootstrap import artifacts
 from bootstrap.agent_status import iso, read_status, write_status
 from bootstrap.api import ApiClient, ClientCert
-from bootstrap.errors import VectorlayError
+from bootstrap.errors import VectorlayError, hold_secret, redact
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
 from bootstrap.settings import Settings, load_settings
@@ -98,7 +98,8 @@ def _check_answer(answer: Any) -> dict[str, Any]:
         "status": answer["status"],
         "advertised_units": answer["advertised_units"],
         "next_heartbeat_s": answer.get("next_heartbeat_s"),
-        "reason": reason if isinstance(reason, str) else None,
+        # Shown in the journal, status.json and the doctor: a secret echoed in it goes no further.
+        "reason": redact(reason) if isinstance(reason, str) else None,
     }
 
 
@@ -169,10 +170,10 @@ class Agent:
         try:
             body = self.body(settings)
             client = self._api(ident, settings)
+            token = ident.node_token()
+            hold_secret(token)  # redacted by value from every line and file, should an answer echo it
             try:
-                answer = _check_answer(
-                    client.request("POST", HEARTBEAT_PATH, json=body, bearer=ident.node_token())
-                )
+                answer = _check_answer(client.request("POST", HEARTBEAT_PATH, json=body, bearer=token))
             except VectorlayError:
                 # A connection in an unknown state is not reused.
                 self.close()
@@ -294,7 +295,7 @@ class Daemon:
             log.warning("heartbeat not delivered: %s", e.message)
             return None
         except Exception as e:  # the agent outlives its own bugs; the journal gets one line
-            log.error("heartbeat failed: %s: %s", type(e).__name__, e)
+            log.error("heartbeat failed: %s: %s", type(e).__name__, redact(str(e)))
             return None
         finally:
             self._in_flight = False

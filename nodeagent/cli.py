@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     except VectorlayError as e:
         exit_with(e)
     except Exception as e:  # an agent reports its own bug in one line; systemd restarts it
-        print(f"error: node-agent crashed: {type(e).__name__}: {e}", file=sys.stderr)
+        from bootstrap.errors import redact
+
+        print(f"error: node-agent crashed: {type(e).__name__}: {redact(str(e))}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -116,3 +116,16 @@ def runsc_releases() -> dict[str, Path]:
         pytest.fail(
             f"cannot get the real runsc from Debian's archive ({e}); run: python -m hostsim.runsc fetch"
         )
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """Prometheus' promtool, from Debian's prometheus package into the cache (hostsim.promtool; .ci/run
+    fetches it first). Without it the doctor's metrics meet no real linter, so the test fails rather
+    than skips."""
+    from hostsim import promtool as real
+
+    try:
+        return real.fetch()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        pytest.fail(f"cannot get Debian's promtool ({e}); run: python -m hostsim.promtool fetch")

@@ -60,6 +60,9 @@ caches() {
     local python="$1"
     "$python" -m hostsim.runsc fetch
     "$python" -m hostsim.dockerd fetch
+    # Prometheus' promtool, which lints the doctor's metrics: Debian has it only in the prometheus
+    # package, whose install would start a Prometheus server here, so only its promtool is kept.
+    "$python" -m hostsim.promtool fetch
 }
 
 case "${1:-}" in

@@ -1,50 +1,81 @@
-"""`vectorlay-bootstrap enroll`: preflight the token, then enroll or re-enroll this node."""
+"""`vectorlay-bootstrap enroll`: enroll or re-enroll this node by running the install's enroll stage.
+
+The same stage as `install --only enroll` (and the stage it needs, detect), under the same run lock
+and run log: two enrollments never overlap (a second run is refused, naming the first), and the key
+pair of an enrollment in flight is kept (PENDING_KEY), so a run killed after the control plane
+consumed the token completes with the same token when re-run. Unlike the install, a token is always
+read, and one the control plane would refuse is an error: re-enrolling is what was asked for.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
-from bootstrap.api import ApiClient
-from bootstrap.errors import VectorlayError
-from bootstrap.hardware import hardware_report
+from bootstrap import stages
+from bootstrap.errors import VectorlayError, redact
 from bootstrap.host import open_host
-from bootstrap.identity import identity_path
+from bootstrap.lock import run_lock
 from bootstrap.paths import IDENTITY_DIR
+from bootstrap.provisioning import TokenReader, describe_expiry
 from bootstrap.settings import load_settings
+from bootstrap.stages import Context, Facts, Outcome
+from bootstrap.state import load_state
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bootstrap.enroll_command")
 
 
 def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file: Path | None) -> None:
-    from rich.console import Console
+    from bootstrap.commands.install import _os_error, run_log
+    from bootstrap.enroll import token_refused
 
-    from bootstrap.enroll import enroll, introspect_token, read_token, token_refused
-
-    console = Console(stderr=True)
-    host = open_host(root)
-    settings = load_settings(host)
-    api_url = api_url or settings.api
-    if not api_url:
-        raise VectorlayError(
-            "no control plane URL", "pass --api https://... or set api: in /etc/vectorlay/node.yaml"
-        )
     if ca_file is not None and not ca_file.is_file():
         raise VectorlayError(
             f"--ca-file {ca_file} does not exist", "give the control plane's CA certificate (PEM)"
         )
-    gpu_mode, hardware = hardware_report(host, settings.gpu_mode)
-    token = read_token(token_file)
-    api = ApiClient(api_url, ca_file=ca_file, pinned_ca=identity_path(host) / "ca.crt")
-    try:
-        info = introspect_token(api, token)
-    finally:
-        api.close()
-    if not info.valid:
-        raise token_refused(api.base_url, info.reason)
-    if info.expires_at is not None:
-        console.print(f"provisioning token valid until {info.expires_at.isoformat(timespec='seconds')}")
-    result = enroll(host, api, token, gpu_mode=gpu_mode, hardware=hardware)
-    verb = "re-enrolled" if result.reenrolled else "enrolled"
-    print(f"{verb} node {result.node_id} (org {result.org_id}, overlay IP {result.overlay_ip})")
-    console.print(f"identity written to {IDENTITY_DIR}")
+    host = open_host(root)
+    settings = load_settings(host)
+    seen: set[str] = set()
+
+    def out(text: str) -> None:
+        print(redact(text, seen), file=sys.stderr, flush=True)
+
+    ctx = Context(
+        host=host,
+        settings=settings,
+        state=load_state(host),
+        api=api_url or settings.api,
+        ca_file=ca_file,
+        out=out,
+        tokens=TokenReader(token_file, required=True, remember=seen.add),
+    )
+    with run_lock(host), run_log(host, lambda: seen):
+
+        def logged(text: str) -> None:
+            log.info("%s", text)
+            out(text)
+
+        ctx.out = logged
+        facts = Facts()
+        try:
+            for stage in stages.select("enroll"):
+                module = stages.load(stage)
+                sp = module.plan(ctx, facts)
+                tok = sp.facts.token
+                if stage.name == "enroll" and tok is not None and tok.state == "valid":
+                    logged(f"provisioning token {describe_expiry(tok.expires_at)}")
+                result, facts = module.apply(ctx, sp)
+        except VectorlayError as e:
+            log.error("enroll: %s", e.message)
+            raise
+        except OSError as e:
+            err = _os_error(host, stages.BY_NAME["enroll"], e)
+            log.error("enroll: %s", err.message)
+            raise err from None
+    if result.outcome is not Outcome.OK:
+        # The stage keeps a working identity when the token cannot be used; asked to enroll, say so.
+        state = facts.token.state if facts.token is not None else None
+        raise token_refused(ctx.api, state if state != "valid" else "used")
+    print(result.message)
+    out(f"identity written to {IDENTITY_DIR}")

@@ -14,7 +14,7 @@ import contextlib
 import errno
 import logging
 import os
-import re
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from bootstrap import stages
 from bootstrap.commands.doctor_port import doctor_port
-from bootstrap.errors import UsageError, VectorlayError
+from bootstrap.errors import UsageError, VectorlayError, redact
 from bootstrap.host import Host, open_host
 from bootstrap.lock import run_lock
 from bootstrap.paths import LOG_PATH
@@ -42,22 +42,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REBOOT = 0, 1, 2, 3
 READ_ONLY = frozenset({"detect"})
 
 log = logging.getLogger("bootstrap.install")
-
-# Provisioning tokens (vtk_), node tokens (vnt_), bearer headers and PEM private keys, wherever they
-# appear in a message; the token this run holds is also redacted by value, whatever its shape.
-_SECRET_RE = re.compile(
-    r"\b(vtk|vnt)_[A-Za-z0-9_-]+|(?<=Bearer )\S+"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
-    re.S,
-)
-REDACTED = "[redacted]"
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, REDACTED)
-    return _SECRET_RE.sub(REDACTED, text)
 
 
 class RedactSecrets(logging.Filter):
@@ -82,8 +66,18 @@ class RedactSecrets(logging.Filter):
 def run_log(host: Host, secrets: Callable[[], Iterable[str]]) -> Iterator[Path]:
     """Append this run's messages (bootstrap.* loggers) to the log file, secrets redacted."""
     path = host.path(LOG_PATH)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Non-blocking: opening a FIFO planted there for writing would wait for a reader forever.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+    except OSError as e:
+        raise VectorlayError(
+            f"cannot open the run log {LOG_PATH}: {e.strerror or e}",
+            f"make {LOG_PATH} a plain file again (sudo rm -rf {LOG_PATH}), then re-run",
+        ) from None
     stream = os.fdopen(fd, "a", encoding="utf-8")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -380,7 +374,7 @@ def _run_stages(ctx: Context, chosen: list[Stage], display: Display, plan_only: 
                 break
             continue
         log.error("stage %s: %s", stage.name, err.message)
-        display.finish(stage, None, err.message)
+        display.finish(stage, None, redact(err.message))
         ran.append(Finished(stage, None, err))
         break
     return ran

@@ -62,7 +62,6 @@ def test_the_control_planes_reason_for_advertising_less_is_shown(make_host: Make
 def test_no_heartbeat_yet_warns_and_says_where_to_look(make_host: Make) -> None:
     statuses: tuple[dict[str, object] | str | None, ...] = (
         None,
-        "not json",
         {"last_error": "could not reach https://cp/v1/node/heartbeat"},
     )
     for status in statuses:
@@ -72,6 +71,11 @@ def test_no_heartbeat_yet_warns_and_says_where_to_look(make_host: Make) -> None:
         assert result.hint is not None and "journalctl -u node-agent" in result.hint
     failed = _check(make_host("cpu-only"), {"last_error": "boom 500"})
     assert failed.message == "no heartbeat delivered yet: boom 500"
+    # What the agent never writes (it replaces the file atomically) is named as such.
+    garbage = _check(make_host("cpu-only"), "not json")
+    assert garbage.status is Status.WARN and garbage.message.startswith(
+        "/run/vectorlay/node-agent/status.json is not a status the node-agent wrote"
+    )
 
 
 def test_a_heartbeat_older_than_three_intervals_warns(make_host: Make) -> None:
@@ -88,3 +92,12 @@ def test_a_removed_node_fails_with_the_way_back(make_host: Make) -> None:
     assert result.status is Status.FAIL
     assert result.message == "the control plane removed this node: none of its GPU units are advertised"
     assert result.hint == "re-run the install one-liner with a new token to bring it back"
+
+
+def test_a_secret_in_an_old_status_file_is_not_shown(make_host: Make) -> None:
+    # Written by hand, or by an agent from before status.json was redacted as written.
+    secret = "vnt_" + "s3cr3t" * 7
+    failed = _check(make_host("cpu-only"), {"last_error": f"401 refused {secret}"})
+    assert failed.message == "no heartbeat delivered yet: 401 refused [redacted]"
+    shown = _check(make_host("cpu-only"), _answer(3, reason=f"token {secret}"))
+    assert secret not in shown.message and shown.message.endswith(": token [redacted]")

@@ -133,7 +133,8 @@ def test_prometheus_text_parses_and_carries_status_units_and_wedged(sim_host: Ma
     assert samples[(f"{p}_check_status", (("check", "gpu_units"), ("status", "WARN")))] == 1
     assert samples[(f"{p}_verdict", (("verdict", "FAIL"),))] == 1
     assert samples[(f"{p}_gpu_units_ready", ())] == 1
-    assert samples[(f"{p}_gpu_units_total", ())] == 2
+    assert samples[(f"{p}_gpu_units", ())] == 2
+    assert samples[(f"{p}_gpu_units_total", ())] == 2  # deprecated, until 0.3.0
     assert samples[(f"{p}_wedged_gpus", ())] == 1
     assert samples[(f"{p}_gpu_wedged", (("address", "0000:2a:00.0"),))] == 1
     assert samples[(f"{p}_last_run_timestamp_seconds", ())] == 1_700_000_000.5
