@@ -52,20 +52,22 @@ def _start_time(pid: str) -> str | None:
 def run_lock(host: Host) -> Iterator[None]:
     """One run at a time: a second run fails at once, naming the run that holds the lock."""
     path = host.path(LOCK_PATH)
+    hint = f"remove what is there (sudo rm -rf {LOCK_PATH}), then re-run: each run creates it anew"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            hint = f"check {os.path.dirname(LOCK_PATH)} (a directory on a writable /run), then re-run"
+            raise
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise NotRegularFile(errno.EINVAL, "not a regular file")
     except OSError as e:
-        # Not root, or a directory, a symlink or a FIFO planted there: a clear error, not a
-        # traceback or a hang.
-        hint = (
-            "re-run it with sudo"
-            if isinstance(e, PermissionError)
-            else f"remove what is there (sudo rm -rf {LOCK_PATH}), then re-run: each run creates it anew"
-        )
+        # Not root, /run unusable, or a directory, a symlink or a FIFO planted at the lock: a clear
+        # error, not a traceback or a hang.
+        if isinstance(e, PermissionError):
+            hint = "re-run it with sudo"
         raise VectorlayError(f"cannot take the run lock {LOCK_PATH}: {e.strerror or e}", hint) from None
     try:
         try:
