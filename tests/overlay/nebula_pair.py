@@ -76,7 +76,9 @@ class Underlay:
     def log(self, name: str) -> Path:
         return self.work / f"nebula-{name}.log"
 
-    def start_nebula(self, name: str, config: Path, overlay_ip: str) -> subprocess.Popen[bytes]:
+    def start_nebula(
+        self, name: str, config: Path, overlay_ip: str, tun: str = TUN
+    ) -> subprocess.Popen[bytes]:
         assert NEBULA is not None
         with self.log(name).open("ab") as out:
             proc = subprocess.Popen(
@@ -85,7 +87,7 @@ class Underlay:
                 stderr=subprocess.STDOUT,
             )
         self.procs[name] = proc
-        self._wait_tun(name, overlay_ip, proc)
+        self._wait_tun(name, overlay_ip, proc, tun)
         return proc
 
     def stop_nebula(self, name: str) -> None:
@@ -96,17 +98,17 @@ class Underlay:
     def reload_nebula(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGHUP)  # ExecReload of nebula.service
 
-    def _wait_tun(self, name: str, overlay_ip: str, proc: subprocess.Popen[bytes]) -> None:
+    def _wait_tun(self, name: str, overlay_ip: str, proc: subprocess.Popen[bytes], tun: str) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"nebula in {name} exited with {proc.returncode}\n{self.logs()}")
-            addr = self.exec(name, "ip", "-o", "addr", "show", "dev", TUN, check=False)
-            link = self.exec(name, "ip", "-o", "link", "show", "dev", TUN, check=False)
+            addr = self.exec(name, "ip", "-o", "addr", "show", "dev", tun, check=False)
+            link = self.exec(name, "ip", "-o", "link", "show", "dev", tun, check=False)
             if f" {overlay_ip}/" in addr.stdout and ",UP" in link.stdout:
                 return
             time.sleep(0.05)
-        raise AssertionError(f"{TUN} in {name} never held {overlay_ip}\n{self.logs()}")
+        raise AssertionError(f"{tun} in {name} never held {overlay_ip}\n{self.logs()}")
 
     def ping(self, src: str, dst: str, wait: float = 1.0) -> bool:
         return self.exec(src, "ping", "-n", "-c", "1", "-W", str(wait), dst, check=False).returncode == 0
