@@ -18,8 +18,9 @@ vectorlay-vfio-bind.service run the real bind code) and, with `spawn=True`, real
 service whose ExecStart binary exists in the tree runs it (with VECTORLAY_ROOT pointing at the tree),
 `is-active` asks whether that process still lives, `stop` and `kill --signal=` signal it.
 `stop` (and the stop half of `restart`) follows the unit's KillSignal= (default SIGTERM) and sends
-SIGKILL once TimeoutStopSec= runs out (capped for tests), as systemd.kill(5) says; only the main
-process is signalled (every unit vectorlay ships that has children says KillMode=process).
+SIGKILL once TimeoutStopSec= runs out (capped for tests), as systemd.kill(5) says. Only the main
+process is signalled, which is KillMode=process (nomad.service's: the tasks it supervises outlive
+it); the other units' daemons run no children of their own here.
 A process that exits after `systemctl kill` is brought back when the unit's Restart= says so for
 its exit (systemd.service(5): on-failure restarts on an unclean exit code or an unclean signal;
 SIGHUP, SIGINT, SIGTERM and SIGPIPE are clean), at once instead of after RestartSec=;
