@@ -1,10 +1,33 @@
-"""Agent upgrades: drain, switch, restart, check health, and roll back when the new version is sick.
+"""Agent upgrades: switch, restart, check health, and roll back when the new version is sick.
 
 Used by `vectorlay-bootstrap update` (what node-agent-update.timer runs) and by the install run's
 artifacts stage. Health is what systemd says (the unit stays active through a settle window) and,
 for an agent that serves one, its health socket (/run/vectorlay-<name>/health.sock answering `ok`).
-Draining: SIGUSR1 asks the agent to stop accepting and finish in-flight sessions; it announces the
-end by creating /run/vectorlay-<name>/drained (and answering `drained`). The wait is bounded.
+
+Each agent is restarted the way its own program allows without harming the node's work (RESTART):
+
+- node-agent (vectorlay's own) drains first: SIGUSR1 asks it to stop accepting and finish in-flight
+  sessions; it announces the end by creating /run/vectorlay-node-agent/drained (and answering
+  `drained`). The wait is bounded. Only the node-agent speaks this protocol.
+- nebula is restarted (`systemctl restart`: SIGTERM, then the new binary). SIGHUP only reloads
+  nebula's configuration, and an update changes the binary; the tunnels re-handshake within seconds
+  (benchmarks/test_bench_nebula_restart.py measures it with the real nebula).
+- nomad is restarted in place and never drained: an update must not stop a rented allocation.
+  Nomad's upgrade guide (https://developer.hashicorp.com/nomad/docs/upgrade): "In Place: The Nomad
+  binary can be updated on existing hosts. Running allocations will continue running
+  uninterrupted." What would drain is a stop signal the client is configured to leave on
+  (https://developer.hashicorp.com/nomad/docs/configuration#leave_on_interrupt: "If this value is
+  set to true on a client agent and the client is configured with drain_on_shutdown, the client
+  will drain its workloads before shutting down"). The node's client.hcl sets leave_on_interrupt
+  (nomad.service's KillSignal=SIGINT, so `systemctl stop`, a shutdown and uninstall drain) and leaves
+  leave_on_terminate at its default, false: on SIGTERM the agent "exit[s] after ensuring its internal
+  state is committed to disk", the allocations keep running (KillMode=process leaves them to it).
+  So the update sends SIGTERM to Nomad's main process only (`systemctl kill --kill-who=main`), the
+  way the upgrade guide says to pick "the expected signal for your upgrade process", waits for it to
+  exit, and starts the new binary, which re-attaches to the running allocations. Never
+  `systemctl restart nomad`: its stop half is KillSignal=SIGINT, a drain. Never SIGUSR1 either: to
+  Nomad that means "print its metrics"
+  (https://developer.hashicorp.com/nomad/docs/deploy/nomad-agent#signal-handling).
 """
 
 from __future__ import annotations
@@ -20,6 +43,12 @@ from bootstrap.manifest import Artifact
 from bootstrap.paths import AGENT_SERVICES
 
 SERVICES = AGENT_SERVICES
+
+# How each agent moves to another release (see the module's docstring for why):
+#   drain:    vectorlay's SIGUSR1 drain protocol, then `systemctl restart`
+#   restart:  `systemctl restart`
+#   in-place: the main process stopped with a signal it does not leave on, then started again
+RESTART = {"node-agent": "drain", "nebula": "restart", "nomad": "in-place"}
 
 
 # How long a restarted unit must stay active before it counts as healthy, on a real box. hostsim
@@ -120,6 +149,44 @@ def wait_healthy(host: Host, name: str, timing: Timing, needs_probe: bool) -> bo
     return False
 
 
+def main_pid(host: Host, unit: str) -> int:
+    """The main process systemd tracks for `unit`, 0 when there is none."""
+    out = host.run(["systemctl", "show", "-p", "MainPID", "--value", unit], timeout=30).stdout.strip()
+    return int(out) if out.isdigit() else 0
+
+
+# The signal that stops Nomad without leaving: leave_on_terminate is false in client.hcl.
+IN_PLACE_SIGNAL = "SIGTERM"
+
+
+def restart_in_place(host: Host, unit: str, timing: Timing) -> None:
+    """Stop the agent's main process with a signal it does not leave on, then start the new one.
+
+    Nothing else in the unit is signalled, so the tasks it supervises run on and the next agent
+    re-attaches to them. The unit's Restart=on-failure would bring the agent back by itself (Nomad
+    exits 1 on a signal it does not leave on); `start` makes it now rather than after RestartSec, and
+    is a no-op when systemd was quicker. `reset-failed` first: a unit that hit its start limit (a
+    sick release now rolled back) refuses a plain start.
+    """
+    old = main_pid(host, unit) if services_really_run(host) else 0
+    if old:
+        host.run(["systemctl", "kill", "--kill-who=main", f"--signal={IN_PLACE_SIGNAL}", unit], timeout=30)
+        deadline = timing.monotonic() + timing.healthy_timeout
+        while main_pid(host, unit) == old and timing.monotonic() < deadline:
+            timing.sleep(timing.poll)
+    else:
+        host.run(["systemctl", "reset-failed", unit], timeout=30)
+    host.run(["systemctl", "start", unit], timeout=120)
+
+
+def restart(host: Host, name: str, timing: Timing) -> None:
+    """Bring agent `name` onto the release `current` points at (RESTART says how)."""
+    if RESTART[name] == "in-place":
+        restart_in_place(host, SERVICES[name], timing)
+    else:
+        host.run(["systemctl", "restart", SERVICES[name]], timeout=120)
+
+
 def drain(host: Host, name: str, timing: Timing) -> bool:
     """Ask a running agent to drain; True once it says it has, False when the bounded wait ran out."""
     unit = SERVICES[name]
@@ -145,7 +212,8 @@ def switch(
     log: Callable[[str], None] = lambda _m: None,
 ) -> UpdateReport:
     """Bring each agent, already installed and verified, to its version, one at a time: drain the
-    running one, switch `current`, restart, check health, and roll back a version that is sick.
+    node-agent, switch `current`, restart (nomad in place), check health, and roll back a version
+    that is sick.
     An artifact without a service (runsc) is switched and used by the next container."""
     timing = timing or Timing()
     report = UpdateReport()
@@ -166,11 +234,11 @@ def switch(
         # node-agent is vectorlay's own and serves the health socket; nebula and nomad are judged
         # by systemd alone.
         needs_probe = name == "node-agent"
-        if old is not None:
+        if old is not None and RESTART[name] == "drain":
             drained = drain(host, name, timing)
             log(f"{name}: {'drained' if drained else 'drain timed out; switching anyway'}")
         artifacts.activate(host, name, art.version)
-        host.run(["systemctl", "restart", SERVICES[name]], timeout=120)
+        restart(host, name, timing)
         if wait_healthy(host, name, timing, needs_probe):
             report.upgraded[name] = (old, art.version)
             artifacts.prune(host, name)
@@ -181,7 +249,7 @@ def switch(
             log(f"{name}: {art.version} is not healthy and there is no earlier version to go back to")
             continue
         restored = artifacts.rollback(host, name)
-        host.run(["systemctl", "restart", SERVICES[name]], timeout=120)
+        restart(host, name, timing)
         wait_healthy(host, name, timing, needs_probe)
         report.rolled_back[name] = (art.version, restored)
         log(f"{name}: {art.version} failed its health check; rolled back to {restored}")

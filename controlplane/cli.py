@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from types import FrameType
@@ -159,8 +160,18 @@ def overlay_host(
     lighthouse_at: list[str] = typer.Option(
         [], "--lighthouse-at", help="OVERLAY_IP=HOST:PORT of a lighthouse to use (repeatable)."
     ),
+    db: Path | None = typer.Option(
+        None,
+        "--db",
+        help="The control plane's database: the certificates of removed nodes go into pki.blocklist.",
+    ),
 ) -> None:
-    """Write a nebula identity and config for one of the control plane's own overlay hosts."""
+    """Write a nebula identity and config for one of the control plane's own overlay hosts.
+
+    With --db the config blocks the nebula certificates of every removed node. Re-run it after a
+    node is removed (or from a timer) and, when "config.yml" is among the changed files, reload
+    the host's nebula (SIGHUP, `systemctl reload nebula`): nebula re-reads pki.blocklist without
+    dropping the other tunnels and closes the removed node's."""
     import ipaddress
 
     from controlplane.overlay_host import parse_lighthouse, write_overlay_host
@@ -174,6 +185,10 @@ def overlay_host(
         _fail(f"--overlay-ip {address} is not a host address of --overlay-cidr {network}")
     try:
         lighthouses = [parse_lighthouse(spec) for spec in lighthouse_at]
+        if db is not None and not db.is_file():
+            # Opening would create an empty database, whose blocklist would unblock every node.
+            _fail(f"--db {db}: no such file; give the database the control plane serves with (its --db)")
+        blocklist = _plane(db).nebula_blocklist() if db is not None else []
         changed = write_overlay_host(
             state_dir,
             out,
@@ -184,8 +199,9 @@ def overlay_host(
             listen_port=listen_port,
             lighthouses=lighthouses,
             now=wall_now(),
+            blocklist=blocklist,
         )
-    except (ValueError, OSError) as e:  # NebulaCertError is a ValueError
+    except (ValueError, OSError, sqlite3.Error) as e:  # NebulaCertError is a ValueError
         _fail(str(e))
     print(json.dumps({"out": str(out.resolve()), "changed": changed}))
 

@@ -88,6 +88,17 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeats  INTEGER NOT NULL              -- how many were received
     );
     """,
+    # 3: every nebula certificate given to a node; removing the node revokes them, and the overlay
+    # hosts' `pki.blocklist` is the revoked ones that have not expired.
+    """
+    CREATE TABLE nebula_certs (
+        fingerprint TEXT PRIMARY KEY,             -- nebula's: sha256 of the marshalled certificate
+        node_id     TEXT NOT NULL REFERENCES nodes(id),
+        not_after   TEXT NOT NULL,
+        revoked_at  TEXT
+    );
+    CREATE INDEX nebula_certs_node ON nebula_certs(node_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -56,9 +56,22 @@ def host_config(
     am_lighthouse: bool,
     listen_port: int,
     lighthouses: Sequence[Lighthouse],
+    blocklist: Sequence[str] = (),
 ) -> dict[str, Any]:
     return {
-        "pki": {"ca": str(out / "ca.crt"), "cert": str(out / "host.crt"), "key": str(out / "host.key")},
+        "pki": {
+            "ca": str(out / "ca.crt"),
+            "cert": str(out / "host.crt"),
+            "key": str(out / "host.key"),
+            # The certificates of removed nodes (ControlPlane.nebula_blocklist): nebula refuses a
+            # handshake from a blocklisted certificate. Both keys are re-read on SIGHUP (nebula's
+            # examples/config.yml: "Some options in this file are HUPable, including the pki
+            # section"; cert.go loadCAFromConfig reads pki.blocklist, interface.go reloadCA is its
+            # reload callback), and disconnect_invalid tears down a tunnel that a certificate
+            # blocklisted since still holds (connection_manager.go handleInvalidCertificate).
+            "blocklist": list(blocklist),
+            "disconnect_invalid": True,
+        },
         "static_host_map": {str(lh.overlay_ip): list(lh.endpoints) for lh in lighthouses},
         "lighthouse": {
             "am_lighthouse": am_lighthouse,
@@ -115,6 +128,7 @@ def write_overlay_host(
     listen_port: int,
     lighthouses: Sequence[Lighthouse],
     now: datetime,
+    blocklist: Sequence[str] = (),
 ) -> list[str]:
     """Write host.key (kept when present), host.crt, ca.crt and config.yml into `out`; return what changed."""
     ca = NebulaCA.load_or_create(state_dir, now)
@@ -142,7 +156,13 @@ def write_overlay_host(
         changed.append("host.crt")
 
     config = yaml.safe_dump(
-        host_config(out, am_lighthouse=am_lighthouse, listen_port=listen_port, lighthouses=lighthouses),
+        host_config(
+            out,
+            am_lighthouse=am_lighthouse,
+            listen_port=listen_port,
+            lighthouses=lighthouses,
+            blocklist=blocklist,
+        ),
         sort_keys=False,
     )
     for file, data in (("ca.crt", ca.ca_pem), ("config.yml", config)):

@@ -19,7 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from bootstrap.nebula import NebulaCertError, parse_public_key_pem
+from bootstrap.nebula import NebulaCertError, parse_certificate_pem, parse_public_key_pem
 from controlplane.clock import Clock, from_iso, to_iso, wall_now
 from controlplane.db import Database
 from controlplane.nebula_ca import NebulaCA
@@ -402,6 +402,7 @@ class ControlPlane:
                 )
             except (NebulaCertError, CsrError) as e:
                 raise bad_request(str(e)) from None
+            self.record_nebula_certificate(conn, node_id, nebula_cert)
 
         return {
             "node_id": node_id,
@@ -618,7 +619,34 @@ class ControlPlane:
                 "UPDATE nodes SET status = 'removed', updated_at = ? WHERE id = ?",
                 (to_iso(self.clock.now()), node_id),
             )
+            # Every nebula certificate the node was given goes on the overlay hosts' blocklist.
+            conn.execute(
+                "UPDATE nebula_certs SET revoked_at = ? WHERE node_id = ? AND revoked_at IS NULL",
+                (to_iso(self.clock.now()), node_id),
+            )
         return {"node_id": node_id, "status": "removed", "units_freed": freed}
+
+    # --- the overlay's revocations ----------------------------------------------------------
+
+    @staticmethod
+    def record_nebula_certificate(conn: sqlite3.Connection, node_id: str, certificate_pem: str) -> None:
+        """Remember a nebula certificate given to `node_id`, so that removing the node revokes it."""
+        cert = parse_certificate_pem(certificate_pem.encode())
+        conn.execute(
+            "INSERT OR IGNORE INTO nebula_certs (fingerprint, node_id, not_after) VALUES (?, ?, ?)",
+            (cert.fingerprint, node_id, to_iso(cert.not_after)),
+        )
+
+    def nebula_blocklist(self) -> list[str]:
+        """The fingerprints nebula's `pki.blocklist` must hold: certificates of removed nodes that
+        have not expired yet (nebula refuses an expired one anyway, so the list stays bounded)."""
+        rows = self.db.conn().execute(
+            "SELECT fingerprint, not_after FROM nebula_certs WHERE revoked_at IS NOT NULL"
+            " ORDER BY fingerprint"
+        )
+        # Nebula judges expiry by the wall clock, and the certificates were signed against it.
+        now = wall_now()
+        return [r["fingerprint"] for r in rows if from_iso(r["not_after"]) > now]
 
     def org_summary(self, org_ref: str) -> dict[str, Any]:
         conn = self.db.conn()

@@ -5,11 +5,13 @@
 a launcher that runs them on the node's Python (/opt/vectorlay/venv, found from the release
 directory, so a release unpacked under a host root runs the same way).
 
-nebula and nomad are other projects' binaries; their stand-in is a small daemon that behaves the way
-the installer expects an agent to: it runs until SIGTERM, answers a health probe on a unix socket
-in its runtime directory, and on SIGUSR1 says it drained (`drained` on the socket and a `drained`
-file). A version built with `broken=True` exits at once, which is what an upgrade that fails its
-health check looks like (for node-agent too).
+nebula and nomad are other projects' binaries. nomad's stand-in is hostsim.nomad_standin, which
+behaves as Nomad documents (stop signals, leave_on_*, drain_on_shutdown, allocations that a drain
+stops and an in-place restart re-attaches). nebula's is a small daemon that runs until SIGTERM or
+SIGINT, reloads on SIGHUP and answers a health probe on a unix socket in its runtime directory; like
+nebula it knows nothing of vectorlay's SIGUSR1 drain, which is the node-agent's alone. A version
+built with `broken=True` exits at once, which is what an upgrade that fails its health check looks
+like (for node-agent too).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import nodeagent
 from bootstrap.update import SERVICES
+from hostsim import nomad_standin
 
 # The agents the installer runs as services; their names come from the product, not a copy.
 AGENTS = tuple(SERVICES)
@@ -48,28 +51,23 @@ root = os.environ.get("VECTORLAY_ROOT", "/")
 rundir = os.path.join(root, "run", "vectorlay-" + NAME)
 os.makedirs(rundir, exist_ok=True)
 sock_path = os.path.join(rundir, "health.sock")
-drained_path = os.path.join(rundir, "drained")
-for stale in (sock_path, drained_path):
-    try:
-        os.unlink(stale)
-    except FileNotFoundError:
-        pass
+try:
+    os.unlink(sock_path)
+except FileNotFoundError:
+    pass
 
-state = {{"draining": False, "stop": False}}
-
-
-def drain(signum, frame):
-    state["draining"] = True
-    # No in-flight sessions in a stand-in: drained at once, announced the way the updater waits for.
-    with open(drained_path, "w") as f:
-        f.write(VERSION + "\n")
+state = {{"stop": False}}
 
 
 def stop(signum, frame):
     state["stop"] = True
 
 
-signal.signal(signal.SIGUSR1, drain)
+def reload(signum, frame):
+    print(f"{{NAME}} {{VERSION}}: reloaded configuration", flush=True)
+
+
+signal.signal(signal.SIGHUP, reload)
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
 
@@ -83,8 +81,7 @@ while not state["stop"]:
     except (socket.timeout, InterruptedError):
         continue
     with conn:
-        status = "drained" if state["draining"] else "ok"
-        conn.sendall(f"{{status}} {{NAME}} {{VERSION}} {{os.getpid()}}\n".encode())
+        conn.sendall(f"ok {{NAME}} {{VERSION}} {{os.getpid()}}\n".encode())
 srv.close()
 os.unlink(sock_path)
 '''
@@ -178,10 +175,22 @@ def node_agent_tarball(version: str, broken: bool = False) -> bytes:
     return _tarball(files)
 
 
+def nomad_script(version: str, broken: bool = False) -> str:
+    """The stand-in nomad (hostsim.nomad_standin) as release `version`'s bin/nomad."""
+    source = Path(nomad_standin.__file__).read_text()
+    header = 'NAME, VERSION, BROKEN = "nomad", "0.0.0", False'
+    if header not in source:
+        raise RuntimeError(f"{nomad_standin.__file__} has no {header!r} line to stamp")
+    stamped = source.replace(header, f"NAME, VERSION, BROKEN = 'nomad', {version!r}, {broken!r}", 1)
+    return "#!/usr/bin/env python3\n" + stamped
+
+
 def agent_tarball(name: str, version: str, broken: bool = False) -> bytes:
     """The release tarball of agent `name`: the real node-agent, a stand-in daemon for the others."""
     if name == "node-agent":
         return node_agent_tarball(version, broken)
+    if name == "nomad":
+        return _tarball({"bin/nomad": (nomad_script(version, broken).encode(), 0o755)})
     return _tarball({f"bin/{name}": (daemon_script(name, version, broken).encode(), 0o755)})
 
 

@@ -17,6 +17,14 @@ Exit codes and messages follow systemd 252 (Debian 12).
 vectorlay-vfio-bind.service run the real bind code) and, with `spawn=True`, real daemons: starting a
 service whose ExecStart binary exists in the tree runs it (with VECTORLAY_ROOT pointing at the tree),
 `is-active` asks whether that process still lives, `stop` and `kill --signal=` signal it.
+`stop` (and the stop half of `restart`) follows the unit's KillSignal= (default SIGTERM) and sends
+SIGKILL once TimeoutStopSec= runs out (capped for tests), as systemd.kill(5) says. Only the main
+process is signalled, which is KillMode=process (nomad.service's: the tasks it supervises outlive
+it); the other units' daemons run no children of their own here.
+A process that exits after `systemctl kill` is brought back when the unit's Restart= says so for
+its exit (systemd.service(5): on-failure restarts on an unclean exit code or an unclean signal;
+SIGHUP, SIGINT, SIGTERM and SIGPIPE are clean), at once instead of after RestartSec=;
+`show -p MainPID --value` names the process systemd tracks (0 when none).
 A spawned daemon is told its root on its command line (`--root <tree>`, appended to ExecStart; the
 stand-ins also find it in VECTORLAY_ROOT, which marks the processes started for a tree), and runs
 on the Python of this simulation as the node's /opt/vectorlay/venv when the tree has none of its own
@@ -58,6 +66,8 @@ class Systemd:
     hooks: dict[str, StartHook] = field(default_factory=dict)
     spawn: bool = False
     _procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+    # Units whose main process was signalled by `systemctl kill`: an exit is judged by Restart=.
+    _killed: set[str] = field(default_factory=set, repr=False)
 
     def __call__(self, host: Host, argv: tuple[str, ...]) -> CommandResult:
         return systemctl(host, argv, self)
@@ -101,12 +111,13 @@ class Systemd:
         set_active_state(host, unit, f"active {proc.pid}")
         return None
 
-    def stop(self, host: Host, unit: str, sig: int = signal.SIGTERM, wait: float = 5.0) -> None:
+    def stop(self, host: Host, unit: str, sig: int | None = None, wait: float | None = None) -> None:
+        self._killed.discard(unit)
         pid = _pid(host, unit)
         if pid is None or not self.pid_alive(pid):
             return
-        os.kill(pid, sig)
-        deadline = time.monotonic() + wait
+        os.kill(pid, kill_signal(host, unit) if sig is None else sig)
+        deadline = time.monotonic() + (min(stop_timeout(host, unit), MAX_STOP_WAIT) if wait is None else wait)
         while self.pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.pid_alive(pid):
@@ -114,6 +125,29 @@ class Systemd:
         proc = self._procs.pop(pid, None)
         if proc is not None:
             proc.wait()
+
+    def kill(self, host: Host, unit: str, sig: int) -> None:
+        pid = _pid(host, unit)
+        if pid is not None and self.pid_alive(pid):
+            self._killed.add(unit)
+            os.kill(pid, sig)
+
+    def settle(self, host: Host, unit: str) -> None:
+        """Restart= after `systemctl kill`: a main process that exited is started again when the
+        unit's policy covers how it exited."""
+        if unit not in self._killed:
+            return
+        pid = _pid(host, unit)
+        if pid is None:
+            self._killed.discard(unit)
+            return
+        if self.pid_alive(pid):
+            return
+        self._killed.discard(unit)
+        proc = self._procs.pop(pid, None)
+        code = proc.wait() if proc is not None else None
+        if code is not None and restarts(unit_value(host, unit, "Restart") or "no", code):
+            self.start(host, unit, ("systemctl", "start", unit))
 
     def stop_all(self, host: Host) -> None:
         """End every daemon this simulator started (a test's teardown, a simulated power-off)."""
@@ -150,16 +184,61 @@ def _service_env(host: Host) -> dict[str, str]:
     return env
 
 
-def _exec_start(host: Host, unit: str) -> list[str] | None:
+def unit_value(host: Host, unit: str, key: str) -> str | None:
+    """The last value the unit file gives `key` (drop-ins are not read: none of ours sets a key
+    this simulator looks at)."""
     path = unit_file(host, unit)
     if path is None:
         return None
+    found = None
     for raw in path.read_text(errors="replace").splitlines():
-        key, sep, value = raw.strip().partition("=")
-        if sep and key.strip() == "ExecStart":
-            words = shlex.split(value.strip().lstrip("-@:+!"))
-            return words or None
-    return None
+        k, sep, value = raw.strip().partition("=")
+        if sep and k.strip() == key:
+            found = value.strip()
+    return found
+
+
+def _exec_start(host: Host, unit: str) -> list[str] | None:
+    value = unit_value(host, unit, "ExecStart")
+    if value is None:
+        return None
+    words = shlex.split(value.lstrip("-@:+!"))
+    return words or None
+
+
+# A test's wait for a stopping daemon; a real TimeoutStopSec= (nomad's 300 s) is longer.
+MAX_STOP_WAIT = 30.0
+
+
+def kill_signal(host: Host, unit: str) -> int:
+    """KillSignal= (systemd.kill(5): "Defaults to SIGTERM")."""
+    name = unit_value(host, unit, "KillSignal") or "SIGTERM"
+    return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+
+
+def stop_timeout(host: Host, unit: str) -> float:
+    """TimeoutStopSec= in seconds (plain seconds or `<n>min`; DefaultTimeoutStopSec=90s otherwise)."""
+    value = (unit_value(host, unit, "TimeoutStopSec") or "90").strip()
+    if value.endswith("min"):
+        return float(value[:-3]) * 60
+    return float(value.rstrip("s"))
+
+
+# Exits Restart=on-failure counts as clean (systemd.service(5)): status 0 and these signals.
+_CLEAN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
+
+
+def restarts(policy: str, returncode: int) -> bool:
+    """Whether Restart=`policy` starts a service again after it exited with `returncode`
+    (Popen's: negative for a signal)."""
+    clean = returncode == 0 or (returncode < 0 and -returncode in _CLEAN_SIGNALS)
+    if policy == "always":
+        return True
+    if policy == "on-failure":
+        return not clean
+    if policy == "on-abnormal":
+        return returncode < 0 and not clean
+    return False
 
 
 def _pid(host: Host, unit: str) -> int | None:
@@ -303,7 +382,12 @@ def systemctl(host: Host, argv: tuple[str, ...], sim: Systemd | None = None) -> 
     args = [a for a in argv[1:] if a not in ("--no-pager", "--system", "--no-block", "--no-ask-password")]
     quiet = any(a in ("-q", "--quiet") for a in args)
     now = "--now" in args
-    words = [a for a in args if not a.startswith("-")]
+    # Options that take their value as the next word (`-p MainPID`) do not name units.
+    words = [
+        a
+        for i, a in enumerate(args)
+        if not a.startswith("-") and (i == 0 or args[i - 1] not in ("-p", "--property"))
+    ]
     if not words:
         return CommandResult(argv, 1, "", "hostsim systemctl: listing units is not simulated\n")
     verb, names = words[0], [unit_name(n) for n in words[1:]]
@@ -316,6 +400,17 @@ def systemctl(host: Host, argv: tuple[str, ...], sim: Systemd | None = None) -> 
         return CommandResult(argv, 0, "" if quiet else "running\n")
     if not names:
         return CommandResult(argv, 1, "", "Too few arguments.\n")
+    for u in names:
+        sim.settle(host, u)
+
+    if verb == "show":
+        props = [a.split("=", 1)[1] for a in args if a.startswith("--property=")]
+        props += [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-p", "--property")]
+        if props != ["MainPID"] or "--value" not in args or len(names) != 1:
+            return CommandResult(argv, 1, "", "hostsim systemctl: only `show -p MainPID --value UNIT`\n")
+        pid = _pid(host, names[0])
+        alive = pid is not None and sim.pid_alive(pid)
+        return CommandResult(argv, 0, f"{pid if alive else 0}\n")
 
     if verb == "is-active":
         states = [active_state(host, u, sim) for u in names]
@@ -370,12 +465,15 @@ def systemctl(host: Host, argv: tuple[str, ...], sim: Systemd | None = None) -> 
             elif _is_masked(host, u):
                 host.path(f"{ETC}/{u}", follow=False).unlink()
                 err.append(f"Removed {ETC}/{u}.\n")
+    elif verb == "reset-failed":
+        rc = 0
+        for u in names:
+            if active_state(host, u, sim) == "failed":
+                set_active_state(host, u, "inactive")
     elif verb == "kill":
         rc = 0
         for u in names:
-            pid = _pid(host, u)
-            if pid is not None and sim.pid_alive(pid):
-                os.kill(pid, getattr(signal, signame if signame.startswith("SIG") else f"SIG{signame}"))
+            sim.kill(host, u, getattr(signal, signame if signame.startswith("SIG") else f"SIG{signame}"))
     elif verb in ("start", "restart", "reload-or-restart", "try-restart", "stop", "reload"):
         rc = 0
         for u in names:

@@ -28,7 +28,15 @@ from bootstrap.settings import settings_yaml
 from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
 from bootstrap.stages.artifacts import agent_names, gpu_mode_of
 from bootstrap.templating import render as render_template
-from bootstrap.update import SERVICES, Timing, is_active, services_really_run, switch
+from bootstrap.update import (
+    IN_PLACE_SIGNAL,
+    RESTART,
+    SERVICES,
+    Timing,
+    is_active,
+    services_really_run,
+    switch,
+)
 
 ETC_UNITS = "/etc/systemd/system"
 TIMER = "node-agent-update.timer"
@@ -196,6 +204,18 @@ def _desired(ctx: Context, ident: Identity, mode: str, facts: Facts) -> list[Cha
         triggers = (unit_path(unit), *CONFIGS[name])
         if services_really_run(host) and not is_active(host, unit):
             changes.append(Command(("systemctl", "start", unit), force=True, reason=f"{unit} is not running"))
+        elif RESTART[name] == "in-place":
+            # Never `systemctl restart nomad`, whose KillSignal=SIGINT drains the node: the agent
+            # alone exits on IN_PLACE_SIGNAL and comes back on the new config, re-attached to the
+            # running allocations (bootstrap.update says why). Restart=on-failure starts it again
+            # when `start` came too early to see it gone.
+            changes.append(
+                Command(
+                    ("systemctl", "kill", "--kill-who=main", f"--signal={IN_PLACE_SIGNAL}", unit),
+                    after=triggers,
+                )
+            )
+            changes.append(Command(("systemctl", "start", unit), after=triggers))
         else:
             changes.append(Command(("systemctl", "restart", unit), after=triggers))
     if settings.autoupdate:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from bootstrap.state import load_state
 from bootstrap.update import probe
 from hostsim import build_host, inject, load_topology
 from hostsim.agents import agent_tarball, publish, publish_agents
+from hostsim.nomad_standin import kill_tasks, place, running_tasks
 from hostsim.snapshot import snapshot
 from hostsim.systemd import Systemd, active_state, enabled_state, install
 
@@ -147,6 +149,40 @@ def test_an_upgrade_switches_only_the_agent_whose_binary_changed(node: Node) -> 
     restarts = [c for c in runner.commands if c[1:2] in (("restart",), ("start",))]
     assert restarts == [("systemctl", "restart", "node-agent.service")], out
     assert "node-agent: drained" in out
+
+
+def test_an_install_run_that_rewrites_nomads_config_restarts_it_in_place_and_keeps_its_allocations(
+    node: Node,
+) -> None:
+    host, _ = node.run_stages()
+    root = str(node.root)
+    try:
+        pids = {a: place(root, "/var/lib/vectorlay/nomad", a) for a in ("vm-a", "vm-b")}
+        # The config drifted (an operator's edit): the run rewrites it and must bring nomad onto it.
+        config = host.path("/etc/vectorlay/nomad.d/client.hcl")
+        config.write_text(config.read_text() + "\n# edited by hand\n")
+        host, out = node.run_stages()
+        runner = host.runner
+        assert isinstance(runner, RecordingRunner)
+        nomad = [c for c in runner.commands if "nomad.service" in c and c[1] not in ("is-active", "show")]
+        assert nomad == [
+            ("systemctl", "kill", "--kill-who=main", "--signal=SIGTERM", "nomad.service"),
+            ("systemctl", "start", "nomad.service"),
+        ], out
+        # The `start` may come while the old agent is still on its way out (a no-op then): its exit
+        # status 1 is a failure, and Restart=on-failure starts the new one, as on a real box.
+        log_path = host.path("/run/hostsim/systemd/nomad.service.log")
+        deadline = time.monotonic() + 20
+        while log_path.read_text().count("client started") < 2:
+            assert time.monotonic() < deadline, log_path.read_text()
+            host.run(["systemctl", "is-active", "nomad.service"])
+            time.sleep(0.05)
+        log = log_path.read_text()
+        assert "caught SIGTERM; exiting without leaving" in log and "drain" not in log
+        assert all(f"alloc {a}: re-attached to pid {p}" in log for a, p in pids.items()), log
+        assert running_tasks(root) == pids
+    finally:
+        kill_tasks(root)
 
 
 def test_an_upgrade_that_fails_its_health_check_is_rolled_back(node: Node) -> None:

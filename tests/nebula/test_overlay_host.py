@@ -150,6 +150,8 @@ def test_nebula_test_notices_a_key_that_is_not_the_certificates(
         (["--overlay-ip", "100.64.0.0"], "not a host address"),
         (["--overlay-ip", "nope"], "bad overlay address"),
         (["--overlay-ip", "100.64.0.1", "--lighthouse-at", "100.64.0.1"], "OVERLAY_IP=HOST:PORT"),
+        # A mistyped --db must not become an empty database whose blocklist unblocks every node.
+        (["--overlay-ip", "100.64.0.1", "--db", "/nonexistent/cp.sqlite"], "no such file"),
     ],
 )
 def test_bad_input_is_a_clear_error(
