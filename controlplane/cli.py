@@ -71,12 +71,33 @@ def serve(
     workers: int = typer.Option(
         1, "--workers", min=1, max=64, help="Server processes sharing the port (SO_REUSEPORT)."
     ),
+    cert_days: int = typer.Option(
+        30,
+        "--cert-days",
+        min=1,
+        max=3650,
+        help="Lifetime of the certificates issued to nodes (client, nebula, Nomad); nodes renew at 2/3.",
+    ),
+    nebula_cert_days: int | None = typer.Option(
+        None,
+        "--nebula-cert-days",
+        min=1,
+        max=3650,
+        help="Lifetime of nodes' nebula certificates (default: --cert-days).",
+    ),
+    nomad_cert_days: int | None = typer.Option(
+        None,
+        "--nomad-cert-days",
+        min=1,
+        max=3650,
+        help="Lifetime of nodes' Nomad certificates (default: --cert-days).",
+    ),
 ) -> None:
     """Serve the API over HTTPS (mTLS for node endpoints) until SIGINT/SIGTERM."""
     from controlplane.app import create_app
     from controlplane.pki import CertificateAuthority
     from controlplane.server import build_server, prepare
-    from controlplane.service import Network
+    from controlplane.service import Lifetimes, Network
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = _parse_listen(listen)
@@ -85,7 +106,9 @@ def serve(
 
     ca = CertificateAuthority.load_or_create(state_dir, wall_now())
     nebula_ca = NebulaCA.load_or_create(state_dir, wall_now())
-    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host), nebula_ca)
+    lifetimes = Lifetimes(cert_days, nebula_cert_days or cert_days, nomad_cert_days or cert_days)
+    network = Network(public_host=public_host or host)
+    plane = ControlPlane(Database(db), ca, clock, network, nebula_ca, lifetimes)
     # Nodes check the certificate against the host they were told to use.
     public_name = urlsplit(public_url).hostname if public_url else None
     server = build_server(

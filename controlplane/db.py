@@ -88,6 +88,21 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeats  INTEGER NOT NULL              -- how many were received
     );
     """,
+    # 3: every certificate issued to a node (enrollment, renewal), so that an operator sees when
+    # each credential a node holds expires. `batch` is the fingerprint of the client certificate
+    # issued with it: the set whose client certificate is the node's current one is what it holds.
+    """
+    CREATE TABLE node_certificates (
+        node_id     TEXT NOT NULL REFERENCES nodes(id),
+        kind        TEXT NOT NULL CHECK (kind IN ('node', 'nebula', 'nomad')),
+        serial      TEXT NOT NULL,                -- X.509 serial (hex), or the nebula fingerprint
+        batch       TEXT NOT NULL,
+        issued_at   TEXT NOT NULL,                -- the control plane's clock
+        not_after   TEXT NOT NULL,
+        PRIMARY KEY (node_id, kind, serial)
+    );
+    CREATE INDEX node_certificates_batch ON node_certificates(batch);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
