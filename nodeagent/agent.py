@@ -31,6 +31,7 @@ from bootstrap.identity import Identity, load_identity
 from bootstrap.settings import Settings, load_settings
 from bootstrap.update import SERVICES
 from nodeagent import __version__
+from nodeagent.renewal import Renewer
 from nodeagent.resources import CpuSample, read_resources
 
 log = logging.getLogger("node-agent")
@@ -113,10 +114,17 @@ class Agent:
 
     # --- one heartbeat --------------------------------------------------------------------------
 
-    def _api(self, ident: Identity, settings: Settings) -> ApiClient:
-        url = _config_api(self.host, self.config) or ident.api or settings.api
+    def api_url(self, ident: Identity, settings: Settings | None = None) -> str:
+        url = _config_api(self.host, self.config) or ident.api or (settings or load_settings(self.host)).api
         if not url:
             raise HeartbeatError(f"no control plane URL in {self.config}", "re-run the install one-liner")
+        return url
+
+    def renewer(self) -> Renewer:
+        return Renewer(self.host, self.api_url, timeout=REQUEST_TIMEOUT_S, rng=self.rng)
+
+    def _api(self, ident: Identity, settings: Settings) -> ApiClient:
+        url = self.api_url(ident, settings)
         # The identity directory is a symlink switched at re-enrollment: a new target, a new client.
         where = ident.path.resolve()
         if self._client is not None and self._client[0] == where and self._client[1].base_url == url:
@@ -303,6 +311,7 @@ class Daemon:
 
     def run(self) -> int:
         host = self.agent.host
+        renewer = self.agent.renewer()
         health = HealthServer(host)
         health.start()
         signal.signal(signal.SIGTERM, self._on_term)
@@ -325,6 +334,8 @@ class Daemon:
                     failures = 0
                     delay = self._interval()
                 else:
+                    if renewer.tick() is not None:
+                        self.agent.close()  # the next heartbeat goes out with the new identity
                     status = self._beat()
                     failures = 0 if status is not None else failures + 1
                     interval = self._interval()
