@@ -21,6 +21,8 @@ from bootstrap.nebula import parse_certificate_pem
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.renewal import next_renewal, read_credentials
 from controlplane.clock import Clock
+from doctor.checks import run_checks
+from doctor.model import Status
 from nodeagent.renewal import RELOADED_FILE, RenewalError, Renewer
 
 DAY = 24 * 3600
@@ -104,6 +106,9 @@ def test_a_renewal_makes_new_keys_keeps_the_node_and_its_overlay_ip_and_retires_
     assert (root / RELOADED_FILE.lstrip("/")).read_text().strip() == (
         root / IDENTITY_DIR.lstrip("/")
     ).readlink().name
+    # The doctor says when the renewed credentials renew next: two thirds into their 30 days.
+    doctor = run_checks(TreeHost(root), env={}, only=["identity"]).get("identity")
+    assert doctor.status is Status.PASS and doctor.message.endswith(", renews in 19 days"), doctor
     # The control plane stored what it issued, and its listing shows when the node's credentials expire.
     listed = cp.admin.org_summary("acme")["nodes"][0]["credentials_expire_at"]
     new_creds = {c.kind: c.not_after for c in read_credentials(new.path)}
