@@ -216,7 +216,7 @@ def create_app(
     app.wsgi_app = _HeartbeatPath(app, cp)  # type: ignore[method-assign]
 
     if store is not None:
-        ca_pem = cp.ca.cert_pem if cp.ca is not None else ""
+        ca_pem = cp.ca_bundle_pem
         register_artifacts(
             app,
             store,

@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 # The server also accepts only the fingerprints it currently holds for each node.
 NODE_CERT_DAYS = 30
 CA_DAYS = 3650
+CA_NAME = "vectorlay reference control plane CA"
 SERVER_CERT_DAYS = 825
 
 
@@ -107,7 +108,7 @@ class CertificateAuthority:
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
     @classmethod
-    def load_or_create(cls, state_dir: Path, now: datetime) -> CertificateAuthority:
+    def load_or_create(cls, state_dir: Path, now: datetime, name: str = CA_NAME) -> CertificateAuthority:
         """The CA of `state_dir`, created (ca.key 0600, ca.crt) on first use."""
         state_dir.mkdir(parents=True, exist_ok=True)
         key_path, cert_path = state_dir / "ca.key", state_dir / "ca.crt"
@@ -117,12 +118,12 @@ class CertificateAuthority:
                 raise ValueError(f"{key_path} is not an EC key")
             return cls(x509.load_pem_x509_certificate(cert_path.read_bytes()), key)
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vectorlay reference control plane CA")])
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
+            .subject_name(subject)
+            .issuer_name(subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(minutes=5))

@@ -152,10 +152,15 @@ class ControlPlane:
         network: Network | None = None,
         nebula_ca: NebulaCA | None = None,
         lifetimes: Lifetimes | None = None,
+        next_ca: CertificateAuthority | None = None,
+        next_nebula_ca: NebulaCA | None = None,
     ) -> None:
         self.db = db
         self._ca = ca
         self._nebula_ca = nebula_ca
+        # During a CA rotation (controlplane.rotation): the new CAs sign, nodes are given both.
+        self._next_ca = next_ca
+        self._next_nebula_ca = next_nebula_ca
         self.clock = clock
         self.network = network or Network()
         self.lifetimes = lifetimes or Lifetimes()
@@ -171,6 +176,23 @@ class ControlPlane:
         if self._nebula_ca is None:
             raise RuntimeError("this ControlPlane was opened without its nebula CA (admin use only)")
         return self._nebula_ca
+
+    @property
+    def signer(self) -> CertificateAuthority:
+        return self._next_ca or self.ca
+
+    @property
+    def nebula_signer(self) -> NebulaCA:
+        return self._next_nebula_ca or self.nebula_ca
+
+    @property
+    def ca_bundle_pem(self) -> str:
+        """The X.509 CAs a node trusts: one, or the old and the new one during a rotation."""
+        return self.ca.cert_pem + (self._next_ca.cert_pem if self._next_ca else "")
+
+    @property
+    def nebula_ca_bundle_pem(self) -> str:
+        return self.nebula_ca.ca_pem + (self._next_nebula_ca.ca_pem if self._next_nebula_ca else "")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -415,12 +437,12 @@ class ControlPlane:
             "overlay_ip": overlay_ip,
             "reenrolled": reenrolled,
             "certificate_pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
-            "ca_pem": self.ca.cert_pem,
+            "ca_pem": self.ca_bundle_pem,
             "node_token": new_token,
             "expires_at": self._expiries(cert, nebula_cert, nomad_cert),
             "nebula": {
                 "certificate": nebula_cert,
-                "ca": self.nebula_ca.ca_pem,
+                "ca": self.nebula_ca_bundle_pem,
                 "overlay_cidr": str(self.network.overlay),
                 "overlay_ip": overlay_ip,
                 "lighthouses": self.network.lighthouses,
@@ -434,7 +456,7 @@ class ControlPlane:
                 "node_class": gpu_mode,
                 "meta": {"vectorlay_node_id": node_id, "vectorlay_org_id": org["id"]},
                 "certificate_pem": nomad_cert.public_bytes(serialization.Encoding.PEM).decode(),
-                "ca_pem": self.ca.cert_pem,
+                "ca_pem": self.ca_bundle_pem,
             },
         }
 
@@ -442,7 +464,7 @@ class ControlPlane:
 
     def _sign_node(self, csr_pem: str, node_id: str, org_id: str) -> x509.Certificate:
         # Wall time, not the control plane's clock: TLS peers check the dates against their own.
-        return self.ca.sign_node_csr(csr_pem, node_id, org_id, wall_now(), self.lifetimes.node_days)
+        return self.signer.sign_node_csr(csr_pem, node_id, org_id, wall_now(), self.lifetimes.node_days)
 
     def _sign_overlay(
         self,
@@ -455,7 +477,7 @@ class ControlPlane:
     ) -> tuple[str, x509.Certificate]:
         """The nebula and Nomad certificates issued with `node_cert`, all three recorded."""
         try:
-            nebula_pem = self.nebula_ca.sign(
+            nebula_pem = self.nebula_signer.sign(
                 nebula_pub,
                 name=node_id,
                 ip=self.network.overlay_interface(overlay_ip),
@@ -463,7 +485,7 @@ class ControlPlane:
                 now=wall_now(),
                 days=self.lifetimes.nebula_days,
             )
-            nomad_cert = self.ca.sign_nomad_client_csr(
+            nomad_cert = self.signer.sign_nomad_client_csr(
                 nomad_csr,
                 node_id=node_id,
                 region=self.network.region,
@@ -558,14 +580,14 @@ class ControlPlane:
             "org_id": node["org_id"],
             "overlay_ip": overlay_ip,
             "certificate_pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
-            "ca_pem": self.ca.cert_pem,
+            "ca_pem": self.ca_bundle_pem,
             "node_token": new_token,
             "expires_at": self._expiries(cert, nebula_cert, nomad_cert),
-            "nebula": {"certificate": nebula_cert, "ca": self.nebula_ca.ca_pem},
+            "nebula": {"certificate": nebula_cert, "ca": self.nebula_ca_bundle_pem},
             "nomad": {
                 "region": self.network.region,
                 "certificate_pem": nomad_cert.public_bytes(serialization.Encoding.PEM).decode(),
-                "ca_pem": self.ca.cert_pem,
+                "ca_pem": self.ca_bundle_pem,
             },
         }
 

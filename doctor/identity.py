@@ -108,7 +108,7 @@ def _node_certificate(host: Host, now: dt.datetime) -> CheckResult | None:
     except ValueError as e:
         return CheckResult(name, Status.FAIL, f"{crt_p} is not a PEM certificate: {e}", REENROLL)
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        x509.load_pem_x509_certificates(ca_pem)
     except ValueError as e:
         return CheckResult(name, Status.FAIL, f"{ca_p} is not a PEM certificate: {e}", REENROLL)
     try:
@@ -118,7 +118,7 @@ def _node_certificate(host: Host, now: dt.datetime) -> CheckResult | None:
 
     if not credentials.same_key(key.public_key(), cert.public_key()):
         return CheckResult(name, Status.FAIL, f"{key_p} does not match {crt_p}", REENROLL)
-    if not credentials.issued_by(cert, ca):
+    if credentials.issuer_in(cert, ca_pem) is None:
         return CheckResult(name, Status.FAIL, f"{crt_p} was not issued by the CA in {ca_p}", REENROLL)
 
     not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
@@ -191,8 +191,38 @@ def _certificate_pass(host: Host, now: dt.datetime) -> CheckResult:
         Status.PASS,
         f"node certificate valid until {cert.not_valid_after_utc:%Y-%m-%d} UTC, renews in {_span(due - now)}",
         None,
-        (subject, *lines),
+        (subject, *lines, *_issuers(host)),
     )
+
+
+def _issuers(host: Host) -> tuple[str, ...]:
+    """Which CA each certificate chains to, by name and fingerprint: during a CA rotation the node's
+    trust files hold the old and the new CA, and this says which one its certificates come from."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from bootstrap import credentials, nebula
+
+    d = host.path(IDENTITY_DIR)
+    out = []
+    for kind, crt, ca_file in (("node", "node.crt", "ca.crt"), ("nomad", "nomad.crt", "nomad-ca.crt")):
+        try:
+            cert = x509.load_pem_x509_certificate((d / crt).read_bytes())
+            ca = credentials.issuer_in(cert, (d / ca_file).read_bytes())
+        except (OSError, ValueError):
+            ca = None
+        if ca is not None:
+            fp = hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest()
+            out.append(f"{kind} certificate issued by {ca.subject.rfc4514_string()} (sha256 {fp[:16]})")
+    try:
+        neb = nebula.parse_certificate_pem((d / "nebula.crt").read_bytes())
+        neb_ca = credentials.nebula_issuer(neb, (d / "nebula-ca.crt").read_bytes())
+        out.append(f"nebula certificate issued by {neb_ca.name} (fingerprint {neb_ca.fingerprint[:16]})")
+    except (OSError, ValueError):
+        pass
+    return tuple(out)
 
 
 def _enrolled_names(host: Host) -> tuple[str | None, str | None]:

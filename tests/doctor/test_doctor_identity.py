@@ -184,12 +184,15 @@ def test_a_valid_identity_passes_with_its_expiry_date_and_when_the_credentials_r
     )
     due = NOW + dt.timedelta(days=20) - dt.timedelta(minutes=5) + dt.timedelta(minutes=5) * 2 / 3
     assert result.details[0] == "CN=node-7f3a"
-    assert [d.split(" certificate valid until ")[0] for d in result.details[1:]] == [
-        "node",
-        "nebula",
-        "nomad",
+    lines = result.details[1:4]
+    assert [d.split(" certificate valid until ")[0] for d in lines] == ["node", "nebula", "nomad"]
+    assert all(d.endswith(f", renews {due:%Y-%m-%d}") for d in lines)
+    # And the CA each certificate was issued by (during a CA rotation the node trusts two).
+    assert [d.split(" (")[0] for d in result.details[4:]] == [
+        "node certificate issued by CN=vectorlay node CA",
+        "nomad certificate issued by CN=vectorlay node CA",
+        "nebula certificate issued by vectorlay test nebula CA",
     ]
-    assert all(d.endswith(f", renews {due:%Y-%m-%d}") for d in result.details[1:])
 
 
 def test_a_renewal_overdue_warns_before_anything_expires(host: Host) -> None:
