@@ -5,7 +5,10 @@ makes new keys, asks the control plane over its current mTLS identity for certif
 token, and switches the identity directory to them in one rename (bootstrap.enroll.renew). nebula
 and Nomad read their certificates through that directory's symlink, so they are told to reload
 (`systemctl reload`, SIGHUP: the units' ExecReload) rather than restarted: nebula swaps its
-certificate without dropping a tunnel, Nomad its TLS configuration without touching an allocation.
+certificate without dropping a tunnel (slackhq/nebula pki.go: the reload callback re-reads pki.cert,
+pki.key and pki.ca, refusing only a certificate whose networks changed), Nomad its TLS configuration
+without touching an allocation (the agent reloads its `tls` files on SIGHUP since 0.7.1,
+hashicorp/nomad#3479; developer.hashicorp.com/nomad/docs/configuration/tls).
 
 The reload is tied to the generation the identity symlink names, recorded once both agents were
 told: a crash between the switch and the reload is repaired by the next run, which sees a generation
