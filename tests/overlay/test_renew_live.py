@@ -14,10 +14,12 @@ Needs root (namespaces) and Debian's nebula; .ci/run provides both.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,3 +165,100 @@ def test_a_nebula_certificate_renewed_under_traffic_is_loaded_without_dropping_t
     seen = _fingerprints(lh_log2.read_text())
     assert new_cert.fingerprint in seen and old_cert.fingerprint not in seen, net.logs()
     assert node.poll() is None
+
+
+def _cp_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_during_a_ca_rotation_nodes_on_the_old_and_the_new_nebula_ca_share_the_overlay(
+    net: Net,  # noqa: F811
+    tmp_path: Path,
+    short_base: Path,  # noqa: F811
+) -> None:
+    """A node enrolled before `ca introduce` (old nebula CA) and one enrolled after (new CA) both
+    reach a lighthouse set up during the overlap; the old node then renews under a running ping and
+    moves to the new CA with its nebula reloaded, not restarted."""
+    from controlplane import testing
+
+    assert NEBULA is not None
+    publish_agents(tmp_path / "artifacts")
+    work = tmp_path / "cp"
+    args = ("--artifacts", str(tmp_path / "artifacts"), "--cert-days", "30")
+    _attach(net, "lh", "192.0.2.1")
+    _attach(net, "a", "192.0.2.2")
+    _attach(net, "b", "192.0.2.3")
+    cp = testing.start(work, args=args)
+    try:
+        org = cp.org("acme")
+        roots = {"a": _installed_node(short_base, cp, org, "192.0.2.1")}
+    finally:
+        testing.stop(cp)
+    introduced = _cp_cli("ca", "introduce", "--state-dir", str(work / "state"))
+    assert introduced.returncode == 0, introduced.stderr
+    old_ca, new_ca = (json.loads(introduced.stdout)[k]["sha256"] for k in ("nebula_ca", "next_nebula_ca"))
+    cp = testing.start(work, args=args)
+    procs = {}
+    try:
+        roots["b"] = _installed_node(short_base, cp, org, "192.0.2.1")
+        lh_out = tmp_path / "lighthouse"
+        made = _cp_cli(
+            "overlay-host", "--state-dir", str(cp.state_dir), "--name", "lighthouse", "--overlay-ip",
+            "100.64.0.1", "--out", str(lh_out), "--lighthouse",
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        overlay = {"lh": "100.64.0.1"}
+        for name, root in roots.items():
+            ident = load_identity(TreeHost(root))
+            assert ident is not None
+            overlay[name] = ident.overlay_ip
+        issuers = {
+            name: parse_certificate_pem((root / "etc/vectorlay/identity/nebula.crt").read_bytes()).issuer
+            for name, root in roots.items()
+        }
+        assert issuers == {"a": old_ca, "b": new_ca}
+        configs = {
+            "lh": lh_out / "config.yml",
+            **{n: r / NEBULA_CONFIG.lstrip("/") for n, r in roots.items()},
+        }
+        for name in ("lh", "a", "b"):
+            procs[name] = net.start(
+                name, [NEBULA, "-config", str(configs[name])], tmp_path / f"nebula-{name}.log"
+            )
+            _wait_tun(net, name, overlay[name], procs[name])
+        for name in ("a", "b"):
+            assert _pings(net, name, overlay["lh"], tries=10), net.logs()
+            assert _pings(net, "lh", overlay[name], tries=10), net.logs()
+
+        # The old node's next renewal moves it to the new CA; nebula reloads certificate and CAs.
+        ping = subprocess.Popen(
+            ["ip", "netns", "exec", net.ns("lh"), "ping", "-n", "-q", "-i", INTERVAL, "-W", "1", "-c",
+             str(PINGS), overlay["a"]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(2)
+            Renewer(TreeHost(roots["a"], NebulaUnit(procs["a"])), lambda _i: str(cp.url)).renew()
+            out, _ = ping.communicate(timeout=60)
+        finally:
+            if ping.poll() is None:
+                ping.kill()
+                ping.wait()
+        print(out)  # the ping summary, for whoever runs this with -s
+        found = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        assert found is not None, out
+        sent, received = int(found.group(1)), int(found.group(2))
+        assert sent == PINGS and sent - received <= 3, out
+        renewed = parse_certificate_pem((roots["a"] / "etc/vectorlay/identity/nebula.crt").read_bytes())
+        assert renewed.issuer == new_ca and procs["a"].poll() is None
+        assert _pings(net, "a", overlay["lh"], tries=5) and _pings(net, "b", overlay["lh"], tries=5)
+    finally:
+        testing.stop(cp)
