@@ -124,7 +124,12 @@ class Renewer:
             raise RenewalError(e.message, e.hint) from None
         finally:
             api.close()
-        reload_if_switched(self.host)
+        try:
+            reload_if_switched(self.host)
+        except RenewalError as e:
+            # The new identity is in force; the agents still run the old, valid one until the
+            # next tick's reload_if_switched gets through.
+            log.warning("renewed, but the agents were not told to reload yet: %s", e.message)
         return new
 
     def tick(self) -> Identity | None:

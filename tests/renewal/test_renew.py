@@ -282,3 +282,36 @@ def test_the_renewal_endpoint_answers_bad_requests_with_4xx(
         url, json={}, headers={"Authorization": "Bearer vnt_wrong"}, cert=cert, verify=ca, timeout=30
     )
     assert wrong_token.status_code in (400, 401)
+
+
+def test_a_reload_that_fails_after_the_switch_keeps_the_new_identity_and_is_retried(
+    make_tree: Callable[..., Path], control_plane: Any
+) -> None:
+    from bootstrap.host import CommandResult
+
+    root = make_tree("cpu-only")
+    _enrolled(control_plane, root)
+    fail = {"reload": True}
+
+    def systemctl(_host: Any, cmd: tuple[str, ...]) -> CommandResult:
+        if cmd[1] == "reload" and fail["reload"]:
+            return CommandResult(cmd, 1, "", "Job for nebula.service failed.\n")
+        return CommandResult(cmd, 0, "", "")
+
+    runner = RecordingRunner(handlers={"systemctl": systemctl})
+    host = TreeHost(root, runner)
+    before = _files(root)
+    new = _renewer(host, control_plane).renew()  # renewed: only the reload is owed
+    assert _files(root)["node.crt"] != before["node.crt"]
+    assert _self(control_plane, root)["node_id"] == new.node_id
+    assert not (root / RELOADED_FILE.lstrip("/")).exists()
+    fail["reload"] = False
+    assert _renewer(host, control_plane).tick() is None  # not due; the owed reload goes out
+    reloads = [c for c in runner.commands if c[:2] == ("systemctl", "reload")]
+    assert reloads[-2:] == [
+        ("systemctl", "reload", "nebula.service"),
+        ("systemctl", "reload", "nomad.service"),
+    ]
+    assert (root / RELOADED_FILE.lstrip("/")).read_text().strip() == (
+        root / IDENTITY_DIR.lstrip("/")
+    ).readlink().name
