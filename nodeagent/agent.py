@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -109,6 +110,8 @@ class Agent:
     config: str = DEFAULT_CONFIG
     rng: random.Random = field(default_factory=random.Random)
     draining: bool = False
+    # The node's clock, as the renewal schedule reads it (tests move it to two thirds of a lifetime).
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
     _cpu: CpuSample | None = field(default=None, repr=False)
     _client: tuple[Path, ApiClient] | None = field(default=None, repr=False)
 
@@ -121,7 +124,7 @@ class Agent:
         return url
 
     def renewer(self) -> Renewer:
-        return Renewer(self.host, self.api_url, timeout=REQUEST_TIMEOUT_S, rng=self.rng)
+        return Renewer(self.host, self.api_url, timeout=REQUEST_TIMEOUT_S, rng=self.rng, now=self.now)
 
     def _api(self, ident: Identity, settings: Settings) -> ApiClient:
         url = self.api_url(ident, settings)

@@ -315,3 +315,46 @@ def test_a_reload_that_fails_after_the_switch_keeps_the_new_identity_and_is_retr
     assert (root / RELOADED_FILE.lstrip("/")).read_text().strip() == (
         root / IDENTITY_DIR.lstrip("/")
     ).readlink().name
+
+
+def test_the_agent_service_renews_when_due_and_beats_with_the_new_identity(
+    control_plane: Any, tmp_path: Path
+) -> None:
+    import shutil
+    import tempfile
+    import threading
+
+    from hostsim import build_host, load_topology
+    from nodeagent.agent import Agent, Daemon
+
+    # Short: the health socket lives under the tree, and socket paths stop at 108 bytes.
+    base = Path(tempfile.mkdtemp(prefix="vlr", dir="/tmp"))
+    try:
+        root = build_host(base / "n", load_topology("cpu-only"))
+        host = _enrolled(control_plane, root)
+        old = load_identity(host)
+        assert old is not None
+        due = next_renewal(read_credentials(old.path))
+        old_generation = old.path.resolve()
+        agent = Agent(host, now=lambda: due + timedelta(minutes=1))
+        daemon = Daemon(agent)
+
+        def one_round(_ev: threading.Event, _delay: float) -> bool:
+            daemon._stop = True
+            return True
+
+        daemon.wait = one_round
+        assert daemon.run() == 0
+        new = load_identity(TreeHost(root))
+        assert new is not None and new.path.resolve() != old_generation
+        assert new.node_id == old.node_id
+        # The heartbeat after the renewal went out with the new pair, which made it the current one.
+        row = (
+            control_plane.admin.db.conn()
+            .execute("SELECT pending_cert_fp, heartbeats FROM nodes JOIN node_heartbeats ON node_id = id")
+            .fetchone()
+        )
+        assert row["pending_cert_fp"] is None and row["heartbeats"] == 1
+        assert _self(control_plane, root)["node_id"] == old.node_id
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
