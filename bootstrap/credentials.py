@@ -43,15 +43,24 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
-def chained(cert_pem: bytes, ca_pem: bytes) -> x509.Certificate | None:
-    """The certificate in `cert_pem` when it is one issued by the CA in `ca_pem`; None when either is
-    not a PEM certificate or the CA did not sign it."""
+def issuer_in(cert: x509.Certificate, ca_pem: bytes) -> x509.Certificate | None:
+    """The CA of the bundle `ca_pem` (one CA, or the old and the new one while a CA is rolled) that
+    signed `cert`; None when none did or the bundle is not PEM."""
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        cas = x509.load_pem_x509_certificates(ca_pem)
     except (ValueError, TypeError):
         return None
-    return cert if issued_by(cert, ca) else None
+    return next((ca for ca in cas if issued_by(cert, ca)), None)
+
+
+def chained(cert_pem: bytes, ca_pem: bytes) -> x509.Certificate | None:
+    """The certificate in `cert_pem` when it is one issued by a CA in `ca_pem`; None when either is
+    not PEM or no CA there signed it."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except (ValueError, TypeError):
+        return None
+    return cert if issuer_in(cert, ca_pem) is not None else None
 
 
 def common_name(cert: x509.Certificate) -> str | None:
@@ -74,8 +83,15 @@ def verified_nebula(cert_pem: bytes | str, ca_pem: bytes | str, now: datetime) -
     """The nebula certificate in `cert_pem`, when nebula would accept it as signed by the CA in
     `ca_pem` at `now`; raises nebula.NebulaCertError saying why not."""
     cert = nebula.parse_certificate_pem(cert_pem)
-    nebula.verify_certificate(cert, nebula.parse_certificate_pem(ca_pem), now)
+    nebula.verify_certificate(cert, nebula_issuer(cert, ca_pem), now)
     return cert
+
+
+def nebula_issuer(cert: nebula.NebulaCertificate, ca_pem: bytes | str) -> nebula.NebulaCertificate:
+    """The CA of the bundle `ca_pem` named as `cert`'s issuer (the first CA when none is: the check
+    against it then says why it fails)."""
+    cas = nebula.parse_certificate_bundle_pem(ca_pem)
+    return next((ca for ca in cas if ca.fingerprint == cert.issuer), cas[0])
 
 
 def overlay_ips(cert: nebula.NebulaCertificate) -> list[str]:

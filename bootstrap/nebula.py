@@ -423,6 +423,26 @@ def parse_certificate_pem(data: bytes | str) -> NebulaCertificate:
     return parse_certificate(_pem_decode(data, CERT_BANNER, "nebula certificate"))
 
 
+# A CA file holds more than one CA only while a CA is being rolled: the old and the new one.
+MAX_BUNDLE = 8
+
+
+def parse_certificate_bundle_pem(data: bytes | str) -> list[NebulaCertificate]:
+    """The certificates of a CA file (`pki.ca`): one or more `NEBULA CERTIFICATE` PEM blocks, as
+    nebula loads them (every CA in the file is trusted)."""
+    raw = data.encode("ascii", "replace") if isinstance(data, str) else data
+    if len(raw) > MAX_PEM_BYTES * MAX_BUNDLE:
+        raise NebulaCertError(f"nebula CA bundle: {len(raw)} bytes, more than {MAX_BUNDLE} certificates")
+    blocks = [m.group(0) for m in _PEM_RE.finditer(raw)]
+    if not blocks:
+        raise NebulaCertError("nebula certificate: not PEM (no '-----BEGIN NEBULA CERTIFICATE-----' line)")
+    if len(blocks) > MAX_BUNDLE:
+        raise NebulaCertError(f"nebula CA bundle: {len(blocks)} certificates, at most {MAX_BUNDLE}")
+    if _PEM_RE.sub(b"", raw).strip():
+        raise NebulaCertError("nebula CA bundle: data outside its PEM blocks")
+    return [parse_certificate_pem(b) for b in blocks]
+
+
 def sign_certificate(unsigned: NebulaCertificate, key: Ed25519PrivateKey) -> NebulaCertificate:
     """`unsigned` with its signature made by `key` (the CA's, or its own for a CA)."""
     return replace(unsigned, signature=key.sign(unsigned.details_bytes()))

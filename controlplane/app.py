@@ -187,6 +187,12 @@ def create_app(
     def node_self() -> Response:
         return jsonify(cp.node_self(_client_cert(), _bearer()))
 
+    @app.post("/v1/node/renew")
+    def node_renew() -> Response:
+        result = cp.renew(_json_body(), _client_cert(), _bearer())
+        log.info("renewed the credentials of node %s", result["node_id"])
+        return jsonify(result)
+
     @app.patch("/v1/orgs/<org>/provider/nodes/<node_id>")
     def patch_node(org: str, node_id: str) -> Response:
         result = cp.set_node_status(_bearer(), org, node_id, _json_body())
@@ -216,7 +222,7 @@ def create_app(
     app.wsgi_app = _HeartbeatPath(app, cp)  # type: ignore[method-assign]
 
     if store is not None:
-        ca_pem = cp.ca.cert_pem if cp.ca is not None else ""
+        ca_pem = cp.ca_bundle_pem
         register_artifacts(
             app,
             store,

@@ -11,7 +11,7 @@ import sqlite3
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import typer
@@ -72,21 +72,48 @@ def serve(
     workers: int = typer.Option(
         1, "--workers", min=1, max=64, help="Server processes sharing the port (SO_REUSEPORT)."
     ),
+    cert_days: int = typer.Option(
+        30,
+        "--cert-days",
+        min=1,
+        max=3650,
+        help="Lifetime of the certificates issued to nodes (client, nebula, Nomad); nodes renew at 2/3.",
+    ),
+    nebula_cert_days: int | None = typer.Option(
+        None,
+        "--nebula-cert-days",
+        min=1,
+        max=3650,
+        help="Lifetime of nodes' nebula certificates (default: --cert-days).",
+    ),
+    nomad_cert_days: int | None = typer.Option(
+        None,
+        "--nomad-cert-days",
+        min=1,
+        max=3650,
+        help="Lifetime of nodes' Nomad certificates (default: --cert-days).",
+    ),
 ) -> None:
     """Serve the API over HTTPS (mTLS for node endpoints) until SIGINT/SIGTERM."""
     from controlplane.app import create_app
-    from controlplane.pki import CertificateAuthority
     from controlplane.server import build_server, prepare
-    from controlplane.service import Network
+    from controlplane.service import Lifetimes, Network
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = _parse_listen(listen)
     clock = Clock.from_env()
-    from controlplane.nebula_ca import NebulaCA
+    from controlplane.rotation import load as load_authorities
 
-    ca = CertificateAuthority.load_or_create(state_dir, wall_now())
-    nebula_ca = NebulaCA.load_or_create(state_dir, wall_now())
-    plane = ControlPlane(Database(db), ca, clock, Network(public_host=public_host or host), nebula_ca)
+    try:
+        auth = load_authorities(state_dir, wall_now())
+    except ValueError as e:  # RotationError and NebulaCertError are ValueErrors
+        _fail(str(e))
+    ca = auth.ca
+    lifetimes = Lifetimes(cert_days, nebula_cert_days or cert_days, nomad_cert_days or cert_days)
+    network = Network(public_host=public_host or host)
+    plane = ControlPlane(
+        Database(db), ca, clock, network, auth.nebula_ca, lifetimes, auth.next_ca, auth.next_nebula_ca
+    )
     # Nodes check the certificate against the host they were told to use.
     public_name = urlsplit(public_url).hostname if public_url else None
     server = build_server(
@@ -97,6 +124,7 @@ def serve(
         state_dir,
         threads,
         extra_names=(public_name,) if public_name else (),
+        trusted=(auth.next_ca.cert_pem,) if auth.next_ca else (),
     )
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -206,6 +234,66 @@ def overlay_host(
     print(json.dumps({"out": str(out.resolve()), "changed": changed}))
 
 
+ca_app = typer.Typer(help="Rolling the control plane's CAs (API, Nomad and nebula).", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
+StateDirOption = typer.Option(..., "--state-dir", help="The control plane's state dir (its CAs).")
+
+
+def _ca_summary(state_dir: Path, action: str) -> None:
+    from controlplane.rotation import RotationError, introduce, load, retire
+
+    try:
+        if action == "introduce":
+            auth = introduce(state_dir, wall_now())
+        elif action == "retire":
+            auth = retire(state_dir, wall_now())
+        else:
+            if not (state_dir / "ca.crt").is_file():
+                _fail(f"{state_dir} has no ca.crt: point --state-dir at the control plane's state dir")
+            auth = load(state_dir, wall_now())
+    except (RotationError, ValueError) as e:  # NebulaCertError is a ValueError
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot use the CAs in {state_dir}: {e.strerror or e}")
+    from controlplane.pki import fingerprint
+
+    def x509_ca(ca: Any) -> dict[str, str]:
+        return {"name": ca.cert.subject.rfc4514_string(), "sha256": fingerprint(ca.cert)}
+
+    def nebula_ca(ca: Any) -> dict[str, str]:
+        return {"name": ca.certificate.name, "sha256": ca.certificate.fingerprint}
+
+    print(
+        json.dumps(
+            {
+                "ca": x509_ca(auth.ca),
+                "nebula_ca": nebula_ca(auth.nebula_ca),
+                "next_ca": x509_ca(auth.next_ca) if auth.next_ca else None,
+                "next_nebula_ca": nebula_ca(auth.next_nebula_ca) if auth.next_nebula_ca else None,
+            },
+            indent=2,
+        )
+    )
+
+
+@ca_app.command("introduce")
+def ca_introduce(state_dir: Path = StateDirOption) -> None:
+    """Create new CAs beside the current ones: restart serve, and nodes move to them as they renew."""
+    _ca_summary(state_dir, "introduce")
+
+
+@ca_app.command("retire")
+def ca_retire(state_dir: Path = StateDirOption) -> None:
+    """Make the new CAs the only ones (the old are kept in retired/); restart serve."""
+    _ca_summary(state_dir, "retire")
+
+
+@ca_app.command("show")
+def ca_show(state_dir: Path = StateDirOption) -> None:
+    """The CAs in force, and the new ones during a rotation, as JSON."""
+    _ca_summary(state_dir, "show")
+
+
 @org_app.command("create")
 def org_create(
     name: str = typer.Argument(..., help="Org name (unique)."),
@@ -288,9 +376,8 @@ def nomad_server_cert(
     out: Path = typer.Option(..., "--out", help="Directory for server.key (0600), server.crt, ca.crt."),
 ) -> None:
     """A TLS identity for one of the control plane's Nomad servers, from the CA nodes' Nomad trusts."""
-    from cryptography.hazmat.primitives import serialization
-
     from controlplane.pki import CertificateAuthority
+    from controlplane.rotation import ca_trust_pem
 
     # A mistyped --state-dir must not quietly mint a second CA that no node trusts.
     missing = [name for name in ("ca.key", "ca.crt") if not (state_dir / name).is_file()]
@@ -311,7 +398,7 @@ def nomad_server_cert(
         # server.crt (Nomad says so at start) and re-running the command repairs it.
         _write_atomic(out / "server.key", key_pem, 0o600)
         _write_atomic(out / "server.crt", cert_pem, 0o644)
-        _write_atomic(out / "ca.crt", ca.cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        _write_atomic(out / "ca.crt", ca_trust_pem(state_dir, ca).encode(), 0o644)
         dir_fd = os.open(out, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -88,16 +88,23 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeats  INTEGER NOT NULL              -- how many were received
     );
     """,
-    # 3: every nebula certificate given to a node; removing the node revokes them, and the overlay
-    # hosts' `pki.blocklist` is the revoked ones that have not expired.
+    # 3: every certificate issued to a node (enrollment, renewal), so that an operator sees when
+    # each credential a node holds expires, and removing the node revokes them all: the overlay
+    # hosts' `pki.blocklist` is the revoked nebula certificates that have not expired. `batch` is
+    # the fingerprint of the client certificate issued with it: the set whose client certificate is
+    # the node's current one is what it holds.
     """
-    CREATE TABLE nebula_certs (
-        fingerprint TEXT PRIMARY KEY,             -- nebula's: sha256 of the marshalled certificate
+    CREATE TABLE node_certificates (
         node_id     TEXT NOT NULL REFERENCES nodes(id),
+        kind        TEXT NOT NULL CHECK (kind IN ('node', 'nebula', 'nomad')),
+        serial      TEXT NOT NULL,                -- X.509 serial (hex), or the nebula fingerprint
+        batch       TEXT NOT NULL,
+        issued_at   TEXT NOT NULL,                -- the control plane's clock
         not_after   TEXT NOT NULL,
-        revoked_at  TEXT
+        revoked_at  TEXT,                         -- set when the node is removed
+        PRIMARY KEY (node_id, kind, serial)
     );
-    CREATE INDEX nebula_certs_node ON nebula_certs(node_id);
+    CREATE INDEX node_certificates_batch ON node_certificates(batch);
     """,
 )
 

@@ -350,8 +350,8 @@ def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> 
     now = cp.clock.now()
     conn = cp.db.conn()
     rows = conn.execute(
-        "SELECT n.id, n.hostname, n.status, h.node_id AS hb, h.received_at, h.interval_s, h.verdict,"
-        " h.units_ready, h.units_total, h.draining, h.resources, h.thresholds, h.agents,"
+        "SELECT n.id, n.hostname, n.status, n.cert_fp, h.node_id AS hb, h.received_at, h.interval_s,"
+        " h.verdict, h.units_ready, h.units_total, h.draining, h.resources, h.thresholds, h.agents,"
         f" {_enrolled_units('n')} AS enrolled"
         " FROM nodes n LEFT JOIN node_heartbeats h ON h.node_id = n.id"
         " WHERE n.org_id = ? ORDER BY n.seq",
@@ -378,6 +378,7 @@ def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> 
                 "agents": json.loads(r["agents"]) if hb is not None else {},
                 "draining": bool(r["draining"]) if hb is not None else False,
                 "reason": offer.reason,
+                "credentials_expire_at": cp.credential_expiry(conn, r["id"], r["cert_fp"]),
             }
         )
     return {"nodes": nodes}

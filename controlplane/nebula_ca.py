@@ -55,7 +55,7 @@ class NebulaCA:
         return self._certificate.to_pem().decode("ascii")
 
     @classmethod
-    def load_or_create(cls, state_dir: Path, now: datetime) -> NebulaCA:
+    def load_or_create(cls, state_dir: Path, now: datetime, name: str = CA_NAME) -> NebulaCA:
         """The CA of `state_dir`, created (nebula-ca.key 0600, nebula-ca.crt 0644) on first use."""
         key_path, cert_path = state_dir / CA_KEY_FILE, state_dir / CA_CERT_FILE
         if cert_path.exists() and not key_path.exists():
@@ -80,7 +80,7 @@ class NebulaCA:
         now = now.replace(microsecond=0)
         certificate = sign_certificate(
             NebulaCertificate(
-                name=CA_NAME,
+                name=name,
                 ips=(),
                 subnets=(),
                 groups=(),

@@ -26,6 +26,7 @@ from bootstrap.nebula import (
 )
 from bootstrap.overlay import CONTROL_GROUP, TUN_DEVICE
 from controlplane.nebula_ca import NebulaCA
+from controlplane.rotation import nebula_trust_pem
 
 # Re-running re-signs a certificate that has less than this left.
 RENEW_BEFORE = timedelta(days=30)
@@ -165,7 +166,7 @@ def write_overlay_host(
         ),
         sort_keys=False,
     )
-    for file, data in (("ca.crt", ca.ca_pem), ("config.yml", config)):
+    for file, data in (("ca.crt", nebula_trust_pem(state_dir, ca)), ("config.yml", config)):
         path = out / file
         if not path.exists() or path.read_text() != data:
             atomic_write(path, data, mode=0o644)

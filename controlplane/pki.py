@@ -23,10 +23,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-# Node certificates live as long as the node (the docs' "durable identity"); they are not revoked by
-# expiry but by the server accepting only the fingerprints it currently holds for each node.
-NODE_CERT_DAYS = 3650
+# The default lifetime of a node's client and Nomad certificates (`serve --cert-days`): short, because
+# the node-agent renews them at two thirds of their life, and a leaked key is good for weeks, not years.
+# The server also accepts only the fingerprints it currently holds for each node.
+NODE_CERT_DAYS = 30
 CA_DAYS = 3650
+CA_NAME = "vectorlay reference control plane CA"
 SERVER_CERT_DAYS = 825
 
 
@@ -106,7 +108,7 @@ class CertificateAuthority:
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
     @classmethod
-    def load_or_create(cls, state_dir: Path, now: datetime) -> CertificateAuthority:
+    def load_or_create(cls, state_dir: Path, now: datetime, name: str = CA_NAME) -> CertificateAuthority:
         """The CA of `state_dir`, created (ca.key 0600, ca.crt) on first use."""
         state_dir.mkdir(parents=True, exist_ok=True)
         key_path, cert_path = state_dir / "ca.key", state_dir / "ca.crt"
@@ -116,12 +118,12 @@ class CertificateAuthority:
                 raise ValueError(f"{key_path} is not an EC key")
             return cls(x509.load_pem_x509_certificate(cert_path.read_bytes()), key)
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vectorlay reference control plane CA")])
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
+            .subject_name(subject)
+            .issuer_name(subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(minutes=5))
@@ -209,7 +211,9 @@ class CertificateAuthority:
         _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem.encode())
         return cert_path, key_path
 
-    def sign_node_csr(self, csr_pem: str, node_id: str, org_id: str, now: datetime) -> x509.Certificate:
+    def sign_node_csr(
+        self, csr_pem: str, node_id: str, org_id: str, now: datetime, days: int = NODE_CERT_DAYS
+    ) -> x509.Certificate:
         """The node's client certificate: subject and SAN are set here, never taken from the CSR."""
         public_key = _csr_public_key(csr_pem)
         subject = x509.Name(
@@ -221,10 +225,17 @@ class CertificateAuthority:
         san: list[x509.GeneralName] = [
             x509.UniformResourceIdentifier(f"spiffe://vectorlay/org/{org_id}/node/{node_id}")
         ]
-        return self._leaf(subject, public_key, now, NODE_CERT_DAYS, ExtendedKeyUsageOID.CLIENT_AUTH, san)
+        return self._leaf(subject, public_key, now, days, ExtendedKeyUsageOID.CLIENT_AUTH, san)
 
     def sign_nomad_client_csr(
-        self, csr_pem: str, *, node_id: str, region: str, overlay_ip: str, now: datetime
+        self,
+        csr_pem: str,
+        *,
+        node_id: str,
+        region: str,
+        overlay_ip: str,
+        now: datetime,
+        days: int = NODE_CERT_DAYS,
     ) -> x509.Certificate:
         """The node's Nomad certificate, for the key in the CSR (made on the node).
 
@@ -248,7 +259,7 @@ class CertificateAuthority:
             subject,
             public_key,
             now,
-            NODE_CERT_DAYS,
+            days,
             ExtendedKeyUsageOID.SERVER_AUTH,
             _nomad_san("client", region, overlay_ip),
             extra_usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),

@@ -149,6 +149,7 @@ def build_server(
     state_dir: Path,
     threads: int = 32,
     extra_names: tuple[str, ...] = (),
+    trusted: tuple[str, ...] = (),
 ) -> wsgi.Server:
     cert_path, key_path = ca.write_server_cert(state_dir, host, wall_now(), extra_names)
     server = wsgi.Server(
@@ -164,6 +165,8 @@ def build_server(
     server.gateway = _Gateway
     adapter = _TLSAdapter(str(cert_path), str(key_path), certificate_chain=str(state_dir / "ca.crt"))
     ctx = adapter.context
+    for pem in trusted:  # a new CA during a rotation: its client certificates are accepted too
+        ctx.load_verify_locations(cadata=pem)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_OPTIONAL
     # Sessions stay in the server's cache; the TLS 1.3 ticket only names one (module docstring).

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from bootstrap.nebula import NebulaCertError, parse_certificate_pem, parse_public_key_pem
@@ -54,9 +55,27 @@ HOSTNAME_RULE = (
 # Nebula groups: the firewall of every node admits only hosts of the control group.
 NODE_GROUP = "vectorlay-node"
 CONTROL_GROUP = "vectorlay-control"
-# Nebula certificates are short next to the node's X.509 identity: every re-enrollment (the one-liner
-# re-run, or any repair) issues a new one, and the doctor warns two weeks before the end.
-NEBULA_CERT_DAYS = 365
+# Every credential a node holds is short-lived: the node-agent renews it at two thirds of its life
+# (POST /v1/node/renew), so a fleet installed in one week never expires together, and a leaked key is
+# good for weeks. `serve --cert-days` sets them.
+DEFAULT_CERT_DAYS = 30
+MAX_CERT_DAYS = 3650
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    """Days each credential issued to a node is valid: its client certificate (and node token's
+    pair), its nebula certificate, its Nomad certificate."""
+
+    node_days: int = DEFAULT_CERT_DAYS
+    nebula_days: int = DEFAULT_CERT_DAYS
+    nomad_days: int = DEFAULT_CERT_DAYS
+
+    def __post_init__(self) -> None:
+        for name in ("node_days", "nebula_days", "nomad_days"):
+            days = getattr(self, name)
+            if not 1 <= days <= MAX_CERT_DAYS:
+                raise ValueError(f"{name} must be 1 to {MAX_CERT_DAYS} days, not {days}")
 
 
 class ApiError(Exception):
@@ -132,12 +151,19 @@ class ControlPlane:
         clock: Clock,
         network: Network | None = None,
         nebula_ca: NebulaCA | None = None,
+        lifetimes: Lifetimes | None = None,
+        next_ca: CertificateAuthority | None = None,
+        next_nebula_ca: NebulaCA | None = None,
     ) -> None:
         self.db = db
         self._ca = ca
         self._nebula_ca = nebula_ca
+        # During a CA rotation (controlplane.rotation): the new CAs sign, nodes are given both.
+        self._next_ca = next_ca
+        self._next_nebula_ca = next_nebula_ca
         self.clock = clock
         self.network = network or Network()
+        self.lifetimes = lifetimes or Lifetimes()
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -150,6 +176,23 @@ class ControlPlane:
         if self._nebula_ca is None:
             raise RuntimeError("this ControlPlane was opened without its nebula CA (admin use only)")
         return self._nebula_ca
+
+    @property
+    def signer(self) -> CertificateAuthority:
+        return self._next_ca or self.ca
+
+    @property
+    def nebula_signer(self) -> NebulaCA:
+        return self._next_nebula_ca or self.nebula_ca
+
+    @property
+    def ca_bundle_pem(self) -> str:
+        """The X.509 CAs a node trusts: one, or the old and the new one during a rotation."""
+        return self.ca.cert_pem + (self._next_ca.cert_pem if self._next_ca else "")
+
+    @property
+    def nebula_ca_bundle_pem(self) -> str:
+        return self.nebula_ca.ca_pem + (self._next_nebula_ca.ca_pem if self._next_nebula_ca else "")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -364,11 +407,11 @@ class ControlPlane:
                 node_id, overlay_ip = self._insert_node(
                     conn, org, hostname, gpu_mode, hardware, new_token, now
                 )
-                cert = self.ca.sign_node_csr(csr_pem, node_id, org["id"], wall_now())
+                cert = self._sign_node(csr_pem, node_id, org["id"])
                 conn.execute("UPDATE nodes SET cert_fp = ? WHERE id = ?", (fingerprint(cert), node_id))
             else:
                 node_id, overlay_ip = node["id"], node["overlay_ip"]
-                cert = self.ca.sign_node_csr(csr_pem, node_id, org["id"], wall_now())
+                cert = self._sign_node(csr_pem, node_id, org["id"])
                 self._rotate(conn, node, cert_fp, node_token, fingerprint(cert), new_token)
                 conn.execute(
                     "UPDATE nodes SET status = 'active', hostname = ?, gpu_mode = ?, hardware = ?,"
@@ -384,25 +427,9 @@ class ControlPlane:
                 if cur.rowcount != 1:
                     raise unauthorized("provisioning token already used", "TOKEN_USED")
             self._register_units(conn, node_id, hardware)
-            try:
-                nebula_cert = self.nebula_ca.sign(
-                    nebula_pub,
-                    name=node_id,
-                    ip=self.network.overlay_interface(overlay_ip),
-                    groups=[NODE_GROUP],
-                    now=wall_now(),
-                    days=NEBULA_CERT_DAYS,
-                )
-                nomad_cert = self.ca.sign_nomad_client_csr(
-                    nomad_csr,
-                    node_id=node_id,
-                    region=self.network.region,
-                    overlay_ip=overlay_ip,
-                    now=wall_now(),
-                )
-            except (NebulaCertError, CsrError) as e:
-                raise bad_request(str(e)) from None
-            self.record_nebula_certificate(conn, node_id, nebula_cert)
+            nebula_cert, nomad_cert = self._sign_overlay(
+                conn, node_id, overlay_ip, nebula_pub, nomad_csr, cert
+            )
 
         return {
             "node_id": node_id,
@@ -410,11 +437,12 @@ class ControlPlane:
             "overlay_ip": overlay_ip,
             "reenrolled": reenrolled,
             "certificate_pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
-            "ca_pem": self.ca.cert_pem,
+            "ca_pem": self.ca_bundle_pem,
             "node_token": new_token,
+            "expires_at": self._expiries(cert, nebula_cert, nomad_cert),
             "nebula": {
                 "certificate": nebula_cert,
-                "ca": self.nebula_ca.ca_pem,
+                "ca": self.nebula_ca_bundle_pem,
                 "overlay_cidr": str(self.network.overlay),
                 "overlay_ip": overlay_ip,
                 "lighthouses": self.network.lighthouses,
@@ -428,9 +456,151 @@ class ControlPlane:
                 "node_class": gpu_mode,
                 "meta": {"vectorlay_node_id": node_id, "vectorlay_org_id": org["id"]},
                 "certificate_pem": nomad_cert.public_bytes(serialization.Encoding.PEM).decode(),
-                "ca_pem": self.ca.cert_pem,
+                "ca_pem": self.ca_bundle_pem,
             },
         }
+
+    # --- issuing and renewing credentials -------------------------------------------------------
+
+    def _sign_node(self, csr_pem: str, node_id: str, org_id: str) -> x509.Certificate:
+        # Wall time, not the control plane's clock: TLS peers check the dates against their own.
+        return self.signer.sign_node_csr(csr_pem, node_id, org_id, wall_now(), self.lifetimes.node_days)
+
+    def _sign_overlay(
+        self,
+        conn: sqlite3.Connection,
+        node_id: str,
+        overlay_ip: str,
+        nebula_pub: str,
+        nomad_csr: str,
+        node_cert: x509.Certificate,
+    ) -> tuple[str, x509.Certificate]:
+        """The nebula and Nomad certificates issued with `node_cert`, all three recorded."""
+        try:
+            nebula_pem = self.nebula_signer.sign(
+                nebula_pub,
+                name=node_id,
+                ip=self.network.overlay_interface(overlay_ip),
+                groups=[NODE_GROUP],
+                now=wall_now(),
+                days=self.lifetimes.nebula_days,
+            )
+            nomad_cert = self.signer.sign_nomad_client_csr(
+                nomad_csr,
+                node_id=node_id,
+                region=self.network.region,
+                overlay_ip=overlay_ip,
+                now=wall_now(),
+                days=self.lifetimes.nomad_days,
+            )
+        except (NebulaCertError, CsrError) as e:
+            raise bad_request(str(e)) from None
+        nebula_cert = parse_certificate_pem(nebula_pem)
+        batch, issued = fingerprint(node_cert), to_iso(self.clock.now())
+        for kind, serial, not_after in (
+            ("node", f"{node_cert.serial_number:x}", node_cert.not_valid_after_utc),
+            ("nebula", nebula_cert.fingerprint, nebula_cert.not_after),
+            ("nomad", f"{nomad_cert.serial_number:x}", nomad_cert.not_valid_after_utc),
+        ):
+            conn.execute(
+                "INSERT OR REPLACE INTO node_certificates"
+                " (node_id, kind, serial, batch, issued_at, not_after) VALUES (?, ?, ?, ?, ?, ?)",
+                (node_id, kind, serial, batch, issued, to_iso(not_after)),
+            )
+        return nebula_pem, nomad_cert
+
+    def _expiries(
+        self, node_cert: x509.Certificate, nebula_pem: str, nomad_cert: x509.Certificate
+    ) -> dict[str, str]:
+        return {
+            "node": to_iso(node_cert.not_valid_after_utc),
+            "nebula": to_iso(parse_certificate_pem(nebula_pem).not_after),
+            "nomad": to_iso(nomad_cert.not_valid_after_utc),
+        }
+
+    def renew(self, body: Any, client_cert_pem: str | None, node_token: str | None) -> dict[str, Any]:
+        """New credentials for the node behind a current client certificate + node token pair, for
+        keys it made anew: the same node ID and overlay IP, the certificates and token of an
+        enrollment. The new pair is `pending` until its first use, as at a re-enrollment, so a node
+        that dies before saving the answer keeps a working identity."""
+        if not client_cert_pem:
+            raise unauthorized("a client certificate is required", "CLIENT_CERT_REQUIRED")
+        if not node_token:
+            raise unauthorized("a node token is required (Authorization: Bearer vnt_...)")
+        cert_fp = peer_fingerprint(client_cert_pem)
+        if not isinstance(body, dict):
+            raise bad_request("body must be a JSON object")
+        csr_pem, nebula_pub, nomad_csr = (
+            body.get("csr_pem"),
+            body.get("nebula_public_key"),
+            body.get("nomad_csr_pem"),
+        )
+        if not isinstance(csr_pem, str):
+            raise bad_request("csr_pem is required (a CSR for the node's new key)")
+        if not isinstance(nebula_pub, str):
+            raise bad_request(
+                "nebula_public_key is required (the node's new X25519 key, nebula's PEM format)"
+            )
+        if not isinstance(nomad_csr, str):
+            raise bad_request("nomad_csr_pem is required (a CSR for the node's new Nomad key)")
+        for what, csr in (("csr_pem", csr_pem), ("nomad_csr_pem", nomad_csr)):
+            try:
+                csr_key_fingerprint(csr)
+            except CsrError as e:
+                raise bad_request(f"{what}: {e}") from None
+        try:
+            parse_public_key_pem(nebula_pub)
+        except NebulaCertError as e:
+            raise bad_request(f"nebula_public_key: {e}") from None
+        token_hash = hash_secret(node_token)
+        with self._tx() as conn:
+            node = conn.execute(
+                "SELECT * FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?", (cert_fp, cert_fp)
+            ).fetchone()
+            if node is None:
+                raise unauthorized("the client certificate is not current", "BAD_NODE_CREDENTIALS")
+            if node["status"] == "removed":
+                raise ApiError(403, "NODE_REMOVED", "this node was decommissioned; re-enroll to revive it")
+            pair = (cert_fp, token_hash)
+            if pair not in (
+                (node["cert_fp"], node["token_hash"]),
+                (node["pending_cert_fp"], node["pending_token_hash"]),
+            ):
+                raise unauthorized("the node token is not current", "BAD_NODE_CREDENTIALS")
+            node_id, overlay_ip = node["id"], node["overlay_ip"]
+            cert = self._sign_node(csr_pem, node_id, node["org_id"])
+            new_token = new_secret(NODE_TOKEN_PREFIX)
+            self._rotate(conn, node, cert_fp, node_token, fingerprint(cert), new_token)
+            nebula_cert, nomad_cert = self._sign_overlay(
+                conn, node_id, overlay_ip, nebula_pub, nomad_csr, cert
+            )
+            conn.execute("UPDATE nodes SET updated_at = ? WHERE id = ?", (to_iso(self.clock.now()), node_id))
+        return {
+            "node_id": node_id,
+            "org_id": node["org_id"],
+            "overlay_ip": overlay_ip,
+            "certificate_pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+            "ca_pem": self.ca_bundle_pem,
+            "node_token": new_token,
+            "expires_at": self._expiries(cert, nebula_cert, nomad_cert),
+            "nebula": {"certificate": nebula_cert, "ca": self.nebula_ca_bundle_pem},
+            "nomad": {
+                "region": self.network.region,
+                "certificate_pem": nomad_cert.public_bytes(serialization.Encoding.PEM).decode(),
+                "ca_pem": self.ca_bundle_pem,
+            },
+        }
+
+    @staticmethod
+    def credential_expiry(conn: sqlite3.Connection, node_id: str, cert_fp: str) -> dict[str, str | None]:
+        """When each credential the node holds expires: the set issued with its client certificate
+        `cert_fp` (None for a node enrolled before they were recorded)."""
+        rows = conn.execute(
+            "SELECT kind, not_after FROM node_certificates WHERE node_id = ? AND batch = ?",
+            (node_id, cert_fp),
+        ).fetchall()
+        found = {r["kind"]: r["not_after"] for r in rows}
+        return {kind: found.get(kind) for kind in ("node", "nebula", "nomad")}
 
     def _node_from_credentials(
         self, conn: sqlite3.Connection, cert_fp: str | None, node_token: str | None
@@ -586,6 +756,7 @@ class ControlPlane:
                 "SELECT COUNT(*) AS n, COALESCE(SUM(allocatable), 0) AS a FROM gpu_units WHERE node_id = ?",
                 (node["id"],),
             ).fetchone()
+            expiry = self.credential_expiry(conn, node["id"], cert_fp)
         return {
             "node_id": node["id"],
             "org_id": node["org_id"],
@@ -594,6 +765,7 @@ class ControlPlane:
             "hostname": node["hostname"],
             "gpu_mode": node["gpu_mode"],
             "gpu_units": {"total": units["n"], "allocatable": units["a"]},
+            "credentials_expire_at": expiry,
         }
 
     # --- provider API (API key) ----------------------------------------------------------------
@@ -621,28 +793,19 @@ class ControlPlane:
             )
             # Every nebula certificate the node was given goes on the overlay hosts' blocklist.
             conn.execute(
-                "UPDATE nebula_certs SET revoked_at = ? WHERE node_id = ? AND revoked_at IS NULL",
+                "UPDATE node_certificates SET revoked_at = ? WHERE node_id = ? AND revoked_at IS NULL",
                 (to_iso(self.clock.now()), node_id),
             )
         return {"node_id": node_id, "status": "removed", "units_freed": freed}
 
     # --- the overlay's revocations ----------------------------------------------------------
 
-    @staticmethod
-    def record_nebula_certificate(conn: sqlite3.Connection, node_id: str, certificate_pem: str) -> None:
-        """Remember a nebula certificate given to `node_id`, so that removing the node revokes it."""
-        cert = parse_certificate_pem(certificate_pem.encode())
-        conn.execute(
-            "INSERT OR IGNORE INTO nebula_certs (fingerprint, node_id, not_after) VALUES (?, ?, ?)",
-            (cert.fingerprint, node_id, to_iso(cert.not_after)),
-        )
-
     def nebula_blocklist(self) -> list[str]:
         """The fingerprints nebula's `pki.blocklist` must hold: certificates of removed nodes that
         have not expired yet (nebula refuses an expired one anyway, so the list stays bounded)."""
         rows = self.db.conn().execute(
-            "SELECT fingerprint, not_after FROM nebula_certs WHERE revoked_at IS NOT NULL"
-            " ORDER BY fingerprint"
+            "SELECT serial AS fingerprint, not_after FROM node_certificates"
+            " WHERE kind = 'nebula' AND revoked_at IS NOT NULL ORDER BY serial"
         )
         # Nebula judges expiry by the wall clock, and the certificates were signed against it.
         now = wall_now()
@@ -652,7 +815,12 @@ class ControlPlane:
         conn = self.db.conn()
         org = self._org(conn, org_ref)
         nodes = [
-            {"node_id": r["id"], "status": r["status"], "overlay_ip": r["overlay_ip"]}
+            {
+                "node_id": r["id"],
+                "status": r["status"],
+                "overlay_ip": r["overlay_ip"],
+                "credentials_expire_at": self.credential_expiry(conn, r["id"], r["cert_fp"]),
+            }
             for r in conn.execute("SELECT * FROM nodes WHERE org_id = ? ORDER BY seq", (org["id"],))
         ]
         return {**_org_json(org), "nodes": nodes}

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from bootstrap.host import Host
 from bootstrap.paths import IDENTITY_DIR
 from doctor.model import CheckResult, Status
 
-EXPIRY_WARN_DAYS = 14
+if TYPE_CHECKING:
+    from bootstrap.renewal import Credential
+
 REENROLL = "re-run the install one-liner to re-enroll (the node keeps its ID and overlay IP)"
+RENEW_NOW = (
+    "the node-agent renews them (sudo systemctl status node-agent); "
+    "renew now: sudo vectorlay-node-agent --once --renew"
+)
 
 
 def _expected_owner(host: Host) -> int:
@@ -101,7 +108,7 @@ def _node_certificate(host: Host, now: dt.datetime) -> CheckResult | None:
     except ValueError as e:
         return CheckResult(name, Status.FAIL, f"{crt_p} is not a PEM certificate: {e}", REENROLL)
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        x509.load_pem_x509_certificates(ca_pem)
     except ValueError as e:
         return CheckResult(name, Status.FAIL, f"{ca_p} is not a PEM certificate: {e}", REENROLL)
     try:
@@ -111,11 +118,10 @@ def _node_certificate(host: Host, now: dt.datetime) -> CheckResult | None:
 
     if not credentials.same_key(key.public_key(), cert.public_key()):
         return CheckResult(name, Status.FAIL, f"{key_p} does not match {crt_p}", REENROLL)
-    if not credentials.issued_by(cert, ca):
+    if credentials.issuer_in(cert, ca_pem) is None:
         return CheckResult(name, Status.FAIL, f"{crt_p} was not issued by the CA in {ca_p}", REENROLL)
 
     not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
-    subject = cert.subject.rfc4514_string()
     if now < not_before:
         return CheckResult(
             name,
@@ -127,16 +133,51 @@ def _node_certificate(host: Host, now: dt.datetime) -> CheckResult | None:
         return CheckResult(
             name, Status.FAIL, f"node certificate expired on {not_after:%Y-%m-%d %H:%M} UTC", REENROLL
         )
-    left = not_after - now
-    if left < dt.timedelta(days=EXPIRY_WARN_DAYS):
-        return CheckResult(
-            name,
-            Status.WARN,
-            f"node certificate expires in {left.days} day(s), on {not_after:%Y-%m-%d} UTC",
-            REENROLL,
-            (subject,),
-        )
     return None
+
+
+def _span(delta: dt.timedelta) -> str:
+    """'19 days', '1 day', '5 hours': how far off a renewal is, or how long overdue."""
+    if delta >= dt.timedelta(days=1):
+        return f"{delta.days} day{'s' if delta.days != 1 else ''}"
+    hours = max(0, int(delta.total_seconds() // 3600))
+    return f"{hours} hour{'s' if hours != 1 else ''}"
+
+
+def _schedule(host: Host) -> tuple[dt.datetime, list[Credential], tuple[str, ...]]:
+    """When the node-agent renews the credentials (all together: the earliest two-thirds point),
+    the credentials, and one line per credential saying until when it is valid."""
+    from bootstrap.renewal import next_renewal, read_credentials
+
+    creds = read_credentials(host.path(IDENTITY_DIR))
+    due = next_renewal(creds)
+    lines = tuple(
+        f"{c.kind} certificate valid until {c.not_after:%Y-%m-%d %H:%M} UTC, renews {due:%Y-%m-%d}"
+        for c in creds
+    )
+    return due, creds, lines
+
+
+def _renewal(host: Host, now: dt.datetime) -> CheckResult | None:
+    """WARN once the renewal time is past and the credentials are still the old ones: a node-agent
+    that is stopped, or a control plane that keeps refusing, is found before anything expires."""
+    from bootstrap.renewal import CredentialError
+
+    try:
+        due, creds, lines = _schedule(host)
+    except CredentialError as e:
+        return CheckResult("identity", Status.FAIL, str(e), REENROLL)
+    if now < due:
+        return None
+    first = min(creds, key=lambda c: c.not_after)
+    return CheckResult(
+        "identity",
+        Status.WARN,
+        f"credential renewal overdue by {_span(now - due)}: the {first.kind} certificate expires in "
+        f"{_span(first.not_after - now)}, on {first.not_after:%Y-%m-%d} UTC",
+        RENEW_NOW,
+        lines,
+    )
 
 
 def _certificate_pass(host: Host, now: dt.datetime) -> CheckResult:
@@ -144,13 +185,44 @@ def _certificate_pass(host: Host, now: dt.datetime) -> CheckResult:
 
     cert = x509.load_pem_x509_certificate(host.path(f"{IDENTITY_DIR}/node.crt").read_bytes())
     subject = cert.subject.rfc4514_string()
+    due, _creds, lines = _schedule(host)
     return CheckResult(
         "identity",
         Status.PASS,
-        f"node certificate valid until {cert.not_valid_after_utc:%Y-%m-%d} UTC",
+        f"node certificate valid until {cert.not_valid_after_utc:%Y-%m-%d} UTC, renews in {_span(due - now)}",
         None,
-        (subject,),
+        (subject, *lines, *_issuers(host)),
     )
+
+
+def _issuers(host: Host) -> tuple[str, ...]:
+    """Which CA each certificate chains to, by name and fingerprint: during a CA rotation the node's
+    trust files hold the old and the new CA, and this says which one its certificates come from."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from bootstrap import credentials, nebula
+
+    d = host.path(IDENTITY_DIR)
+    out = []
+    for kind, crt, ca_file in (("node", "node.crt", "ca.crt"), ("nomad", "nomad.crt", "nomad-ca.crt")):
+        try:
+            cert = x509.load_pem_x509_certificate((d / crt).read_bytes())
+            ca = credentials.issuer_in(cert, (d / ca_file).read_bytes())
+        except (OSError, ValueError):
+            ca = None
+        if ca is not None:
+            fp = hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest()
+            out.append(f"{kind} certificate issued by {ca.subject.rfc4514_string()} (sha256 {fp[:16]})")
+    try:
+        neb = nebula.parse_certificate_pem((d / "nebula.crt").read_bytes())
+        neb_ca = credentials.nebula_issuer(neb, (d / "nebula-ca.crt").read_bytes())
+        out.append(f"nebula certificate issued by {neb_ca.name} (fingerprint {neb_ca.fingerprint[:16]})")
+    except (OSError, ValueError):
+        pass
+    return tuple(out)
 
 
 def _enrolled_names(host: Host) -> tuple[str | None, str | None]:
@@ -233,14 +305,6 @@ def check_overlay_identity(
             "Nomad's HTTP API cannot serve it",
             REENROLL,
         )
-    left = cert.not_after - now
-    if left < dt.timedelta(days=EXPIRY_WARN_DAYS):
-        return CheckResult(
-            name,
-            Status.WARN,
-            f"nebula certificate expires in {left.days} day(s), on {cert.not_after:%Y-%m-%d} UTC",
-            REENROLL,
-        )
     return None
 
 
@@ -251,4 +315,4 @@ def _overlay(host: Host, now: dt.datetime) -> CheckResult | None:
     return check_overlay_identity(host, overlay_ip, region, now)
 
 
-PARTS: tuple[Part, ...] = (_files, _layout, _node_certificate, _overlay)
+PARTS: tuple[Part, ...] = (_files, _layout, _node_certificate, _overlay, _renewal)

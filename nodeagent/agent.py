@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,6 +32,7 @@ from bootstrap.identity import Identity, load_identity
 from bootstrap.settings import Settings, load_settings
 from bootstrap.update import SERVICES
 from nodeagent import __version__
+from nodeagent.renewal import Renewer
 from nodeagent.resources import CpuSample, read_resources
 
 log = logging.getLogger("node-agent")
@@ -109,15 +111,24 @@ class Agent:
     config: str = DEFAULT_CONFIG
     rng: random.Random = field(default_factory=random.Random)
     draining: bool = False
+    # The node's clock, as the renewal schedule reads it (tests move it to two thirds of a lifetime).
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
     _cpu: CpuSample | None = field(default=None, repr=False)
     _client: tuple[Path, ApiClient] | None = field(default=None, repr=False)
 
     # --- one heartbeat --------------------------------------------------------------------------
 
-    def _api(self, ident: Identity, settings: Settings) -> ApiClient:
-        url = _config_api(self.host, self.config) or ident.api or settings.api
+    def api_url(self, ident: Identity, settings: Settings | None = None) -> str:
+        url = _config_api(self.host, self.config) or ident.api or (settings or load_settings(self.host)).api
         if not url:
             raise HeartbeatError(f"no control plane URL in {self.config}", "re-run the install one-liner")
+        return url
+
+    def renewer(self) -> Renewer:
+        return Renewer(self.host, self.api_url, timeout=REQUEST_TIMEOUT_S, rng=self.rng, now=self.now)
+
+    def _api(self, ident: Identity, settings: Settings) -> ApiClient:
+        url = self.api_url(ident, settings)
         # The identity directory is a symlink switched at re-enrollment: a new target, a new client.
         where = ident.path.resolve()
         if self._client is not None and self._client[0] == where and self._client[1].base_url == url:
@@ -304,6 +315,7 @@ class Daemon:
 
     def run(self) -> int:
         host = self.agent.host
+        renewer = self.agent.renewer()
         health = HealthServer(host)
         health.start()
         signal.signal(signal.SIGTERM, self._on_term)
@@ -326,6 +338,8 @@ class Daemon:
                     failures = 0
                     delay = self._interval()
                 else:
+                    if renewer.tick() is not None:
+                        self.agent.close()  # the next heartbeat goes out with the new identity
                     status = self._beat()
                     failures = 0 if status is not None else failures + 1
                     interval = self._interval()

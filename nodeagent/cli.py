@@ -1,4 +1,5 @@
-"""`vectorlay-node-agent [--config FILE] [--root DIR] [--once]`: the service, or one heartbeat.
+"""`vectorlay-node-agent [--config FILE] [--root DIR] [--once [--renew]]`: the service, one heartbeat,
+or a credential renewal now.
 
 Logs go to stderr, which is the journal under systemd. Errors are one line each, never a traceback,
 and never carry the node token: it only ever travels in the Authorization header.
@@ -10,6 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from nodeagent import __version__
 
@@ -41,8 +43,34 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send one heartbeat now, print the answer and exit (non-zero when it was not delivered)",
     )
+    p.add_argument(
+        "--renew",
+        action="store_true",
+        help="with --once: renew the node's credentials now (new keys, same node ID and overlay IP), "
+        "tell nebula and Nomad to reload them, and exit",
+    )
     p.add_argument("--version", action="version", version=f"node-agent {__version__}")
     return p
+
+
+def _renew_now(agent: Any) -> None:
+    from bootstrap.renewal import read_credentials
+    from nodeagent.renewal import RenewalError
+
+    try:
+        ident = agent.renewer().renew()
+    except RenewalError as e:
+        print(f"error: credentials not renewed: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  fix: {e.hint}", file=sys.stderr)
+        print("  the node keeps its working identity", file=sys.stderr)
+        sys.exit(1)
+    print(f"renewed the credentials of node {ident.node_id} (overlay IP {ident.overlay_ip})")
+    for cred in read_credentials(ident.path):
+        print(
+            f"  {cred.kind}: valid until {cred.not_after:%Y-%m-%d %H:%M} UTC, renews {cred.renew_at:%Y-%m-%d}"
+        )
+    sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         from bootstrap.host import open_host
         from nodeagent.agent import Agent, Daemon, HeartbeatError, describe
 
+        if args.renew and not args.once:
+            raise VectorlayError("--renew needs --once", "run vectorlay-node-agent --once --renew")
         agent = Agent(open_host(args.root), args.config)
+        if args.renew:
+            _renew_now(agent)
         if args.once:
             try:
                 status = agent.heartbeat()

@@ -67,5 +67,5 @@ def test_an_expired_revoked_certificate_leaves_the_blocklist(tmp_path: Path) -> 
     cp.set_node_status(key, org, node["node_id"], {"status": "removed"})
     assert cp.nebula_blocklist() == [_fp(node)]
     with cp.transaction() as conn:
-        conn.execute("UPDATE nebula_certs SET not_after = '2020-01-01T00:00:00Z'")
+        conn.execute("UPDATE node_certificates SET not_after = '2020-01-01T00:00:00Z' WHERE kind = 'nebula'")
     assert cp.nebula_blocklist() == []

@@ -173,25 +173,43 @@ def test_a_node_that_never_enrolled_skips_identity(host: Host) -> None:
     assert (result.status, result.message) == (Status.SKIP, "not enrolled (no /etc/vectorlay/identity/)")
 
 
-def test_a_valid_identity_passes_with_its_expiry_date(host: Host) -> None:
+def test_a_valid_identity_passes_with_its_expiry_date_and_when_the_credentials_renew(host: Host) -> None:
     enroll(host, days_left=200)
     result = run_checks(host, env={}, only=["identity"]).get("identity")
     assert result.status is Status.PASS
-    assert result.message == f"node certificate valid until {NOW + dt.timedelta(days=200):%Y-%m-%d} UTC"
-    assert result.details == ("CN=node-7f3a",)
+    # The Nomad certificate (30 days, the control plane's default) renews first, at two thirds of its
+    # life, and the node-agent renews every credential then.
+    assert result.message == (
+        f"node certificate valid until {NOW + dt.timedelta(days=200):%Y-%m-%d} UTC, renews in 19 days"
+    )
+    due = NOW + dt.timedelta(days=20) - dt.timedelta(minutes=5) + dt.timedelta(minutes=5) * 2 / 3
+    assert result.details[0] == "CN=node-7f3a"
+    lines = result.details[1:4]
+    assert [d.split(" certificate valid until ")[0] for d in lines] == ["node", "nebula", "nomad"]
+    assert all(d.endswith(f", renews {due:%Y-%m-%d}") for d in lines)
+    # And the CA each certificate was issued by (during a CA rotation the node trusts two).
+    assert [d.split(" (")[0] for d in result.details[4:]] == [
+        "node certificate issued by CN=vectorlay node CA",
+        "nomad certificate issued by CN=vectorlay node CA",
+        "nebula certificate issued by vectorlay test nebula CA",
+    ]
 
 
-def test_a_certificate_expiring_within_14_days_warns(host: Host) -> None:
-    enroll(host, days_left=10)
-    result = check_identity(host)
+def test_a_renewal_overdue_warns_before_anything_expires(host: Host) -> None:
+    enroll(host, days_left=5, days_old=25)
+    result = check_identity(host, NOW.replace(microsecond=0))  # X.509 dates hold whole seconds
     assert result.status is Status.WARN
-    assert result.message.startswith("node certificate expires in 9 day(s)")
-    assert result.hint is not None and "re-enroll" in result.hint
+    assert result.message == (
+        "credential renewal overdue by 5 days: the node certificate expires in 5 days, "
+        f"on {NOW + dt.timedelta(days=5):%Y-%m-%d} UTC"
+    )
+    assert result.hint is not None and "vectorlay-node-agent --once --renew" in result.hint
 
 
-def test_a_certificate_with_15_days_left_does_not_warn(host: Host) -> None:
-    enroll(host, days_left=15)
-    assert check_identity(host).status is Status.PASS
+def test_a_credential_before_its_renewal_time_does_not_warn_however_close_its_end(host: Host) -> None:
+    # 10 days left of 11: renewal is due in 6 days, so nothing is wrong yet.
+    enroll(host, days_left=10, nebula_days_left=10)
+    assert check_identity(host, NOW).status is Status.PASS
 
 
 def test_an_expired_certificate_fails(host: Host) -> None:
@@ -266,11 +284,13 @@ def test_a_nebula_certificate_from_another_ca_fails(host: Host) -> None:
     assert "was issued by " in result.message and "not by this CA" in result.message
 
 
-def test_a_nebula_certificate_expiring_within_14_days_warns(host: Host) -> None:
-    enroll(host, nebula_days_left=10)
-    result = check_identity(host)
+def test_a_nebula_certificate_past_its_renewal_time_warns(host: Host) -> None:
+    enroll(host, nebula_days_left=0.2)
+    result = check_identity(host, NOW)
     assert result.status is Status.WARN
-    assert result.message.startswith("nebula certificate expires in 9 day(s)")
+    assert result.message.startswith(
+        "credential renewal overdue by 4 hours: the nebula certificate expires in 4 hours, on "
+    )
 
 
 def test_a_nomad_certificate_for_another_region_fails(host: Host) -> None:
