@@ -128,8 +128,8 @@ class Agent:
             client_cert=ClientCert(ident.cert_file, ident.key_file),
             timeout=REQUEST_TIMEOUT_S,
             attempts=1,
+            user_agent=f"vectorlay-node-agent/{__version__}",
         )
-        client.session().headers["User-Agent"] = f"vectorlay-node-agent/{__version__}"
         self._client = (where, client)
         return client
 
