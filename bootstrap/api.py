@@ -98,9 +98,10 @@ class Proxy:
 
     host: str
     port: int
-    url: str
+    url: str  # without credentials: what messages show
     authorization: str | None = None
     no_proxy: str = ""
+    given: str = ""  # the URL as given (credentials included): what the agents' environment gets
 
     def bypassed(self, host: str) -> bool:
         name = host.lower().rstrip(".").strip("[]")
@@ -149,7 +150,7 @@ def parse_proxy(url: str, no_proxy: str = "", *, source: str = "https_proxy") ->
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         auth = "Basic " + base64.b64encode(pair.encode()).decode()
     shown = f"http://{parts.hostname}:{port}"
-    return Proxy(parts.hostname, port, shown, auth, no_proxy)
+    return Proxy(parts.hostname, port, shown, auth, no_proxy, url.strip())
 
 
 def proxy_from_env(environ: Mapping[str, str] | None = None, fallback: str | None = None) -> Proxy | None:

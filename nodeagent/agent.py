@@ -24,7 +24,7 @@ from typing import Any
 
 from bootstrap import artifacts
 from bootstrap.agent_status import iso, read_status, write_status
-from bootstrap.api import ApiClient, ClientCert
+from bootstrap.api import ApiClient, ClientCert, proxy_from_env
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
@@ -129,6 +129,8 @@ class Agent:
             timeout=REQUEST_TIMEOUT_S,
             attempts=1,
             user_agent=f"vectorlay-node-agent/{__version__}",
+            # The unit's environment (proxy.env, written by the install run) or node.yaml's proxy.
+            proxy=proxy_from_env(fallback=settings.proxy),
         )
         self._client = (where, client)
         return client

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from bootstrap.api import ApiClient
+from bootstrap.api import ApiClient, proxy_from_env
 from bootstrap.errors import VectorlayError
 from bootstrap.hardware import hardware_report
 from bootstrap.host import open_host
@@ -35,7 +35,12 @@ def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file
         )
     gpu_mode, hardware = hardware_report(host, settings.gpu_mode)
     token = read_token(token_file)
-    api = ApiClient(api_url, ca_file=ca_file, pinned_ca=identity_path(host) / "ca.crt")
+    api = ApiClient(
+        api_url,
+        ca_file=ca_file,
+        pinned_ca=identity_path(host) / "ca.crt",
+        proxy=proxy_from_env(fallback=settings.proxy),
+    )
     try:
         info = introspect_token(api, token)
     finally:
