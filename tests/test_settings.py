@@ -118,4 +118,6 @@ def test_the_node_yaml_the_installer_writes_reads_back_as_the_same_settings(
 def test_the_proxy_comes_from_node_yaml_then_vectorlay_proxy(tmp_path: Path) -> None:
     host = _host(tmp_path, "proxy: http://from-file:3128\n")
     assert load_settings(host, env={}).proxy == "http://from-file:3128"
-    assert load_settings(host, env={"VECTORLAY_PROXY": "http://from-env:8080"}).proxy == "http://from-env:8080"
+    assert (
+        load_settings(host, env={"VECTORLAY_PROXY": "http://from-env:8080"}).proxy == "http://from-env:8080"
+    )
