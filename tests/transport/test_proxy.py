@@ -188,3 +188,33 @@ def test_a_proxy_refusing_the_tunnel_is_said_as_such(status: bytes, says: str, p
     assert (
         says in refused.value.message and f"the proxy http://127.0.0.1:{proxy.port}" in refused.value.message
     )
+
+
+def test_install_through_a_tls_intercepting_proxy_stops_before_anything_with_a_clear_error(
+    pki: faults.Pki, tmp_path: Path
+) -> None:
+    from hostsim import build_host, load_topology
+    from tests.install.helpers import FAST, install
+
+    root = build_host(tmp_path / "root", load_topology("cpu-only"))
+    seen: list[bytes] = []
+    token = "vtk_" + "s" * 43
+    with faults.serving(proxies.intercepting(faults.make_pki(tmp_path / "mitm"), seen)) as mitm:
+        done = install(
+            root,
+            "--api",
+            "https://127.0.0.1:8443",
+            "--ca-file",
+            str(pki.ca_file),
+            token=token,
+            env={**FAST, "https_proxy": f"http://127.0.0.1:{mitm.port}", "no_proxy": ""},
+        )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+    assert (
+        "error: TLS verification of https://127.0.0.1:8443/v1/provisioning-tokens/introspect failed"
+        in done.stderr
+    )
+    assert f"fix: the proxy http://127.0.0.1:{mitm.port} may be intercepting TLS" in done.stderr
+    assert all(token.encode() not in s for s in seen) and b"a request reached the interceptor" not in seen
+    assert not (root / "etc/vectorlay/identity").exists()
