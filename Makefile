@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo bench clean test-vm
+.PHONY: venv deps test lint typecheck unit demo bench clean test-vm
 
 venv: $(STAMP)
 
@@ -34,7 +34,16 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest -q -m "not vm"
 
-test: lint typecheck unit
+# What the tests need from the machine (tests/deps.sh: the apt packages, one line each with why; as
+# root it installs them, else it names the command) and the gVisor/dockerd builds cached in ~/.cache.
+deps:
+	@tests/deps.sh system
+	@$(MAKE) --no-print-directory -s venv
+	@tests/deps.sh caches $(BIN)/python
+
+# In one sub-make after deps, so that even `make -j` has the machine ready before the first test.
+test: deps
+	@$(MAKE) --no-print-directory lint typecheck unit
 
 bench: venv
 	$(BIN)/pytest -q --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,max,rounds benchmarks

@@ -35,3 +35,4 @@ _.f_bfree  # an os.statvfs_result stand-in's fields (tests/test_host.py)
 _.f_bsize
 _.kernel_version  # the guest image's record, shown in its repr
 _.before_mode  # plan.Item: the mode a file had before the run (set positionally)
+_.longrepr  # pytest's TestReport: what a failed test shows (tests/conftest.py)

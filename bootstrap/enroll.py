@@ -89,7 +89,8 @@ def read_token(
     elif token_file is None and env.get(TOKEN_ENV, "").strip():
         raw, source = env[TOKEN_ENV], TOKEN_ENV
     elif stdin.isatty():
-        raw, source = getpass.getpass("Provisioning token (vtk_...): "), "the terminal"
+        prompt = "Provisioning token (vtk_..., from the dashboard; it is not shown as you type): "
+        raw, source = getpass.getpass(prompt), "the terminal"
     else:
         raw, source = stdin.readline(), "standard input"
     token = raw.strip()

@@ -7,8 +7,10 @@ in its repr or str, so a token that reaches a log line or an exception's message
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -58,10 +60,13 @@ class TokenReader:
         *,
         prompt: bool = True,
         remember: Callable[[str], None] = lambda _secret: None,
+        around_prompt: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.token_file = token_file
         self.prompt = prompt
         self._remember = remember
+        # Held while the token is read: the progress display steps aside for a question on the terminal.
+        self._around_prompt = around_prompt
         self._token: ProvisioningToken | None = None
 
     def read(self, *, enrolled: bool) -> ProvisioningToken:
@@ -76,7 +81,8 @@ class TokenReader:
             self._token = ProvisioningToken()
             return self._token
         try:
-            secret = read_token(self.token_file)
+            with self._around_prompt():
+                secret = read_token(self.token_file)
         except OSError:  # no standard input to read from (a daemon, a test harness)
             raise VectorlayError(
                 "no provisioning token given",

@@ -196,6 +196,12 @@ def create_app(
     @app.post(HEARTBEAT_PATH)
     def node_heartbeat() -> Response:
         if (request.content_length or 0) > MAX_BODY_BYTES:
+            # Read what the client is still sending before answering (RFC 9112 section 9.6: a server
+            # that answers early should not close until it has read the request): a close with the
+            # body unread resets the connection before the client reads the 413. cheroot drains it
+            # only on a connection it keeps, and it keeps none once its keep-alive slots are full.
+            # Past MAX_BODY, request.stream itself answers 413 unread (a flood is not worth reading).
+            _discard(request.stream)
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"a heartbeat is at most {MAX_BODY_BYTES} bytes")
         return jsonify(record_heartbeat(cp, _json_body(), _client_cert(), _bearer()))
 
@@ -287,6 +293,11 @@ def _http_error_body(e: HTTPException) -> dict[str, Any]:
 
 
 _INTERNAL = _error("INTERNAL", "internal error")
+
+
+def _discard(stream: Any) -> None:
+    while stream.read(1 << 16):
+        pass
 
 
 def _read_exactly(stream: Any, length: int) -> bytes:

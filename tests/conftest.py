@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,27 @@ import pytest
 
 from bootstrap.host import Host, LiveHost, TreeHost
 from hostsim import build_host, inject, load_topology
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """A program the tests run that is not installed fails its test with what to do, not with
+    `FileNotFoundError: [Errno 2] No such file or directory: 'go'` and a traceback through subprocess."""
+    outcome = yield
+    report = outcome.get_result()
+    e = call.excinfo.value if call.excinfo is not None else None
+    if (
+        report.failed
+        and isinstance(e, FileNotFoundError)
+        and e.errno == errno.ENOENT
+        and isinstance(e.filename, str)
+        and os.sep not in e.filename
+    ):
+        report.longrepr = (
+            f"{e.filename}: not installed on this machine, and this test runs it.\n"
+            "Install what the tests need with `make deps` (tests/deps.sh: apt-get as root, else it names "
+            "the packages and the command)."
+        )
 
 
 @pytest.fixture(autouse=True)

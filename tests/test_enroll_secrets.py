@@ -136,4 +136,4 @@ def test_on_a_terminal_the_token_is_prompted_for_without_echo(monkeypatch: pytes
 
     monkeypatch.setattr("getpass.getpass", fake_getpass)
     assert read_token(None, env={}, stdin=_Tty()) == "vtk_" + "t" * 43
-    assert prompts == ["Provisioning token (vtk_...): "]
+    assert prompts == ["Provisioning token (vtk_..., from the dashboard; it is not shown as you type): "]

@@ -172,6 +172,19 @@ class Display:
             self._status.stop()
             self._status = None
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No live status line while the run asks something on the terminal: rich redraws (and so
+        erases) the line it is on several times a second, the question with it."""
+        status = self._status
+        if status is not None:
+            status.stop()
+        try:
+            yield
+        finally:
+            if status is not None:
+                status.start()
+
 
 # --- the run ----------------------------------------------------------------------------------------
 
@@ -301,7 +314,7 @@ def run_install(
         ca_file=ca_file,
         token_expires_at=token_expires_at,
         # A plan never waits for a token on standard input: it shows what a real run would ask.
-        tokens=TokenReader(token_file, prompt=not plan_only, remember=seen.add),
+        tokens=TokenReader(token_file, prompt=not plan_only, remember=seen.add, around_prompt=display.paused),
         ignored_checks=ignored,
         doctor=doctor_port(),
     )

@@ -30,37 +30,53 @@ from tests.install.helpers import gpus_on_vfio, stop_daemons
 
 
 class Watcher(threading.Thread):
-    """Reads every process's command line, over and over, until stopped."""
+    """Reads every process's command line, over and over, until stopped. `first_seen` counts only the
+    processes of the run under test (descendants of `root_pid`, set once it is started): the machine
+    is shared, and someone else's pip or curl says nothing about when this run started downloading."""
 
     def __init__(self, needle: bytes) -> None:
         super().__init__(daemon=True)
         self.needle = needle
         self.stop = threading.Event()
+        self.root_pid: int | None = None
         self.hits: list[tuple[int, int, list[str]]] = []  # (scan, pid, argv)
         self.history: dict[int, list[list[str]]] = {}  # pid -> the command lines it had, in order
         self.first_seen: dict[str, int] = {}  # program/script -> first scan it was seen in
         self.scans = 0
 
+    def _ours(self, pid: int, parents: dict[int, int]) -> bool:
+        while pid > 1 and self.root_pid is not None:
+            if pid == self.root_pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
     def run(self) -> None:
         while not self.stop.is_set():
             self.scans += 1
+            procs: dict[int, bytes] = {}
+            parents: dict[int, int] = {}
             for entry in os.listdir("/proc"):
                 if not entry.isdigit():
                     continue
                 try:
                     raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    stat = Path(f"/proc/{entry}/stat").read_bytes()
                 except OSError:
                     continue
-                if not raw:
-                    continue
+                if raw:
+                    procs[int(entry)] = raw
+                    parents[int(entry)] = int(stat.rsplit(b")", 1)[1].split()[1])
+            for pid, raw in procs.items():
                 argv = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
-                seen = self.history.setdefault(int(entry), [])
+                seen = self.history.setdefault(pid, [])
                 if not seen or seen[-1] != argv:
                     seen.append(argv)
-                for word in argv[:3]:  # the program, or the script an interpreter runs (`-m pip`)
-                    self.first_seen.setdefault(os.path.basename(word), self.scans)
+                if self._ours(pid, parents):
+                    for word in argv[:3]:  # the program, or the script an interpreter runs (`-m pip`)
+                        self.first_seen.setdefault(os.path.basename(word), self.scans)
                 if self.needle in raw:
-                    self.hits.append((self.scans, int(entry), argv))
+                    self.hits.append((self.scans, pid, argv))
 
 
 @pytest.fixture
@@ -115,6 +131,7 @@ def test_the_token_is_in_no_command_line_after_install_sh_re_execs(base: Path) -
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+            watcher.root_pid = proc.pid
             out, _ = proc.communicate(script, timeout=600)
         finally:
             watcher.stop.set()

@@ -47,7 +47,7 @@ PROGRAMS = [
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("stubs")
     for prog in PROGRAMS:
-        out = "x86_64" if prog == "uname" else ""
+        out = {"uname": "x86_64", "python3": "cpython 3 11"}.get(prog, "")
         (d / prog).write_text(f'#!/bin/bash\nprintf "%s\\n" "{prog} $*" >> "$STUB_LOG"\nprintf "{out}"\n')
         (d / prog).chmod(0o755)
     return d
