@@ -51,6 +51,8 @@ MAX_ANSWER_BYTES = 4 << 20
 MIN_DOWNLOAD_RATE = 256 << 10
 # The header block of a proxy's answer to CONNECT.
 MAX_CONNECT_REPLY = 16 << 10
+# All attempts of one request together take at most this many times one attempt's deadline.
+MAX_ATTEMPTS_TIME = 3
 REDIRECT_HINT = "pass the control plane's own https:// URL as api= (the node follows no redirect)"
 
 
@@ -406,10 +408,15 @@ class ApiClient:
         *,
         attempts: int,
         limit: int,
+        per_attempt: float,
     ) -> Any:
-        """`run` once per attempt, retrying what a later attempt can cure."""
+        """`run` once per attempt, retrying what a later attempt can cure, for as long as all of them
+        fit in three attempts' deadlines: a server that answers nothing costs at most that."""
         last = ""
+        started = time.monotonic()
+        made = 0
         for attempt in range(1, attempts + 1):
+            made = attempt
             try:
                 return run()
             except ssl.SSLCertVerificationError as e:
@@ -432,9 +439,11 @@ class ApiClient:
                 last = e.message
             if attempt < attempts:
                 delay = self.backoff * (2 ** (attempt - 1))
+                if time.monotonic() - started + delay + per_attempt > MAX_ATTEMPTS_TIME * per_attempt:
+                    break
                 log.warning("%s; retrying in %.1fs (attempt %d of %d)", last, delay, attempt, attempts)
                 self.sleep(delay)
-        raise ApiError(f"{last} (gave up after {attempts} attempt(s))", NETWORK_HINT)
+        raise ApiError(f"{last} (gave up after {made} attempt(s))", NETWORK_HINT)
 
     def request(
         self,
@@ -465,7 +474,12 @@ class ApiClient:
             return _answer(method, url, resp.status, data)
 
         return self._attempts(
-            method, url, once, attempts=self.attempts if retry else 1, limit=self.max_answer
+            method,
+            url,
+            once,
+            attempts=self.attempts if retry else 1,
+            limit=self.max_answer,
+            per_attempt=self.timeout,
         )
 
     @contextmanager
@@ -511,7 +525,7 @@ class ApiClient:
             return resp
 
         try:
-            resp = self._attempts("GET", full, once, attempts=self.attempts, limit=limit)
+            resp = self._attempts("GET", full, once, attempts=self.attempts, limit=limit, per_attempt=budget)
         except ApiError as e:
             if e.status is not None:  # an answer (a redirect, a 4xx): already said as it is
                 raise

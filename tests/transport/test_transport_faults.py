@@ -182,6 +182,18 @@ def test_a_server_dripping_a_byte_at_a_time_meets_the_overall_deadline(head: byt
     assert server.connections == 2 and slept == [0.25]
 
 
+def test_a_server_that_never_answers_costs_at_most_three_deadlines_whatever_the_attempts(
+    pki: faults.Pki,
+) -> None:
+    with faults.tls_server(pki, faults.drip(b"HTTP/1.1 200 OK\r\nX-Slow: ", 0.2)) as server:
+        client, slept = _client(server.url, pki, timeout=1.0, attempts=5)
+        with pytest.raises(ApiError) as failed:
+            client.request("POST", "/v1/nodes/enroll", json={"token": TOKEN})
+    # 1 s, 0.25 s of backoff, 1 s: a third attempt would end past 3 s.
+    assert failed.value.message.endswith("no complete answer within 1s (gave up after 2 attempt(s))")
+    assert server.connections == 2 and slept == [0.25]
+
+
 def test_a_peer_that_never_answers_the_hello_meets_the_deadline(pki: faults.Pki) -> None:
     with faults.serving(faults.silent) as server:
         client, _ = _client(server.url, pki, timeout=1.0, attempts=1)
