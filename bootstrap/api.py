@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -206,6 +207,49 @@ class _Wire(io.RawIOBase):
         return io.BufferedReader(self, 1 << 16)
 
 
+def _open(where: tuple[str, int], deadline: float) -> socket.socket:
+    """socket.create_connection with the name lookup inside the deadline too: getaddrinfo takes no
+    timeout, so a name is looked up in a daemon thread, left behind if the resolver hangs."""
+    host, port = where
+    try:
+        ipaddress.ip_address(host)
+        found: list[Any] = [socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    except ValueError:
+        found = []
+        done = threading.Event()
+
+        def lookup() -> None:
+            try:
+                found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            except OSError as e:
+                found.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=lookup, name="vectorlay-resolve", daemon=True).start()
+        if not done.wait(_remaining(deadline)):
+            raise _Expired from None
+    if isinstance(found[0], OSError):
+        raise found[0]
+    error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in found[0]:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.connect(address)
+            return sock
+        except TimeoutError:
+            sock.close()
+            raise _Expired from None
+        except OSError as e:
+            sock.close()
+            error = e
+        except BaseException:
+            sock.close()
+            raise
+    raise error
+
+
 def _remaining(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -337,7 +381,7 @@ class ApiClient:
         ctx = self._context()
         proxy = self.proxy if self.proxy is not None and not self.proxy.bypassed(target.host) else None
         where = (proxy.host, proxy.port) if proxy is not None else (target.host, target.port)
-        raw = socket.create_connection(where, timeout=_remaining(deadline))
+        raw = _open(where, deadline)
         try:
             if proxy is not None:
                 _tunnel(raw, proxy, target, deadline)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -200,6 +203,30 @@ def test_a_peer_that_never_answers_the_hello_meets_the_deadline(pki: faults.Pki)
         with pytest.raises(ApiError) as failed:
             client.request("GET", "/v1/node/self")
     assert "no complete answer within 1s" in failed.value.message
+
+
+def test_a_name_is_looked_up_within_the_deadline(pki: faults.Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """getaddrinfo takes no timeout; a resolver that hangs (here: a lookup that sleeps, the fault
+    injected in place of the resolver, which cannot be made to hang without this machine's
+    configuration) still ends the request at its deadline. Names still resolve as before."""
+    with faults.tls_server(pki, faults.redirect(200, "/")) as server:
+        client, _ = _client(f"https://localhost:{server.port}", pki, attempts=1)
+        with pytest.raises(ApiError) as answered:
+            client.request("GET", "/v1/node/self")  # an empty 200: reached, by name
+        assert "returned 200 without a JSON body" in answered.value.message
+        real = socket.getaddrinfo
+
+        def hanging(host: str, *args: Any, **kwargs: Any) -> Any:
+            if host == "localhost":
+                time.sleep(5)
+            return real(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", hanging)
+        client, _ = _client(f"https://localhost:{server.port}", pki, timeout=0.5, attempts=1)
+        with pytest.raises(ApiError) as failed:
+            client.request("GET", "/v1/node/self")
+    assert failed.value.message.endswith("no complete answer within 0.5s (gave up after 1 attempt(s))")
+    assert server.connections == 1
 
 
 def test_an_artifact_download_dripping_meets_its_deadline(pki: faults.Pki) -> None:
