@@ -6,7 +6,9 @@
 # With no token given it asks for the provisioning token on the terminal (hidden): a token typed there
 # is in no process's command line. Arguments (key=value): token-file=FILE (the token read from a file,
 # for unattended installs), token=vtk_... (moved into the environment at once), gpu=1 (container-GPU mode: gVisor + nvproxy instead of VFIO passthrough), api=URL,
-# NODE_AGENT_AUTOUPDATE=0 (no automatic agent updates on this node).
+# NODE_AGENT_AUTOUPDATE=0 (no automatic agent updates on this node), proxy=http://host:port (an HTTP
+# proxy for every HTTPS request of the node, remembered in /etc/vectorlay/node.yaml; https_proxy and
+# no_proxy in the environment are honoured as they are).
 #
 # Everything below runs inside one function that is called on the very last line: a download cut
 # short anywhere defines at most part of a function and runs nothing. The call ends in a sentinel
@@ -28,7 +30,7 @@ vectorlay_install() {
     local manifest_key='@@VECTORLAY_MANIFEST_KEY@@'
 
     local root="${VECTORLAY_ROOT:-}"  # tests and the demo point this at a tree; a real box leaves it empty
-    local api="" gpu_mode="" token_arg="" token_file="" autoupdate="${NODE_AGENT_AUTOUPDATE:-}"
+    local api="" gpu_mode="" token_arg="" token_file="" autoupdate="${NODE_AGENT_AUTOUPDATE:-}" proxy=""
     local -a passthrough_args=()
     local arg
     for arg in "$@"; do
@@ -36,12 +38,13 @@ vectorlay_install() {
             token=*) token_arg="${arg#token=}" ;;
             token-file=*) token_file="${arg#token-file=}" ;;
             api=*) api="${arg#api=}" ;;
+            proxy=*) proxy="${arg#proxy=}" ;;
             gpu=1) gpu_mode=container ;;
             gpu=0) gpu_mode="" ;;
             NODE_AGENT_AUTOUPDATE=0 | NODE_AGENT_AUTOUPDATE=1) autoupdate="${arg#NODE_AGENT_AUTOUPDATE=}" ;;
             *)
                 printf 'error: unknown argument %q\n' "$arg" >&2
-                printf '  fix: use token=vtk_..., token-file=FILE, gpu=1, api=URL or NODE_AGENT_AUTOUPDATE=0\n' >&2
+                printf '  fix: use token=vtk_..., token-file=FILE, gpu=1, api=URL, proxy=URL or NODE_AGENT_AUTOUPDATE=0\n' >&2
                 return 2
                 ;;
         esac
@@ -61,6 +64,11 @@ vectorlay_install() {
             @@*) printf 'error: no control plane given\n  fix: add api=https://... to the command\n' >&2; return 2 ;;
             *) api="$default_api" ;;
         esac
+    fi
+    # proxy=: this script's curl and the installer use it now (as https_proxy), and the installer
+    # keeps it in node.yaml (VECTORLAY_PROXY) for the agents and their updates.
+    if [ -n "$proxy" ]; then
+        export https_proxy="$proxy" HTTPS_PROXY="$proxy" VECTORLAY_PROXY="$proxy"
     fi
     api="${api%/}"
     case "$api" in

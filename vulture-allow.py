@@ -11,6 +11,9 @@ pci.PciDevice.subsystem_vendor_id  # sysfs attributes the PCI model carries (to_
 pci.PciDevice.subsystem_device_id
 pci.PciDevice.driver_override
 # ssl / requests / sqlite / http.server / cheroot / configparser attributes and hooks
+_.readable  # io.RawIOBase: bootstrap.api's wire, read by http.client
+_.readinto
+_.makefile
 _.cert_verify
 _.cert_reqs
 _.trust_env

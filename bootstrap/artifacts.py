@@ -32,8 +32,9 @@ MARKER = ".sha256"
 
 
 class Downloader(Protocol):
-    def stream(self, url: str) -> AbstractContextManager[Iterable[bytes]]:
-        """Open `url` (absolute, or relative to the control plane) and yield its body in chunks."""
+    def stream(self, url: str, *, size: int | None = None) -> AbstractContextManager[Iterable[bytes]]:
+        """Open `url` (absolute, or relative to the control plane) and yield its body in chunks
+        (at most `size` bytes when given)."""
         ...
 
 
@@ -78,7 +79,7 @@ def _mismatch(art: Artifact, what: str) -> VectorlayError:
 def _download(downloader: Downloader, art: Artifact, part: Path) -> None:
     digest = hashlib.sha256()
     size = 0
-    with open(part, "wb") as f, downloader.stream(art.url) as chunks:
+    with open(part, "wb") as f, downloader.stream(art.url, size=art.size) as chunks:
         for chunk in chunks:
             size += len(chunk)
             if size > art.size:

@@ -384,6 +384,7 @@ def _confirm(api: ApiClient, identity: Identity) -> None:
         attempts=2,
         backoff=api.backoff,
         sleep=api.sleep,
+        proxy=api.proxy,
     )
     try:
         client.request("GET", "/v1/node/self", bearer=identity.node_token())

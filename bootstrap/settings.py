@@ -7,6 +7,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import read_regular
@@ -34,6 +35,9 @@ class Settings:
     cpu_threshold: float = 90.0
     memory_threshold: float = 85.0
     disk_threshold: float = 90.0
+    # An HTTP proxy for the node's HTTPS (install.sh's proxy=): used when the environment names none
+    # (https_proxy), and written into the agents' environment. Never a password: this file is 0644.
+    proxy: str | None = None
     source: str | None = field(default=None, compare=False)
     # What `repair` loading set aside of a damaged node.yaml (the install run rewrites the file).
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -56,6 +60,7 @@ KNOWN = (
     "extra_nvswitch_device_ids",
     "advertise_interval",
     "thresholds",
+    "proxy",
 )
 # node.yaml is a handful of lines; anything near this is not a settings file.
 SETTINGS_LIMIT = 64 << 10
@@ -93,6 +98,31 @@ def _url(value: Any, key: str) -> str:
     s = _text(value, key, MAX_URL)
     if any(c.isspace() for c in s):
         raise VectorlayError(f"{key}={s!r} contains white space", f"set {key} to the control plane's URL")
+    return s
+
+
+def _proxy(value: Any, key: str) -> str:
+    s = _url(value, key)
+    text = s if "://" in s else "http://" + s
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise VectorlayError(
+            f"{key}={s[:80]!r} is not an HTTP proxy URL",
+            "use http://host:port (the proxy is asked for CONNECT tunnels only)",
+        )
+    if parts.username is not None or parts.password is not None:
+        raise VectorlayError(
+            f"{key} must not hold credentials (node.yaml is readable by every user)",
+            "give an authenticating proxy as https_proxy=http://user:password@host:port in the "
+            "environment instead; the agents get it in a 0600 file",
+        )
+    if any(c in s for c in "\"'\\$`"):
+        raise VectorlayError(f"{key}={s[:80]!r} contains a quote, backslash, $ or `", "use http://host:port")
+    del port
     return s
 
 
@@ -183,6 +213,7 @@ _PARSERS: dict[str, Any] = {
     "extra_nvswitch_device_ids": _hex_ids,
     "advertise_interval": lambda value, key: _interval(value, key),
     "thresholds": lambda value, key: _threshold_map(value),
+    "proxy": _proxy,
 }
 
 
@@ -300,6 +331,8 @@ def load_settings(host: Host, env: Mapping[str, str] | None = None, *, repair: b
             settings = _with_threshold(settings, key, percent)
     if env.get("VECTORLAY_API"):
         settings = replace(settings, api=_url(env["VECTORLAY_API"], "VECTORLAY_API"))
+    if env.get("VECTORLAY_PROXY"):
+        settings = replace(settings, proxy=_proxy(env["VECTORLAY_PROXY"], "VECTORLAY_PROXY"))
     if env.get("VECTORLAY_GPU_MODE"):
         settings = replace(settings, gpu_mode=_gpu_mode(env["VECTORLAY_GPU_MODE"], "VECTORLAY_GPU_MODE"))
     if env.get("NODE_AGENT_AUTOUPDATE"):
@@ -343,11 +376,14 @@ def settings_yaml(settings: Settings, *, api: str | None, gpu_mode: str) -> byte
         data["extra_gpu_vendor_ids"] = list(settings.extra_gpu_vendor_ids)
     if settings.extra_nvswitch_device_ids:
         data["extra_nvswitch_device_ids"] = list(settings.extra_nvswitch_device_ids)
+    if settings.proxy:
+        data["proxy"] = settings.proxy
     header = (
         f"{MARKER}\n# Re-running the install one-liner rewrites this file.\n"
         "# Environment variables VECTORLAY_API, VECTORLAY_GPU_MODE, NODE_AGENT_AUTOUPDATE,\n"
-        "# VECTORLAY_DISK_PATH, VECTORLAY_ADVERTISE_INTERVAL and VECTORLAY_{CPU,MEMORY,DISK}_THRESHOLD\n"
-        "# override these settings. advertise_interval: seconds between the node-agent's heartbeats;\n"
+        "# VECTORLAY_DISK_PATH, VECTORLAY_ADVERTISE_INTERVAL, VECTORLAY_{CPU,MEMORY,DISK}_THRESHOLD and\n"
+        "# VECTORLAY_PROXY override these settings (an https_proxy variable wins over proxy:).\n"
+        "# advertise_interval: seconds between the node-agent's heartbeats;\n"
         "# thresholds: the load (percent) above which the node's units are not advertised.\n"
     )
     body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=False, width=4096)

@@ -83,12 +83,15 @@ def start(
     env: Mapping[str, str] | None = None,
     args: tuple[str, ...] = (),
     timeout: float = 30.0,
+    prefix: tuple[str, ...] = (),
 ) -> RunningControlPlane:
+    """`prefix` goes before the server's command line (e.g. `ip netns exec NS` for a namespace)."""
     workdir.mkdir(parents=True, exist_ok=True)
     db_path, state_dir, log_path = workdir / "cp.sqlite", workdir / "state", workdir / "cp.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-m",
             "controlplane.cli",

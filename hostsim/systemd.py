@@ -95,7 +95,7 @@ class Systemd:
             return None
         self.stop(host, unit)
         _provide_venv(host)
-        env = _service_env(host)
+        env = _service_env(host, unit)
         log = host.path(f"{STATE_DIR}/{unit}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
@@ -168,12 +168,59 @@ def _provide_venv(host: Host) -> None:
     os.symlink(sys.prefix, venv)
 
 
-def _service_env(host: Host) -> dict[str, str]:
+PROXY_VARIABLES = (
+    "https_proxy",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "HTTP_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+    "all_proxy",
+)
+
+
+def _environment_files(host: Host, unit: str) -> dict[str, str]:
+    """The variables of the unit's EnvironmentFile= lines, read as systemd.exec(5) says: one
+    KEY=VALUE per line, empty lines and lines starting with # or ; ignored, a value in double or
+    single quotes unquoted, and a file name prefixed with "-" skipped when the file does not exist."""
+    path = unit_file(host, unit)
+    out: dict[str, str] = {}
+    if path is None:
+        return out
+    for raw in path.read_text(errors="replace").splitlines():
+        key, sep, value = raw.strip().partition("=")
+        if not sep or key.strip() != "EnvironmentFile":
+            continue
+        name = value.strip()
+        optional = name.startswith("-")
+        try:
+            text = host.path(name.lstrip("-")).read_text()
+        except FileNotFoundError:
+            if optional:
+                continue
+            raise
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            k, eq, v = line.partition("=")
+            if eq:
+                v = v.strip()
+                if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'":
+                    v = v[1:-1]
+                out[k.strip()] = v
+    return out
+
+
+def _service_env(host: Host, unit: str | None = None) -> dict[str, str]:
     """The environment a service starts with: the caller's, without hostsim's sitecustomize (the
     agents' Python runs with -E and ignores it anyway; the stand-in daemons' would not) and without
     the installer's fault points, which count the installer's own steps. The simulator stays asked
     for: the node-agent release hostsim builds takes it where hostsim is importable (hostsim.agents)."""
-    env = {k: v for k, v in os.environ.items() if k not in inject.FAULT_ENV}
+    # A service never inherits the proxy variables of whoever ran systemctl: only what its unit gives.
+    env = {k: v for k, v in os.environ.items() if k not in inject.FAULT_ENV and k not in PROXY_VARIABLES}
+    if unit is not None:
+        env.update(_environment_files(host, unit))
     env["VECTORLAY_ROOT"] = str(host.root)
     site = str(inject.SITE_DIR)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != site]

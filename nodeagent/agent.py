@@ -25,7 +25,7 @@ from typing import Any
 
 from bootstrap import artifacts
 from bootstrap.agent_status import iso, read_status, write_status
-from bootstrap.api import ApiClient, ClientCert
+from bootstrap.api import ApiClient, ClientCert, proxy_from_env
 from bootstrap.errors import VectorlayError, hold_secret, redact
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
@@ -140,8 +140,10 @@ class Agent:
             client_cert=ClientCert(ident.cert_file, ident.key_file),
             timeout=REQUEST_TIMEOUT_S,
             attempts=1,
+            user_agent=f"vectorlay-node-agent/{__version__}",
+            # The unit's environment (proxy.env, written by the install run) or node.yaml's proxy.
+            proxy=proxy_from_env(fallback=settings.proxy),
         )
-        client.session().headers["User-Agent"] = f"vectorlay-node-agent/{__version__}"
         self._client = (where, client)
         return client
 

@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from bootstrap.api import ApiClient
+from bootstrap.api import ApiClient, proxy_from_env
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_write
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.renewal import CredentialError, next_renewal, read_credentials
+from bootstrap.settings import load_settings
 from bootstrap.update import is_active
 
 log = logging.getLogger("node-agent")
@@ -117,7 +118,14 @@ class Renewer:
             raise RenewalError(e.message, e.hint) from None
         if ident is None:
             raise RenewalError("this node is not enrolled yet", "run the install one-liner")
-        api = ApiClient(self.api_url(ident), pinned_ca=ident.ca_file, timeout=self.timeout, attempts=1)
+        api = ApiClient(
+            self.api_url(ident),
+            pinned_ca=ident.ca_file,
+            timeout=self.timeout,
+            attempts=1,
+            # As the heartbeat goes: the unit's environment (proxy.env) or node.yaml's proxy.
+            proxy=proxy_from_env(fallback=load_settings(self.host).proxy),
+        )
         try:
             new = renew(self.host, api)
         except VectorlayError as e:

@@ -43,6 +43,8 @@ system() {
     want debian-archive-keyring path /usr/share/keyrings/debian-archive-keyring.gpg  # verifies the
     #                                               Debian archive runsc and dockerd are fetched from
     want dpkg command dpkg-deb                      # unpacks them
+    want tinyproxy-bin command tinyproxy            # the HTTP CONNECT proxy of the proxy tests (tests/transport);
+    #                                               the binary alone: `tinyproxy` also starts a system daemon
 
     [ "${#missing[@]}" -gt 0 ] || return 0
     if [ "$(id -u)" -eq 0 ]; then

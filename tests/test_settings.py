@@ -78,6 +78,12 @@ def test_heartbeat_interval_and_thresholds_from_the_file_then_the_environment(tm
         ("thresholds: 90\n", {}, "thresholds must map"),
         ("thresholds: {memory_percent: 0}\n", {}, "not a percentage"),
         ("", {"VECTORLAY_CPU_THRESHOLD": "150"}, "not a percentage"),
+        ("proxy: https://proxy:3128\n", {}, "is not an HTTP proxy URL"),
+        ("proxy: socks5://proxy:1080\n", {}, "is not an HTTP proxy URL"),
+        ("proxy: http://proxy:3128/path\n", {}, "is not an HTTP proxy URL"),
+        ("", {"VECTORLAY_PROXY": "http://bob:secret@proxy:3128"}, "must not hold credentials"),
+        ("proxy: 'http://proxy:3128 x'\n", {}, "contains white space"),
+        ("proxy: 'http://p$x:3128'\n", {}, "contains a quote, backslash, $ or `"),
     ],
 )
 def test_bad_settings_get_a_clear_error(
@@ -95,6 +101,8 @@ def test_bad_settings_get_a_clear_error(
         {"extra_gpu_vendor_ids": ("1234",)},
         {"extra_gpu_vendor_ids": ("8086", "1234"), "extra_nvswitch_device_ids": ("2324",)},
         {"advertise_interval": 60, "cpu_threshold": 75.5, "memory_threshold": 70.0, "disk_threshold": 80.0},
+        {"proxy": "http://proxy.dc.example:3128"},
+        {"proxy": "10.0.0.1:8080"},
     ],
 )
 def test_the_node_yaml_the_installer_writes_reads_back_as_the_same_settings(
@@ -105,3 +113,11 @@ def test_the_node_yaml_the_installer_writes_reads_back_as_the_same_settings(
     wanted = Settings(api="https://api.example", gpu_mode="passthrough", autoupdate=False, **extras)
     text = settings_yaml(wanted, api=wanted.api, gpu_mode="passthrough").decode()
     assert load_settings(_host(tmp_path, text), env={}) == wanted
+
+
+def test_the_proxy_comes_from_node_yaml_then_vectorlay_proxy(tmp_path: Path) -> None:
+    host = _host(tmp_path, "proxy: http://from-file:3128\n")
+    assert load_settings(host, env={}).proxy == "http://from-file:3128"
+    assert (
+        load_settings(host, env={"VECTORLAY_PROXY": "http://from-env:8080"}).proxy == "http://from-env:8080"
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bootstrap.api import proxy_from_env
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, open_host
 from bootstrap.identity import load_identity
@@ -25,7 +26,7 @@ def run_update(root: Path, *, host: Host | None = None) -> int:
         )
     settings = load_settings(host)
     with run_lock(host):
-        client = node_client(ident, settings.api)
+        client = node_client(ident, settings.api, proxy=proxy_from_env(fallback=settings.proxy))
         try:
             state = load_state(host)
             manifest = fetch_manifest(client, ident, state)

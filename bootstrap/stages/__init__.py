@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
-from bootstrap.api import ApiClient
+from bootstrap.api import ApiClient, Proxy, proxy_from_env
 from bootstrap.discovery import Inventory
 from bootstrap.errors import UsageError, VectorlayError
 from bootstrap.host import Host
@@ -176,9 +176,18 @@ def api_url(ctx: Context) -> str:
     )
 
 
+def proxy(ctx: Context) -> Proxy | None:
+    """The proxy of this run: the environment's https_proxy, else node.yaml's proxy (install.sh's proxy=)."""
+    return proxy_from_env(fallback=ctx.settings.proxy)
+
+
 def client(ctx: Context, *, attempts: int = 5) -> ApiClient:
     return ApiClient(
-        api_url(ctx), ca_file=ctx.ca_file, pinned_ca=identity_path(ctx.host) / "ca.crt", attempts=attempts
+        api_url(ctx),
+        ca_file=ctx.ca_file,
+        pinned_ca=identity_path(ctx.host) / "ca.crt",
+        attempts=attempts,
+        proxy=proxy(ctx),
     )
 
 

@@ -15,17 +15,19 @@ from typing import Any
 import jinja2
 
 from bootstrap import artifacts, runsc
+from bootstrap.api import Proxy
 from bootstrap.discovery import Inventory, UnitStatus
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import REENROLL_HINT, Identity, IdentityError, load_identity
+from bootstrap.nebula import NebulaCertError, parse_certificate_pem
 from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Switch, Symlink, compute
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
 from bootstrap.settings import settings_yaml
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, proxy
 from bootstrap.stages.artifacts import agent_names, gpu_mode_of
 from bootstrap.templating import render as render_template
 from bootstrap.update import (
@@ -47,11 +49,16 @@ AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
 SETTINGS_FILE = "/etc/vectorlay/node.yaml"
 NOMAD_VFIO_DROPIN = f"{ETC_UNITS}/nomad.service.d/10-vectorlay-vfio.conf"
 DOCKER_DAEMON = "/etc/docker/daemon.json"
+# The proxy environment of nomad, the node-agent and the update service (their units name it as an
+# optional EnvironmentFile): the node's https_proxy and no_proxy, with the overlay added to no_proxy.
+PROXY_ENV = "/etc/vectorlay/proxy.env"
+# What systemd's EnvironmentFile= would need quoting or escaping for: such values are refused.
+_ENV_UNSAFE = set(" \t\"'\\$`#;") | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 CONFIGS = {
     "nebula": (NEBULA_CONFIG,),
-    "nomad": (NOMAD_CONFIG, NOMAD_VFIO_DROPIN),
-    "node-agent": (AGENT_CONFIG,),
+    "nomad": (NOMAD_CONFIG, NOMAD_VFIO_DROPIN, PROXY_ENV),
+    "node-agent": (AGENT_CONFIG, PROXY_ENV),
 }
 
 
@@ -119,6 +126,40 @@ def _agent_yaml(common: dict[str, Any]) -> bytes:
     return (header + yaml.safe_dump(data, sort_keys=False, width=4096)).encode()
 
 
+def overlay_network(ident: Identity) -> str:
+    """The overlay's network, as the node's nebula certificate gives it (e.g. 100.64.0.0/10)."""
+    try:
+        cert = parse_certificate_pem((ident.path / "nebula.crt").read_bytes())
+    except (OSError, NebulaCertError) as e:
+        raise IdentityError(f"{IDENTITY_DIR}/nebula.crt cannot be read: {e}", REENROLL_HINT) from None
+    if not cert.ips:
+        raise IdentityError(f"{IDENTITY_DIR}/nebula.crt names no overlay IP", REENROLL_HINT)
+    return str(cert.ips[0].network)
+
+
+def proxy_env(proxy: Proxy | None, overlay: str) -> bytes | None:
+    """The agents' proxy environment: https_proxy and no_proxy exactly as the run has them, the
+    overlay added to no_proxy (overlay traffic never goes through a proxy); None without a proxy."""
+    if proxy is None:
+        return None
+    no_proxy = ",".join(x for x in (proxy.no_proxy.strip().strip(","), overlay) if x)
+    for name, value in (("https_proxy", proxy.given), ("no_proxy", no_proxy)):
+        bad = sorted({repr(c) for c in value if c in _ENV_UNSAFE})
+        if bad:
+            raise VectorlayError(
+                f"{name} contains {', '.join(bad)}, which the agents' systemd environment cannot hold",
+                f"set {name} without white space, quotes, backslashes, $, #, ; or control characters",
+            )
+    lines = [
+        MARKER,
+        "# The proxy of the node's HTTPS, for nomad, the node-agent and its updates; the overlay's",
+        "# network is in no_proxy. Re-running the install one-liner rewrites this file.",
+        *(f"{k}={proxy.given}" for k in ("https_proxy", "HTTPS_PROXY")),
+        *(f"{k}={no_proxy}" for k in ("no_proxy", "NO_PROXY")),
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
 def desired(ctx: Context, ident: Identity, mode: str, facts: Facts | None = None) -> list[Change]:
     try:
         return _desired(ctx, ident, mode, facts or Facts())
@@ -171,6 +212,10 @@ def _desired(ctx: Context, ident: Identity, mode: str, facts: Facts) -> list[Cha
         ),
         FileChange(AGENT_CONFIG, _agent_yaml(common), mode=0o600),
     ]
+    via = proxy(ctx)
+    env = proxy_env(via, overlay_network(ident)) if via is not None else None
+    # 0600: an authenticating proxy's URL holds its password.
+    changes.append(FileChange(PROXY_ENV, env, mode=0o600) if env is not None else Removal(PROXY_ENV))
     for unit in UNIT_FILES:
         changes.append(FileChange(unit_path(unit), (units_dir() / unit).read_bytes()))
     if mode == "passthrough":
@@ -238,7 +283,8 @@ def owned_changes(host: Host) -> list[Change]:
     changes += [Removal(wants_path(u)) for u in (*SERVICES.values(), TIMER)]
     changes += [Removal(unit_path(u)) for u in UNIT_FILES]
     changes += [
-        Removal(p) for p in (NOMAD_VFIO_DROPIN, NEBULA_CONFIG, NOMAD_CONFIG, AGENT_CONFIG, SETTINGS_FILE)
+        Removal(p)
+        for p in (NOMAD_VFIO_DROPIN, NEBULA_CONFIG, NOMAD_CONFIG, AGENT_CONFIG, SETTINGS_FILE, PROXY_ENV)
     ]
     changes.append(Command(("systemctl", "daemon-reload"), after=tuple(unit_path(u) for u in UNIT_FILES)))
     return changes

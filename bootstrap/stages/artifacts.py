@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from bootstrap import artifacts, platform
-from bootstrap.api import ApiClient, ClientCert
+from bootstrap.api import ApiClient, ClientCert, Proxy
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
@@ -26,7 +26,7 @@ from bootstrap.manifest import (
     verify_manifest,
 )
 from bootstrap.plan import Fetch, compute
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, proxy
 from bootstrap.state import STATE_PATH, RunState, save_state
 from bootstrap.update import SERVICES
 
@@ -37,7 +37,9 @@ def agent_names(gpu_mode: str) -> list[str]:
     return [*SERVICES, *(CONTAINER_ONLY if gpu_mode == "container" else ())]
 
 
-def node_client(ident: Identity, api: str | None = None, ca_file: Path | None = None) -> ApiClient:
+def node_client(
+    ident: Identity, api: str | None = None, ca_file: Path | None = None, *, proxy: Proxy | None = None
+) -> ApiClient:
     """The control plane as the enrolled node reaches it: mTLS with its durable identity, the CA it
     pinned at enrollment trusted. An API given to this run (--api, install.sh's api=) wins over the
     one the node enrolled with."""
@@ -52,6 +54,7 @@ def node_client(ident: Identity, api: str | None = None, ca_file: Path | None = 
         pinned_ca=ident.ca_file,
         client_cert=ClientCert(ident.cert_file, ident.key_file),
         node_token=ident.node_token(),
+        proxy=proxy,
     )
 
 
@@ -121,7 +124,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
         fetches = [Fetch(n, reason="after enrollment") for n in names] if facts.would_enroll else []
         changes = compute(ctx.host, fetches)
         return StagePlan(facts, StageResult(Outcome.PLANNED, "not enrolled"), changes)
-    client = node_client(ident, ctx.api, ctx.ca_file)
+    client = node_client(ident, ctx.api, ctx.ca_file, proxy=proxy(ctx))
     # A copy: the serial accepted is the run state's only once apply records it.
     trial = replace(ctx.state)
     try:
@@ -152,7 +155,7 @@ def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
     # Kept at once, not only when the stage ends well: the serial was accepted.
     save_state(ctx.host, ctx.state)
     if accepted.missing:
-        client = node_client(ident, ctx.api, ctx.ca_file)
+        client = node_client(ident, ctx.api, ctx.ca_file, proxy=proxy(ctx))
         try:
             for art in accepted.missing:
                 artifacts.install(ctx.host, client, art)

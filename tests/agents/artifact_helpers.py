@@ -85,7 +85,7 @@ class DirectoryDownloader:
         p.write_bytes(data)
 
     @contextmanager
-    def stream(self, url: str) -> Iterator[Iterable[bytes]]:
+    def stream(self, url: str, *, size: int | None = None) -> Iterator[Iterable[bytes]]:
         self.fetched.append(url)
         path = self.root / url.removeprefix("/v1/artifacts/")
         with open(path, "rb") as f:

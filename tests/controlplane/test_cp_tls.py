@@ -1,8 +1,9 @@
 """The control plane's TLS layer.
 
 The handshake happens in the worker serving the connection (controlplane.server), and a plain-HTTP
-client still gets a plain-HTTP answer. TLS session resumption (bootstrap.api offers the last
-session; the server keeps it with the client certificate it verified) keeps every node request
+client still gets a plain-HTTP answer. TLS session resumption (clients that offer their last
+session; the server keeps it with the client certificate it verified; the node's own client makes a
+full handshake each time) keeps every node request
 authenticated as before: as the node whose certificate made the session, with that node's token,
 and a connection without a certificate is still refused on node endpoints, resumed or not."""
 
@@ -29,14 +30,29 @@ BEAT: dict[str, Any] = {
 }
 
 
-def _fresh_connection(api: ApiClient) -> None:
-    # The server has long closed a heartbeat's keep-alive connection when the next one is due.
-    api.session().close()
-
-
 def _client(cp: testing.RunningControlPlane, node: Enrolled | None) -> ApiClient:
     cert = ClientCert(node.cert_file, node.key_file) if node is not None else None
     return ApiClient(cp.url, ca_file=cp.ca_file, client_cert=cert, attempts=1)
+
+
+def _context(cp: testing.RunningControlPlane, node: Enrolled | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cp.ca_file))
+    if node is not None:
+        ctx.load_cert_chain(str(node.cert_file), str(node.key_file))
+    return ctx
+
+
+def test_the_node_client_makes_a_full_handshake_per_request_and_is_still_served(
+    control_plane: testing.RunningControlPlane, tmp_path: Path
+) -> None:
+    """The node's client resumes no session (issue 22: resumption reached past the ssl module's
+    public API and crashed on a failed handshake); each of its requests stands alone."""
+    control_plane.org("acme")
+    a = Enrolled(control_plane, "acme", tmp_path / "a")
+    api = _client(control_plane, a)
+    for _ in range(3):
+        assert api.request("GET", "/v1/node/self", bearer=a.token)["node_id"] == a.answer["node_id"]
+        assert api.request("POST", "/v1/node/heartbeat", json=BEAT, bearer=a.token)["status"] == "active"
 
 
 def test_a_resumed_connection_is_still_the_node_whose_certificate_made_the_session(
@@ -44,25 +60,18 @@ def test_a_resumed_connection_is_still_the_node_whose_certificate_made_the_sessi
 ) -> None:
     control_plane.org("acme")
     a, b = Enrolled(control_plane, "acme", tmp_path / "a"), Enrolled(control_plane, "acme", tmp_path / "b")
-    api_a, api_b = _client(control_plane, a), _client(control_plane, b)
-    try:
-        for _ in range(3):
-            assert api_a.request("GET", "/v1/node/self", bearer=a.token)["node_id"] == a.answer["node_id"]
-            assert api_b.request("GET", "/v1/node/self", bearer=b.token)["node_id"] == b.answer["node_id"]
-            beat = api_a.request("POST", "/v1/node/heartbeat", json=BEAT, bearer=a.token)
-            assert beat["status"] == "active"
-            _fresh_connection(api_a)
-            _fresh_connection(api_b)
-        assert api_a.resumed_connections >= 2 and api_b.resumed_connections >= 2
-        # The session is node A's identity: B's token does not go with it.
-        resumed_before = api_a.resumed_connections
-        with pytest.raises(ApiError) as refused:
-            api_a.request("POST", "/v1/node/heartbeat", json=BEAT, bearer=b.token)
-        assert api_a.resumed_connections == resumed_before + 1
-        assert refused.value.status == 401 and refused.value.code == "BAD_NODE_CREDENTIALS"
-    finally:
-        api_a.close()
-        api_b.close()
+    ctx_a, ctx_b = _context(control_plane, a), _context(control_plane, b)
+    sessions: dict[str, ssl.SSLSession | None] = {"a": None, "b": None}
+    resumed = 0
+    for _ in range(3):
+        for name, ctx, node in (("a", ctx_a, a), ("b", ctx_b, b)):
+            reused, answer, sessions[name] = _raw_get(control_plane, ctx, sessions[name], node.token)
+            resumed += reused
+            assert answer.startswith(b"HTTP/1.1 200") and node.answer["node_id"].encode() in answer
+    assert resumed >= 4
+    # The session is node A's identity: B's token does not go with it.
+    reused, answer, _ = _raw_get(control_plane, ctx_a, sessions["a"], b.token)
+    assert reused and answer.startswith(b"HTTP/1.1 401") and b"BAD_NODE_CREDENTIALS" in answer
 
 
 def test_without_a_certificate_node_endpoints_refuse_even_a_resumed_connection(
@@ -70,22 +79,27 @@ def test_without_a_certificate_node_endpoints_refuse_even_a_resumed_connection(
 ) -> None:
     control_plane.org("acme")
     node = Enrolled(control_plane, "acme", tmp_path / "n")
-    api = _client(control_plane, None)
-    try:
-        for path, body in (("/v1/node/self", None), ("/v1/node/heartbeat", BEAT)):
-            for _ in range(2):
-                with pytest.raises(ApiError) as refused:
-                    api.request("GET" if body is None else "POST", path, json=body, bearer=node.token)
-                assert refused.value.status == 401 and refused.value.code == "CLIENT_CERT_REQUIRED"
-                _fresh_connection(api)
-        assert api.resumed_connections >= 3
-    finally:
-        api.close()
+    ctx = _context(control_plane, None)
+    session = None
+    resumed = 0
+    for _ in range(4):
+        reused, answer, session = _raw_get(control_plane, ctx, session, node.token)
+        resumed += reused
+        assert answer.startswith(b"HTTP/1.1 401") and b"CLIENT_CERT_REQUIRED" in answer
+    assert resumed >= 3
+    with pytest.raises(ApiError) as refused:
+        _client(control_plane, None).request("GET", "/v1/node/self", bearer=node.token)
+    assert refused.value.status == 401 and refused.value.code == "CLIENT_CERT_REQUIRED"
 
 
 def _raw_get(
-    cp: testing.RunningControlPlane, ctx: ssl.SSLContext, session: ssl.SSLSession | None, token: str
+    cp: testing.RunningControlPlane,
+    ctx: ssl.SSLContext,
+    session: ssl.SSLSession | None,
+    token: str,
 ) -> tuple[bool, bytes, ssl.SSLSession | None]:
+    """One request on a new connection offering `session`, with the ssl module's public API: the
+    session is read after the answer, as TLS 1.3 tickets arrive after the handshake."""
     url = urlsplit(cp.url)
     assert url.hostname is not None and url.port is not None
     with (

@@ -67,21 +67,27 @@ def _taker(cp: testing.RunningControlPlane, conn: socket.socket) -> int:
 
 
 def _beat(
-    ctx: ssl.SSLContext, cp: testing.RunningControlPlane, source: str, node: Enrolled
+    ctx: ssl.SSLContext,
+    cp: testing.RunningControlPlane,
+    source: str,
+    node: Enrolled,
+    sessions: dict[str, ssl.SSLSession],
 ) -> tuple[int, bool]:
-    """One heartbeat of `node` from the address `source`, on a new connection: (the server process
-    that took it, whether it resumed a session)."""
+    """One heartbeat of `node` from the address `source`, on a new connection offering the node's
+    last TLS session: (the server process that took it, whether it resumed the session)."""
     host, port = cp.url.removeprefix("https://").rsplit(":", 1)
     body = json.dumps(BEAT).encode()
     request = heartbeat_request(host, port, node.token, body)
     raw = socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0))
-    with ctx.wrap_socket(raw, server_hostname=host) as tls:
+    with ctx.wrap_socket(raw, server_hostname=host, session=sessions.get(source)) as tls:
         pid = _taker(cp, tls)
         tls.sendall(request)
         answer = b""
         while chunk := tls.recv(65536):  # the server closes after the answer
             answer += chunk
         resumed = bool(tls.session_reused)
+        if tls.session is not None:  # read after the answer: TLS 1.3 tickets come with it
+            sessions[source] = tls.session
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"status":"active"' in answer, answer[:300]
     return pid, resumed
 
@@ -104,12 +110,13 @@ def test_workers_take_each_node_in_one_process_where_it_resumes_and_keep_the_clo
             ApiClient(cp.url, ca_file=cp.ca_file, client_cert=ClientCert(n.cert_file, n.key_file))
             for n in nodes
         ]
-        ctxs = [api._context() for api in apis]  # each node's context: its certificate, resuming
+        ctxs = [api._context() for api in apis]  # each node's context: its certificate
+        sessions: dict[str, ssl.SSLSession] = {}
         takers: dict[str, set[int]] = {src: set() for src in sources}
         resumed = dict.fromkeys(sources, 0)
         for _ in range(10):
             for ctx, src, node in zip(ctxs, sources, nodes, strict=True):
-                pid, again = _beat(ctx, cp, src, node)
+                pid, again = _beat(ctx, cp, src, node, sessions)
                 takers[src].add(pid)
                 resumed[src] += again
         for api in apis:

@@ -109,7 +109,10 @@ def test_an_unknown_argument_to_install_sh_is_a_usage_error_and_runs_nothing(tmp
     )
     assert res.returncode == 2
     assert "error: unknown argument tokn=vtk_typo" in res.stderr
-    assert "fix: use token=vtk_..., token-file=FILE, gpu=1, api=URL or NODE_AGENT_AUTOUPDATE=0" in res.stderr
+    assert (
+        "fix: use token=vtk_..., token-file=FILE, gpu=1, api=URL, proxy=URL or NODE_AGENT_AUTOUPDATE=0"
+        in res.stderr
+    )
     assert not log.exists()
 
 
