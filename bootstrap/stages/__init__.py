@@ -87,6 +87,8 @@ class Doctor:
     render_text: Callable[[Report], str]
     # One heartbeat now; the line to show (delivered or not, it never raises).
     report_now: Callable[[Host], str]
+    # The checks preflight runs (doctor.checks.PREFLIGHT: each check's record says whether).
+    preflight_checks: tuple[str, ...]
 
 
 @dataclass(frozen=True)
