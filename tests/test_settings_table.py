@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -59,7 +60,7 @@ def test_each_row_is_read_from_node_yaml_and_from_its_variable(tmp_path: Path) -
 
 
 def test_node_yaml_written_from_the_table_reads_back_the_same_settings(tmp_path: Path) -> None:
-    changed = {f: (tuple(v) if isinstance(v, list) else v) for f, (v, _) in CHANGED.items()}
+    changed: dict[str, Any] = {f: (tuple(v) if isinstance(v, list) else v) for f, (v, _) in CHANGED.items()}
     settings = Settings(**changed)
     text = settings_yaml(settings, api=settings.api, gpu_mode="container")
     (tmp_path / "etc/vectorlay").mkdir(parents=True)
