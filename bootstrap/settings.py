@@ -11,8 +11,8 @@ from typing import Any, NamedTuple, TypeVar
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
+from bootstrap.paths import SETTINGS_PATH
 
-SETTINGS_PATH = "/etc/vectorlay/node.yaml"
 GPU_MODES = ("passthrough", "container", "none")
 T = TypeVar("T")
 Parser = Callable[[Any, str], Any]  # (value, the name to show in an error) -> the value to keep

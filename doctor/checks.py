@@ -16,7 +16,15 @@ from bootstrap import platform, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError, redact
 from bootstrap.host import CommandResult, Host
-from bootstrap.paths import AGENT_SERVICES, IDENTITY_DIR, IDENTITY_LEGACY, RUNSC
+from bootstrap.paths import (
+    AGENT_SERVICES,
+    IDENTITY_DIR,
+    IDENTITY_LEGACY,
+    RUNSC,
+    SETTINGS_PATH,
+    SYSTEMD_UNITS,
+    UPDATE_TIMER,
+)
 from bootstrap.pci import PciDevice
 from bootstrap.settings import GPU_MODES, Settings
 from doctor.model import CheckResult, Report, Status
@@ -25,9 +33,7 @@ GB = 1000**3  # disks and DIMMs are sold in decimal GB; a "32 GB" box must not f
 DISK_FAIL_GB, DISK_WARN_GB = 20, 50
 MEMORY_FAIL_GB, MEMORY_WARN_GB = 32, 64
 
-UNIT_DIR = "/etc/systemd/system"
 AGENTS = tuple(AGENT_SERVICES.values())
-UPDATE_TIMER = "node-agent-update.timer"
 INSTALL = "run the install one-liner"
 REINSTALL = "re-run the install one-liner"
 RESTART_BIND = "sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap"
@@ -185,7 +191,7 @@ _NO_SYSTEMD = "not checked: a --root tree runs no command, so there is no system
 
 @check("agents", "Agents")
 def check_agents(ctx: Context, name: str) -> CheckResult:
-    present = [u for u in AGENTS if ctx.host.path(f"{UNIT_DIR}/{u}").exists()]
+    present = [u for u in AGENTS if ctx.host.path(f"{SYSTEMD_UNITS}/{u}").exists()]
     if not present:
         return CheckResult(name, Status.FAIL, "vectorlay agents are not installed", INSTALL)
     missing = [u for u in AGENTS if u not in present]
@@ -223,8 +229,8 @@ def check_autoupdate(ctx: Context, name: str) -> CheckResult:
             "auto-update opted out (NODE_AGENT_AUTOUPDATE=0): node-agent will not update itself",
             "to turn it back on, re-run the install one-liner without NODE_AGENT_AUTOUPDATE=0",
         )
-    if not ctx.host.path(f"{UNIT_DIR}/{UPDATE_TIMER}").exists():
-        if not any(ctx.host.path(f"{UNIT_DIR}/{u}").exists() for u in AGENTS):
+    if not ctx.host.path(f"{SYSTEMD_UNITS}/{UPDATE_TIMER}").exists():
+        if not any(ctx.host.path(f"{SYSTEMD_UNITS}/{u}").exists() for u in AGENTS):
             return CheckResult(name, Status.SKIP, "agents not installed", INSTALL)
         return CheckResult(name, Status.FAIL, f"{UPDATE_TIMER} is not installed", REINSTALL)
     states, why = _systemctl_states(ctx, "is-enabled", [UPDATE_TIMER])
@@ -595,7 +601,7 @@ def check_disk(ctx: Context, name: str) -> CheckResult:
             Status.FAIL,
             f"{msg} (needs {DISK_FAIL_GB} GB for VM base images)",
             f"free at least {_gb(DISK_WARN_GB * GB - free)} at {path}, or set disk_path in "
-            "/etc/vectorlay/node.yaml to a larger disk",
+            f"{SETTINGS_PATH} to a larger disk",
         )
     if free < DISK_WARN_GB * GB:
         return CheckResult(
