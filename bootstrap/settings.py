@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, TypeVar
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
-from bootstrap.paths import SETTINGS_PATH
+from bootstrap.paths import SETTINGS_PATH as SETTINGS_PATH  # still importable from here
 
 GPU_MODES = ("passthrough", "container", "none")
 T = TypeVar("T")

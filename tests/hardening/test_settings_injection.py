@@ -16,10 +16,11 @@ import yaml
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, TreeHost
 from bootstrap.identity import load_identity
+from bootstrap.paths import AGENT_CONFIG, SETTINGS_PATH
 from bootstrap.plan import FileChange
-from bootstrap.settings import SETTINGS_PATH, Settings, load_settings
+from bootstrap.settings import Settings, load_settings
 from bootstrap.stages import Context
-from bootstrap.stages.agents import AGENT_CONFIG, desired
+from bootstrap.stages.agents import desired
 from bootstrap.state import RunState
 from hostsim.snapshot import snapshot
 from tests.hardening.helpers import enrolled_host
