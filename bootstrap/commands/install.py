@@ -289,8 +289,11 @@ def run_install(
     host = host or open_host(root)
     chosen = stages.select(only)
     settings = load_settings(host, repair=True)
+    # The run's options over node.yaml's: one place (the settings) holds the API and the GPU mode asked for.
     if api:
         settings = replace(settings, api=api)
+    if gpu_mode:
+        settings = replace(settings, gpu_mode=gpu_mode)
     state = load_state(host)
     if token_expires_at is None and state.token_expires_at:
         with contextlib.suppress(ValueError):
@@ -306,7 +309,6 @@ def run_install(
         host=host,
         settings=settings,
         state=state,
-        gpu_mode=gpu_mode,
         api=settings.api,
         ca_file=ca_file,
         token_expires_at=token_expires_at,

@@ -115,7 +115,6 @@ class Context:
     host: Host
     settings: Settings
     state: RunState
-    gpu_mode: str | None = None
     api: str | None = None
     ca_file: Path | None = None
     # The expiry known when the run started (the state's, or the caller's): the reboot message's.

@@ -158,7 +158,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     host = ctx.host
     inv = facts.inventory or discover(host, ctx.settings)
     facts = replace(facts, inventory=inv)
-    mode = platform.gpu_mode(ctx.gpu_mode, ctx.settings.gpu_mode, has_gpus=bool(inv.gpus))
+    mode = platform.gpu_mode(ctx.settings.gpu_mode, has_gpus=bool(inv.gpus))
     if mode == "container":
         return StagePlan(facts, container_mode(ctx, inv))
     if mode == "none" or not (inv.gpus or inv.nvswitches):
