@@ -1,7 +1,7 @@
 # Names vulture (make lint) cannot see used: read by the frameworks that call them, or kept because
 # they complete a documented set. Anything else it reports is dead code to remove.
 from bootstrap.commands import install
-from bootstrap import pci
+from bootstrap import pci, settings
 from hostsim import kernel, systemd
 
 install.EXIT_USAGE  # the exit-code table: 2 is raised as UsageError's code
@@ -10,6 +10,10 @@ kernel.simulate  # named by the tests as the tree simulator entry
 pci.PciDevice.subsystem_vendor_id  # sysfs attributes the PCI model carries (to_json, reports)
 pci.PciDevice.subsystem_device_id
 pci.PciDevice.driver_override
+# settings read through the table (bootstrap.settings.ROWS), by name
+settings.Settings.cpu_threshold
+settings.Settings.memory_threshold
+settings.Settings.disk_threshold
 # ssl / requests / sqlite / http.server / cheroot / configparser attributes and hooks
 _.readable  # io.RawIOBase: bootstrap.api's wire, read by http.client
 _.readinto

@@ -30,3 +30,12 @@ IDENTITY_SECRETS = ("node.key", "node-token", "nebula.key", "nomad.key")
 LOG_PATH = "/var/log/vectorlay/bootstrap.log"
 # The long-running agents, by artifact name, and the systemd units that run them.
 AGENT_SERVICES = {"nebula": "nebula.service", "nomad": "nomad.service", "node-agent": "node-agent.service"}
+SETTINGS_PATH = "/etc/vectorlay/node.yaml"
+# The node-agent's own configuration (the installer writes it; the node-agent reads it).
+AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
+# Where the installer puts the systemd units it adds (systemd.unit(5): the administrator's directory).
+SYSTEMD_UNITS = "/etc/systemd/system"
+# A directory that exists only while systemd is the init system (sd_booted(3)).
+SYSTEMD_BOOTED = "/run/systemd/system"
+# The timer that runs `vectorlay-bootstrap update`: the installer installs it, the doctor asks about it.
+UPDATE_TIMER = "node-agent-update.timer"

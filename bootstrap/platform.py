@@ -8,6 +8,8 @@ import os
 import re
 from typing import TYPE_CHECKING, NamedTuple
 
+from bootstrap.paths import SYSTEMD_BOOTED
+
 if TYPE_CHECKING:
     from bootstrap.host import Host
 
@@ -125,8 +127,8 @@ def os_support(host: Host) -> OsSupport:
         like = f", ID_LIKE={' '.join(rel.id_like)}" if rel.id_like else ""
         missing.append(f"not Debian or Ubuntu (ID={rel.id or 'unknown'}{like})")
     # systemd's own test of being the running init (sd_booted(3)).
-    if not host.path("/run/systemd/system").is_dir():
-        missing.append("systemd is not the running init (no /run/systemd/system)")
+    if not host.path(SYSTEMD_BOOTED).is_dir():
+        missing.append(f"systemd is not the running init (no {SYSTEMD_BOOTED})")
     python = system_python(host)
     if python is not None and python < MIN_PYTHON:
         missing.append("Python {}.{} (".format(*python) + "{}.{} or newer needed)".format(*MIN_PYTHON))

@@ -4,64 +4,21 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields, replace
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import read_regular
 from bootstrap.host import Host
+from bootstrap.paths import SETTINGS_PATH as SETTINGS_PATH  # still importable from here
 
-SETTINGS_PATH = "/etc/vectorlay/node.yaml"
 GPU_MODES = ("passthrough", "container", "none")
+T = TypeVar("T")
+Parser = Callable[[Any, str], Any]  # (value, the name to show in an error) -> the value to keep
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The node's settings: node.yaml, then the environment over it."""
-
-    api: str | None = None
-    gpu_mode: str | None = None  # None: decided by detection (passthrough on GPU boxes, else none)
-    autoupdate: bool = True
-    disk_path: str = "/var/lib/vectorlay"
-    # Deployments may count further PCI vendors as GPUs (e.g. Intel 8086 data-centre GPUs) and
-    # further NVSwitch device IDs; the built-in lists stay.
-    extra_gpu_vendor_ids: tuple[str, ...] = ()
-    extra_nvswitch_device_ids: tuple[str, ...] = ()
-    # node-agent: seconds between heartbeats, and the load above which the node stops claiming
-    # capacity (percent; the control plane never advertises above 90/85/90 whatever is set here).
-    advertise_interval: int = 240
-    cpu_threshold: float = 90.0
-    memory_threshold: float = 85.0
-    disk_threshold: float = 90.0
-    # An HTTP proxy for the node's HTTPS (install.sh's proxy=): used when the environment names none
-    # (https_proxy), and written into the agents' environment. Never a password: this file is 0644.
-    proxy: str | None = None
-    source: str | None = field(default=None, compare=False)
-    # What `repair` loading set aside of a damaged node.yaml (the install run rewrites the file).
-    warnings: tuple[str, ...] = field(default=(), compare=False)
-
-    @property
-    def thresholds(self) -> dict[str, float]:
-        return {
-            "cpu_percent": self.cpu_threshold,
-            "memory_percent": self.memory_threshold,
-            "disk_percent": self.disk_threshold,
-        }
-
-
-KNOWN = (
-    "api",
-    "gpu_mode",
-    "autoupdate",
-    "disk_path",
-    "extra_gpu_vendor_ids",
-    "extra_nvswitch_device_ids",
-    "advertise_interval",
-    "thresholds",
-    "proxy",
-)
 # node.yaml is a handful of lines; anything near this is not a settings file.
 SETTINGS_LIMIT = 64 << 10
 MAX_PATH = 4096  # PATH_MAX
@@ -176,26 +133,6 @@ def _percent(value: Any, key: str) -> float:
     return f
 
 
-THRESHOLD_KEYS = ("cpu_percent", "memory_percent", "disk_percent")
-
-
-def _threshold_map(value: Any) -> dict[str, float]:
-    if not isinstance(value, dict) or set(value) - set(THRESHOLD_KEYS):
-        raise VectorlayError(
-            f"thresholds must map {', '.join(THRESHOLD_KEYS)} to percentages",
-            "e.g. thresholds: {cpu_percent: 90, memory_percent: 85, disk_percent: 90}",
-        )
-    return {key: _percent(value[key], f"thresholds.{key}") for key in THRESHOLD_KEYS if key in value}
-
-
-def _with_threshold(settings: Settings, key: str, percent: float) -> Settings:
-    if key == "cpu_percent":
-        return replace(settings, cpu_threshold=percent)
-    if key == "memory_percent":
-        return replace(settings, memory_threshold=percent)
-    return replace(settings, disk_threshold=percent)
-
-
 def _gpu_mode(value: Any, key: str) -> str:
     s = value.strip().lower() if isinstance(value, str) else ""
     if s not in GPU_MODES:
@@ -204,17 +141,108 @@ def _gpu_mode(value: Any, key: str) -> str:
     return s
 
 
-_PARSERS: dict[str, Any] = {
-    "api": _url,
-    "gpu_mode": _gpu_mode,
-    "autoupdate": _bool,
-    "disk_path": _abs_path,
-    "extra_gpu_vendor_ids": _hex_ids,
-    "extra_nvswitch_device_ids": _hex_ids,
-    "advertise_interval": lambda value, key: _interval(value, key),
-    "thresholds": lambda value, key: _threshold_map(value),
-    "proxy": _proxy,
-}
+def setting(default: T, *, env: str | None, parse: Parser, key: str = "", when_set: bool = False) -> T:
+    """A field of Settings that is a setting: its node.yaml key (the field's name unless `key`, where
+    `group.name` nests it under `group:`), the variable that overrides it, its parser, its default.
+    `when_set`: written into node.yaml only when it holds something (lists always are)."""
+    meta = {"env": env, "parse": parse, "key": key, "when_set": when_set or isinstance(default, tuple)}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The node's settings: node.yaml, then the environment over it. Each is one line here, from which
+    loading, the overrides and the node.yaml the installer writes are all derived (ROWS)."""
+
+    api: str | None = setting(None, env="VECTORLAY_API", parse=_url)
+    # None: decided by detection (passthrough on GPU boxes, else none)
+    gpu_mode: str | None = setting(None, env="VECTORLAY_GPU_MODE", parse=_gpu_mode)
+    autoupdate: bool = setting(True, env="NODE_AGENT_AUTOUPDATE", parse=_bool)
+    disk_path: str = setting("/var/lib/vectorlay", env="VECTORLAY_DISK_PATH", parse=_abs_path)
+    # Deployments may count further PCI vendors as GPUs (e.g. Intel 8086 data-centre GPUs) and
+    # further NVSwitch device IDs; the built-in lists stay.
+    extra_gpu_vendor_ids: tuple[str, ...] = setting((), env="VECTORLAY_EXTRA_GPU_VENDOR_IDS", parse=_hex_ids)
+    extra_nvswitch_device_ids: tuple[str, ...] = setting((), env=None, parse=_hex_ids)
+    # node-agent: seconds between heartbeats, and the load above which the node stops claiming
+    # capacity (percent; the control plane never advertises above 90/85/90 whatever is set here).
+    advertise_interval: int = setting(240, env="VECTORLAY_ADVERTISE_INTERVAL", parse=_interval)
+    cpu_threshold: float = setting(
+        90.0, env="VECTORLAY_CPU_THRESHOLD", parse=_percent, key="thresholds.cpu_percent"
+    )
+    memory_threshold: float = setting(
+        85.0, env="VECTORLAY_MEMORY_THRESHOLD", parse=_percent, key="thresholds.memory_percent"
+    )
+    disk_threshold: float = setting(
+        90.0, env="VECTORLAY_DISK_THRESHOLD", parse=_percent, key="thresholds.disk_percent"
+    )
+    # An HTTP proxy for the node's HTTPS (install.sh's proxy=): used when the environment names none
+    # (https_proxy), and written into the agents' environment. Never a password: this file is 0644.
+    proxy: str | None = setting(None, env="VECTORLAY_PROXY", parse=_proxy, when_set=True)
+    source: str | None = field(default=None, compare=False)
+    # What `repair` loading set aside of a damaged node.yaml (the install run rewrites the file).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {row.sub: getattr(self, row.field) for row in ROWS if row.group == "thresholds"}
+
+
+class Row(NamedTuple):
+    """One setting, as Settings declares it."""
+
+    field: str
+    group: str  # its node.yaml key, or the mapping it sits in
+    sub: str  # its key in that mapping ("" at the top level)
+    env: str | None
+    parse: Parser
+    default: Any
+    when_set: bool  # written into node.yaml only when it holds something
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}.{self.sub}" if self.sub else self.group
+
+
+def _row(f: Field[Any]) -> Row:
+    group, _, sub = (f.metadata["key"] or f.name).partition(".")
+    meta = f.metadata
+    return Row(f.name, group, sub, meta["env"], meta["parse"], f.default, meta["when_set"])
+
+
+ROWS = tuple(_row(f) for f in fields(Settings) if "parse" in f.metadata)
+# node.yaml's top-level keys, in the order Settings declares them.
+KNOWN = tuple(dict.fromkeys(row.group for row in ROWS))
+_GROUPS = {g: tuple(r for r in ROWS if r.group == g and r.sub) for g in KNOWN}
+
+
+def _value(key: str, value: Any) -> Any:
+    """A top-level node.yaml value, validated: a setting's, or a mapping of its group's."""
+    rows = _GROUPS[key]
+    if not rows:
+        return next(r for r in ROWS if r.group == key).parse(value, key)
+    subs = [r.sub for r in rows]
+    if not isinstance(value, dict) or set(value) - set(subs):
+        what = "percentages" if all(r.parse is _percent for r in rows) else "values"
+        example = ", ".join(f"{r.sub}: {r.default:g}" for r in rows)
+        raise VectorlayError(f"{key} must map {', '.join(subs)} to {what}", f"e.g. {key}: {{{example}}}")
+    return {r.sub: r.parse(value[r.sub], r.key) for r in rows if r.sub in value}
+
+
+def _is_list(key: str) -> bool:
+    return any(isinstance(r.default, tuple) for r in ROWS if r.group == key)
+
+
+def _fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings' fields from node.yaml's validated top-level values."""
+    out = {}
+    for row in ROWS:
+        if row.group in values:
+            value = values[row.group]
+            if not row.sub:
+                out[row.field] = value
+            elif row.sub in value:
+                out[row.field] = value[row.sub]
+    return out
 
 
 def _read_file(host: Host) -> str | None:
@@ -262,7 +290,7 @@ def _parse(text: str) -> dict[str, Any]:
         if value is None or value == "":
             continue
         try:
-            out[key] = _PARSERS[key](value, key)
+            out[key] = _value(key, value)
         except VectorlayError as e:
             raise VectorlayError(f"{SETTINGS_PATH}: {e.message}", FILE_FIX) from None
     return out
@@ -284,14 +312,14 @@ def _salvage(text: str) -> tuple[dict[str, Any], list[str]]:
         if not sep or key not in KNOWN or key in out:
             continue
         raw: Any = rest.strip()
-        if key.startswith("extra_"):
+        if _is_list(key):
             try:
                 raw = yaml.safe_load(raw)
             except (yaml.YAMLError, RecursionError):
                 dropped.append(key)
                 continue
         try:
-            out[key] = _PARSERS[key](raw, key)
+            out[key] = _value(key, raw)
         except VectorlayError:
             dropped.append(key)
     return out, dropped
@@ -325,35 +353,15 @@ def load_settings(host: Host, env: Mapping[str, str] | None = None, *, repair: b
                 + (", ".join(sorted(values)) or "no setting")
                 + (f" (dropped: {', '.join(dropped)})" if dropped else "")
             )
-        thresholds = values.pop("thresholds", None) or {}
-        settings = replace(settings, **values, source=SETTINGS_PATH)
-        for key, percent in thresholds.items():
-            settings = _with_threshold(settings, key, percent)
-    if env.get("VECTORLAY_API"):
-        settings = replace(settings, api=_url(env["VECTORLAY_API"], "VECTORLAY_API"))
-    if env.get("VECTORLAY_PROXY"):
-        settings = replace(settings, proxy=_proxy(env["VECTORLAY_PROXY"], "VECTORLAY_PROXY"))
-    if env.get("VECTORLAY_GPU_MODE"):
-        settings = replace(settings, gpu_mode=_gpu_mode(env["VECTORLAY_GPU_MODE"], "VECTORLAY_GPU_MODE"))
-    if env.get("NODE_AGENT_AUTOUPDATE"):
-        settings = replace(settings, autoupdate=_bool(env["NODE_AGENT_AUTOUPDATE"], "NODE_AGENT_AUTOUPDATE"))
-    if env.get("VECTORLAY_DISK_PATH"):
-        settings = replace(settings, disk_path=_abs_path(env["VECTORLAY_DISK_PATH"], "VECTORLAY_DISK_PATH"))
-    if env.get("VECTORLAY_EXTRA_GPU_VENDOR_IDS"):
-        ids = [s for s in env["VECTORLAY_EXTRA_GPU_VENDOR_IDS"].replace(",", " ").split() if s]
-        settings = replace(settings, extra_gpu_vendor_ids=_hex_ids(ids, "VECTORLAY_EXTRA_GPU_VENDOR_IDS"))
-    if env.get("VECTORLAY_ADVERTISE_INTERVAL"):
-        settings = replace(
-            settings,
-            advertise_interval=_interval(env["VECTORLAY_ADVERTISE_INTERVAL"], "VECTORLAY_ADVERTISE_INTERVAL"),
-        )
-    for var, key in (
-        ("VECTORLAY_CPU_THRESHOLD", "cpu_percent"),
-        ("VECTORLAY_MEMORY_THRESHOLD", "memory_percent"),
-        ("VECTORLAY_DISK_THRESHOLD", "disk_percent"),
-    ):
-        if env.get(var):
-            settings = _with_threshold(settings, key, _percent(env[var], var))
+        settings = replace(settings, **_fields(values), source=SETTINGS_PATH)
+    overrides: dict[str, Any] = {}
+    for row in ROWS:
+        if row.env and env.get(row.env):
+            raw: Any = env[row.env]
+            if isinstance(row.default, tuple):  # a list in a variable: comma- or space-separated
+                raw = [s for s in raw.replace(",", " ").split() if s]
+            overrides[row.field] = row.parse(raw, row.env)
+    settings = replace(settings, **overrides)
     return replace(settings, warnings=tuple(warnings))
 
 
@@ -364,20 +372,20 @@ def settings_yaml(settings: Settings, *, api: str | None, gpu_mode: str) -> byte
 
     from bootstrap.plan import MARKER
 
-    data: dict[str, Any] = {
-        "api": api,
-        "gpu_mode": gpu_mode,
-        "autoupdate": settings.autoupdate,
-        "disk_path": settings.disk_path,
-    }
-    data["advertise_interval"] = settings.advertise_interval
-    data["thresholds"] = settings.thresholds
-    if settings.extra_gpu_vendor_ids:
-        data["extra_gpu_vendor_ids"] = list(settings.extra_gpu_vendor_ids)
-    if settings.extra_nvswitch_device_ids:
-        data["extra_nvswitch_device_ids"] = list(settings.extra_nvswitch_device_ids)
-    if settings.proxy:
-        data["proxy"] = settings.proxy
+    settings = replace(settings, api=api, gpu_mode=gpu_mode)
+    data: dict[str, Any] = {}
+    # Lists last; they and the other `when_set` rows only when they hold something: the file reads
+    # as it always has.
+    for row in sorted(ROWS, key=lambda r: isinstance(r.default, tuple)):
+        value = getattr(settings, row.field)
+        if row.when_set and not value:
+            continue
+        if isinstance(row.default, tuple):
+            data[row.group] = list(value)
+        elif row.sub:
+            data.setdefault(row.group, {})[row.sub] = value
+        else:
+            data[row.group] = value
     header = (
         f"{MARKER}\n# Re-running the install one-liner rewrites this file.\n"
         "# Environment variables VECTORLAY_API, VECTORLAY_GPU_MODE, NODE_AGENT_AUTOUPDATE,\n"

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from bootstrap import artifacts
 from bootstrap.host import Host
 from bootstrap.manifest import Artifact
-from bootstrap.paths import AGENT_SERVICES
+from bootstrap.paths import AGENT_SERVICES, SYSTEMD_BOOTED
 
 SERVICES = AGENT_SERVICES
 
@@ -115,7 +115,7 @@ def services_really_run(host: Host) -> bool:
     ansible's too). Otherwise what systemd itself says: a simulated one (hostsim) names its state, a
     tree whose commands are only recorded answers nothing, a box without systemd says "offline".
     """
-    if host.path("/run/systemd/system").is_dir():
+    if host.path(SYSTEMD_BOOTED).is_dir():
         return True
     state = host.run(["systemctl", "is-system-running"], timeout=30).stdout.strip()
     return state not in _NO_SYSTEMD

@@ -9,23 +9,31 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from functools import wraps
+from typing import NamedTuple
 
 from bootstrap import platform, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError, redact
 from bootstrap.host import CommandResult, Host
-from bootstrap.paths import AGENT_SERVICES, IDENTITY_DIR, IDENTITY_LEGACY, RUNSC
+from bootstrap.paths import (
+    AGENT_SERVICES,
+    IDENTITY_DIR,
+    IDENTITY_LEGACY,
+    RUNSC,
+    SETTINGS_PATH,
+    SYSTEMD_UNITS,
+    UPDATE_TIMER,
+)
 from bootstrap.pci import PciDevice
-from bootstrap.settings import Settings
+from bootstrap.settings import GPU_MODES, Settings
 from doctor.model import CheckResult, Report, Status
 
 GB = 1000**3  # disks and DIMMs are sold in decimal GB; a "32 GB" box must not fail a 32 GB floor
 DISK_FAIL_GB, DISK_WARN_GB = 20, 50
 MEMORY_FAIL_GB, MEMORY_WARN_GB = 32, 64
 
-UNIT_DIR = "/etc/systemd/system"
 AGENTS = tuple(AGENT_SERVICES.values())
-UPDATE_TIMER = "node-agent-update.timer"
 INSTALL = "run the install one-liner"
 REINSTALL = "re-run the install one-liner"
 RESTART_BIND = "sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap"
@@ -102,6 +110,47 @@ class Context:
 Check = Callable[[Context], CheckResult]
 
 
+class CheckSpec(NamedTuple):
+    """A check's one record: what the doctor runs, the renderer labels, preflight runs and
+    --ignore-preflight-errors may waive all read it, so no list elsewhere names a check."""
+
+    name: str  # stable: docs/contracts.md#vectorlay-node-doctor
+    label: str  # the terminal line's
+    run: Check
+    modes: frozenset[str]  # the GPU modes it runs in unless asked for by name
+    preflight: bool  # the installer's preflight runs it before changing anything
+    waivable: bool  # --ignore-preflight-errors may let the run go on past its FAIL
+
+
+# In the order the doctor runs and shows them: the order of the functions in this file.
+CHECKS: dict[str, CheckSpec] = {}
+
+
+def check(
+    name: str,
+    label: str,
+    *,
+    modes: Iterable[str] = GPU_MODES,
+    preflight: bool = False,
+    waivable: bool = False,
+) -> Callable[[Callable[[Context, str], CheckResult]], Check]:
+    """Register the function below as check `name`; it is handed the name its results carry."""
+    if name in CHECKS:
+        raise ValueError(f"check {name} is registered twice")
+    if waivable and not preflight:
+        raise ValueError(f"check {name}: only a check preflight runs can be waived there")
+
+    def register(fn: Callable[[Context, str], CheckResult]) -> Check:
+        @wraps(fn)
+        def run(ctx: Context) -> CheckResult:
+            return fn(ctx, name)
+
+        CHECKS[name] = CheckSpec(name, label, run, frozenset(modes), preflight, waivable)
+        return run
+
+    return register
+
+
 def _read_kernel_log(host: Host) -> list[str]:
     for argv in (["journalctl", "-k", "-b", "--no-pager", "-q"], ["dmesg"]):
         res = host.run(argv, timeout=20)
@@ -140,9 +189,9 @@ _NO_SYSTEMD = "not checked: a --root tree runs no command, so there is no system
 # --- checks ------------------------------------------------------------------------------------
 
 
-def check_agents(ctx: Context) -> CheckResult:
-    name = "agents"
-    present = [u for u in AGENTS if ctx.host.path(f"{UNIT_DIR}/{u}").exists()]
+@check("agents", "Agents")
+def check_agents(ctx: Context, name: str) -> CheckResult:
+    present = [u for u in AGENTS if ctx.host.path(f"{SYSTEMD_UNITS}/{u}").exists()]
     if not present:
         return CheckResult(name, Status.FAIL, "vectorlay agents are not installed", INSTALL)
     missing = [u for u in AGENTS if u not in present]
@@ -171,8 +220,8 @@ def check_agents(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, "nebula, nomad and node-agent active")
 
 
-def check_autoupdate(ctx: Context) -> CheckResult:
-    name = "autoupdate"
+@check("autoupdate", "Auto-update")
+def check_autoupdate(ctx: Context, name: str) -> CheckResult:
     if not ctx.settings.autoupdate:
         return CheckResult(
             name,
@@ -180,8 +229,8 @@ def check_autoupdate(ctx: Context) -> CheckResult:
             "auto-update opted out (NODE_AGENT_AUTOUPDATE=0): node-agent will not update itself",
             "to turn it back on, re-run the install one-liner without NODE_AGENT_AUTOUPDATE=0",
         )
-    if not ctx.host.path(f"{UNIT_DIR}/{UPDATE_TIMER}").exists():
-        if not any(ctx.host.path(f"{UNIT_DIR}/{u}").exists() for u in AGENTS):
+    if not ctx.host.path(f"{SYSTEMD_UNITS}/{UPDATE_TIMER}").exists():
+        if not any(ctx.host.path(f"{SYSTEMD_UNITS}/{u}").exists() for u in AGENTS):
             return CheckResult(name, Status.SKIP, "agents not installed", INSTALL)
         return CheckResult(name, Status.FAIL, f"{UPDATE_TIMER} is not installed", REINSTALL)
     states, why = _systemctl_states(ctx, "is-enabled", [UPDATE_TIMER])
@@ -205,8 +254,8 @@ def check_autoupdate(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, f"{UPDATE_TIMER} enabled")
 
 
-def check_kvm(ctx: Context) -> CheckResult:
-    name = "kvm"
+@check("kvm", "KVM", preflight=True, waivable=True)
+def check_kvm(ctx: Context, name: str) -> CheckResult:
     host = ctx.host
     cpu = ctx.inventory.cpu
     flags = f"CPU flags: {cpu.virtualization}" if cpu.virtualization else "CPU flags: no vmx/svm"
@@ -250,8 +299,8 @@ def check_kvm(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, f"KVM works: {probe.detail}", None, (flags + note,))
 
 
-def check_iommu(ctx: Context) -> CheckResult:
-    name = "iommu"
+@check("iommu", "IOMMU")
+def check_iommu(ctx: Context, name: str) -> CheckResult:
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
@@ -368,8 +417,8 @@ def _check_shared_gpus(ctx: Context, name: str) -> CheckResult:
     return CheckResult(name, Status.FAIL if ready == 0 else Status.WARN, message, hint, details)
 
 
-def check_gpu_units(ctx: Context) -> CheckResult:
-    name = "gpu_units"
+@check("gpu_units", "GPU units")
+def check_gpu_units(ctx: Context, name: str) -> CheckResult:
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
@@ -399,38 +448,8 @@ def check_gpu_units(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.FAIL if ready == 0 else Status.WARN, message, hint, details)
 
 
-def check_wedged(ctx: Context) -> CheckResult:
-    name = "wedged"
-    skip = _gpu_skip(ctx, name)
-    if skip is not None:
-        return skip
-    wedged = ctx.inventory.wedged
-    log = ctx.kernel_log()
-    details = tuple(log[-5:])
-    if wedged:
-        addrs = ", ".join(d.address for d in wedged)
-        what = "GPU" if len(wedged) == 1 else "GPUs"
-        return CheckResult(
-            name,
-            Status.FAIL,
-            f"{what} {addrs} fell off the bus (D3cold reset bug)",
-            "power-cycle the host; a soft reboot may not clear it",
-            details,
-        )
-    if log:
-        return CheckResult(
-            name,
-            Status.WARN,
-            f"kernel log reports a GPU falling off the bus this boot ({len(log)} line(s))",
-            "if a GPU misbehaves, power-cycle the host; a soft reboot may not clear it",
-            details,
-        )
-    n = len(ctx.inventory.gpus) + len(ctx.inventory.nvswitches)
-    return CheckResult(name, Status.PASS, f"no wedged GPU ({n} GPU/NVSwitch function(s) answer)")
-
-
-def check_nvidia_driver(ctx: Context) -> CheckResult:
-    name = "nvidia_driver"
+@check("nvidia_driver", "NVIDIA driver", modes=("container",))
+def check_nvidia_driver(ctx: Context, name: str) -> CheckResult:
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
@@ -470,9 +489,9 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
 
 
-def _runsc_driver_support(ctx: Context, version: str, args: str) -> CheckResult:
+def _runsc_driver_support(ctx: Context, name: str, version: str, args: str) -> CheckResult:
     """The flags are accepted; nvproxy must also know the loaded NVIDIA driver's ABI."""
-    name, host = "runsc", ctx.host
+    host = ctx.host
     accepted = f"runsc {version} accepts {args}"
     details = [f"at {RUNSC}"]
     driver = host.read_text("/sys/module/nvidia/version", default="").strip()
@@ -498,9 +517,9 @@ def _runsc_driver_support(ctx: Context, version: str, args: str) -> CheckResult:
     return CheckResult(name, Status.PASS, passed, None, tuple(details))
 
 
-def check_runsc(ctx: Context) -> CheckResult:
+@check("runsc", "runsc", modes=("container",))
+def check_runsc(ctx: Context, name: str) -> CheckResult:
     """The installed runsc, run with the arguments docker passes it: its flag parser must accept them."""
-    name = "runsc"
     skip = _gpu_skip(ctx, name)
     if skip is not None:
         return skip
@@ -516,7 +535,7 @@ def check_runsc(ctx: Context) -> CheckResult:
     res = host.run(runsc.flag_probe(), timeout=RUNSC_TIMEOUT)
     found = _RUNSC_VERSION.search(res.stdout)
     if res.ok and found:
-        return _runsc_driver_support(ctx, found[1], args)
+        return _runsc_driver_support(ctx, name, found[1], args)
     if res.returncode == 124:
         return CheckResult(
             name,
@@ -534,12 +553,42 @@ def check_runsc(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.FAIL, f"{what} refuses {args} ({_first_line(res)})", NEWER_RUNSC)
 
 
+@check("wedged", "Wedged GPUs")
+def check_wedged(ctx: Context, name: str) -> CheckResult:
+    skip = _gpu_skip(ctx, name)
+    if skip is not None:
+        return skip
+    wedged = ctx.inventory.wedged
+    log = ctx.kernel_log()
+    details = tuple(log[-5:])
+    if wedged:
+        addrs = ", ".join(d.address for d in wedged)
+        what = "GPU" if len(wedged) == 1 else "GPUs"
+        return CheckResult(
+            name,
+            Status.FAIL,
+            f"{what} {addrs} fell off the bus (D3cold reset bug)",
+            "power-cycle the host; a soft reboot may not clear it",
+            details,
+        )
+    if log:
+        return CheckResult(
+            name,
+            Status.WARN,
+            f"kernel log reports a GPU falling off the bus this boot ({len(log)} line(s))",
+            "if a GPU misbehaves, power-cycle the host; a soft reboot may not clear it",
+            details,
+        )
+    n = len(ctx.inventory.gpus) + len(ctx.inventory.nvswitches)
+    return CheckResult(name, Status.PASS, f"no wedged GPU ({n} GPU/NVSwitch function(s) answer)")
+
+
 def _gb(n: int) -> str:
     return f"{n / GB:.1f} GB"
 
 
-def check_disk(ctx: Context) -> CheckResult:
-    name = "disk"
+@check("disk", "Disk", preflight=True, waivable=True)
+def check_disk(ctx: Context, name: str) -> CheckResult:
     path = ctx.settings.disk_path
     try:
         free = ctx.host.disk_free_bytes(path)
@@ -552,7 +601,7 @@ def check_disk(ctx: Context) -> CheckResult:
             Status.FAIL,
             f"{msg} (needs {DISK_FAIL_GB} GB for VM base images)",
             f"free at least {_gb(DISK_WARN_GB * GB - free)} at {path}, or set disk_path in "
-            "/etc/vectorlay/node.yaml to a larger disk",
+            f"{SETTINGS_PATH} to a larger disk",
         )
     if free < DISK_WARN_GB * GB:
         return CheckResult(
@@ -564,8 +613,8 @@ def check_disk(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, msg)
 
 
-def check_memory(ctx: Context) -> CheckResult:
-    name = "memory"
+@check("memory", "Memory", preflight=True, waivable=True)
+def check_memory(ctx: Context, name: str) -> CheckResult:
     try:
         total = ctx.host.memory_total_bytes()
     except (OSError, ValueError) as e:
@@ -588,14 +637,15 @@ def check_memory(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, msg)
 
 
-def check_identity(ctx: Context) -> CheckResult:
-    from doctor.identity import check_identity as check
+@check("identity", "Identity")
+def check_identity(ctx: Context, name: str) -> CheckResult:
+    from doctor.identity import check_identity as identity_check
 
-    return check(ctx.host)
+    return identity_check(ctx.host)._replace(name=name)
 
 
-def check_overlay(ctx: Context) -> CheckResult:
-    name = "overlay"
+@check("overlay", "Overlay")
+def check_overlay(ctx: Context, name: str) -> CheckResult:
     # load_identity's own test for a node never enrolled, made before importing bootstrap.identity:
     # its classes cost such a node more start-up time than this check's whole answer.
     ident_dir = ctx.host.path(IDENTITY_DIR, follow=False)
@@ -690,10 +740,10 @@ def _nebula_lighthouses(host: Host, config: str) -> list[tuple[str, list[str]]]:
     return [(str(h), [str(e) for e in static.get(h) or []]) for h in hosts]
 
 
-def check_control_plane(ctx: Context) -> CheckResult:
+@check("control_plane", "Control plane")
+def check_control_plane(ctx: Context, name: str) -> CheckResult:
     """What the control plane answered the node-agent's last heartbeat (its status.json)."""
 
-    name = "control_plane"
     ident = ctx.host.path(IDENTITY_DIR)
     if not (ident.exists() or ident.is_symlink()):
         return CheckResult(name, Status.SKIP, "not enrolled: nothing to report to the control plane")
@@ -746,22 +796,9 @@ def check_control_plane(ctx: Context) -> CheckResult:
     return CheckResult(name, Status.PASS, message)
 
 
-CHECKS: dict[str, Check] = {
-    "agents": check_agents,
-    "autoupdate": check_autoupdate,
-    "kvm": check_kvm,
-    "iommu": check_iommu,
-    "gpu_units": check_gpu_units,
-    "nvidia_driver": check_nvidia_driver,
-    "runsc": check_runsc,
-    "wedged": check_wedged,
-    "disk": check_disk,
-    "memory": check_memory,
-    "identity": check_identity,
-    "overlay": check_overlay,
-    "control_plane": check_control_plane,
-}
-CONTAINER_ONLY = ("nvidia_driver", "runsc")
+# What the installer's preflight runs, and which of those --ignore-preflight-errors may waive.
+PREFLIGHT = tuple(n for n, spec in CHECKS.items() if spec.preflight)
+WAIVABLE = tuple(n for n, spec in CHECKS.items() if spec.waivable)
 
 
 def run_checks(
@@ -783,8 +820,8 @@ def run_checks(
             raise UsageError(f"unknown check(s): {', '.join(unknown)}", f"known: {', '.join(CHECKS)}")
         names = [n for n in CHECKS if n in wanted]
     else:
-        names = [n for n in CHECKS if n not in CONTAINER_ONLY or ctx.mode == "container"]
-    results = tuple(CHECKS[n](ctx) for n in names)
+        names = [n for n, spec in CHECKS.items() if ctx.mode in spec.modes]
+    results = tuple(CHECKS[n].run(ctx) for n in names)
 
     ready, total = ctx.units()
     return Report(results, ctx.mode, ready, total, tuple(d.address for d in ctx.inventory.wedged))

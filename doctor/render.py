@@ -6,23 +6,9 @@ import os
 import time
 from typing import Any, TextIO
 
+from doctor.checks import CHECKS
 from doctor.model import Report, Status
 
-LABELS = {
-    "agents": "Agents",
-    "autoupdate": "Auto-update",
-    "kvm": "KVM",
-    "iommu": "IOMMU",
-    "gpu_units": "GPU units",
-    "nvidia_driver": "NVIDIA driver",
-    "runsc": "runsc",
-    "wedged": "Wedged GPUs",
-    "disk": "Disk",
-    "memory": "Memory",
-    "identity": "Identity",
-    "overlay": "Overlay",
-    "control_plane": "Control plane",
-}
 _COLOURS = {Status.PASS: "32", Status.WARN: "33", Status.FAIL: "1;31", Status.SKIP: "2"}
 _LABEL_WIDTH = 15
 _SUMMARY_LAST = frozenset({"gpu_units"})
@@ -43,7 +29,7 @@ def render_text(report: Report, colour: bool = False) -> str:
     width = min(_MAX_MESSAGE_WIDTH, max((len(r.message) for r in report.results), default=0))
     lines = []
     for r in report.results:
-        label = f"{LABELS.get(r.name, r.name)}:"
+        label = f"{CHECKS[r.name].label}:"  # a result of no check is a bug: no fallback hides it
         line = f"{r.message:<{width}} : {paint(r.status)}"
         if r.hint and r.status is not Status.PASS:
             line += f" ({r.hint})"

@@ -29,6 +29,7 @@ from bootstrap.api import ApiClient, ClientCert, proxy_from_env
 from bootstrap.errors import VectorlayError, hold_secret, redact
 from bootstrap.host import Host
 from bootstrap.identity import Identity, load_identity
+from bootstrap.paths import AGENT_CONFIG
 from bootstrap.settings import Settings, load_settings
 from bootstrap.update import SERVICES
 from nodeagent import __version__
@@ -41,7 +42,7 @@ NAME = "node-agent"
 RUN_DIR = f"/run/vectorlay-{NAME}"
 HEALTH_SOCKET = f"{RUN_DIR}/health.sock"
 DRAINED_FILE = f"{RUN_DIR}/drained"
-DEFAULT_CONFIG = "/etc/vectorlay/node-agent.yaml"
+DEFAULT_CONFIG = AGENT_CONFIG
 HEARTBEAT_PATH = "/v1/node/heartbeat"
 # The control plane's opinion of the node is what the heartbeat asks for; feeding the last answer
 # back in as a check would keep a node that was brought back reported as FAIL for one more round.

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bootstrap.paths import AGENT_CONFIG
 from nodeagent import __version__
 
 DESCRIPTION = (
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vectorlay-node-agent", description=DESCRIPTION)
     p.add_argument(
         "--config",
-        default="/etc/vectorlay/node-agent.yaml",
+        default=AGENT_CONFIG,
         metavar="FILE",
         help="the agent's config, written by the installer (a path on the node, under --root)",
     )

@@ -7,10 +7,10 @@ from bootstrap.stages import Doctor
 
 
 def doctor_port() -> Doctor:
-    from doctor.checks import run_checks
+    from doctor.checks import PREFLIGHT, run_checks
     from doctor.render import render_text
 
-    return Doctor(run_checks, render_text, report_now)
+    return Doctor(run_checks, render_text, report_now, PREFLIGHT)
 
 
 def report_now(host: Host) -> str:

@@ -247,16 +247,19 @@ def final_screen(
 
 
 IGNORE_ENV = "VECTORLAY_IGNORE_PREFLIGHT_ERRORS"
-IGNORABLE = ("kvm", "memory", "disk")
 
 
 def parse_ignored_checks(text: str) -> frozenset[str]:
     names = frozenset(n.strip() for n in text.replace(",", " ").split() if n.strip())
-    unknown = sorted(names - set(IGNORABLE))
+    if not names:
+        return names
+    from doctor.checks import WAIVABLE  # each check's record says whether it may be waived
+
+    unknown = sorted(names - set(WAIVABLE))
     if unknown:
         raise UsageError(
             f"--ignore-preflight-errors: {', '.join(unknown)} cannot be ignored",
-            "only " + ", ".join(IGNORABLE) + " can (for lab and test machines)",
+            "only " + ", ".join(WAIVABLE) + " can (for lab and test machines)",
         )
     return names
 
@@ -286,8 +289,11 @@ def run_install(
     host = host or open_host(root)
     chosen = stages.select(only)
     settings = load_settings(host, repair=True)
+    # The run's options over node.yaml's: one place (the settings) holds the API and the GPU mode asked for.
     if api:
         settings = replace(settings, api=api)
+    if gpu_mode:
+        settings = replace(settings, gpu_mode=gpu_mode)
     state = load_state(host)
     if token_expires_at is None and state.token_expires_at:
         with contextlib.suppress(ValueError):
@@ -303,7 +309,6 @@ def run_install(
         host=host,
         settings=settings,
         state=state,
-        gpu_mode=gpu_mode,
         api=settings.api,
         ca_file=ca_file,
         token_expires_at=token_expires_at,

@@ -87,6 +87,8 @@ class Doctor:
     render_text: Callable[[Report], str]
     # One heartbeat now; the line to show (delivered or not, it never raises).
     report_now: Callable[[Host], str]
+    # The checks preflight runs (doctor.checks.PREFLIGHT: each check's record says whether).
+    preflight_checks: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,6 @@ class Context:
     host: Host
     settings: Settings
     state: RunState
-    gpu_mode: str | None = None
     api: str | None = None
     ca_file: Path | None = None
     # The expiry known when the run started (the state's, or the caller's): the reboot message's.

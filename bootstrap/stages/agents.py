@@ -22,7 +22,7 @@ from bootstrap.host import Host
 from bootstrap.identity import REENROLL_HINT, Identity, IdentityError, load_identity
 from bootstrap.nebula import NebulaCertError, parse_certificate_pem
 from bootstrap.overlay import NEBULA_CONFIG, TUN_DEVICE
-from bootstrap.paths import IDENTITY_DIR
+from bootstrap.paths import AGENT_CONFIG, IDENTITY_DIR, SETTINGS_PATH, SYSTEMD_UNITS, UPDATE_TIMER
 from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Switch, Symlink, compute
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
@@ -40,14 +40,10 @@ from bootstrap.update import (
     switch,
 )
 
-ETC_UNITS = "/etc/systemd/system"
-TIMER = "node-agent-update.timer"
 UPDATE_SERVICE = "node-agent-update.service"
-UNIT_FILES = (*SERVICES.values(), UPDATE_SERVICE, TIMER)
+UNIT_FILES = (*SERVICES.values(), UPDATE_SERVICE, UPDATE_TIMER)
 NOMAD_CONFIG = "/etc/vectorlay/nomad.d/client.hcl"
-AGENT_CONFIG = "/etc/vectorlay/node-agent.yaml"
-SETTINGS_FILE = "/etc/vectorlay/node.yaml"
-NOMAD_VFIO_DROPIN = f"{ETC_UNITS}/nomad.service.d/10-vectorlay-vfio.conf"
+NOMAD_VFIO_DROPIN = f"{SYSTEMD_UNITS}/nomad.service.d/10-vectorlay-vfio.conf"
 DOCKER_DAEMON = "/etc/docker/daemon.json"
 # The proxy environment of nomad, the node-agent and the update service (their units name it as an
 # optional EnvironmentFile): the node's https_proxy and no_proxy, with the overlay added to no_proxy.
@@ -63,12 +59,12 @@ CONFIGS = {
 
 
 def unit_path(unit: str) -> str:
-    return f"{ETC_UNITS}/{unit}"
+    return f"{SYSTEMD_UNITS}/{unit}"
 
 
 def wants_path(unit: str) -> str:
     target = "timers.target" if unit.endswith(".timer") else "multi-user.target"
-    return f"{ETC_UNITS}/{target}.wants/{unit}"
+    return f"{SYSTEMD_UNITS}/{target}.wants/{unit}"
 
 
 def _docker_daemon_json(host: Host) -> bytes:
@@ -187,7 +183,7 @@ def _desired(ctx: Context, ident: Identity, mode: str, facts: Facts) -> list[Cha
         "disk_path": settings.disk_path,
     }
     changes: list[Change] = [
-        FileChange(SETTINGS_FILE, settings_yaml(settings, api=common["api"], gpu_mode=mode)),
+        FileChange(SETTINGS_PATH, settings_yaml(settings, api=common["api"], gpu_mode=mode)),
         FileChange(
             NEBULA_CONFIG,
             render_template("nebula-config.yml.j2", nebula=nebula, tun_device=TUN_DEVICE, **common).encode(),
@@ -229,12 +225,12 @@ def _desired(ctx: Context, ident: Identity, mode: str, facts: Facts) -> list[Cha
     for unit in SERVICES.values():
         changes.append(Symlink(wants_path(unit), unit_path(unit)))
     if settings.autoupdate:
-        changes.append(Symlink(wants_path(TIMER), unit_path(TIMER)))
+        changes.append(Symlink(wants_path(UPDATE_TIMER), unit_path(UPDATE_TIMER)))
     else:
-        changes.append(Removal(wants_path(TIMER)))
+        changes.append(Removal(wants_path(UPDATE_TIMER)))
 
     unit_files = (*(unit_path(u) for u in UNIT_FILES), NOMAD_VFIO_DROPIN)
-    links = tuple(wants_path(u) for u in (*SERVICES.values(), TIMER))
+    links = tuple(wants_path(u) for u in (*SERVICES.values(), UPDATE_TIMER))
     changes.append(Command(("systemctl", "daemon-reload"), after=unit_files + links))
     if mode == "container":
         changes.append(Command(("systemctl", "reload-or-restart", "docker.service"), after=(DOCKER_DAEMON,)))
@@ -264,12 +260,16 @@ def _desired(ctx: Context, ident: Identity, mode: str, facts: Facts) -> list[Cha
         else:
             changes.append(Command(("systemctl", "restart", unit), after=triggers))
     if settings.autoupdate:
-        if services_really_run(host) and not is_active(host, TIMER):
+        if services_really_run(host) and not is_active(host, UPDATE_TIMER):
             changes.append(
-                Command(("systemctl", "start", TIMER), force=True, reason=f"{TIMER} is not running")
+                Command(
+                    ("systemctl", "start", UPDATE_TIMER), force=True, reason=f"{UPDATE_TIMER} is not running"
+                )
             )
-    elif services_really_run(host) and is_active(host, TIMER):
-        changes.append(Command(("systemctl", "stop", TIMER), force=True, reason="auto-update opted out"))
+    elif services_really_run(host) and is_active(host, UPDATE_TIMER):
+        changes.append(
+            Command(("systemctl", "stop", UPDATE_TIMER), force=True, reason="auto-update opted out")
+        )
     return changes
 
 
@@ -280,11 +280,11 @@ def owned_changes(host: Host) -> list[Change]:
     changes: list[Change] = []
     if installed:
         changes.append(Command(("systemctl", "stop", *installed), force=True, reason="stop the agents"))
-    changes += [Removal(wants_path(u)) for u in (*SERVICES.values(), TIMER)]
+    changes += [Removal(wants_path(u)) for u in (*SERVICES.values(), UPDATE_TIMER)]
     changes += [Removal(unit_path(u)) for u in UNIT_FILES]
     changes += [
         Removal(p)
-        for p in (NOMAD_VFIO_DROPIN, NEBULA_CONFIG, NOMAD_CONFIG, AGENT_CONFIG, SETTINGS_FILE, PROXY_ENV)
+        for p in (NOMAD_VFIO_DROPIN, NEBULA_CONFIG, NOMAD_CONFIG, AGENT_CONFIG, SETTINGS_PATH, PROXY_ENV)
     ]
     changes.append(Command(("systemctl", "daemon-reload"), after=tuple(unit_path(u) for u in UNIT_FILES)))
     return changes

@@ -101,7 +101,7 @@ def wanted(host: Host, manifest: Manifest, names: list[str], out: Callable[[str]
 
 def gpu_mode_of(ctx: Context, facts: Facts) -> str:
     inv = facts.inventory
-    return platform.gpu_mode(ctx.gpu_mode, ctx.settings.gpu_mode, has_gpus=inv is not None and bool(inv.gpus))
+    return platform.gpu_mode(ctx.settings.gpu_mode, has_gpus=inv is not None and bool(inv.gpus))
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def _kept(ctx: Context, facts: Facts, why: str) -> StagePlan:
     assert ident is not None
     api = ctx.api or ident.api or "the control plane"
     msg = f"node {ident.node_id} (overlay IP {ident.overlay_ip}) keeps its identity: {why}"
-    changes = compute(ctx.host, [Enroll(api, ctx.gpu_mode or ctx.settings.gpu_mode or "-", needed=False)])
+    changes = compute(ctx.host, [Enroll(api, ctx.settings.gpu_mode or "-", needed=False)])
     kept = StageResult(Outcome.SKIPPED, msg)
     return StagePlan(replace(facts, identity=ident), kept, changes, carry=_Kept(msg))
 
@@ -104,7 +104,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
         # A real run reads a token or stops: only a plan run gets here.
         api = ctx.api or "the control plane"
         ctx.out("enroll: would enroll this node (a real run needs a provisioning token)")
-        mode = ctx.gpu_mode or ctx.settings.gpu_mode or "-"
+        mode = ctx.settings.gpu_mode or "-"
         wanted = Enroll(api, mode, reason="first enrollment; needs a provisioning token")
         changes = compute(host, [wanted])
         return StagePlan(
@@ -129,10 +129,10 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     api = api_url(ctx)
     # The passthrough gate: refuses while no GPU unit is ready.
     try:
-        gpu_mode, hardware = hardware_report(host, ctx.gpu_mode or ctx.settings.gpu_mode)
+        gpu_mode, hardware = hardware_report(host, ctx.settings.gpu_mode)
     except VectorlayError as e:
         # No output of its own: a real run stops with the error, a plan shows it as the note.
-        mode = ctx.gpu_mode or ctx.settings.gpu_mode or "passthrough"
+        mode = ctx.settings.gpu_mode or "passthrough"
         held = Enroll(api, mode, was_enrolled, reason=f"{kind}, once passthrough works: {e.message}")
         changes = compute(host, [held])
         planned = StageResult(Outcome.PLANNED, f"would {verb} after the reboot the gpu stage asks for")

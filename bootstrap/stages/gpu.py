@@ -16,6 +16,7 @@ from bootstrap import grub, platform, vfio
 from bootstrap.discovery import Inventory, UnitStatus, discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
+from bootstrap.paths import SYSTEMD_UNITS
 from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, compute
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
@@ -28,8 +29,8 @@ MODPROBE = "/etc/modprobe.d/vectorlay-vfio.conf"
 UDEV_RULE = "/etc/udev/rules.d/99-vectorlay-vfio.rules"
 INITRAMFS_HOOK = "/etc/initramfs-tools/hooks/vectorlay-vfio"
 UNIT_NAME = "vectorlay-vfio-bind.service"
-UNIT = f"/etc/systemd/system/{UNIT_NAME}"
-UNIT_WANTS = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
+UNIT = f"{SYSTEMD_UNITS}/{UNIT_NAME}"
+UNIT_WANTS = f"{SYSTEMD_UNITS}/multi-user.target.wants/{UNIT_NAME}"
 INITRAMFS_INPUTS = (MODULES_LOAD, MODPROBE, UDEV_RULE, INITRAMFS_HOOK)
 
 
@@ -157,7 +158,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     host = ctx.host
     inv = facts.inventory or discover(host, ctx.settings)
     facts = replace(facts, inventory=inv)
-    mode = platform.gpu_mode(ctx.gpu_mode, ctx.settings.gpu_mode, has_gpus=bool(inv.gpus))
+    mode = platform.gpu_mode(ctx.settings.gpu_mode, has_gpus=bool(inv.gpus))
     if mode == "container":
         return StagePlan(facts, container_mode(ctx, inv))
     if mode == "none" or not (inv.gpus or inv.nvswitches):

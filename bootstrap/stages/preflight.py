@@ -31,8 +31,6 @@ from bootstrap.stages import (
     token_of,
 )
 
-DOCTOR_CHECKS = ("kvm", "memory", "disk")
-
 
 def check_os(host: Host) -> platform.OsSupport:
     """A supported release, or another Debian/Ubuntu with what the node needs; else refused."""
@@ -69,7 +67,8 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
         ctx.out(f"  WARN: {support.warning()}")
         ctx.left.append(support.warning())
 
-    report = ctx.need_doctor().run_checks(host, ctx.settings, only=DOCTOR_CHECKS)
+    doctor = ctx.need_doctor()
+    report = doctor.run_checks(host, ctx.settings, only=doctor.preflight_checks)
     for r in report.results:
         ctx.out(f"  {r.name}: {r.message} [{r.status.value}]")
         if r.status is Status.WARN:

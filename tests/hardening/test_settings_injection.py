@@ -16,10 +16,11 @@ import yaml
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, TreeHost
 from bootstrap.identity import load_identity
+from bootstrap.paths import AGENT_CONFIG, SETTINGS_PATH
 from bootstrap.plan import FileChange
-from bootstrap.settings import SETTINGS_PATH, Settings, load_settings
+from bootstrap.settings import Settings, load_settings
 from bootstrap.stages import Context
-from bootstrap.stages.agents import AGENT_CONFIG, SETTINGS_FILE, desired
+from bootstrap.stages.agents import desired
 from bootstrap.state import RunState
 from hostsim.snapshot import snapshot
 from tests.hardening.helpers import enrolled_host
@@ -83,7 +84,7 @@ def test_a_legal_path_with_yaml_syntax_in_it_reads_back_as_itself(tmp_path: Path
     files = _written(host, settings)
     p = host.path(SETTINGS_PATH)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(files[SETTINGS_FILE])
+    p.write_bytes(files[SETTINGS_PATH])
     again = load_settings(host, env={})
     assert again.disk_path == disk_path
     assert again == Settings(
