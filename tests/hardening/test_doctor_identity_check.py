@@ -117,6 +117,6 @@ def test_the_check_runs_every_part_it_lists(host: Host) -> None:
     from doctor.identity import PARTS
 
     enroll(host)
-    assert [p.__name__ for p in PARTS] == ["_files", "_layout", "_node_certificate", "_overlay"]
+    assert [p.__name__ for p in PARTS] == ["_files", "_layout", "_node_certificate", "_overlay", "_renewal"]
     now = dt.datetime.now(dt.timezone.utc)
     assert all(part(host, now) is None for part in PARTS)
