@@ -71,6 +71,12 @@ def serve(
     workers: int = typer.Option(
         1, "--workers", min=1, max=64, help="Server processes sharing the port (SO_REUSEPORT)."
     ),
+    max_per_address: int = typer.Option(
+        64,
+        "--max-connections-per-address",
+        min=1,
+        help="Connections one client address may hold open at once; more are closed at accept.",
+    ),
 ) -> None:
     """Serve the API over HTTPS (mTLS for node endpoints) until SIGINT/SIGTERM."""
     from controlplane.app import create_app
@@ -96,6 +102,7 @@ def serve(
         state_dir,
         threads,
         extra_names=(public_name,) if public_name else (),
+        max_per_address=max_per_address,
     )
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

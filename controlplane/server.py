@@ -21,15 +21,18 @@ import ctypes
 import functools
 import os
 import select
+import selectors
 import signal
 import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from cheroot import connections as cheroot_connections
 from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
@@ -48,8 +51,8 @@ _PLAIN_HTTP_ANSWER = (
 
 
 class _TLSAdapter(BuiltinSSLAdapter):
-    """The TLS handshake in the worker thread that serves the connection, not in cheroot's single
-    accepting thread: there every handshake waited for the one before it, whatever the cores, and a
+    """The TLS handshake left to _Connections, which drives it without blocking: cheroot's adapter
+    does it in its single accepting thread, where every handshake waited for the one before it and a
     client stalling its handshake stalled every other connection for up to the socket timeout."""
 
     def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, Any]]:
@@ -95,30 +98,38 @@ class _Gateway(wsgi.Gateway_10):
 
 
 class _TLSConnection(cheroot_server.HTTPConnection):
-    """Completes the handshake (_TLSAdapter) before the first request on the connection."""
+    """A connection whose TLS handshake _Connections drives, without blocking, before a worker
+    thread ever sees it."""
 
-    _tls_done = False
+    tls_done = False
+    _released = False
 
-    def communicate(self) -> bool:
-        if not self._tls_done:
-            sock = self.socket
-            try:
-                sock.do_handshake()
-            except OSError as e:  # ssl.SSLError (a refused certificate...), a reset, a timeout
-                if isinstance(e, ssl.SSLError) and "http request" in str(e).lower():
-                    # A plain-HTTP client: tell it in plain HTTP, past the TLS layer.
-                    with contextlib.suppress(OSError):
-                        socket.socket.sendall(sock, _PLAIN_HTTP_ANSWER)
-                # Logged as cheroot logged a failed handshake: a refused certificate shows there.
-                self.server.error_log(
-                    f"Client {getattr(self, 'remote_addr', '?')} lost during the TLS handshake: {e}"
-                )
-                return False
-            adapter = self.server.ssl_adapter
-            assert isinstance(adapter, _TLSAdapter)
-            self.ssl_env = adapter.environ_of(sock)
-            self._tls_done = True
-        return bool(super().communicate())  # type: ignore[no-untyped-call]
+    def handshake_step(self) -> int | None:
+        """One non-blocking step of the handshake: the selector event to wait for next (EVENT_READ or
+        EVENT_WRITE), or None once it is done. OSError when it failed (logged here)."""
+        sock = self.socket
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            return selectors.EVENT_WRITE
+        except OSError as e:  # ssl.SSLError (a refused certificate...), a reset
+            if isinstance(e, ssl.SSLError) and "http request" in str(e).lower():
+                # A plain-HTTP client: tell it in plain HTTP, past the TLS layer.
+                with contextlib.suppress(OSError):
+                    socket.socket.send(sock, _PLAIN_HTTP_ANSWER)
+            # Logged as cheroot logged a failed handshake: a refused certificate shows there.
+            self.server.error_log(
+                f"Client {getattr(self, 'remote_addr', '?')} lost during the TLS handshake: {e}"
+            )
+            raise
+        adapter = self.server.ssl_adapter
+        assert isinstance(adapter, _TLSAdapter)
+        self.ssl_env = adapter.environ_of(sock)
+        self.tls_done = True
+        sock.settimeout(self.server.timeout)
+        return None
 
     def close(self) -> None:
         """TLS's own end of the connection, a close_notify, without waiting for the client's.
@@ -128,7 +139,12 @@ class _TLSConnection(cheroot_server.HTTPConnection):
         reading the client's close (an EOF, which OP_IGNORE_UNEXPECTED_EOF takes for a close_notify)
         makes OpenSSL 3.0 forget it sent its own (SSL_set_shutdown), and CPython's shutdown reads
         once after sending. So when that read found the client gone, say it again."""
-        tls = getattr(self.socket, "_sslobj", None) if self._tls_done else None
+        if not self._released:
+            self._released = True
+            server = self.server
+            if isinstance(server, _Server):
+                server.connection_closed(getattr(self, "remote_addr", None))
+        tls = getattr(self.socket, "_sslobj", None) if self.tls_done else None
         if tls is not None:
             try:
                 self.socket.settimeout(0)
@@ -141,6 +157,112 @@ class _TLSConnection(cheroot_server.HTTPConnection):
         super().close()
 
 
+class _Connections(cheroot_connections.ConnectionManager):
+    """cheroot's selector loop, which also takes each new connection through its TLS handshake and
+    until its first request byte, so that a worker thread only ever gets a connection with a request
+    to read. cheroot hands a connection to a worker right after accept(), and there the handshake
+    blocked the thread for up to the socket timeout: a few hundred clients that connect and send
+    nothing (or half a ClientHello) held every thread, and no node's heartbeat got through. Here they
+    cost a file descriptor each until their deadline (the server's timeout from accept, closed by
+    cheroot's expiry like an idle keep-alive connection)."""
+
+    server: _Server
+
+    def _from_server_socket(self, server_socket: socket.socket) -> Any:
+        conn = super()._from_server_socket(server_socket)  # type: ignore[misc]
+        if conn is None:
+            return None
+        if not self.server.admit(getattr(conn, "remote_addr", None)):
+            conn._released = True
+            with contextlib.suppress(OSError):
+                conn.socket.close()
+            return None
+        conn.socket.settimeout(0)
+        conn.last_used = time.time()  # the handshake's deadline counts from here (_expire)
+        return conn
+
+    def handshake(self, conn: _TLSConnection) -> None:
+        """Advance `conn`'s handshake as far as its bytes allow; wait for more in the selector."""
+        try:
+            wait = conn.handshake_step()
+        except OSError:
+            conn.close()
+            return
+        if wait is not None:
+            self._selector.register(conn.socket.fileno(), wait, data=conn)  # type: ignore[attr-defined]
+        elif conn.socket.pending():  # a request already decrypted: the selector would not see it
+            self.server.process_conn(conn)
+        else:
+            self.put(conn)
+
+    @property
+    def can_add_keepalive_connection(self) -> bool:
+        """cheroot's limit on idle keep-alive connections, not counting those still in their
+        handshake: hostile clients holding handshakes open must not turn keep-alive off for all."""
+        limit: int | None = self.server.keep_alive_conn_limit
+        if limit is None:
+            return True
+        held = self._selector.connections  # type: ignore[attr-defined]
+        idle = [c for _fd, c in held if isinstance(c, _TLSConnection) and c.tls_done]
+        return len(idle) < limit
+
+
+class _Server(wsgi.Server):
+    """cheroot's WSGI server with _Connections, and a limit on the connections one client address
+    holds open at once (per process; worker_affinity sends an address to one process)."""
+
+    def __init__(self, *args: Any, max_per_address: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_per_address = max_per_address
+        self._open_lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._refusing: set[str] = set()
+
+    def prepare(self) -> None:
+        super().prepare()
+        stock = self._connections  # type: ignore[has-type]
+        self._connections = _Connections(self)
+        stock._selector.close()  # it only watched the listening socket, now _Connections' job
+
+    def process_conn(self, conn: Any) -> None:
+        if isinstance(conn, _TLSConnection) and not conn.tls_done:
+            self._connections.handshake(conn)
+        else:
+            super().process_conn(conn)
+
+    def admit(self, addr: str | None) -> bool:
+        """Count a new connection from `addr`, or refuse it (False) when the address already holds
+        max_per_address; the refusal is logged once until the address falls below the limit, so a
+        flood of them cannot flood the log."""
+        if addr is None:  # a Unix socket
+            return True
+        with self._open_lock:
+            held = self._open.get(addr, 0)
+            if held < self.max_per_address:
+                self._open[addr] = held + 1
+                return True
+            first = addr not in self._refusing
+            self._refusing.add(addr)
+        if first:
+            self.error_log(
+                f"Client {addr} holds {held} connections, the most one address may "
+                "(serve --max-connections-per-address): refusing more until some close"
+            )
+        return False
+
+    def connection_closed(self, addr: str | None) -> None:
+        if addr is None:
+            return
+        with self._open_lock:
+            held = self._open.get(addr, 0) - 1
+            if held > 0:
+                self._open[addr] = held
+            else:
+                self._open.pop(addr, None)
+            if held < self.max_per_address:
+                self._refusing.discard(addr)
+
+
 def build_server(
     app: Flask,
     host: str,
@@ -149,9 +271,10 @@ def build_server(
     state_dir: Path,
     threads: int = 32,
     extra_names: tuple[str, ...] = (),
+    max_per_address: int = 64,
 ) -> wsgi.Server:
     cert_path, key_path = ca.write_server_cert(state_dir, host, wall_now(), extra_names)
-    server = wsgi.Server(
+    server = _Server(
         (host, port),
         app,
         numthreads=threads,
@@ -159,6 +282,7 @@ def build_server(
         # cheroot's default listen backlog is 5: a burst of nodes overflowing it waits out a 1 s
         # SYN retransmit each.
         request_queue_size=256,
+        max_per_address=max_per_address,
     )
     server.ConnectionClass = _TLSConnection
     server.gateway = _Gateway

@@ -1,6 +1,6 @@
 """The control plane's TLS layer.
 
-The handshake happens in the worker serving the connection (controlplane.server), and a plain-HTTP
+The handshake happens in the server's selector loop (controlplane.server), and a plain-HTTP
 client still gets a plain-HTTP answer. TLS session resumption (bootstrap.api offers the last
 session; the server keeps it with the client certificate it verified) keeps every node request
 authenticated as before: as the node whose certificate made the session, with that node's token,
