@@ -47,7 +47,7 @@ from bootstrap.paths import IDENTITY_DIR
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "VECTORLAY_TOKEN"
-TOKEN_RE = re.compile(r"^vtk_[A-Za-z0-9_-]{16,256}$")
+TOKEN_RE = re.compile(r"vtk_[A-Za-z0-9_-]{16,256}")
 # Fault points before the identity writer's own (identity.WRITE_POINTS), also named `enroll <point>`.
 ENROLL_POINTS = ("before-request", "response-received")
 
@@ -98,7 +98,7 @@ def read_token(
             "no provisioning token given",
             f"set {TOKEN_ENV}, pass --token-file FILE, or pipe the token on standard input",
         )
-    if not TOKEN_RE.match(token):
+    if not TOKEN_RE.fullmatch(token):
         # The value itself is never echoed: a mangled token is still mostly a secret.
         raise VectorlayError(
             f"the provisioning token from {source} is not a vectorlay token (expected vtk_ and 16+ letters)",

@@ -35,9 +35,9 @@ from bootstrap.errors import VectorlayError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 STALE_HINT = "a stale artifact — re-run; artifacts are re-fetched and verified each run"
 
@@ -136,11 +136,11 @@ def _parse(doc: dict[str, Any]) -> Manifest:
         if not isinstance(item, dict):
             raise ValueError("an artifact entry is not an object")
         name, ver, url, sha, size = (item.get(k) for k in ("name", "version", "url", "sha256", "size"))
-        if not (isinstance(name, str) and _NAME.match(name)):
-            raise ValueError(f"bad artifact name {name!r}")
-        if not (isinstance(ver, str) and _VERSION.match(ver)):
-            raise ValueError(f"bad version {ver!r} for {name}")
-        if not (isinstance(sha, str) and _SHA256.match(sha)):
+        if not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise ValueError(f"bad artifact name {name!r:.60}")
+        if not (isinstance(ver, str) and _VERSION.fullmatch(ver)):
+            raise ValueError(f"bad version {ver!r:.60} for {name}")
+        if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
             raise ValueError(f"bad sha256 for {name}")
         if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
             raise ValueError(f"bad size for {name}")

@@ -48,7 +48,7 @@ def _fail(message: str) -> NoReturn:
 
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise typer.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8443", param_hint="--listen")
     return host.strip("[]"), int(port)
 
