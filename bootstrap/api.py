@@ -305,8 +305,8 @@ def _short(e: Exception) -> str:
 def _server_message(resp: requests.Response) -> str:
     try:
         err = resp.json()["error"]
-        return f": {err['code']}: {err['message']}"
-    except (ValueError, KeyError, TypeError):
+        return f": {str(err['code'])[:64]}: {str(err['message'])[:300]}"
+    except (ValueError, KeyError, TypeError, RecursionError):
         return ""
 
 
@@ -340,6 +340,13 @@ def _answer(method: str, url: str, resp: requests.Response) -> Any:
         body = resp.json()
     except ValueError:
         body = None
+    except RecursionError:
+        # No answer of this API nests more than a few levels; json raises this past ~1000.
+        raise ApiError(
+            f"{method} {url} returned {resp.status_code} with JSON nested too deep for an answer of this API",
+            "is --api the control plane's URL?",
+            status=resp.status_code,
+        ) from None
     if resp.ok:
         if body is None:
             raise ApiError(
@@ -351,6 +358,9 @@ def _answer(method: str, url: str, resp: requests.Response) -> Any:
     code = message = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         code, message = body["error"].get("code"), body["error"].get("message")
+        # Shown in messages and compared with known codes: strings, bounded, or nothing.
+        code = code[:64] if isinstance(code, str) else None
+        message = message[:300] if isinstance(message, str) else None
     detail = f" ({code}: {message})" if code else ""
     if resp.status_code == 401:
         raise ApiError(f"{url}: 401 bad, missing or expired token{detail}", TOKEN_HINT, status=401, code=code)
