@@ -242,3 +242,46 @@ def test_the_enroll_command_says_what_was_wrong_with_the_answer_without_a_traceb
         assert exited.value.code == 1, out
         assert message in out.err and "Traceback" not in out.err + out.out, out.err
     assert not (root / "etc").exists()
+
+
+@pytest.mark.parametrize(
+    ("interface", "message"),
+    [
+        ("0.0.0.5/0", "the network of /etc/vectorlay/identity/nebula.crt 0.0.0.0/0 is a /0"),
+        ("127.0.0.9/8", "the network of /etc/vectorlay/identity/nebula.crt 127.0.0.0/8 is not inside"),
+        ("10.1.2.3/10", "nebula.crt is for the network 10.0.0.0/10, not the overlay 100.64.0.0/10"),
+    ],
+)
+def test_the_doctor_fails_an_identity_whose_overlay_ip_is_outside_the_overlay(
+    tampering: TamperingControlPlane, cp: Any, tmp_path: Path, interface: str, message: str
+) -> None:
+    """An identity written before the enrollment answer was checked (or edited since): the doctor
+    no longer says PASS."""
+    import json
+
+    from doctor.identity import check_identity
+    from doctor.model import Status
+
+    requests: list[Any] = []
+    tampering.tamper = lambda path, request, answer: (path == ENROLL and requests.append(request)) or answer
+    root = tmp_path / "node"
+    root.mkdir()
+    _enroll(tampering, root)
+    host = TreeHost(root)
+    assert check_identity(host).status is Status.PASS
+    ca = NebulaCA.load_or_create(cp.state_dir, datetime.now(timezone.utc))
+    iface = ipaddress.IPv4Interface(interface)
+    ident = host.path("/etc/vectorlay/identity")
+    (ident / "nebula.crt").write_text(
+        ca.sign(
+            requests[-1]["nebula_public_key"],
+            name="n",
+            ip=iface,
+            groups=["vectorlay-node"],
+            now=datetime.now(timezone.utc),
+        )
+    )
+    node = json.loads((ident / "node.json").read_text())
+    (ident / "node.json").write_text(json.dumps({**node, "overlay_ip": str(iface.ip)}))
+    result = check_identity(host)
+    assert result.status is Status.FAIL and message in result.message, result.message
