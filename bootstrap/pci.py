@@ -142,7 +142,7 @@ def iommu_groups(host: Host) -> dict[str, list[str]]:
         return {}
     groups: dict[str, list[str]] = {}
     for name in names:
-        if not name.isdigit():
+        if not (name.isascii() and name.isdigit()):
             continue
         try:
             members = os.listdir(base / name / "devices")
@@ -153,7 +153,11 @@ def iommu_groups(host: Host) -> dict[str, list[str]]:
 
 
 def group_sort_key(group: str | None) -> tuple[int, str]:
-    return (int(group), "") if group is not None and group.isdigit() else (1 << 30, group or "")
+    return (
+        (int(group), "")
+        if group is not None and group.isascii() and group.isdigit()
+        else (1 << 30, group or "")
+    )
 
 
 # --- names -------------------------------------------------------------------------------------
