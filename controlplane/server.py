@@ -16,6 +16,7 @@ heartbeat. A session lives in the process that made it, so with several worker p
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -102,6 +103,7 @@ class _TLSConnection(cheroot_server.HTTPConnection):
     thread ever sees it."""
 
     tls_done = False
+    in_worker = False  # counted in _Server's threads busy for its address
     _released = False
 
     def handshake_step(self) -> int | None:
@@ -143,6 +145,7 @@ class _TLSConnection(cheroot_server.HTTPConnection):
             self._released = True
             server = self.server
             if isinstance(server, _Server):
+                server.worker_done(self)
                 server.connection_closed(getattr(self, "remote_addr", None))
         tls = getattr(self.socket, "_sslobj", None) if self.tls_done else None
         if tls is not None:
@@ -208,15 +211,24 @@ class _Connections(cheroot_connections.ConnectionManager):
 
 
 class _Server(wsgi.Server):
-    """cheroot's WSGI server with _Connections, and a limit on the connections one client address
-    holds open at once (per process; worker_affinity sends an address to one process)."""
+    """cheroot's WSGI server with _Connections, a limit on the connections one client address holds
+    open at once, and one on the worker threads its requests hold at once (both per process;
+    worker_affinity sends an address to one process).
 
-    def __init__(self, *args: Any, max_per_address: int, **kwargs: Any) -> None:
+    A request that trickles in (a byte every few seconds, within the socket timeout each time) holds
+    its worker thread for as long as its client likes. Past max_busy_per_address, an address's next
+    readable connection waits, parked, until one of its own is done: a client slowing its requests
+    down holds that many threads, not all of them, and its other requests queue behind its own."""
+
+    def __init__(self, *args: Any, max_per_address: int, max_busy_per_address: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_per_address = max_per_address
+        self.max_busy_per_address = max_busy_per_address
         self._open_lock = threading.Lock()
         self._open: dict[str, int] = {}
         self._refusing: set[str] = set()
+        self._busy: dict[str, int] = {}
+        self._parked: dict[str, collections.deque[_TLSConnection]] = {}
 
     def prepare(self) -> None:
         super().prepare()
@@ -225,10 +237,49 @@ class _Server(wsgi.Server):
         stock._selector.close()  # it only watched the listening socket, now _Connections' job
 
     def process_conn(self, conn: Any) -> None:
-        if isinstance(conn, _TLSConnection) and not conn.tls_done:
+        if not isinstance(conn, _TLSConnection):
+            super().process_conn(conn)
+        elif not conn.tls_done:
             self._connections.handshake(conn)
         else:
+            addr = getattr(conn, "remote_addr", None)
+            if addr is not None:
+                with self._open_lock:
+                    busy = self._busy.get(addr, 0)
+                    if busy >= self.max_busy_per_address:
+                        self._parked.setdefault(addr, collections.deque()).append(conn)
+                        return
+                    self._busy[addr] = busy + 1
+                conn.in_worker = True
             super().process_conn(conn)
+
+    def put_conn(self, conn: Any) -> None:
+        """A worker is done with a kept-alive connection (cheroot's worker calls this or close)."""
+        if isinstance(conn, _TLSConnection):
+            self.worker_done(conn)
+        super().put_conn(conn)
+
+    def worker_done(self, conn: _TLSConnection) -> None:
+        """`conn` leaves its worker thread: the thread goes to its address's next parked connection,
+        if any, or back to the pool."""
+        if not conn.in_worker:
+            return
+        conn.in_worker = False
+        addr = conn.remote_addr
+        with self._open_lock:
+            parked = self._parked.get(addr)
+            following = parked.popleft() if parked else None
+            if parked is not None and not parked:
+                del self._parked[addr]
+            if following is None:
+                busy = self._busy.get(addr, 0) - 1
+                if busy > 0:
+                    self._busy[addr] = busy
+                else:
+                    self._busy.pop(addr, None)
+        if following is not None:  # its address keeps the thread count it had
+            following.in_worker = True
+            super().process_conn(following)
 
     def admit(self, addr: str | None) -> bool:
         """Count a new connection from `addr`, or refuse it (False) when the address already holds
@@ -283,6 +334,7 @@ def build_server(
         # SYN retransmit each.
         request_queue_size=256,
         max_per_address=max_per_address,
+        max_busy_per_address=max(1, threads // 4),
     )
     server.ConnectionClass = _TLSConnection
     server.gateway = _Gateway

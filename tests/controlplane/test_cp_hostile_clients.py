@@ -8,8 +8,10 @@ all of them the way cheroot hands out connections; the figures under load are th
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,44 @@ def test_clients_that_finish_the_handshake_and_then_send_nothing_hold_no_worker_
         answers = _beats(small_cp, node, 3)
     finally:
         for s in silent:
+            s.close()
+    assert [a["status"] for a in answers] == ["active"] * 3
+
+
+def test_clients_that_trickle_their_requests_hold_a_quarter_of_the_threads_not_all(
+    small_cp: testing.RunningControlPlane, tmp_path: Path
+) -> None:
+    """Slowloris: each request's headers arrive a line at a time, each line within the server's
+    socket timeout, for as long as the client likes. From one address, they hold THREADS // 4 of the
+    worker threads (one here); the rest wait for those, and the nodes' heartbeats go through."""
+    small_cp.org("acme")
+    node = Enrolled(small_cp, "acme", tmp_path / "n")
+    host, port = _address(small_cp)
+    ctx = ssl.create_default_context(cafile=str(small_cp.ca_file))
+    slow: list[ssl.SSLSocket] = []
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.3):
+            for s in slow:
+                with contextlib.suppress(OSError):
+                    s.sendall(b"X-Slow: 1\r\n")
+
+    dripper = threading.Thread(target=trickle, daemon=True)
+    try:
+        for _ in range(THREADS * 3):
+            raw = socket.create_connection((host, port), timeout=30, source_address=("127.1.5.1", 0))
+            tls = ctx.wrap_socket(raw, server_hostname=host)
+            tls.sendall(f"POST /v1/node/heartbeat HTTP/1.1\r\nHost: {host}\r\n".encode())
+            slow.append(tls)
+        dripper.start()
+        time.sleep(0.5)  # every slow request is with the server before the node's
+        answers = _beats(small_cp, node, 3)
+    finally:
+        stop.set()
+        if dripper.is_alive():
+            dripper.join()
+        for s in slow:
             s.close()
     assert [a["status"] for a in answers] == ["active"] * 3
 
