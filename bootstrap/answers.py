@@ -44,9 +44,12 @@ class AnswerError(ValueError):
 
 
 def shown(value: Any) -> str:
-    """A value as a message may show it: a string cut at 60 characters, other types by name."""
+    """A value as a message may show it: a string cut at 60 characters (and its repr at 80), other
+    types by name."""
     if isinstance(value, str):
-        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+        # The repr of 60 characters can be ten times longer (\U0010ffff each): cut it too.
+        text = repr(value[:60])
+        return text[:80] + ("..." if len(value) > 60 or len(text) > 80 else "")
     if value is None or isinstance(value, (bool, int, float)):
         return repr(value) if not isinstance(value, int) or abs(value) < 10**18 else "a huge number"
     if isinstance(value, dict):

@@ -263,7 +263,13 @@ def test_the_doctor_fails_an_identity_whose_overlay_ip_is_outside_the_overlay(
     from doctor.model import Status
 
     requests: list[Any] = []
-    tampering.tamper = lambda path, request, answer: (path == ENROLL and requests.append(request)) or answer
+
+    def keep(path: str, request: Any, answer: Any) -> Any:
+        if path == ENROLL:
+            requests.append(request)
+        return answer
+
+    tampering.tamper = keep
     root = tmp_path / "node"
     root.mkdir()
     _enroll(tampering, root)
