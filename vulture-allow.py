@@ -41,3 +41,6 @@ _.f_bsize
 _.kernel_version  # the guest image's record, shown in its repr
 _.before_mode  # plan.Item: the mode a file had before the run (set positionally)
 _.longrepr  # pytest's TestReport: what a failed test shows (tests/conftest.py)
+_.last_used  # cheroot's ConnectionManager reads it to expire idle connections (controlplane.server)
+_.can_add_keepalive_connection  # cheroot asks its connection manager
+_.protocol_version  # http.server's BaseHTTPRequestHandler (tests/tampering.py)

@@ -40,6 +40,7 @@ from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from controlplane import testing
 from tests.controlplane.cp_nodes import heartbeat_request
+from tests.controlplane.hostile import holding
 
 NODES = 200
 CLIENTS = 16
@@ -114,7 +115,9 @@ def _load_generator(build_dir: Path) -> Path:
     return exe
 
 
-def _run_load(cp: testing.RunningControlPlane, roots: list[Path], work: Path) -> dict[str, float]:
+def _run_load(
+    cp: testing.RunningControlPlane, roots: list[Path], work: Path, rounds: int = ROUNDS
+) -> dict[str, float]:
     url = urlsplit(cp.url)
     assert url.hostname is not None and url.port is not None
     host, port = url.hostname, url.port
@@ -131,7 +134,7 @@ def _run_load(cp: testing.RunningControlPlane, roots: list[Path], work: Path) ->
     nodes_file.write_text("".join(lines))
     exe = _load_generator(work)
     gen = subprocess.Popen(
-        [str(exe), host, str(port), str(cp.ca_file), str(nodes_file), str(ROUNDS), str(CLIENTS)],
+        [str(exe), host, str(port), str(cp.ca_file), str(nodes_file), str(rounds), str(CLIENTS)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -195,6 +198,50 @@ def test_bench_heartbeats_from_200_nodes_over_16_concurrent_clients(benchmark: A
         # Each heartbeat a new connection: every one resumed, none rode a kept-alive connection.
         assert result["resumed_handshakes"] == NODES * ROUNDS
         assert result["warmup_resumed_handshakes"] == 0
+
+
+HOSTILE_NODES = 50
+HOSTILE_ROUNDS = 200  # about 15 s: past the server's 10 s deadline, so hostile clients reconnect
+IDLE, HALF_HELLO = 200, 64
+
+
+@pytest.mark.benchmark(group="heartbeat")
+def test_bench_heartbeats_while_200_idle_and_64_half_handshake_connections_are_held(
+    benchmark: Any, tmp_path: Path
+) -> None:
+    """The first benchmark's load from 50 nodes, while hostile clients (each from its own address)
+    hold 200 TCP connections that send nothing and 64 that stopped halfway through their
+    ClientHello, opening a new one whenever the server closes one at its handshake deadline.
+    The figure to watch is the honest heartbeats' p99 latency (under 1 s is the bar)."""
+    with testing.running(tmp_path / "cp", args=("--workers", str(WORKERS))) as cp:
+        cp.org("load", node_quota=HOSTILE_NODES)
+        shm = Path("/dev/shm")
+        nodes_dir = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else tmp_path))
+        roots = [nodes_dir / f"node-{i}" for i in range(HOSTILE_NODES)]
+        url = urlsplit(cp.url)
+        assert url.hostname is not None and url.port is not None
+        try:
+            for r in roots:
+                r.mkdir()
+                api = ApiClient(cp.url, ca_file=cp.ca_file, attempts=1)
+                enroll(TreeHost(r), api, cp.token("load"), gpu_mode="none", hardware={})
+                api.close()
+            with holding(url.hostname, url.port, idle=IDLE, half_hello=HALF_HELLO) as hostile:
+                result = benchmark.pedantic(
+                    _run_load, args=(cp, roots, nodes_dir, HOSTILE_ROUNDS), rounds=1, iterations=1
+                )
+                held, reopened = hostile.held(), hostile.reopened
+        finally:
+            shutil.rmtree(nodes_dir, ignore_errors=True)
+        benchmark.extra_info.update(result, hostile_reopened=reopened)
+        print(
+            f"\n{result['heartbeats']:.0f} heartbeats from {HOSTILE_NODES} nodes, {CLIENTS} clients, "
+            f"with {IDLE} idle and {HALF_HELLO} half-handshake connections held ({reopened} reopened "
+            f"after the server's deadline closed them): {result['heartbeats_per_s']:.1f} heartbeats/s, "
+            f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, max {result['max_ms']:.1f} ms"
+        )
+        assert held == IDLE + HALF_HELLO
+        assert result["heartbeats"] == HOSTILE_NODES * HOSTILE_ROUNDS
 
 
 def _server_cpu_s(pid: int) -> float:

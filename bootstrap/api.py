@@ -693,8 +693,15 @@ def not_a_provider(url: str | None) -> ApiError:
 def _answer(method: str, url: str, status: int, data: bytes) -> Any:
     try:
         body = jsonlib.loads(data) if data else None
-    except (ValueError, RecursionError):
+    except ValueError:
         body = None
+    except RecursionError:
+        # No answer of this API nests more than a few levels; json raises this past ~1000.
+        raise ApiError(
+            f"{method} {url} returned {status} with JSON nested too deep for an answer of this API",
+            "is --api the control plane's URL?",
+            status=status,
+        ) from None
     if 200 <= status < 300:
         if body is None:
             raise ApiError(
@@ -706,7 +713,10 @@ def _answer(method: str, url: str, status: int, data: bytes) -> Any:
     code = message = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         code, message = body["error"].get("code"), body["error"].get("message")
-    detail = f" ({_shown(str(code), 80)}: {_shown(str(message))})" if code else ""
+        # Shown in messages and compared with known codes: strings, bounded, or nothing.
+        code = code if isinstance(code, str) else None
+        message = message if isinstance(message, str) else None
+    detail = f" ({_shown(code, 80)}: {_shown(str(message))})" if code else ""
     if status == 401:
         raise ApiError(f"{url}: 401 bad, missing or expired token{detail}", TOKEN_HINT, status=401, code=code)
     if status == 403 and code == "NOT_A_PROVIDER":

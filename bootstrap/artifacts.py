@@ -14,14 +14,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 import shutil
 import tarfile
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Literal, Protocol
 
+from bootstrap.answers import shown
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_symlink, fsync_dir
 from bootstrap.host import Host
@@ -104,34 +106,116 @@ class UnpackLimits:
     max_members: int = 20_000
 
 
+# What an agent's release needs of a tar archive's headers, and no more: tarfile reads a GNU long
+# name or a pax header whole into memory before anything sees the member, so a 254 KB archive could
+# declare a name of 256 MB and take gigabytes to decode it.
+MAX_EXTENDED_HEADER = 64 * 1024
+MAX_NAME = 1024  # a path in the archive
+MAX_COMPONENT = 255  # one name in that path, as Linux file systems allow
+MAX_CHAINED_HEADERS = 8  # extended headers in a row before a member (tarfile reads them recursively)
+_EXTENDED = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+
+
+class _RefusedHeader(tarfile.HeaderError):
+    pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo (the `tarinfo` class tarfile.open takes), refusing before it reads them an
+    extended header (GNU long name or link, pax) over MAX_EXTENDED_HEADER, more than
+    MAX_CHAINED_HEADERS of them in a row, and GNU sparse members, whose chained sparse maps tarfile
+    also reads whole."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _RefusedHeader("a GNU sparse member, which no release needs")
+        if self.type not in _EXTENDED:
+            return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+        if self.size > MAX_EXTENDED_HEADER:
+            raise _RefusedHeader(f"an extended header of {self.size} bytes (at most {MAX_EXTENDED_HEADER})")
+        depth = getattr(tarfile_, "_vectorlay_chain", 0)
+        if depth >= MAX_CHAINED_HEADERS:
+            raise _RefusedHeader(f"more than {MAX_CHAINED_HEADERS} extended headers in a row")
+        setattr(tarfile_, "_vectorlay_chain", depth + 1)  # noqa: B010
+        try:
+            return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+        finally:
+            setattr(tarfile_, "_vectorlay_chain", depth)  # noqa: B010
+
+
+def _bad_name(name: str) -> str | None:
+    """Why `name` (a member's path or link target) is not one a release holds, or None."""
+    if len(name) > MAX_NAME:
+        return f"a name of {len(name)} characters (at most {MAX_NAME})"
+    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        return "a name with a control character"
+    if any(len(part) > MAX_COMPONENT for part in name.split("/")):
+        return f"a path component over {MAX_COMPONENT} characters"
+    return None
+
+
 def _safe_members(tar: tarfile.TarFile, art: Artifact, limits: UnpackLimits) -> Iterator[tarfile.TarInfo]:
     total = 0
+    files: set[str] = set()  # regular files so far: what a hard link may point at
     # Iterating the archive reads it header by header; getmembers() would inflate all of it first.
     for count, m in enumerate(tar, 1):
         total += max(m.size, 0)
         if count > limits.max_members:
             raise _mismatch(art, f"the archive holds more than {limits.max_members} members")
+        why = _bad_name(m.name) or ((m.issym() or m.islnk()) and _bad_name(m.linkname)) or None
+        if why:
+            raise _mismatch(art, f"member {shown(m.name)} has {why}")
         if total > limits.max_bytes:
-            raise _mismatch(art, f"the archive unpacks to more than {limits.max_bytes} bytes (at {m.name!r})")
+            raise _mismatch(
+                art, f"the archive unpacks to more than {limits.max_bytes} bytes (at {shown(m.name)})"
+            )
         p = PurePosixPath(m.name)
         if p.is_absolute() or ".." in p.parts:
-            raise _mismatch(art, f"unsafe path {m.name!r} in the archive")
+            raise _mismatch(art, f"unsafe path {shown(m.name)} in the archive")
         if m.issym() or m.islnk():
             target = PurePosixPath(m.linkname)
             if target.is_absolute() or ".." in (p.parent / target).parts:
-                raise _mismatch(art, f"link {m.name!r} points outside the release")
+                raise _mismatch(art, f"link {shown(m.name)} points outside the release")
+            # tarfile looks a hard link's target up among the members before it (a KeyError when
+            # it is not there): a link to a file the archive does not hold is a broken archive.
+            if m.islnk() and posixpath.normpath(m.linkname) not in files:
+                raise _mismatch(
+                    art,
+                    f"hard link {shown(m.name)} points at {shown(m.linkname)}, "
+                    "not at a file before it in the archive",
+                )
         elif not (m.isfile() or m.isdir()):
-            raise _mismatch(art, f"special file {m.name!r} in the archive")
+            raise _mismatch(art, f"special file {shown(m.name)} in the archive")
+        if m.isfile():
+            files.add(posixpath.normpath(m.name))
         m.mode &= 0o755  # no setuid/setgid/world-writable bits from an archive
         m.uid = m.gid = 0
         m.uname = m.gname = "root"
         yield m
 
 
+def _read_mode(part: Path) -> Literal["r:", "r:gz", "r:bz2", "r:xz"]:
+    """tarfile's mode for the archive's compression, from its magic bytes: "r:*" tries every method
+    in turn and reports the failure of each, burying the one that matters."""
+    with open(part, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return "r:gz"
+    if magic.startswith(b"BZh"):
+        return "r:bz2"
+    return "r:xz" if magic.startswith(b"\xfd7zXZ\x00") else "r:"
+
+
 def _unpack(part: Path, staging: Path, art: Artifact, limits: UnpackLimits) -> None:
     staging.mkdir(mode=0o755)
     try:
-        with tarfile.open(part, "r:*") as tar:
+        with tarfile.open(part, _read_mode(part), tarinfo=_BoundedTarInfo) as tar:
             members = list(_safe_members(tar, art, limits))
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(staging, members=members, filter="data")

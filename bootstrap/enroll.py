@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bootstrap import credentials, nebula
+from bootstrap import answers, credentials, nebula
 from bootstrap.api import ApiClient, ApiError, ClientCert, not_a_provider
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
@@ -43,12 +43,13 @@ from bootstrap.identity import (
     read_node_token,
     write_identity,
 )
+from bootstrap.manifest import public_key_from_text
 from bootstrap.paths import IDENTITY_DIR
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "VECTORLAY_TOKEN"
-TOKEN_RE = re.compile(r"^vtk_[A-Za-z0-9_-]{16,256}$")
+TOKEN_RE = re.compile(r"vtk_[A-Za-z0-9_-]{16,256}")
 # Fault points before the identity writer's own (identity.WRITE_POINTS), also named `enroll <point>`.
 ENROLL_POINTS = ("before-request", "response-received")
 
@@ -100,7 +101,7 @@ def read_token(
             "no provisioning token given",
             f"set {TOKEN_ENV}, pass --token-file FILE, or pipe the token on standard input",
         )
-    if not TOKEN_RE.match(token):
+    if not TOKEN_RE.fullmatch(token):
         # The value itself is never echoed: a mangled token is still mostly a secret.
         raise VectorlayError(
             f"the provisioning token from {source} is not a vectorlay token (expected vtk_ and 16+ letters)",
@@ -143,11 +144,13 @@ def token_refused(api_url: str | None, reason: str | None) -> VectorlayError:
 def introspect_token(api: ApiClient, token: str) -> TokenInfo:
     """Ask whether the token would be accepted, and until when, without consuming it."""
     body = api.request("POST", "/v1/provisioning-tokens/introspect", json={"token": token})
-    if not isinstance(body, dict) or "valid" not in body:
+    try:
+        valid, expires_at, reason = answers.introspection(body)
+    except answers.AnswerError as e:
         raise VectorlayError(
-            f"{api.base_url}: unexpected introspection answer", "is --api the control plane?"
-        )
-    return TokenInfo(bool(body["valid"]), _parse_time(body.get("expires_at")), body.get("reason"))
+            f"{api.base_url}: unexpected introspection answer: {e}", "is --api the control plane?"
+        ) from None
+    return TokenInfo(valid, _parse_time(expires_at), reason)
 
 
 def _stored_credentials(host: Host) -> tuple[Identity | None, ClientCert | None, str | None]:
@@ -228,7 +231,18 @@ def _check_overlay(body: dict[str, Any], keys: _OverlayKeys, url: str, now: date
     if cert.public_key != nebula.parse_public_key_pem(keys.nebula_public_pem):
         raise _unusable(url, "the nebula certificate is not for this node's key")
     if credentials.overlay_ips(cert) != [body["overlay_ip"]]:
-        raise _unusable(url, f"the nebula certificate is for {cert.ips}, not {body['overlay_ip']}")
+        shown = ", ".join(str(i) for i in cert.ips[:4]) or "no IP"
+        raise _unusable(url, f"the nebula certificate is for {shown}, not {body['overlay_ip']}")
+    # nebula routes the certificate's network into its tun: it must be the overlay, never a /0.
+    network = cert.ips[0].network
+    try:
+        answers.overlay_network(str(network), "the nebula certificate's network")
+    except answers.AnswerError as e:
+        raise _unusable(url, str(e)) from None
+    if neb.get("overlay_cidr") is not None and str(network) != neb["overlay_cidr"]:
+        raise _unusable(
+            url, f"the nebula certificate's network {network} is not the overlay {neb['overlay_cidr']}"
+        )
     if not isinstance(nomad, dict) or not isinstance(nomad.get("region"), str):
         raise _unusable(url, "no Nomad settings")
     nomad_cert = credentials.chained(
@@ -260,23 +274,28 @@ def _check_response(body: Any, key: ec.EllipticCurvePrivateKey, url: str) -> dic
     def bad(why: str) -> VectorlayError:
         return _unusable(url, why)
 
-    if not isinstance(body, dict):
-        raise bad("not a JSON object")
-    for field in ("node_id", "org_id", "overlay_ip", "certificate_pem", "ca_pem", "node_token"):
-        if not isinstance(body.get(field), str) or not body[field]:
-            raise bad(f"{field} missing")
     try:
-        cert = x509.load_pem_x509_certificate(body["certificate_pem"].encode())
-        x509.load_pem_x509_certificates(body["ca_pem"].encode())
+        answer = answers.enrollment(body)
+    except answers.AnswerError as e:
+        raise bad(str(e)) from None
+    for i, text in enumerate(answer.get("manifest_keys") or []):
+        try:
+            public_key_from_text(text)
+        except VectorlayError:
+            raise bad(f"manifest_keys[{i}] is not an Ed25519 public key") from None
+    try:
+        cert = x509.load_pem_x509_certificate(answer["certificate_pem"].encode())
+        # During a CA rotation ca_pem is a bundle: the old CA and the new.
+        x509.load_pem_x509_certificates(answer["ca_pem"].encode())
     except ValueError:
         raise bad("certificate_pem or ca_pem is not PEM") from None
     if not credentials.same_key(cert.public_key(), key.public_key()):
         raise bad("the certificate is not for this node's key")
     if credentials.issuer_in(cert, body["ca_pem"].encode()) is None:
         raise bad("the certificate is not signed by ca_pem")
-    if credentials.common_name(cert) != body["node_id"]:
+    if credentials.common_name(cert) != answer["node_id"]:
         raise bad("the certificate does not name the node ID")
-    return body
+    return answer
 
 
 def enroll(
@@ -344,7 +363,7 @@ def enroll(
         "nebula": {k: v for k, v in answer["nebula"].items() if k not in ("certificate", "ca")},
         "nomad": {k: v for k, v in answer["nomad"].items() if k not in ("certificate_pem", "ca_pem")},
         # Public keys only: what the artifacts stage verifies the signed manifest against.
-        "manifest_keys": [k for k in answer.get("manifest_keys") or [] if isinstance(k, str)],
+        "manifest_keys": list(answer.get("manifest_keys") or []),
     }
     identity = write_identity(
         host,
@@ -358,7 +377,7 @@ def enroll(
             overlay=overlay,
         ),
     )
-    reenrolled = bool(answer.get("reenrolled", current is not None))
+    reenrolled = answer.get("reenrolled", current is not None)
     _confirm(api, identity)
     log.info(
         "%s node %s (overlay IP %s)",

@@ -56,7 +56,7 @@ def _remove_stale_temps(directory: Path, name: str) -> None:
         if not (entry.startswith(prefix) and entry.endswith(".tmp")):
             continue
         pid = entry[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(directory / entry)
 

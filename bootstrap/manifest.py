@@ -35,9 +35,13 @@ from bootstrap.errors import VectorlayError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A path on the control plane or an https URL: printable, no white space, bounded.
+_URL = re.compile(r"[!-~]{1,2048}")
+MAX_ARTIFACTS = 64
+MAX_ARTIFACT_SIZE = 1 << 40
 
 STALE_HINT = "a stale artifact — re-run; artifacts are re-fetched and verified each run"
 
@@ -88,6 +92,7 @@ def sign_manifest(doc: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]
 
 def public_key_from_text(text: str) -> Ed25519PublicKey:
     """A pinned key: PEM (SubjectPublicKeyInfo) or the raw 32 bytes in base64."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -99,7 +104,7 @@ def public_key_from_text(text: str) -> Ed25519PublicKey:
                 raise ValueError("not an Ed25519 key")
             return key
         return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
-    except (ValueError, binascii.Error) as e:
+    except (ValueError, binascii.Error, UnsupportedAlgorithm) as e:
         raise VectorlayError(
             f"the pinned manifest key is unreadable ({e})", "re-run the install one-liner to restore it"
         ) from None
@@ -123,6 +128,10 @@ def _parse(doc: dict[str, Any]) -> Manifest:
     items = doc.get("artifacts")
     if not isinstance(version, str) or not isinstance(items, list):
         raise ValueError("needs a string 'version' and a list 'artifacts'")
+    if not _VERSION.fullmatch(version):
+        raise ValueError(f"bad manifest version {version!r:.60}")
+    if len(items) > MAX_ARTIFACTS:
+        raise ValueError(f"lists {len(items)} artifacts, more than the {MAX_ARTIFACTS} a manifest may")
     serial = doc.get("serial")
     # A manifest without a serial is one from before serials existed: exactly what a rollback
     # would replay.
@@ -136,15 +145,15 @@ def _parse(doc: dict[str, Any]) -> Manifest:
         if not isinstance(item, dict):
             raise ValueError("an artifact entry is not an object")
         name, ver, url, sha, size = (item.get(k) for k in ("name", "version", "url", "sha256", "size"))
-        if not (isinstance(name, str) and _NAME.match(name)):
-            raise ValueError(f"bad artifact name {name!r}")
-        if not (isinstance(ver, str) and _VERSION.match(ver)):
-            raise ValueError(f"bad version {ver!r} for {name}")
-        if not (isinstance(sha, str) and _SHA256.match(sha)):
+        if not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise ValueError(f"bad artifact name {name!r:.60}")
+        if not (isinstance(ver, str) and _VERSION.fullmatch(ver)):
+            raise ValueError(f"bad version {ver!r:.60} for {name}")
+        if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
             raise ValueError(f"bad sha256 for {name}")
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+        if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_ARTIFACT_SIZE):
             raise ValueError(f"bad size for {name}")
-        if not isinstance(url, str) or not url:
+        if not isinstance(url, str) or not _URL.fullmatch(url):
             raise ValueError(f"bad url for {name}")
         arts.append(Artifact(name, ver, url, sha, size))
     return Manifest(version, tuple(arts), serial, issued_at, expires_at)

@@ -14,7 +14,7 @@ PCI_DEVICES = "/sys/bus/pci/devices"
 IOMMU_GROUPS = "/sys/kernel/iommu_groups"
 PCI_IDS_PATHS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids", "/usr/share/pci.ids")
 
-_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
+_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
 
 
 class PciDevice(NamedTuple):
@@ -94,7 +94,7 @@ def list_addresses(host: Host) -> list[str]:
         names = os.listdir(host.path(PCI_DEVICES))
     except OSError:
         return []
-    return sorted(n for n in names if _ADDRESS.match(n))
+    return sorted(n for n in names if _ADDRESS.fullmatch(n))
 
 
 def read_device(host: Host, address: str, *, full: bool = True) -> PciDevice | None:
@@ -142,18 +142,22 @@ def iommu_groups(host: Host) -> dict[str, list[str]]:
         return {}
     groups: dict[str, list[str]] = {}
     for name in names:
-        if not name.isdigit():
+        if not (name.isascii() and name.isdigit()):
             continue
         try:
             members = os.listdir(base / name / "devices")
         except OSError:
             members = []
-        groups[name] = sorted(m for m in members if _ADDRESS.match(m))
+        groups[name] = sorted(m for m in members if _ADDRESS.fullmatch(m))
     return groups
 
 
 def group_sort_key(group: str | None) -> tuple[int, str]:
-    return (int(group), "") if group is not None and group.isdigit() else (1 << 30, group or "")
+    return (
+        (int(group), "")
+        if group is not None and group.isascii() and group.isdigit()
+        else (1 << 30, group or "")
+    )
 
 
 # --- names -------------------------------------------------------------------------------------

@@ -254,7 +254,7 @@ class _HeartbeatPath:
         if (
             environ.get("PATH_INFO") != HEARTBEAT_PATH
             or environ.get("REQUEST_METHOD") != "POST"
-            or not length.isdigit()
+            or not (length.isascii() and length.isdigit())
             # Refused unread by the route, which keeps the connection: closing it with the body
             # still arriving would reset it before the client reads the 413.
             or int(length) > MAX_BODY_BYTES

@@ -43,7 +43,7 @@ from controlplane.clock import Clock, to_iso
 from controlplane.pki import _write_private
 from controlplane.service import ApiError
 
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 SIGNING_KEY = "manifest-signing.key"
 SIGNING_PUB = "manifest-signing.pub"
 SERIAL_FILE = "manifest-serial.json"
@@ -140,7 +140,11 @@ class ArtifactStore:
         )
 
     def _file(self, name: str, version: str) -> Path | None:
-        if self.root is None or not (_SAFE.match(name) and _SAFE.match(version)) or version == "current":
+        if (
+            self.root is None
+            or not (_SAFE.fullmatch(name) and _SAFE.fullmatch(version))
+            or version == "current"
+        ):
             return None
         files = sorted(p for p in (self.root / name / version).glob("*") if p.is_file())
         return files[0] if len(files) == 1 else None
@@ -178,7 +182,7 @@ class ArtifactStore:
         if self.root is None or not self.root.is_dir():
             raise ApiError(404, "NOT_FOUND", "this control plane publishes no artifacts")
         entries = []
-        for base in sorted(p for p in self.root.iterdir() if p.is_dir() and _SAFE.match(p.name)):
+        for base in sorted(p for p in self.root.iterdir() if p.is_dir() and _SAFE.fullmatch(p.name)):
             version = self._current(base.name)
             path = self._file(base.name, version) if version else None
             if version is None or path is None:

@@ -49,7 +49,7 @@ def _fail(message: str) -> NoReturn:
 
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise typer.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8443", param_hint="--listen")
     return host.strip("[]"), int(port)
 
@@ -93,6 +93,12 @@ def serve(
         max=3650,
         help="Lifetime of nodes' Nomad certificates (default: --cert-days).",
     ),
+    max_per_address: int = typer.Option(
+        64,
+        "--max-connections-per-address",
+        min=1,
+        help="Connections one client address may hold open at once; more are closed at accept.",
+    ),
 ) -> None:
     """Serve the API over HTTPS (mTLS for node endpoints) until SIGINT/SIGTERM."""
     from controlplane.app import create_app
@@ -125,6 +131,7 @@ def serve(
         threads,
         extra_names=(public_name,) if public_name else (),
         trusted=(auth.next_ca.cert_pem,) if auth.next_ca else (),
+        max_per_address=max_per_address,
     )
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

@@ -40,7 +40,7 @@ MAX_BODY_BYTES = 64 * 1024
 VERDICTS = ("PASS", "WARN", "FAIL")
 CHECK_STATUSES = ("PASS", "WARN", "FAIL", "SKIP")
 _TOP_LEVEL = frozenset({"doctor", "resources", "agents", "draining", "interval_s"})
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _MAX_CHECKS = 64
 _MAX_TEXT = 2000
 _MAX_EXTRA_RESOURCES = 16
@@ -110,7 +110,7 @@ def parse_heartbeat(body: Any) -> Heartbeat:
     for i, c in enumerate(raw_checks):
         c = _object(c, f"doctor.checks[{i}]")
         name = c.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise bad_request(f"doctor.checks[{i}].name must be a check name")
         if c.get("status") not in CHECK_STATUSES:
             raise bad_request(f"doctor.checks[{i}].status must be one of {', '.join(CHECK_STATUSES)}")
@@ -142,7 +142,7 @@ def parse_heartbeat(body: Any) -> Heartbeat:
                     THRESHOLDS[tkey], _number(tvalue, f"resources.thresholds.{tkey}", 1, 100)
                 )
             continue
-        if not isinstance(key, str) or not _NAME.match(key):
+        if not isinstance(key, str) or not _NAME.fullmatch(key):
             raise bad_request("resources: names are lower-case words of at most 64 characters")
         if key in THRESHOLDS:
             resources[key] = _number(value, f"resources.{key}", 0, 100)
@@ -160,7 +160,7 @@ def parse_heartbeat(body: Any) -> Heartbeat:
         raise bad_request(f"agents: at most {_MAX_AGENTS} entries")
     agents: dict[str, str | None] = {}
     for name, version in raw_agents.items():
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise bad_request("agents: names are lower-case words of at most 64 characters")
         agents[name] = _text(version, f"agents.{name}", optional=True, limit=64)
 

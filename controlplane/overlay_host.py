@@ -46,7 +46,14 @@ def parse_lighthouse(spec: str) -> Lighthouse:
     except ValueError:
         raise ValueError(f"{spec!r}: expected OVERLAY_IP=HOST:PORT") from None
     hosts = tuple(e.strip() for e in endpoints.split(",") if e.strip())
-    if not sep or not hosts or any(not e.rpartition(":")[2].isdigit() or e.startswith(":") for e in hosts):
+    if (
+        not sep
+        or not hosts
+        or any(
+            not (e.rpartition(":")[2].isascii() and e.rpartition(":")[2].isdigit()) or e.startswith(":")
+            for e in hosts
+        )
+    ):
         raise ValueError(f"{spec!r}: expected OVERLAY_IP=HOST:PORT")
     return Lighthouse(address, hosts)
 

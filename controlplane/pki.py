@@ -37,12 +37,12 @@ class CsrError(ValueError):
 
 
 # Nomad puts the region into a DNS name (`server.<region>.nomad`), so it has to be one DNS label.
-_REGION = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_REGION = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def _nomad_name(role: str, region: str) -> str:
     """`server.<region>.nomad` or `client.<region>.nomad`: what Nomad checks with verify_server_hostname."""
-    if not _REGION.match(region):
+    if not _REGION.fullmatch(region):
         raise ValueError(f"region {region!r} is not a lowercase DNS label (letters, digits, '-')")
     return f"{role}.{region}.nomad"
 

@@ -16,20 +16,24 @@ heartbeat. A session lives in the process that made it, so with several worker p
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
 import os
 import select
+import selectors
 import signal
 import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from cheroot import connections as cheroot_connections
 from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
@@ -48,8 +52,8 @@ _PLAIN_HTTP_ANSWER = (
 
 
 class _TLSAdapter(BuiltinSSLAdapter):
-    """The TLS handshake in the worker thread that serves the connection, not in cheroot's single
-    accepting thread: there every handshake waited for the one before it, whatever the cores, and a
+    """The TLS handshake left to _Connections, which drives it without blocking: cheroot's adapter
+    does it in its single accepting thread, where every handshake waited for the one before it and a
     client stalling its handshake stalled every other connection for up to the socket timeout."""
 
     def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, Any]]:
@@ -95,30 +99,39 @@ class _Gateway(wsgi.Gateway_10):
 
 
 class _TLSConnection(cheroot_server.HTTPConnection):
-    """Completes the handshake (_TLSAdapter) before the first request on the connection."""
+    """A connection whose TLS handshake _Connections drives, without blocking, before a worker
+    thread ever sees it."""
 
-    _tls_done = False
+    tls_done = False
+    in_worker = False  # counted in _Server's threads busy for its address
+    _released = False
 
-    def communicate(self) -> bool:
-        if not self._tls_done:
-            sock = self.socket
-            try:
-                sock.do_handshake()
-            except OSError as e:  # ssl.SSLError (a refused certificate...), a reset, a timeout
-                if isinstance(e, ssl.SSLError) and "http request" in str(e).lower():
-                    # A plain-HTTP client: tell it in plain HTTP, past the TLS layer.
-                    with contextlib.suppress(OSError):
-                        socket.socket.sendall(sock, _PLAIN_HTTP_ANSWER)
-                # Logged as cheroot logged a failed handshake: a refused certificate shows there.
-                self.server.error_log(
-                    f"Client {getattr(self, 'remote_addr', '?')} lost during the TLS handshake: {e}"
-                )
-                return False
-            adapter = self.server.ssl_adapter
-            assert isinstance(adapter, _TLSAdapter)
-            self.ssl_env = adapter.environ_of(sock)
-            self._tls_done = True
-        return bool(super().communicate())  # type: ignore[no-untyped-call]
+    def handshake_step(self) -> int | None:
+        """One non-blocking step of the handshake: the selector event to wait for next (EVENT_READ or
+        EVENT_WRITE), or None once it is done. OSError when it failed (logged here)."""
+        sock = self.socket
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return selectors.EVENT_READ
+        except ssl.SSLWantWriteError:
+            return selectors.EVENT_WRITE
+        except OSError as e:  # ssl.SSLError (a refused certificate...), a reset
+            if isinstance(e, ssl.SSLError) and "http request" in str(e).lower():
+                # A plain-HTTP client: tell it in plain HTTP, past the TLS layer.
+                with contextlib.suppress(OSError):
+                    socket.socket.send(sock, _PLAIN_HTTP_ANSWER)
+            # Logged as cheroot logged a failed handshake: a refused certificate shows there.
+            self.server.error_log(
+                f"Client {getattr(self, 'remote_addr', '?')} lost during the TLS handshake: {e}"
+            )
+            raise
+        adapter = self.server.ssl_adapter
+        assert isinstance(adapter, _TLSAdapter)
+        self.ssl_env = adapter.environ_of(sock)
+        self.tls_done = True
+        sock.settimeout(self.server.timeout)
+        return None
 
     def close(self) -> None:
         """TLS's own end of the connection, a close_notify, without waiting for the client's.
@@ -128,7 +141,13 @@ class _TLSConnection(cheroot_server.HTTPConnection):
         reading the client's close (an EOF, which OP_IGNORE_UNEXPECTED_EOF takes for a close_notify)
         makes OpenSSL 3.0 forget it sent its own (SSL_set_shutdown), and CPython's shutdown reads
         once after sending. So when that read found the client gone, say it again."""
-        tls = getattr(self.socket, "_sslobj", None) if self._tls_done else None
+        if not self._released:
+            self._released = True
+            server = self.server
+            if isinstance(server, _Server):
+                server.worker_done(self)
+                server.connection_closed(getattr(self, "remote_addr", None))
+        tls = getattr(self.socket, "_sslobj", None) if self.tls_done else None
         if tls is not None:
             try:
                 self.socket.settimeout(0)
@@ -141,6 +160,160 @@ class _TLSConnection(cheroot_server.HTTPConnection):
         super().close()
 
 
+class _Connections(cheroot_connections.ConnectionManager):
+    """cheroot's selector loop, which also takes each new connection through its TLS handshake and
+    until its first request byte, so that a worker thread only ever gets a connection with a request
+    to read. cheroot hands a connection to a worker right after accept(), and there the handshake
+    blocked the thread for up to the socket timeout: a few hundred clients that connect and send
+    nothing (or half a ClientHello) held every thread, and no node's heartbeat got through. Here they
+    cost a file descriptor each until their deadline (the server's timeout from accept, closed by
+    cheroot's expiry like an idle keep-alive connection)."""
+
+    server: _Server
+
+    def _from_server_socket(self, server_socket: socket.socket) -> Any:
+        conn = super()._from_server_socket(server_socket)  # type: ignore[misc]
+        if conn is None:
+            return None
+        if not self.server.admit(getattr(conn, "remote_addr", None)):
+            conn._released = True
+            with contextlib.suppress(OSError):
+                conn.socket.close()
+            return None
+        conn.socket.settimeout(0)
+        conn.last_used = time.time()  # the handshake's deadline counts from here (_expire)
+        return conn
+
+    def handshake(self, conn: _TLSConnection) -> None:
+        """Advance `conn`'s handshake as far as its bytes allow; wait for more in the selector."""
+        try:
+            wait = conn.handshake_step()
+        except OSError:
+            conn.close()
+            return
+        if wait is not None:
+            self._selector.register(conn.socket.fileno(), wait, data=conn)  # type: ignore[attr-defined]
+        elif conn.socket.pending():  # a request already decrypted: the selector would not see it
+            self.server.process_conn(conn)
+        else:
+            self.put(conn)
+
+    @property
+    def can_add_keepalive_connection(self) -> bool:
+        """cheroot's limit on idle keep-alive connections, not counting those still in their
+        handshake: hostile clients holding handshakes open must not turn keep-alive off for all."""
+        limit: int | None = self.server.keep_alive_conn_limit
+        if limit is None:
+            return True
+        held = self._selector.connections  # type: ignore[attr-defined]
+        idle = [c for _fd, c in held if isinstance(c, _TLSConnection) and c.tls_done]
+        return len(idle) < limit
+
+
+class _Server(wsgi.Server):
+    """cheroot's WSGI server with _Connections, a limit on the connections one client address holds
+    open at once, and one on the worker threads its requests hold at once (both per process;
+    worker_affinity sends an address to one process).
+
+    A request that trickles in (a byte every few seconds, within the socket timeout each time) holds
+    its worker thread for as long as its client likes. Past max_busy_per_address, an address's next
+    readable connection waits, parked, until one of its own is done: a client slowing its requests
+    down holds that many threads, not all of them, and its other requests queue behind its own."""
+
+    def __init__(self, *args: Any, max_per_address: int, max_busy_per_address: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_per_address = max_per_address
+        self.max_busy_per_address = max_busy_per_address
+        self._open_lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._refusing: set[str] = set()
+        self._busy: dict[str, int] = {}
+        self._parked: dict[str, collections.deque[_TLSConnection]] = {}
+
+    def prepare(self) -> None:
+        super().prepare()
+        stock = self._connections  # type: ignore[has-type]
+        self._connections = _Connections(self)
+        stock._selector.close()  # it only watched the listening socket, now _Connections' job
+
+    def process_conn(self, conn: Any) -> None:
+        if not isinstance(conn, _TLSConnection):
+            super().process_conn(conn)
+        elif not conn.tls_done:
+            self._connections.handshake(conn)
+        else:
+            addr = getattr(conn, "remote_addr", None)
+            if addr is not None:
+                with self._open_lock:
+                    busy = self._busy.get(addr, 0)
+                    if busy >= self.max_busy_per_address:
+                        self._parked.setdefault(addr, collections.deque()).append(conn)
+                        return
+                    self._busy[addr] = busy + 1
+                conn.in_worker = True
+            super().process_conn(conn)
+
+    def put_conn(self, conn: Any) -> None:
+        """A worker is done with a kept-alive connection (cheroot's worker calls this or close)."""
+        if isinstance(conn, _TLSConnection):
+            self.worker_done(conn)
+        super().put_conn(conn)
+
+    def worker_done(self, conn: _TLSConnection) -> None:
+        """`conn` leaves its worker thread: the thread goes to its address's next parked connection,
+        if any, or back to the pool."""
+        if not conn.in_worker:
+            return
+        conn.in_worker = False
+        addr = conn.remote_addr
+        with self._open_lock:
+            parked = self._parked.get(addr)
+            following = parked.popleft() if parked else None
+            if parked is not None and not parked:
+                del self._parked[addr]
+            if following is None:
+                busy = self._busy.get(addr, 0) - 1
+                if busy > 0:
+                    self._busy[addr] = busy
+                else:
+                    self._busy.pop(addr, None)
+        if following is not None:  # its address keeps the thread count it had
+            following.in_worker = True
+            super().process_conn(following)
+
+    def admit(self, addr: str | None) -> bool:
+        """Count a new connection from `addr`, or refuse it (False) when the address already holds
+        max_per_address; the refusal is logged once until the address falls below the limit, so a
+        flood of them cannot flood the log."""
+        if addr is None:  # a Unix socket
+            return True
+        with self._open_lock:
+            held = self._open.get(addr, 0)
+            if held < self.max_per_address:
+                self._open[addr] = held + 1
+                return True
+            first = addr not in self._refusing
+            self._refusing.add(addr)
+        if first:
+            self.error_log(
+                f"Client {addr} holds {held} connections, the most one address may "
+                "(serve --max-connections-per-address): refusing more until some close"
+            )
+        return False
+
+    def connection_closed(self, addr: str | None) -> None:
+        if addr is None:
+            return
+        with self._open_lock:
+            held = self._open.get(addr, 0) - 1
+            if held > 0:
+                self._open[addr] = held
+            else:
+                self._open.pop(addr, None)
+            if held < self.max_per_address:
+                self._refusing.discard(addr)
+
+
 def build_server(
     app: Flask,
     host: str,
@@ -150,9 +323,10 @@ def build_server(
     threads: int = 32,
     extra_names: tuple[str, ...] = (),
     trusted: tuple[str, ...] = (),
+    max_per_address: int = 64,
 ) -> wsgi.Server:
     cert_path, key_path = ca.write_server_cert(state_dir, host, wall_now(), extra_names)
-    server = wsgi.Server(
+    server = _Server(
         (host, port),
         app,
         numthreads=threads,
@@ -160,6 +334,8 @@ def build_server(
         # cheroot's default listen backlog is 5: a burst of nodes overflowing it waits out a 1 s
         # SYN retransmit each.
         request_queue_size=256,
+        max_per_address=max_per_address,
+        max_busy_per_address=max(1, threads // 4),
     )
     server.ConnectionClass = _TLSConnection
     server.gateway = _Gateway

@@ -45,9 +45,12 @@ GPU_MODES = ("passthrough", "container", "none")
 DEFAULT_OVERLAY = "100.64.0.0/10"
 # RFC 1123 host names (and the underscores real machines carry): never a control character,
 # whitespace or quote that would reach a log line, a config file or a dashboard as is.
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})\Z")
+HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})")
 # What the node reports of each GPU unit (docs/contracts.md#hardware-model); stored as is, so held to that.
-_IOMMU_GROUP = re.compile(r"^[0-9]{1,9}\Z")
+_IOMMU_GROUP = re.compile(r"[0-9]{1,9}")
+_PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")
+# Far above any machine (an HGX box has 8 GPUs): a bound on what one node makes the database hold.
+MAX_GPUS = 1024
 UNIT_STATUSES = ("ready", "needs_binding", "not_isolatable", "wedged", "no_iommu")
 HOSTNAME_RULE = (
     "hostname must be 1-253 characters: letters, digits, '.', '-' and '_', starting with a letter or digit"
@@ -99,6 +102,59 @@ def peer_fingerprint(client_cert_pem: str) -> str:
     if wall_now() > not_after:
         raise unauthorized("the client certificate has expired", "BAD_NODE_CREDENTIALS")
     return cert_fp
+
+
+def check_hardware(hardware: dict[str, Any]) -> None:
+    """The hardware report of an enrollment, held to the node's own detect --json: the GPUs it found
+    (each at a PCI address of its own) and the units (IOMMU groups) that hold them. A unit holds at
+    least one GPU of that list and a GPU sits in one unit, so a node cannot enroll more units than
+    GPUs it reported: the units it enrolls with cap what is advertised of it (heartbeat.decide)."""
+    gpus = hardware.get("gpus", [])
+    if not isinstance(gpus, list) or len(gpus) > MAX_GPUS:
+        raise bad_request(f"hardware.gpus must be a list of at most {MAX_GPUS} GPUs")
+    groups: dict[str, str | None] = {}
+    for i, gpu in enumerate(gpus):
+        address = gpu.get("address") if isinstance(gpu, dict) else None
+        if not isinstance(address, str) or not _PCI_ADDRESS.fullmatch(address):
+            raise bad_request(
+                f"hardware.gpus[{i}] needs an address: a domain-qualified PCI address (0000:19:00.0)"
+            )
+        if address in groups:
+            raise bad_request(f"hardware.gpus lists {address} twice")
+        group = gpu.get("iommu_group")
+        groups[address] = group if isinstance(group, str) else None
+    units = hardware.get("units") or []
+    if not isinstance(units, list):
+        raise bad_request("hardware.units must be a list")
+    if len(units) > len(gpus):
+        raise bad_request(
+            f"hardware.units lists {len(units)} GPU unit(s) but hardware.gpus only {len(gpus)} GPU(s):"
+            " a unit holds at least one GPU the node reported"
+        )
+    seen_groups: set[str] = set()
+    placed: set[str] = set()
+    for i, unit in enumerate(units):
+        if not isinstance(unit, dict) or not isinstance(unit.get("iommu_group"), str):
+            raise bad_request("each hardware unit needs an iommu_group (a kernel group number, as a string)")
+        group = unit["iommu_group"]
+        if not _IOMMU_GROUP.fullmatch(group):
+            raise bad_request("each hardware unit needs an iommu_group (a kernel group number, as a string)")
+        if group in seen_groups:
+            raise bad_request(f"hardware.units lists IOMMU group {group} twice")
+        seen_groups.add(group)
+        members = unit.get("gpus")
+        if not isinstance(members, list) or not members:
+            raise bad_request(f"hardware.units[{i}] (group {group}) must list the GPUs it holds")
+        for address in members:
+            if not isinstance(address, str) or address not in groups:
+                raise bad_request(
+                    f"hardware.units[{i}] (group {group}) holds a GPU that is not in hardware.gpus"
+                )
+            if address in placed:
+                raise bad_request(f"GPU {address} is in more than one hardware unit")
+            if groups[address] not in (None, group):
+                raise bad_request(f"GPU {address} is in IOMMU group {groups[address]}, not {group}")
+            placed.add(address)
 
 
 def bad_request(message: str) -> ApiError:
@@ -338,12 +394,11 @@ class ControlPlane:
             raise unauthorized("missing provisioning token")
         if not isinstance(csr_pem, str):
             raise bad_request("csr_pem is required")
-        if not isinstance(hostname, str) or not HOSTNAME_RE.match(hostname):
+        if not isinstance(hostname, str) or not HOSTNAME_RE.fullmatch(hostname):
             raise bad_request(HOSTNAME_RULE)
         if not isinstance(hardware, dict):
             raise bad_request("hardware must be an object")
-        if not isinstance(hardware.get("gpus", []), list):
-            raise bad_request("hardware.gpus must be a list")
+        check_hardware(hardware)
         if gpu_mode not in GPU_MODES:
             raise bad_request(f"gpu_mode must be one of {', '.join(GPU_MODES)}")
         try:
@@ -704,7 +759,7 @@ class ControlPlane:
         if not isinstance(units, list):
             raise bad_request("hardware.units must be a list")
         for unit in units:
-            if not isinstance(unit, dict) or not _IOMMU_GROUP.match(str(unit.get("iommu_group"))):
+            if not isinstance(unit, dict) or not _IOMMU_GROUP.fullmatch(str(unit.get("iommu_group"))):
                 raise bad_request(
                     "each hardware unit needs an iommu_group (a kernel group number, as a string)"
                 )

@@ -486,7 +486,7 @@ def _first_line(res: CommandResult) -> str:
 
 
 def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
+    return tuple(int(p) if p.isascii() and p.isdigit() else -1 for p in version.split("."))
 
 
 def _runsc_driver_support(ctx: Context, name: str, version: str, args: str) -> CheckResult:

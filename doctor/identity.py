@@ -225,8 +225,8 @@ def _issuers(host: Host) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _enrolled_names(host: Host) -> tuple[str | None, str | None]:
-    """node.json's overlay IP and the Nomad region the enrollment named."""
+def _enrolled_names(host: Host) -> tuple[str | None, str | None, str | None]:
+    """node.json's overlay IP, the Nomad region and the overlay network the enrollment named."""
     import json
 
     def read(file: str) -> dict[str, object]:
@@ -239,11 +239,17 @@ def _enrolled_names(host: Host) -> tuple[str | None, str | None]:
     ip = read("node.json").get("overlay_ip")
     nomad = read("enrollment.json").get("nomad")
     region = nomad.get("region") if isinstance(nomad, dict) else None
-    return (ip if isinstance(ip, str) else None), (region if isinstance(region, str) else None)
+    neb = read("enrollment.json").get("nebula")
+    cidr = neb.get("overlay_cidr") if isinstance(neb, dict) else None
+    return (
+        (ip if isinstance(ip, str) else None),
+        (region if isinstance(region, str) else None),
+        (cidr if isinstance(cidr, str) else None),
+    )
 
 
 def check_overlay_identity(
-    host: Host, overlay_ip: str, region: str | None, now: dt.datetime
+    host: Host, overlay_ip: str, region: str | None, now: dt.datetime, overlay: str | None = None
 ) -> CheckResult | None:
     """What is wrong with the nebula and Nomad credentials, or None when both are usable.
 
@@ -274,6 +280,19 @@ def check_overlay_identity(
             f"{paths['nebula.crt']} is for {', '.join(ips) or 'no IP'}, but node.json says {overlay_ip}",
             REENROLL,
         )
+    # nebula routes the certificate's whole network into its tun: a /0 or loopback would take the
+    # host's own traffic, an address outside the enrolled overlay is unreachable by its hosts.
+    from bootstrap.answers import AnswerError, overlay_network
+
+    network = cert.ips[0].network
+    try:
+        overlay_network(str(network), f"the network of {paths['nebula.crt']}")
+        if overlay is not None and str(network) != overlay:
+            raise AnswerError(
+                f"{paths['nebula.crt']} is for the network {network}, not the overlay {overlay}"
+            )
+    except AnswerError as e:
+        return CheckResult(name, Status.FAIL, str(e), REENROLL)
 
     try:
         nomad = credentials.chained(
@@ -309,10 +328,10 @@ def check_overlay_identity(
 
 
 def _overlay(host: Host, now: dt.datetime) -> CheckResult | None:
-    overlay_ip, region = _enrolled_names(host)
+    overlay_ip, region, overlay = _enrolled_names(host)
     if overlay_ip is None:
         return CheckResult("identity", Status.FAIL, f"{IDENTITY_DIR}/node.json names no overlay IP", REENROLL)
-    return check_overlay_identity(host, overlay_ip, region, now)
+    return check_overlay_identity(host, overlay_ip, region, now, overlay)
 
 
 PARTS: tuple[Part, ...] = (_files, _layout, _node_certificate, _overlay, _renewal)

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bootstrap import artifacts
+from bootstrap import answers, artifacts
 from bootstrap.agent_status import iso, read_status, write_status
 from bootstrap.api import ApiClient, ClientCert, proxy_from_env
 from bootstrap.errors import VectorlayError, hold_secret, redact
@@ -86,24 +86,16 @@ def _config_api(host: Host, config: str) -> str | None:
 
 
 def _check_answer(answer: Any) -> dict[str, Any]:
-    if (
-        not isinstance(answer, dict)
-        or answer.get("status") not in ("active", "removed")
-        or isinstance(answer.get("advertised_units"), bool)
-        or not isinstance(answer.get("advertised_units"), int)
-    ):
+    try:
+        checked = answers.heartbeat(answer)
+    except answers.AnswerError as e:
         raise HeartbeatError(
-            "the control plane's answer to the heartbeat is not one this agent understands",
+            f"the control plane's answer to the heartbeat is not one this agent understands: {e}",
             "is the api in node-agent.yaml the control plane's URL?",
-        )
-    reason = answer.get("reason")
-    return {
-        "status": answer["status"],
-        "advertised_units": answer["advertised_units"],
-        "next_heartbeat_s": answer.get("next_heartbeat_s"),
-        # Shown in the journal, status.json and the doctor: a secret echoed in it goes no further.
-        "reason": redact(reason) if isinstance(reason, str) else None,
-    }
+        ) from None
+    # Shown in the journal, status.json and the doctor: a secret echoed in it goes no further.
+    reason = checked.get("reason")
+    return {**checked, "reason": redact(reason) if isinstance(reason, str) else None}
 
 
 @dataclass

@@ -55,3 +55,21 @@ def test_pci_ids_scan_reads_device_names_and_skips_subsystems(tmp_path: Path) ->
 def test_no_pci_ids_file_means_no_names_not_an_error(tmp_path: Path) -> None:
     names = load_pci_ids(TreeHost(tmp_path), ["10de"])
     assert names.devices == {} and names.vendors == {}
+
+
+def test_sysfs_names_that_only_look_like_addresses_or_group_numbers_are_not_devices(tmp_path: Path) -> None:
+    """`$` matched before a final newline and str.isdigit() takes '²' for a digit (int() does not):
+    a tree holding such names is read as if they were not there, never a crash."""
+    from bootstrap.pci import iommu_groups, list_addresses
+
+    devices = tmp_path / "sys/bus/pci/devices"
+    for name in ("0000:00:01.0", "0000:00:02.0\n", "0000:00:03.0\n\n"):
+        (devices / name).mkdir(parents=True)
+    groups = tmp_path / "sys/kernel/iommu_groups"
+    for name in ("7", "²", "7\n", "٣"):
+        (groups / name / "devices").mkdir(parents=True)
+    (groups / "7/devices/0000:00:01.0").mkdir()
+    (groups / "7/devices/0000:00:02.0\n").mkdir()
+    host = TreeHost(tmp_path)
+    assert list_addresses(host) == ["0000:00:01.0"]
+    assert iommu_groups(host) == {"7": ["0000:00:01.0"]}

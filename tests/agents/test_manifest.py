@@ -70,6 +70,43 @@ def test_signed_but_malformed_entries_are_refused(key: Ed25519PrivateKey) -> Non
         verify_manifest(doc, [key.public_key()])
 
 
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "nebula\n"}, "bad artifact name 'nebula\\n'"),
+        ({"version": "1.9.5\n"}, "bad version '1.9.5\\n' for nebula"),
+        ({"sha256": "0" * 64 + "\n"}, "bad sha256 for nebula"),
+        ({"name": "n" * 100_000}, "bad artifact name 'nnnnnnnn"),
+    ],
+    ids=["name-newline", "version-newline", "sha256-newline", "name-huge"],
+)
+def test_signed_entries_ending_in_a_newline_or_oversized_are_refused_and_never_echoed_whole(
+    key: Ed25519PrivateKey, entry: dict[str, str], message: str
+) -> None:
+    from bootstrap.manifest import sign_manifest
+
+    item = {
+        "name": "nebula",
+        "version": "1.9.5",
+        "url": "/v1/artifacts/nebula/1.9.5",
+        "sha256": "0" * 64,
+        "size": 1,
+    }
+    doc = sign_manifest(
+        {
+            "version": "1",
+            "serial": 1,
+            "issued_at": "2026-01-01T00:00:00Z",
+            "expires_at": "2099-01-01T00:00:00Z",
+            "artifacts": [{**item, **entry}],
+        },
+        key,
+    )
+    with pytest.raises(VectorlayError) as refused:
+        verify_manifest(doc, [key.public_key()])
+    assert message in str(refused.value) and len(str(refused.value)) < 500
+
+
 def test_jq_and_openssl_verify_the_same_bytes_install_sh_checks(
     key: Ed25519PrivateKey, tmp_path: Path
 ) -> None:

@@ -280,3 +280,90 @@ def test_fields_of_the_wrong_type_are_a_400_and_the_token_stays_unused(
     resp = _post(cp, "/v1/nodes/enroll", json=_body(token, **changes))
     assert resp.status_code == 400, resp.text
     assert cp.admin.introspect(token)["valid"] is True
+
+
+_A, _B = "0000:19:00.0", "0000:3b:00.0"
+
+
+def _gpu(address: Any, group: str | None = None) -> dict[str, Any]:
+    return {"address": address, "vendor_id": "10de", "device_id": "2330", "iommu_group": group}
+
+
+def _unit(group: Any, gpus: list[Any]) -> dict[str, Any]:
+    return {"iommu_group": group, "status": "ready", "gpus": gpus, "devices": gpus}
+
+
+@pytest.mark.parametrize(
+    ("gpu_mode", "hardware", "message"),
+    [
+        (
+            "passthrough",
+            {"gpus": [], "units": [_unit(str(i), []) for i in range(5000)]},
+            "hardware.units lists 5000 GPU unit(s) but hardware.gpus only 0 GPU(s)",
+        ),
+        (
+            "passthrough",
+            {"gpus": [_gpu(_A)], "units": [_unit("1", ["0000:99:00.0"])]},
+            "hardware.units[0] (group 1) holds a GPU that is not in hardware.gpus",
+        ),
+        ("passthrough", {"gpus": [_gpu(_A)], "units": [_unit("1", [])]}, "must list the GPUs it holds"),
+        (
+            "passthrough",
+            {"gpus": [_gpu(_A), _gpu(_B)], "units": [_unit("1", [_A]), _unit("2", [_A])]},
+            f"GPU {_A} is in more than one hardware unit",
+        ),
+        (
+            "passthrough",
+            {"gpus": [_gpu(_A), _gpu(_B)], "units": [_unit("1", [_A]), _unit("1", [_B])]},
+            "hardware.units lists IOMMU group 1 twice",
+        ),
+        (
+            "passthrough",
+            {"gpus": [_gpu(_A, "5")], "units": [_unit("7", [_A])]},
+            f"GPU {_A} is in IOMMU group 5, not 7",
+        ),
+        ("passthrough", {"gpus": [_gpu(_A + "\n")], "units": []}, "hardware.gpus[0] needs an address"),
+        ("passthrough", {"gpus": [_gpu(_A)], "units": [_unit("7\n", [_A])]}, "needs an iommu_group"),
+        ("passthrough", {"gpus": [_gpu(_A), _gpu(_A)]}, f"hardware.gpus lists {_A} twice"),
+        # A container-mode node's units are its GPUs: 5,000 entries that are not GPUs are no units.
+        ("container", {"gpus": [{}] * 5000}, "hardware.gpus must be a list of at most 1024 GPUs"),
+        ("container", {"gpus": [{"ready": True}] * 8}, "hardware.gpus[0] needs an address"),
+    ],
+    ids=[
+        "5000-units-no-gpus",
+        "unit-with-unreported-gpu",
+        "unit-without-gpus",
+        "gpu-in-two-units",
+        "group-twice",
+        "gpu-in-another-group",
+        "address-with-newline",
+        "group-with-newline",
+        "gpu-twice",
+        "container-5000-non-gpus",
+        "container-gpus-without-address",
+    ],
+)
+def test_units_must_hold_gpus_the_node_reported_or_the_enrollment_is_a_400(
+    cp: Any, gpu_mode: str, hardware: dict[str, Any], message: str
+) -> None:
+    token = cp.token("acme")
+    resp = _post(cp, "/v1/nodes/enroll", json=_body(token, gpu_mode=gpu_mode, hardware=hardware))
+    _refused(cp, token, resp, 400, message)
+
+
+def test_a_hostname_ending_in_a_newline_is_a_400(cp: Any) -> None:
+    token = cp.token("acme")
+    resp = _post(cp, "/v1/nodes/enroll", json=_body(token, hostname="box\n"))
+    _refused(cp, token, resp, 400, "hostname must be 1-253 characters")
+
+
+def test_units_that_hold_the_gpus_reported_enroll_with_them(cp: Any) -> None:
+    token = cp.token("acme")
+    hardware = {"gpus": [_gpu(_A, "1"), _gpu(_B, "2")], "units": [_unit("1", [_A]), _unit("2", [_B])]}
+    resp = _post(cp, "/v1/nodes/enroll", json=_body(token, gpu_mode="passthrough", hardware=hardware))
+    assert resp.status_code == 200, resp.text
+    (node,) = cp.admin.org_summary("acme")["nodes"]
+    groups = cp.admin.db.conn().execute(
+        "SELECT iommu_group FROM gpu_units WHERE node_id = ?", (node["node_id"],)
+    )
+    assert sorted(r[0] for r in groups) == ["1", "2"]

@@ -263,6 +263,10 @@ def _malformed() -> list[Any]:
         _with(doctor__checks="all fine"),
         _with(doctor__checks=[{"name": "kvm", "status": "MAYBE"}]),
         _with(doctor__checks=[{"name": "x" * 100, "status": "PASS"}]),
+        # Names ending in a newline: `$` matched before it, so they were stored as names.
+        _with(doctor__checks=[{"name": "kvm\n", "status": "PASS"}]),
+        _with(agents={"nebula\n": "1.9.5"}),
+        _with(resources={**GOOD["resources"], "load1\n": 0.5}),
         _with(doctor__checks=[{"name": "kvm", "status": "PASS", "message": "m" * 5000}]),
         _with(doctor__checks=[{"name": "kvm", "status": "PASS"}] * 65),
         _with(doctor__gpu_units={"ready": 9, "total": 8}),

@@ -1,6 +1,6 @@
 """The control plane's TLS layer.
 
-The handshake happens in the worker serving the connection (controlplane.server), and a plain-HTTP
+The handshake happens in the server's selector loop (controlplane.server), and a plain-HTTP
 client still gets a plain-HTTP answer. TLS session resumption (clients that offer their last
 session; the server keeps it with the client certificate it verified; the node's own client makes a
 full handshake each time) keeps every node request

@@ -152,6 +152,11 @@ def test_nebula_test_notices_a_key_that_is_not_the_certificates(
         (["--overlay-ip", "100.64.0.1", "--lighthouse-at", "100.64.0.1"], "OVERLAY_IP=HOST:PORT"),
         # A mistyped --db must not become an empty database whose blocklist unblocks every node.
         (["--overlay-ip", "100.64.0.1", "--db", "/nonexistent/cp.sqlite"], "no such file"),
+        # str.isdigit() takes a superscript for a digit; nebula does not.
+        (
+            ["--overlay-ip", "100.64.0.1", "--lighthouse-at", "100.64.0.1=lh.example:424²"],
+            "OVERLAY_IP=HOST:PORT",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(
