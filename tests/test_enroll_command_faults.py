@@ -77,7 +77,19 @@ def test_a_re_enrollment_killed_at_any_of_its_kill_points_completes_with_the_sam
             continue
         if _works(control_plane, root) != node:
             problems.append(f"{k} {point}: the identity left on disk is refused")
+        # The token used and no pending key left: the kill came after the key's removal.
+        used = not control_plane.admin.introspect(token)["valid"]
+        finished = used and not (root / PENDING_KEY.lstrip("/")).exists()
         resumed = _enroll(root, control_plane, token)
+        if finished:
+            # Killed at the last sync, after the pending key's removal: the enrollment had finished,
+            # so the token is used, and the re-run says so and leaves the working identity alone.
+            said = resumed.stderr
+            if resumed.returncode != 1 or "already used" not in said or "Traceback" in said:
+                problems.append(f"{k} {point}: a finished enrollment's re-run: {resumed.stderr[-400:]}")
+            elif _works(control_plane, root) != node:
+                problems.append(f"{k} {point}: the finished enrollment's identity is refused")
+            continue
         if resumed.returncode != 0 or not resumed.stdout.startswith(f"re-enrolled node {node} "):
             problems.append(f"{k} {point}: the same token no longer enrolls: {resumed.stderr[-400:]}")
             continue
