@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # vectorlay-node installer: turns this box into a vectorlay provider node.
 #
-#   curl -fsSL https://<api>/install.sh | sudo VECTORLAY_TOKEN=vtk_... bash -s -- [gpu=1] [api=URL]
+#   curl -fsSL https://<api>/install.sh | sudo bash -s -- [gpu=1] [api=URL]
 #
-# Arguments (key=value): token=vtk_... (prefer the VECTORLAY_TOKEN environment variable),
-# gpu=1 (container-GPU mode: gVisor + nvproxy instead of VFIO passthrough), api=URL,
+# With no token given it asks for the provisioning token on the terminal (hidden): a token typed there
+# is in no process's command line. Arguments (key=value): token-file=FILE (the token read from a file,
+# for unattended installs), token=vtk_... (moved into the environment at once), gpu=1 (container-GPU mode: gVisor + nvproxy instead of VFIO passthrough), api=URL,
 # NODE_AGENT_AUTOUPDATE=0 (no automatic agent updates on this node).
 #
 # Everything below runs inside one function that is called on the very last line: a download cut
@@ -27,19 +28,20 @@ vectorlay_install() {
     local manifest_key='@@VECTORLAY_MANIFEST_KEY@@'
 
     local root="${VECTORLAY_ROOT:-}"  # tests and the demo point this at a tree; a real box leaves it empty
-    local api="" gpu_mode="" token_arg="" autoupdate="${NODE_AGENT_AUTOUPDATE:-}"
+    local api="" gpu_mode="" token_arg="" token_file="" autoupdate="${NODE_AGENT_AUTOUPDATE:-}"
     local -a passthrough_args=()
     local arg
     for arg in "$@"; do
         case "$arg" in
             token=*) token_arg="${arg#token=}" ;;
+            token-file=*) token_file="${arg#token-file=}" ;;
             api=*) api="${arg#api=}" ;;
             gpu=1) gpu_mode=container ;;
             gpu=0) gpu_mode="" ;;
             NODE_AGENT_AUTOUPDATE=0 | NODE_AGENT_AUTOUPDATE=1) autoupdate="${arg#NODE_AGENT_AUTOUPDATE=}" ;;
             *)
                 printf 'error: unknown argument %q\n' "$arg" >&2
-                printf '  fix: use token=vtk_..., gpu=1, api=URL or NODE_AGENT_AUTOUPDATE=0\n' >&2
+                printf '  fix: use token=vtk_..., token-file=FILE, gpu=1, api=URL or NODE_AGENT_AUTOUPDATE=0\n' >&2
                 return 2
                 ;;
         esac
@@ -66,17 +68,17 @@ vectorlay_install() {
         *) printf 'error: api=%s is not an https:// URL\n' "$api" >&2; return 2 ;;
     esac
 
-    if [ -z "${VECTORLAY_TOKEN:-}" ] && ! [ -s "$root/etc/vectorlay/identity/node.crt" ]; then
-        printf 'error: no provisioning token\n  fix: run with VECTORLAY_TOKEN=vtk_... (from the dashboard)\n' >&2
-        return 1
-    fi
-
     if [ "${EUID:-$(id -u)}" -ne 0 ]; then
-        printf 'error: the installer must run as root\n  fix: pipe it to "sudo bash -s --"\n' >&2
+        printf 'error: the installer must run as root\n  fix: re-run it with sudo (curl -fsSL %s/install.sh | sudo bash)\n' \
+            "$api" >&2
         return 1
     fi
 
-    local os_id="" os_version="" os_pretty="" key value
+    # The releases vectorlay-node is tested on, as bootstrap/platform.py lists them (SUPPORTED_RELEASES,
+    # MIN_PYTHON): tests/install_sh/test_os_support.py keeps these lines equal to it.
+    local supported_releases='ubuntu:22.04 ubuntu:24.04 ubuntu:26.04 debian:12 debian:13'
+    local supported_names='Ubuntu 22.04, Ubuntu 24.04, Ubuntu 26.04, Debian 12 and Debian 13' min_python=3.10
+    local os_id="" os_version="" os_pretty="" os_like="" key value
     if [ -r "$root/etc/os-release" ]; then
         while IFS='=' read -r key value; do
             value="${value#\"}"; value="${value%\"}"
@@ -84,15 +86,59 @@ vectorlay_install() {
                 ID) os_id="$value" ;;
                 VERSION_ID) os_version="$value" ;;
                 PRETTY_NAME) os_pretty="$value" ;;
+                ID_LIKE) os_like="$value" ;;
             esac
         done < "$root/etc/os-release"
     fi
-    case "$os_id:$os_version" in
-        ubuntu:22.04 | ubuntu:24.04 | debian:12) ;;
+    local os_found="${os_pretty:-${os_id:-unknown} ${os_version}}"
+    case " $supported_releases " in
+        *" $os_id:$os_version "*) ;;
         *)
-            printf 'error: unsupported OS: %s\n' "${os_pretty:-${os_id:-unknown} ${os_version}}" >&2
-            printf '  fix: vectorlay-node supports Ubuntu 22.04, Ubuntu 24.04 and Debian 12\n' >&2
-            return 1
+            # Not a tested release: another Debian or Ubuntu goes on if it has what the node needs (the
+            # same checks as bootstrap/platform.py's os_support, on the same files).
+            local -a lacks=()
+            local capabilities="systemd, Python $min_python or newer, GRUB and the vfio modules"
+            case " $os_id $os_like " in
+                *" debian "* | *" ubuntu "*) ;;
+                *) lacks+=("not Debian or Ubuntu (ID=${os_id:-unknown}${os_like:+, ID_LIKE=$os_like})") ;;
+            esac
+            [ -d "$root/run/systemd/system" ] || lacks+=("systemd is not the running init (no /run/systemd/system)")
+            local py_link=""
+            [ ! -L "$root/usr/bin/python3" ] || py_link="$(readlink "$root/usr/bin/python3")"
+            py_link="${py_link##*/}"
+            if [[ "$py_link" =~ ^python([0-9]+)\.([0-9]+)$ ]]; then
+                local py_major="${BASH_REMATCH[1]}" py_minor="${BASH_REMATCH[2]}"
+                if [ "$py_major" -lt "${min_python%%.*}" ] \
+                    || { [ "$py_major" -eq "${min_python%%.*}" ] && [ "$py_minor" -lt "${min_python#*.}" ]; }; then
+                    lacks+=("Python $py_major.$py_minor ($min_python or newer needed)")
+                fi
+            fi
+            local sbin tool grub_found=""
+            for sbin in /usr/sbin /sbin /usr/bin /bin; do
+                for tool in update-grub grub-mkconfig; do
+                    [ ! -f "$root$sbin/$tool" ] || [ ! -x "$root$sbin/$tool" ] || grub_found=1
+                done
+            done
+            [ -n "$grub_found" ] || lacks+=("no GRUB (neither update-grub nor grub-mkconfig)")
+            local kernel="" modules_dir vfio_found=""
+            [ ! -r "$root/proc/sys/kernel/osrelease" ] || read -r kernel < "$root/proc/sys/kernel/osrelease"
+            if [ -n "$kernel" ]; then
+                for modules_dir in "$root/lib/modules/$kernel" "$root/usr/lib/modules/$kernel"; do
+                    grep -qsE '(^|/)vfio-pci\.ko' "$modules_dir/modules.dep" "$modules_dir/modules.builtin" \
+                        && vfio_found=1
+                done
+            fi
+            [ -n "$vfio_found" ] || lacks+=("no vfio-pci kernel module for kernel ${kernel:-(unknown)}")
+            if [ "${#lacks[@]}" -gt 0 ]; then
+                local why="" item
+                for item in "${lacks[@]}"; do why="${why:+$why; }$item"; done
+                printf 'error: unsupported OS: %s: %s\n' "$os_found" "$why" >&2
+                printf '  fix: vectorlay-node supports %s, and other Debian or Ubuntu releases with %s\n' \
+                    "$supported_names" "$capabilities" >&2
+                return 1
+            fi
+            printf 'WARN: %s is not a release vectorlay-node is tested on (%s); it has %s, so the install goes on\n' \
+                "$os_found" "$supported_names" "$capabilities" >&2
             ;;
     esac
 
@@ -103,6 +149,34 @@ vectorlay_install() {
         return 1
     fi
     printf 'vectorlay-node installer: %s (%s), control plane %s\n' "${os_pretty:-$os_id $os_version}" "$arch" "$api"
+
+    # The token: token-file=, else VECTORLAY_TOKEN, else asked on the terminal. Under `curl ... | sudo
+    # bash` this script's standard input is the script itself, so the question and the answer go
+    # through /dev/tty; the answer stays in this shell and reaches the installer in its environment.
+    local -a token_args=()
+    if [ -n "$token_file" ]; then
+        if ! [ -f "$token_file" ] || ! [ -r "$token_file" ]; then
+            printf 'error: token-file=%s is not a readable file\n' "$token_file" >&2
+            printf '  fix: write the provisioning token (vtk_...) into that file (chmod 600), then re-run\n' >&2
+            return 2
+        fi
+        token_args=(--token-file "$token_file")
+    elif [ -z "${VECTORLAY_TOKEN:-}" ] && ! [ -s "$root/etc/vectorlay/identity/node.crt" ]; then
+        if ! { : < /dev/tty; } 2> /dev/null; then
+            printf 'error: no provisioning token, and no terminal to ask for one\n' >&2
+            printf '  fix: run the one-liner in a terminal (it asks for the token), or add token-file=FILE\n' >&2
+            return 1
+        fi
+        local typed=""
+        printf 'Provisioning token (vtk_..., from the dashboard; it is not shown as you type): ' > /dev/tty
+        IFS= read -rs typed < /dev/tty || true
+        printf '\n' > /dev/tty
+        if [ -z "$typed" ]; then
+            printf 'error: no provisioning token given\n  fix: re-run and paste the token from the dashboard\n' >&2
+            return 1
+        fi
+        export VECTORLAY_TOKEN="$typed"
+    fi
 
     local -a missing=()
     local pkg
@@ -233,7 +307,7 @@ vectorlay_install() {
     local -a install_args=(install --api "$api")
     [ -z "$root" ] || install_args+=(--root "$root")
     [ -z "$gpu_mode" ] || install_args+=(--gpu-mode "$gpu_mode")
-    install_args+=("${ca_args[@]+"${ca_args[@]}"}")
+    install_args+=("${ca_args[@]+"${ca_args[@]}"}" "${token_args[@]+"${token_args[@]}"}")
     [ -z "$autoupdate" ] || export NODE_AGENT_AUTOUPDATE="$autoupdate"
     trap - EXIT
     rm -rf "$work"

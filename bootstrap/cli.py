@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,14 @@ app = typer.Typer(
 @app.callback()
 def _group() -> None:
     """Turn this box into a vectorlay provider node (run by the install one-liner)."""
+
+
+def need_root(root: Path) -> None:
+    """Commands that change this machine say so before anything else (before the run lock under
+    /run/vectorlay, before any file is read). A --root tree is the caller's own directory: there each
+    command's own checks decide, as before."""
+    if os.geteuid() != 0 and root.resolve() == Path("/"):
+        raise VectorlayError("the installer must run as root", "re-run it with sudo")
 
 
 RootOption = typer.Option(
@@ -66,6 +75,7 @@ def install(
     ),
 ) -> None:
     """Run the installer's stages. Exit 0 done, 1 failed or blocked, 2 usage, 3 reboot required."""
+    need_root(root)
     from bootstrap.commands.install import run_install
 
     code = run_install(
@@ -89,6 +99,7 @@ def uninstall(
     ),
 ) -> None:
     """Remove what the installer owns and restore the files it replaced."""
+    need_root(root)
     from bootstrap.commands.uninstall import run_uninstall
 
     raise typer.Exit(run_uninstall(root, plan_only=plan))
@@ -97,6 +108,7 @@ def uninstall(
 @app.command()
 def update(root: Path = RootOption) -> None:
     """Update the agents from the signed manifest (node-agent-update.timer runs this)."""
+    need_root(root)
     from bootstrap.commands.update import run_update
 
     raise typer.Exit(run_update(root))
@@ -108,6 +120,7 @@ def vfio_bind(
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds to wait for each sysfs step."),
 ) -> None:
     """Bind every passthrough GPU unit and NVSwitch to vfio-pci (vectorlay-vfio-bind.service runs this)."""
+    need_root(root)
     from bootstrap.commands.vfio_bind import run_vfio_bind
 
     raise typer.Exit(run_vfio_bind(root, timeout=timeout))
@@ -119,6 +132,7 @@ def wait_overlay(
     timeout: float = typer.Option(90.0, "--timeout", min=0.0, help="Seconds to wait before failing."),
 ) -> None:
     """Wait until nebula's device holds this node's overlay IP (nomad.service runs this first)."""
+    need_root(root)
     from bootstrap.commands.wait_overlay import run_wait_overlay
 
     raise typer.Exit(run_wait_overlay(root, timeout=timeout))
@@ -136,6 +150,7 @@ def enroll(
     ),
 ) -> None:
     """Exchange a provisioning token for this node's durable identity (or re-enroll it)."""
+    need_root(root)
     from bootstrap.commands.enroll import run_enroll
 
     run_enroll(root, api, ca_file, token_file)
@@ -167,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except VectorlayError as e:
         exit_with(e)
+    except PermissionError as e:
+        # What need_root cannot foresee (a file of root's in a --root tree): a message, not a traceback.
+        where = f" {e.filename}" if e.filename else ""
+        exit_with(VectorlayError(f"permission denied:{where}", "re-run it with sudo"))
 
 
 if __name__ == "__main__":

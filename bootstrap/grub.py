@@ -29,7 +29,7 @@ CMDLINE_VARS = ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT")
 SYSTEMD_BOOT_EFIVAR = "/sys/firmware/efi/efivars/LoaderInfo-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 SYSTEMD_BOOT_CONFS = ("/boot/efi/loader/loader.conf", "/efi/loader/loader.conf", "/boot/loader/loader.conf")
 GRUB_CFGS = ("/boot/grub/grub.cfg", "/boot/grub2/grub.cfg")
-SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+SBIN_DIRS = platform.SBIN_DIRS
 
 
 def iommu_args(cpu_vendor: str | None, *, vfio_pci_builtin: bool = False) -> list[str]:

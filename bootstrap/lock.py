@@ -49,8 +49,16 @@ def _start_time(pid: str) -> str | None:
 def run_lock(host: Host) -> Iterator[None]:
     """One run at a time: a second run fails at once, naming the run that holds the lock."""
     path = host.path(LOCK_PATH)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        hint = (
+            "re-run it with sudo"
+            if isinstance(e, PermissionError)
+            else f"check {os.path.dirname(LOCK_PATH)} (a directory on a writable /run), then re-run"
+        )
+        raise VectorlayError(f"cannot take the run lock {LOCK_PATH}: {e.strerror or e}", hint) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 
 def run(root: Path, json_out: bool, prometheus: Path | None, host: Host | None = None) -> int:
     """Run the checks, print, write the metrics file if asked; return the exit code."""
+    if host is None and os.geteuid() != 0 and root.resolve() == Path("/"):
+        # The node's identity (0700), the node token and the agents' state are root's alone: as
+        # another user half the checks would fail for a reason that is not the node's.
+        raise VectorlayError(
+            "vectorlay-node-doctor must run as root", "re-run it with sudo: sudo vectorlay-node-doctor"
+        )
     from bootstrap.host import open_host
     from doctor.checks import run_checks
     from doctor.render import render_json, render_prometheus, render_text, use_colour
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except VectorlayError as e:
         exit_with(e)
+    except PermissionError as e:  # a --root tree with files of root's, read by another user
+        where = f" {e.filename}" if e.filename else ""
+        exit_with(VectorlayError(f"permission denied:{where}", "re-run it with sudo"))
     except Exception as e:  # a doctor must still answer: report the bug, not a traceback
         print(f"error: the doctor crashed: {type(e).__name__}: {e}", file=sys.stderr)
         print("  fix: report this with the output of: vectorlay-node-doctor --json", file=sys.stderr)

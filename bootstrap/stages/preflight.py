@@ -31,19 +31,15 @@ from bootstrap.stages import (
     token_of,
 )
 
-SUPPORTED_OS = {("ubuntu", "22.04"), ("ubuntu", "24.04"), ("debian", "12")}
 DOCTOR_CHECKS = ("kvm", "memory", "disk")
 
 
-def check_os(host: Host) -> str:
-    rel = platform.os_release(host)
-    os_id, version, pretty = rel.id, rel.version_id, rel.pretty_name
-    found = pretty or f"{os_id or 'unknown'} {version}".strip()
-    if (os_id, version) not in SUPPORTED_OS:
-        raise VectorlayError(
-            f"unsupported OS: {found}", "vectorlay-node supports Ubuntu 22.04, Ubuntu 24.04 and Debian 12"
-        )
-    return found
+def check_os(host: Host) -> platform.OsSupport:
+    """A supported release, or another Debian/Ubuntu with what the node needs; else refused."""
+    support = platform.os_support(host)
+    if support.refused:
+        raise VectorlayError(*support.error())
+    return support
 
 
 def reach_api(ctx: Context) -> None:
@@ -67,8 +63,11 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     host = ctx.host
     if host.is_live and os.geteuid() != 0:
         raise VectorlayError("the installer must run as root", "re-run it with sudo")
-    found = check_os(host)
-    ctx.out(f"preflight: {found}")
+    support = check_os(host)
+    ctx.out(f"preflight: {support.found}")
+    if not support.supported:
+        ctx.out(f"  WARN: {support.warning()}")
+        ctx.left.append(support.warning())
 
     report = ctx.need_doctor().run_checks(host, ctx.settings, only=DOCTOR_CHECKS)
     for r in report.results:

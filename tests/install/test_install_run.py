@@ -86,6 +86,18 @@ def test_a_second_run_is_refused_and_names_the_pid_and_start_time_of_the_first(r
     assert install(ready_tree, "--only", "gpu").returncode == 0  # and the lock is free again
 
 
+def test_a_run_lock_that_cannot_be_made_is_an_operator_message(ready_tree: Path) -> None:
+    run = ready_tree / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.write_text("")  # /run a file: /run/vectorlay cannot be made (ENOTDIR)
+    res = install(ready_tree, "--only", "gpu")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines()[-2:] == [
+        "error: cannot take the run lock /run/vectorlay/bootstrap.lock: Not a directory",
+        "  fix: check /run/vectorlay (a directory on a writable /run), then re-run",
+    ]
+
+
 def test_an_enrolled_node_runs_without_a_token_and_keeps_its_identity(
     ready_tree: Path, control_plane: Any
 ) -> None:
