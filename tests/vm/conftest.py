@@ -93,7 +93,7 @@ def make_vm(
         if vm.running:
             t0 = time.monotonic()
             vm.shutdown()
-            TIMINGS.add("guest final shutdown", time.monotonic() - t0)
+            TIMINGS.add(f"{vm.name} guest final shutdown", time.monotonic() - t0)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -73,7 +73,7 @@ class Scenario:
         # still reports them FAIL; every other check stays binding.
         env = {"VECTORLAY_TOKEN": self.token, "VECTORLAY_IGNORE_PREFLIGHT_ERRORS": "kvm,memory"}
         res = self.vm.run(ONE_LINER, timeout=timeout, env=env)
-        TIMINGS.add(f"install one-liner (rc={res.rc})", time.monotonic() - t0)
+        TIMINGS.add(f"{self.vm.name} install one-liner (rc={res.rc})", time.monotonic() - t0)
         out = res.stdout + res.stderr
         print(f"$ {ONE_LINER}  -> rc={res.rc}\n{out}")
         assert "Traceback" not in out
@@ -140,9 +140,11 @@ def scenario(
     assert port is not None
     vm = make_vm(image=guest, forwards={"10.0.2.100:443": ("127.0.0.1", port)})
     token = control_plane.token(control_plane.org("gpu-provider"))
+    t0 = time.monotonic()
     yield Scenario(vm, control_plane, token)
     # The next guest's steps run on the same two cores: this one goes first.
     vm.shutdown()
+    TIMINGS.add(f"{vm.name} scenario, first boot to power-off", time.monotonic() - t0)
 
 
 @pytest.fixture
@@ -174,11 +176,12 @@ def test_1_the_box_boots_with_vt_d_off_and_no_iommu_arguments(sc: Scenario) -> N
     vm.run("mkdir -p /etc/vectorlay").check()
     vm.put_file("/etc/vectorlay/node.yaml", NODE_YAML)
     vm.put_file("/usr/local/share/ca-certificates/vectorlay-test-cp.crt", sc.cp.ca_file.read_bytes())
-    # A budget, not a speed check: Debian 13's openssl rehash of the whole store takes minutes under
-    # TCG on a busy host.
+    t0 = time.monotonic()
+    # A budget, not a speed check: it took minutes in the Debian 13 guest on a busy two-core host.
     vm.run("update-ca-certificates", timeout=600).check()
     # GRUB as the box had it before the installer: the guest's own update-grub from its defaults.
     vm.run("update-grub", timeout=300).check()
+    TIMINGS.add(f"{vm.name} update-ca-certificates + update-grub", time.monotonic() - t0)
     sc.before = sc.sha256(("/etc/default/grub", DROPIN, *MODPROBE_FILES))
     sc.linux_lines = _linux_lines(vm)
 
