@@ -264,6 +264,7 @@ class Vm:
         log: Any = None,
     ) -> None:
         self.image = image
+        self.name = image.release.key  # what the timings call this guest
         self.workdir = workdir
         self.memory_mb = memory_mb
         self.smp = smp
@@ -376,7 +377,8 @@ class Vm:
             try:
                 return self._boot_once(argv, mode, append, iommu_device, timeout, stall_check=attempt == 1)
             except BootStalled as e:
-                TIMINGS.add(f"boot {len(self.boots) + 1} ({mode}) stalled, started again", e.args[1])
+                what = f"{self.name} boot {len(self.boots) + 1} ({mode}) stalled, started again"
+                TIMINGS.add(what, e.args[1])
                 self.log(f"guest boot stalled ({e.args[0]}); starting it once more")
         raise AssertionError("unreachable")
 
@@ -425,7 +427,7 @@ class Vm:
         record = BootRecord(mode, append, iommu_device, time.monotonic() - t0)
         record.cmdline = self.cmdline()
         self.boots.append(record)
-        TIMINGS.add(f"boot {len(self.boots)} ({mode})", record.seconds)
+        TIMINGS.add(f"{self.name} boot {len(self.boots)} ({mode})", record.seconds)
         self.log(f"guest boot {len(self.boots)} ({mode}) took {record.seconds:.1f}s: {record.cmdline}")
         return record
 
@@ -442,7 +444,7 @@ class Vm:
         old = self.boot_id
         t0 = time.monotonic()
         self._request_shutdown("reboot", timeout)
-        TIMINGS.add("guest shutdown", time.monotonic() - t0)
+        TIMINGS.add(f"{self.name} guest shutdown", time.monotonic() - t0)
         rec = self.boot(via_grub=via_grub, append=append, iommu_device=iommu_device, timeout=timeout)
         if self.boot_id == old:
             raise VmError("the guest came back with the same boot id: it did not reboot")

@@ -1,9 +1,14 @@
-"""The test guest's disk image: Debian 12 from debootstrap, built once and cached by a hash of its recipe.
+"""The test guests' disk images: Debian 12 and Debian 13 from debootstrap, each built once and cached
+by a hash of its recipe.
 
-The recipe is this file plus everything under tests/vm/guest/: change either and the next run builds a
-fresh image under a new hash; otherwise every run on this machine reuses the cached one. The build needs
-root (debootstrap, and mke2fs must read root-only files) but mounts nothing: the disk is made with
-`mke2fs -d`, the EFI system partition with mtools.
+A recipe is this file, everything under tests/vm/guest/ and the release: change any and the next run
+builds a fresh image under a new hash; otherwise every run on this machine reuses the cached one. The
+build needs root (debootstrap, and mke2fs must read root-only files) but mounts nothing: the disk is
+made with `mke2fs -d`, the EFI system partition with mtools.
+
+Each image also carries its release's own `nebula` binary, unpacked from the package that release's
+apt would install (`apt-get download` in the new root, against the same mirror): the scenario serves it
+as the node's nebula artifact, so a guest runs the nebula of its own Debian.
 """
 
 from __future__ import annotations
@@ -23,8 +28,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 GUEST_DIR = HERE / "guest"
 
-SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+@dataclass(frozen=True)
+class Release:
+    key: str  # test id and cache name: debian12, debian13
+    suite: str
+    version_id: str  # /etc/os-release's VERSION_ID
+    python: str  # the release's python3, which the guest's wheelhouse targets
+    # Debian 13 installs write the deb822 /etc/apt/sources.list.d/debian.sources; debootstrap writes
+    # the one-line sources.list, which Debian 12 installs still have.
+    deb822_sources: bool
+
+
+RELEASES = {
+    r.key: r
+    for r in (
+        Release("debian12", "bookworm", "12", "3.11", deb822_sources=False),
+        Release("debian13", "trixie", "13", "3.13", deb822_sources=True),
+    )
+}
+DEFAULT_RELEASE = "debian12"
+
 PACKAGES = (
     "systemd-sysv",
     "linux-image-amd64",
@@ -84,6 +110,9 @@ class GuestImage:
     esp: Path  # FAT ESP holding EFI/BOOT/BOOTX64.EFI
     kernel_version: str
     build_seconds: float | None  # None when it came from the cache
+    release: Release
+    nebula: Path  # the release's own /usr/bin/nebula, from its nebula package
+    nebula_version: str  # that package's version, e.g. 1.6.1+dfsg-1+b10
 
     @classmethod
     def load(cls, d: Path, build_seconds: float | None = None) -> GuestImage:
@@ -96,6 +125,9 @@ class GuestImage:
             esp=d / "esp.img",
             kernel_version=meta["kernel_version"],
             build_seconds=build_seconds,
+            release=RELEASES[meta["release"]],
+            nebula=d / "nebula",
+            nebula_version=meta["nebula_version"],
         )
 
 
@@ -105,8 +137,8 @@ def recipe_files() -> list[Path]:
     return files
 
 
-def recipe_hash() -> str:
-    h = hashlib.sha256()
+def recipe_hash(release: Release) -> str:
+    h = hashlib.sha256(repr(release).encode() + b"\0")
     for p in recipe_files():
         h.update(str(p.relative_to(HERE)).encode() + b"\0")
         h.update(p.read_bytes() + b"\0")
@@ -132,10 +164,10 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_image(log: Log = print) -> GuestImage:
-    """The cached image for the current recipe, building it first when this machine has none."""
+def ensure_image(release: Release, log: Log = print) -> GuestImage:
+    """The release's cached image for the current recipe, building it first when this machine has none."""
     root = cache_root()
-    final = root / f"image-{recipe_hash()}"
+    final = root / f"image-{release.key}-{recipe_hash(release)}"
     # One build at a time per machine; a second session waits and then finds the finished image.
     with _locked(root / ".build.lock"):
         if (final / "image.json").is_file():
@@ -151,7 +183,7 @@ def ensure_image(log: Log = print) -> GuestImage:
         for stale in root.glob(f"{final.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         t0 = time.monotonic()
-        _build(work, log)
+        _build(release, work, log)
         os.replace(work, final)  # the image appears complete or not at all
         return GuestImage.load(final, build_seconds=time.monotonic() - t0)
 
@@ -167,22 +199,31 @@ def _run(argv: list[str], log: Log, **kw: object) -> None:
     log(f"  {time.monotonic() - t0:6.1f}s  {' '.join(argv)[:110]}")
 
 
-def _build(work: Path, log: Log) -> None:
+def _build(release: Release, work: Path, log: Log) -> None:
     rootfs = work / "rootfs"
     work.mkdir(parents=True)
     mirror = os.environ.get("VECTORLAY_VM_MIRROR", DEFAULT_MIRROR)
-    log(f"building the guest image in {work} (Debian {SUITE} from {mirror})")
+    log(f"building the {release.key} guest image in {work} (Debian {release.suite} from {mirror})")
     _run(
         [
             "debootstrap",
             "--variant=minbase",
             f"--include={','.join(PACKAGES)}",
-            SUITE,
+            release.suite,
             str(rootfs),
             mirror,
         ],
         log,
     )
+    chroot = ["chroot", str(rootfs)]
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    if release.deb822_sources:
+        (rootfs / "etc/apt/sources.list").unlink(missing_ok=True)
+        (rootfs / "etc/apt/sources.list.d/debian.sources").write_text(
+            f"Types: deb\nURIs: {mirror}\nSuites: {release.suite}\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        )
+    nebula_version = _fetch_nebula(chroot, env, rootfs, work, log)
 
     # Files of the recipe, then the agent the harness talks to.
     overlay = GUEST_DIR / "overlay"
@@ -198,8 +239,6 @@ def _build(work: Path, log: Log) -> None:
     (rootfs / "boot/grub").mkdir(parents=True, exist_ok=True)
     (rootfs / "etc/default/grub.d").mkdir(parents=True, exist_ok=True)
 
-    chroot = ["chroot", str(rootfs)]
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
     _run([*chroot, "systemctl", "enable", "vm-agent.service", "systemd-networkd.service"], log, env=env)
     _run([*chroot, "systemctl", "mask", *UNNEEDED_UNITS], log, env=env)
     _run([*chroot, "systemd-machine-id-setup"], log, env=env)
@@ -268,16 +307,39 @@ def _build(work: Path, log: Log) -> None:
     (work / "image.json").write_text(
         json.dumps(
             {
-                "suite": SUITE,
+                "release": release.key,
+                "suite": release.suite,
                 "mirror": mirror,
                 "packages": list(PACKAGES),
                 "kernel_version": version,
-                "recipe_hash": recipe_hash(),
+                "nebula_version": nebula_version,
+                "recipe_hash": recipe_hash(release),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             indent=2,
         )
     )
+
+
+def _fetch_nebula(chroot: list[str], env: dict[str, str], rootfs: Path, work: Path, log: Log) -> str:
+    """The release's nebula package, downloaded by the new root's own apt (its suite, its mirror) and
+    unpacked outside it: the binary goes next to the image, the guest has no nebula installed."""
+    _run([*chroot, "apt-get", "-qq", "update"], log, env=env)
+    _run([*chroot, "sh", "-c", "cd /tmp && apt-get -qq download nebula"], log, env=env)
+    (deb,) = (rootfs / "tmp").glob("nebula_*.deb")
+    version = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    _run(["dpkg-deb", "-x", str(deb), str(work / "nebula-deb")], log)
+    shutil.move(work / "nebula-deb/usr/bin/nebula", work / "nebula")
+    shutil.rmtree(work / "nebula-deb")
+    deb.unlink()
+    # Package lists are tens of MB the guest never reads (everything the installer wants is already
+    # installed); an installed Debian before its first apt-get update has none either.
+    lists = rootfs / "var/lib/apt/lists"
+    shutil.rmtree(lists)
+    (lists / "partial").mkdir(parents=True)
+    return version
 
 
 def _debugfs(disk: str, request: str) -> str:

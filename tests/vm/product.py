@@ -1,23 +1,16 @@
-"""The product as install.sh will put it on a node: this checkout's wheel plus a wheelhouse of its
-dependencies, installed into /opt/vectorlay/venv in the guest without any network (`--no-index`)."""
+"""The product as install.sh will put it on a node: the installer artifact (this checkout's wheel plus
+the dependency wheels of every supported CPython, hostsim.wheelhouse), installed into
+/opt/vectorlay/venv in the guest without any network (`--no-index`). Every guest gets the same
+artifact; pip in the guest picks the wheels its Python's tags match."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 from harness import Vm
-from image import cache_root
 
-REPO = Path(__file__).resolve().parents[2]
-# The guest is Debian 12: CPython 3.11 on x86_64 with glibc 2.36.
-GUEST_PYTHON = "3.11"
-GUEST_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
+from hostsim import wheelhouse
+
 VENV = "/opt/vectorlay/venv"
 WHEELHOUSE = "/var/tmp/vectorlay-wheels"
 COMMANDS = ("vectorlay-bootstrap", "vectorlay-node-doctor")
@@ -26,62 +19,10 @@ COMMANDS = ("vectorlay-bootstrap", "vectorlay-node-doctor")
 NODE_YAML = 'extra_gpu_vendor_ids: ["1234"]\n'
 
 
-def build_project_wheel(out: Path) -> Path:
-    """This checkout's wheel, built with the hatchling of the dev venv (no build isolation, no network)."""
-    out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            str(REPO),
-        ],
-        check=True,
-    )
-    (whl,) = out.glob("vectorlay_node-*.whl")
-    return whl
-
-
-def requirements(wheel: Path) -> list[str]:
-    with zipfile.ZipFile(wheel) as z:
-        (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
-        text = z.read(meta).decode()
-    # Extras (the dev tools) stay out of a node.
-    return sorted(
-        line.split(":", 1)[1].strip()
-        for line in text.splitlines()
-        if line.startswith("Requires-Dist:") and "extra ==" not in line
-    )
-
-
-def ensure_wheelhouse(wheel: Path) -> Path:
-    """Binary wheels of the dependencies for the guest's Python, downloaded once per requirement set."""
-    reqs = requirements(wheel)
-    key = hashlib.sha256(("\n".join(reqs) + GUEST_PYTHON + ",".join(GUEST_PLATFORMS)).encode()).hexdigest()[
-        :16
-    ]
-    final = cache_root() / f"wheelhouse-{key}"
-    if final.is_dir():
-        return final
-    work = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    platforms = [a for p in GUEST_PLATFORMS for a in ("--platform", p)]
-    subprocess.run(
-        [
-            sys.executable, "-m", "pip", "download", "-q", "--dest", str(work),
-            "--only-binary=:all:", "--python-version", GUEST_PYTHON, "--implementation", "cp",
-            *platforms, *reqs,
-        ],
-        check=True,
-    )  # fmt: skip
-    os.replace(work, final)
-    return final
+def installer_wheels(out: Path) -> list[Path]:
+    """This checkout's wheel (built with the dev venv's hatchling, no network) and the dependency wheels
+    of every supported CPython (downloaded once, cached): the installer artifact's contents."""
+    return [wheelhouse.project_wheel(out), *wheelhouse.all_dependency_wheels()]
 
 
 def install_product(vm: Vm, wheels: list[Path], *, node_yaml: str | None = None) -> None:
@@ -101,7 +42,5 @@ def install_product(vm: Vm, wheels: list[Path], *, node_yaml: str | None = None)
 
 
 def installer_tarball(wheels: list[Path]) -> bytes:
-    """The control plane's `installer` artifact, for the guest's Python rather than this machine's."""
-    from hostsim.wheelhouse import wheels_tarball
-
-    return wheels_tarball(wheels)
+    """The control plane's `installer` artifact made of `wheels`."""
+    return wheelhouse.wheels_tarball(wheels)
