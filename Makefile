@@ -48,7 +48,7 @@ test: deps
 bench: venv
 	$(BIN)/pytest -q --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,max,rounds benchmarks
 
-# Boots QEMU guests (tests/vm, README "VM tests"): installs the host tools it needs when they are missing
+# Boots QEMU guests (tests/vm, docs/testing.md "VM tests"): installs the host tools it needs when they are missing
 # (needs root then, as does the first build of the cached guest image).
 VM_TOOLS := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils debootstrap:debootstrap mformat:mtools \
 	mke2fs:e2fsprogs debugfs:e2fsprogs

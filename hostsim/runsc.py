@@ -112,7 +112,7 @@ def fetch(releases: tuple[str, ...] = tuple(SUITES)) -> dict[str, Path]:
             if m is None or m[1] != release:
                 raise RuntimeError(
                     f"{SUITES[release]} now carries runsc {version}, not gVisor {release}: update "
-                    "hostsim.runsc.SUITES (and the README's tested version)"
+                    "hostsim.runsc.SUITES (and docs/operating.md's tested version)"
                 )
             run_checked(["dpkg-deb", "-x", str(debs[0]), str(work / "x")])
             staging = work / release

@@ -3,7 +3,7 @@ files a node gets (rendered by the agents stage, drop-ins included, under a tree
 Each score must stay at or under its bound: the node-agent is network-facing and sandboxed, the
 update service as far as replacing binaries allows, and the bind service and nomad keep the root
 they need (their unit files say what and why). For scale: Debian's prometheus.service rates 4.0.
-The bounds and scores are in the README ("Least privilege")."""
+The bounds and scores are in docs/operating.md ("Least privilege")."""
 
 from __future__ import annotations
 

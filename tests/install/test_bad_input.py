@@ -1,5 +1,5 @@
 """Bad input: each case a clear message (what is wrong, what to do), exit 1 (2 for usage), no
-traceback, and nothing on the host damaged. The README's troubleshooting table lists these messages."""
+traceback, and nothing on the host damaged. docs/operating.md's troubleshooting table lists these messages."""
 
 from __future__ import annotations
 
