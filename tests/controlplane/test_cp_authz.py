@@ -114,6 +114,7 @@ def test_a_removed_node_gets_403_node_removed_for_the_manifest_and_artifacts(cp:
         assert r.status_code == 403 and r.json()["error"]["code"] == "NODE_REMOVED", path
 
 
+@pytest.mark.slow
 def test_a_removed_node_no_longer_updates(cp: Any, tmp_path: Path) -> None:
     from hostsim import build_host, load_topology
 
@@ -193,6 +194,7 @@ def test_introspection_says_when_the_tokens_org_is_not_an_approved_provider(cp: 
     assert _introspect(cp, token) == {**_introspect(cp, token), "valid": False, "reason": "not_a_provider"}
 
 
+@pytest.mark.slow
 def test_preflight_stops_a_non_provider_token_before_the_gpu_stage_touches_grub(
     start_control_plane: Callable[..., Any], make_tree: Callable[..., Path]
 ) -> None:

@@ -237,6 +237,8 @@ def test_a_build_on_another_python_picks_the_same_wheels_for_every_target(
 import json, sys, pip
 from pathlib import Path
 from hostsim.wheelhouse import TARGETS, dependency_wheels
+
+pytestmark = pytest.mark.slow
 cache = Path(sys.argv[1])
 picked = {t.tag: sorted(w.name for w in dependency_wheels(t, cache).glob("*.whl")) for t in TARGETS}
 print(json.dumps([pip.__version__, picked]))

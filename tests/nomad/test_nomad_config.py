@@ -213,6 +213,7 @@ ENROLLMENT_NOMAD = {
 
 
 @pytest.mark.parametrize("mode", ["none", "passthrough", "container"])
+@pytest.mark.slow
 def test_every_key_of_the_rendered_config_is_in_nomads_documented_agent_configuration(
     make_host: Callable[..., Host], tmp_path: Path, mode: str
 ) -> None:
@@ -426,6 +427,7 @@ def test_hcl_string_reads_back_as_exactly_the_value_and_never_as_a_template(valu
 
 
 @given(st.text())
+@pytest.mark.slow
 def test_any_text_reads_back_exactly_from_its_hcl_string(value: str) -> None:
     text = f"v = {hcl_string(value)}\n"
     assert parse_hcl(text) == {"v": value}
