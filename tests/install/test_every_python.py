@@ -39,6 +39,8 @@ from hostsim.wheelhouse import (
 )
 from tests.install.pythons import RELEASE_PIP, release_pip, require_python
 
+pytestmark = pytest.mark.slow
+
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 # The compiled dependencies, each by a module that exists only in its compiled form.
 COMPILED_PROBE = (
@@ -237,8 +239,6 @@ def test_a_build_on_another_python_picks_the_same_wheels_for_every_target(
 import json, sys, pip
 from pathlib import Path
 from hostsim.wheelhouse import TARGETS, dependency_wheels
-
-pytestmark = pytest.mark.slow
 cache = Path(sys.argv[1])
 picked = {t.tag: sorted(w.name for w in dependency_wheels(t, cache).glob("*.whl")) for t in TARGETS}
 print(json.dumps([pip.__version__, picked]))
