@@ -74,6 +74,7 @@ def test_bad_keys_get_401_and_non_providers_get_403(control_plane: Any) -> None:
     }
 
 
+@pytest.mark.slow
 def test_a_retried_enrollment_with_the_same_key_is_answered_again_and_anyone_else_is_refused(
     control_plane: Any,
 ) -> None:

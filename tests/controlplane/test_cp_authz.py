@@ -47,6 +47,7 @@ def _remove(cp: Any, node_id: str) -> None:
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.slow
 def test_without_credentials_only_the_installer_is_listed_and_served(cp: Any) -> None:
     got = _anonymous(cp, "/v1/artifacts/manifest")
     assert got.status_code == 200
@@ -78,6 +79,7 @@ def test_an_active_nodes_certificate_and_token_get_everything(cp: Any, tmp_path:
         (True, "vnt_" + "x" * 43, "BAD_NODE_CREDENTIALS"),  # another token
     ],
 )
+@pytest.mark.slow
 def test_half_or_wrong_credentials_are_refused_not_given_the_public_view(
     cp: Any, tmp_path: Path, cert: bool, token: str | None, code: str
 ) -> None:

@@ -202,6 +202,7 @@ def test_garbage_in_proc_meminfo_is_a_memory_fail_not_a_traceback(ready_tree: Pa
 
 
 @pytest.mark.parametrize("attr", ["vendor", "class", "config", "power_state"])
+@pytest.mark.slow
 def test_a_fifo_in_sysfs_does_not_hang_detect_or_the_doctor(ready_tree: Path, attr: str) -> None:
     dev = (ready_tree / "sys/bus/pci/devices/0000:19:00.0").resolve()
     (dev / attr).unlink()

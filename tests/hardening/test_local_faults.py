@@ -61,6 +61,7 @@ def _doctor(root: Path) -> dict[str, Any]:
     return {c["name"]: c for c in json.loads(res.stdout)["checks"]}
 
 
+@pytest.mark.slow
 def test_a_fifo_at_status_json_hangs_neither_the_doctor_nor_the_node_agent(
     make_tree: MakeTree, control_plane: Any
 ) -> None:

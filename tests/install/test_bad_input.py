@@ -116,6 +116,7 @@ def test_an_unknown_argument_to_install_sh_is_a_usage_error_and_runs_nothing(tmp
     assert not log.exists()
 
 
+@pytest.mark.slow
 def test_a_malformed_token_is_refused_without_being_echoed(ready_tree: Path, control_plane: Any) -> None:
     before = snapshot(ready_tree, skip=SKIP)
     bad = "vtk-" + "x" * 30
@@ -158,6 +159,7 @@ def test_an_unreachable_api_names_the_url_after_retrying(ready_tree: Path) -> No
         (b'["not", "an", "answer"]', "application/json", ": unexpected introspection answer"),
     ],
 )
+@pytest.mark.slow
 def test_an_api_answering_html_or_garbage_is_refused(
     ready_tree: Path, fake_api: Callable[[bytes, str], FakeApi], body: bytes, content_type: str, message: str
 ) -> None:

@@ -370,6 +370,7 @@ def test_a_meta_value_that_is_no_string_is_refused_with_a_clear_error(
         render_nomad_config(host, ident, "none")
 
 
+@pytest.mark.slow
 def test_the_config_of_a_node_enrolled_through_the_product_passes_the_walk(
     make_tree: Callable[..., Path], start_control_plane: Callable[..., Any]
 ) -> None:
