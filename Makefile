@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv deps test lint typecheck unit demo bench clean test-vm
+.PHONY: venv deps test check lint typecheck unit demo bench clean test-vm
 
 venv: $(STAMP)
 
@@ -32,7 +32,12 @@ typecheck: venv
 	$(BIN)/mypy tests/vm
 
 unit: venv
-	$(BIN)/pytest -q -m "not vm"
+	$(BIN)/pytest -q -m "not vm" --kill-points=all
+
+# The loop while working (docs/testing.md): lint, types and the tests not marked slow, the crash
+# harness at a fixed sample of its kill points; under two minutes. `make test` runs everything.
+check: lint typecheck
+	$(BIN)/pytest -q -m "not vm and not slow" --kill-points=sample
 
 # What the tests need from the machine (tests/deps.sh: the apt packages, one line each with why; as
 # root it installs them, else it names the command) and the gVisor/dockerd builds cached in ~/.cache.

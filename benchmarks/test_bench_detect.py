@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from bootstrap.discovery import UnitStatus, discover
@@ -35,6 +36,7 @@ def hgx_sized_description() -> dict[str, Any]:
     return desc
 
 
+@pytest.mark.slow
 def test_detect_on_an_hgx_sized_tree(benchmark: BenchmarkFixture, tmp_path: Path) -> None:
     root = build_host(tmp_path / "hgx", hgx_sized_description())
     host = TreeHost(root)

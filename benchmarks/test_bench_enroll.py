@@ -26,6 +26,8 @@ from bootstrap.enroll import enroll
 from bootstrap.host import TreeHost
 from controlplane import testing
 
+pytestmark = pytest.mark.slow
+
 NODES = 500
 CLIENTS = 16
 

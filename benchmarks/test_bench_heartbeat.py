@@ -42,6 +42,8 @@ from controlplane import testing
 from tests.controlplane.cp_nodes import heartbeat_request
 from tests.controlplane.hostile import holding
 
+pytestmark = pytest.mark.slow
+
 NODES = 200
 CLIENTS = 16
 ROUNDS = 10  # heartbeats per node

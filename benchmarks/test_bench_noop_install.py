@@ -13,7 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.install.helpers import FAST, install, installed_demo_node
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_noop_rerun_of_install_on_the_installed_demo_node(benchmark: Any) -> None:

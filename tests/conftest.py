@@ -11,6 +11,11 @@ import pytest
 
 from bootstrap.host import Host, LiveHost, TreeHost
 from hostsim import build_host, inject, load_topology
+from tests.install import killpoints
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    killpoints.add_option(parser)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -38,6 +40,7 @@ def test_deps_sh_as_an_ordinary_user_names_the_packages_and_the_command_in_one_l
     )
 
 
+@pytest.mark.slow
 def test_a_test_that_runs_a_missing_program_fails_saying_what_to_install(tmp_path: Path) -> None:
     case = tmp_path / "test_case.py"
     case.write_text(

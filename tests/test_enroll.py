@@ -442,6 +442,7 @@ def test_the_control_plane_itself_refuses_an_expired_token_with_401(
     assert not (root / "etc/vectorlay").exists()
 
 
+@pytest.mark.slow
 def test_an_identity_from_another_control_plane_is_not_presented_and_the_node_enrolls_anew(
     make_tree: Callable[..., Path], start_control_plane: Callable[..., Any]
 ) -> None:
@@ -509,6 +510,7 @@ class _Flaky:
 
 
 @pytest.mark.parametrize("failures", [2, 10])
+@pytest.mark.slow
 def test_5xx_answers_are_retried_with_backoff_and_reported_with_url_and_status(
     control_plane: Any, failures: int
 ) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bootstrap.api import ApiClient, ClientCert
 from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
@@ -49,6 +51,7 @@ def _works(cp: Any, root: Path) -> str:
         api.close()
 
 
+@pytest.mark.slow
 def test_a_re_enrollment_killed_at_any_of_its_kill_points_completes_with_the_same_token(
     make_tree: Callable[..., Path], control_plane: Any, tmp_path: Path
 ) -> None:
@@ -99,6 +102,7 @@ def test_a_re_enrollment_killed_at_any_of_its_kill_points_completes_with_the_sam
     assert len(control_plane.admin.org_summary("acme")["nodes"]) == 1
 
 
+@pytest.mark.slow
 def test_an_enrollment_while_another_run_holds_the_lock_is_refused_and_changes_nothing(
     make_tree: Callable[..., Path], control_plane: Any
 ) -> None:

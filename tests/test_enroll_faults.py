@@ -91,6 +91,7 @@ def test_the_fault_points_cover_request_to_cleanup_in_order(
     assert reached.index("response-received") < reached.index("generation-created") < SWITCH
 
 
+@pytest.mark.slow
 def test_killing_a_reenrollment_at_any_point_leaves_the_old_or_the_new_identity_and_both_work(
     make_tree: Callable[..., Path], control_plane: Any
 ) -> None:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -116,6 +117,7 @@ FAST = settings(
 
 @FAST
 @given(grub_trees())
+@pytest.mark.slow
 def test_applying_twice_equals_applying_once_and_foreign_lines_are_kept_byte_for_byte(
     case: dict[str, Any],
 ) -> None:
@@ -148,6 +150,7 @@ def test_applying_twice_equals_applying_once_and_foreign_lines_are_kept_byte_for
 
 @FAST
 @given(grub_trees())
+@pytest.mark.slow
 def test_uninstall_restores_the_original_bytes(case: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = _build(Path(tmp), case)

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from bootstrap import grub
@@ -125,6 +126,7 @@ def _networkd_applies(network: Path, link: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_a_netplan_managed_ubuntu_node_installs_without_touching_its_network() -> None:
     from controlplane import testing
     from hostsim.agents import publish_agents

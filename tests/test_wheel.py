@@ -53,6 +53,7 @@ def test_the_control_plane_is_a_wheel_of_its_own_with_install_sh(tmp_path: Path)
     assert "vectorlay-control-plane = controlplane.cli:main" in entry_points
 
 
+@pytest.mark.slow
 def test_installed_wheel_finds_its_data_and_runs_detect(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

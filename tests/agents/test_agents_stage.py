@@ -37,6 +37,8 @@ from hostsim.nomad_standin import kill_tasks, place, running_tasks
 from hostsim.snapshot import snapshot
 from hostsim.systemd import Systemd, active_state, enabled_state, install
 
+pytestmark = pytest.mark.slow
+
 VERSIONS = {"nebula": "1.9.5", "nomad": "1.8.4", "node-agent": "1.0.0"}
 
 

@@ -141,6 +141,7 @@ def test_upgrades_keep_the_current_and_the_previous_version_and_roll_back(
         artifacts.rollback(host, "node-agent")
 
 
+@pytest.mark.slow
 def test_current_is_never_missing_while_it_is_switched(host: Host, mirror: DirectoryDownloader) -> None:
     for v in ("1", "2"):
         artifacts.install(host, mirror, _publish(mirror, "nomad", v))

@@ -153,6 +153,7 @@ class ReplayServer:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_an_older_signed_manifest_replayed_by_a_trusted_server_does_not_downgrade_nebula(
     node: Node, tmp_path: Path
 ) -> None:
@@ -191,6 +192,7 @@ def test_an_older_signed_manifest_replayed_by_a_trusted_server_does_not_downgrad
     assert active_state(host, "nebula.service") == "active"
 
 
+@pytest.mark.slow
 def test_the_control_planes_serial_survives_a_restart_and_never_goes_back(node: Node) -> None:
     from controlplane import testing
 
@@ -214,6 +216,7 @@ def test_the_control_planes_serial_survives_a_restart_and_never_goes_back(node: 
         testing.stop(node.cp)  # started here, so not the fixture's to stop
 
 
+@pytest.mark.slow
 def test_a_manifest_listing_fewer_artifacts_keeps_the_installed_agent(node: Node) -> None:
     node.install_agents()
     shutil.rmtree(node.art_dir / "nomad")
@@ -229,6 +232,7 @@ def test_a_manifest_listing_fewer_artifacts_keeps_the_installed_agent(node: Node
     assert artifacts.current_version(node.host(), "nomad") == "1.8.4"
 
 
+@pytest.mark.slow
 def test_an_expired_manifest_is_refused_and_nothing_is_installed(
     start_control_plane: Callable[..., Any], tmp_path: Path
 ) -> None:

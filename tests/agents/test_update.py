@@ -66,6 +66,7 @@ def test_first_install_starts_the_agent_and_it_answers_its_health_probe(
     assert "vectorlay-node-agent 1.0.0 started" in log and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_an_upgrade_drains_the_old_agent_then_runs_the_new_one(
     env: tuple[Host, Systemd, DirectoryDownloader],
 ) -> None:
@@ -83,6 +84,7 @@ def test_an_upgrade_drains_the_old_agent_then_runs_the_new_one(
     assert log.index("INFO drained") < log.index("INFO stopped") < log.index("node-agent 1.1.0 started")
 
 
+@pytest.mark.slow
 def test_a_new_version_that_fails_its_health_check_is_rolled_back_and_the_old_one_runs_again(
     env: tuple[Host, Systemd, DirectoryDownloader],
 ) -> None:

@@ -31,6 +31,8 @@ from tests.nomad.helpers import render_nomad_config
 from .artifact_helpers import DirectoryDownloader
 from .test_update import FAST, _release
 
+pytestmark = pytest.mark.slow
+
 DATA_DIR = "/var/lib/vectorlay/nomad"
 FIRST = {"nebula": "1.9.5", "nomad": "1.8.4", "node-agent": "1.0.0"}
 NEXT = {"nebula": "1.9.6", "nomad": "1.9.0", "node-agent": "1.1.0"}

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -73,6 +74,7 @@ def test_bad_keys_get_401_and_non_providers_get_403(control_plane: Any) -> None:
     }
 
 
+@pytest.mark.slow
 def test_a_retried_enrollment_with_the_same_key_is_answered_again_and_anyone_else_is_refused(
     control_plane: Any,
 ) -> None:
@@ -140,6 +142,7 @@ def test_patching_a_node_needs_the_orgs_own_key_and_only_removal_is_accepted(con
     assert control_plane.admin.org_summary("acme")["nodes"][0]["status"] == "removed"
 
 
+@pytest.mark.slow
 def test_the_artifact_manifest_is_404_until_an_artifacts_directory_provides_one(
     control_plane: Any, start_control_plane: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -188,6 +191,7 @@ def test_install_sh_is_served_with_the_api_url_ca_and_manifest_key_filled_in(
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
 
 
+@pytest.mark.slow
 def test_enrollment_answers_carry_the_manifest_key_to_pin(
     start_control_plane: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -47,6 +47,7 @@ def _remove(cp: Any, node_id: str) -> None:
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.slow
 def test_without_credentials_only_the_installer_is_listed_and_served(cp: Any) -> None:
     got = _anonymous(cp, "/v1/artifacts/manifest")
     assert got.status_code == 200
@@ -78,6 +79,7 @@ def test_an_active_nodes_certificate_and_token_get_everything(cp: Any, tmp_path:
         (True, "vnt_" + "x" * 43, "BAD_NODE_CREDENTIALS"),  # another token
     ],
 )
+@pytest.mark.slow
 def test_half_or_wrong_credentials_are_refused_not_given_the_public_view(
     cp: Any, tmp_path: Path, cert: bool, token: str | None, code: str
 ) -> None:
@@ -114,6 +116,7 @@ def test_a_removed_node_gets_403_node_removed_for_the_manifest_and_artifacts(cp:
         assert r.status_code == 403 and r.json()["error"]["code"] == "NODE_REMOVED", path
 
 
+@pytest.mark.slow
 def test_a_removed_node_no_longer_updates(cp: Any, tmp_path: Path) -> None:
     from hostsim import build_host, load_topology
 
@@ -193,6 +196,7 @@ def test_introspection_says_when_the_tokens_org_is_not_an_approved_provider(cp: 
     assert _introspect(cp, token) == {**_introspect(cp, token), "valid": False, "reason": "not_a_provider"}
 
 
+@pytest.mark.slow
 def test_preflight_stops_a_non_provider_token_before_the_gpu_stage_touches_grub(
     start_control_plane: Callable[..., Any], make_tree: Callable[..., Path]
 ) -> None:

@@ -20,6 +20,8 @@ from cryptography.x509.oid import NameOID
 
 from bootstrap import nebula
 
+pytestmark = pytest.mark.slow
+
 
 def _csr(key: Any, algorithm: hashes.SHA256 | None = None) -> str:
     csr = (

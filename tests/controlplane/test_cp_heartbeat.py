@@ -18,6 +18,8 @@ from hostsim import build_host, load_topology
 from hostsim.demo import build_container_host
 from tests.install.helpers import gpus_on_vfio
 
+pytestmark = pytest.mark.slow
+
 GOOD: dict[str, Any] = {
     "doctor": {
         "verdict": "PASS",

@@ -6,9 +6,12 @@ import socket
 import ssl
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from controlplane import testing as cptesting
+
+pytestmark = pytest.mark.slow
 
 
 def _server_names(state_dir: Path) -> list[str]:

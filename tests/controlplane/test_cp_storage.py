@@ -74,6 +74,7 @@ def test_tokens_and_keys_are_stored_only_as_hashes(tmp_path: Path) -> None:
     assert hashlib.sha256(key.encode()).hexdigest() in dump
 
 
+@pytest.mark.slow
 def test_the_admin_cli_creates_orgs_tokens_and_api_keys(control_plane: Any) -> None:
     made = control_plane.cli("org", "create", "acme", "--provider", "--node-quota", "2")
     assert made.returncode == 0, made.stderr
@@ -100,6 +101,7 @@ def test_the_admin_cli_creates_orgs_tokens_and_api_keys(control_plane: Any) -> N
     assert upd.returncode == 0 and json.loads(upd.stdout)["provider"] is False
 
 
+@pytest.mark.slow
 def test_serve_on_a_port_in_use_fails_with_a_message_not_a_traceback(
     control_plane: Any, tmp_path: Path
 ) -> None:

@@ -18,6 +18,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from bootstrap.api import ApiClient, ClientCert
 from controlplane import testing
 from controlplane.artifacts import ManifestSerial
@@ -92,6 +94,7 @@ def _beat(
     return pid, resumed
 
 
+@pytest.mark.slow
 def test_workers_take_each_node_in_one_process_where_it_resumes_and_keep_the_clock_offset(
     tmp_path: Path,
 ) -> None:

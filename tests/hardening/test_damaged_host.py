@@ -65,6 +65,7 @@ def ready_tree(make_tree: MakeTree) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
+@pytest.mark.slow
 def test_a_node_yaml_that_is_not_a_file_is_a_clear_error_everywhere(ready_tree: Path, kind: str) -> None:
     p = ready_tree / "etc/vectorlay/node.yaml"
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,7 @@ def test_a_node_yaml_that_is_not_a_file_is_a_clear_error_everywhere(ready_tree: 
     ],
     ids=["list", "str-commands", "number-in-command", "list-in-command", "nested-stage", "number"],
 )
+@pytest.mark.slow
 def test_a_state_json_of_the_wrong_types_is_a_clear_error_and_left_as_it_is(
     ready_tree: Path, state: object
 ) -> None:
@@ -200,6 +202,7 @@ def test_garbage_in_proc_meminfo_is_a_memory_fail_not_a_traceback(ready_tree: Pa
 
 
 @pytest.mark.parametrize("attr", ["vendor", "class", "config", "power_state"])
+@pytest.mark.slow
 def test_a_fifo_in_sysfs_does_not_hang_detect_or_the_doctor(ready_tree: Path, attr: str) -> None:
     dev = (ready_tree / "sys/bus/pci/devices/0000:19:00.0").resolve()
     (dev / attr).unlink()

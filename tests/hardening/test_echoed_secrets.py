@@ -33,6 +33,8 @@ from bootstrap.paths import LOG_PATH
 from hostsim import inject
 from tests.install.helpers import install
 
+pytestmark = pytest.mark.slow
+
 MakeTree = Callable[..., Path]
 
 

@@ -61,6 +61,7 @@ def _doctor(root: Path) -> dict[str, Any]:
     return {c["name"]: c for c in json.loads(res.stdout)["checks"]}
 
 
+@pytest.mark.slow
 def test_a_fifo_at_status_json_hangs_neither_the_doctor_nor_the_node_agent(
     make_tree: MakeTree, control_plane: Any
 ) -> None:
@@ -81,6 +82,7 @@ def test_a_fifo_at_status_json_hangs_neither_the_doctor_nor_the_node_agent(
     assert status.is_file() and json.loads(status.read_text())["status"] == "active"
 
 
+@pytest.mark.slow
 def test_a_node_token_that_is_not_text_fails_the_doctor_and_stops_plan_and_agent_with_a_message(
     make_tree: MakeTree, control_plane: Any
 ) -> None:

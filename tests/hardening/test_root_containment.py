@@ -74,6 +74,7 @@ def test_an_install_run_through_planted_links_changes_nothing_outside_the_tree(
     assert any(tree in p.parents for p in tree.rglob("bootstrap.log"))
 
 
+@pytest.mark.slow
 def test_uninstall_through_a_planted_link_removes_nothing_outside_the_tree(
     make_tree: MakeTree, outside: Path
 ) -> None:

@@ -41,6 +41,7 @@ INJECTION = '/data\nplugin "raw_exec" {\n  config { enabled = true }\n}\n#"'
     ],
     ids=["newline-and-quote", "escape", "line-separator", "relative", "too-long"],
 )
+@pytest.mark.slow
 def test_a_bad_disk_path_is_refused_naming_the_variable_and_nothing_is_written(
     make_tree: MakeTree, value: str, why: str
 ) -> None:
@@ -112,6 +113,7 @@ disk_path: /data: fast
 """
 
 
+@pytest.mark.slow
 def test_a_node_yaml_an_older_installer_broke_does_not_block_the_run_that_rewrites_it(
     make_tree: MakeTree,
 ) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
 import requests
 
 from bootstrap.agent_status import STATUS_PATH
@@ -31,6 +32,8 @@ from bootstrap.update import probe
 from controlplane import testing
 from hostsim import build_host, inject, load_topology
 from tests.install.helpers import FAST, gpus_on_vfio, install, installed_demo_node
+
+pytestmark = pytest.mark.slow
 
 AGENT_BIN = "/opt/vectorlay/releases/node-agent/current/bin/node-agent"
 DAEMON_LOG = "run/hostsim/systemd/node-agent.service.log"

@@ -116,6 +116,7 @@ def test_an_unknown_argument_to_install_sh_is_a_usage_error_and_runs_nothing(tmp
     assert not log.exists()
 
 
+@pytest.mark.slow
 def test_a_malformed_token_is_refused_without_being_echoed(ready_tree: Path, control_plane: Any) -> None:
     before = snapshot(ready_tree, skip=SKIP)
     bad = "vtk-" + "x" * 30
@@ -131,6 +132,7 @@ def test_a_malformed_token_is_refused_without_being_echoed(ready_tree: Path, con
     assert snapshot(ready_tree, skip=SKIP) == before
 
 
+@pytest.mark.slow
 def test_an_unreachable_api_names_the_url_after_retrying(ready_tree: Path) -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -157,6 +159,7 @@ def test_an_unreachable_api_names_the_url_after_retrying(ready_tree: Path) -> No
         (b'["not", "an", "answer"]', "application/json", ": unexpected introspection answer"),
     ],
 )
+@pytest.mark.slow
 def test_an_api_answering_html_or_garbage_is_refused(
     ready_tree: Path, fake_api: Callable[[bytes, str], FakeApi], body: bytes, content_type: str, message: str
 ) -> None:
@@ -177,6 +180,7 @@ def _fault_points(root: Path, tmp_path: Path, *args: str) -> list[str]:
     return [line.split("\t", 1)[1] for line in log.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_is_reported_and_leaves_every_file_whole(
     make_tree: MakeTree, tmp_path: Path
 ) -> None:
@@ -254,6 +258,7 @@ def test_odd_but_valid_grub_quoting_is_understood(make_tree: MakeTree) -> None:
     assert "console=ttyS0,115200 quiet splash intel_iommu=on iommu=pt" in cfg
 
 
+@pytest.mark.slow
 def test_a_foreign_nebula_service_is_backed_up_and_reported(make_tree: MakeTree) -> None:
     from controlplane import testing
     from hostsim.agents import publish_agents

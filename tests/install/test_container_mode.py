@@ -19,6 +19,8 @@ from hostsim.dockerd import DockerdRefused, daemon_info
 from hostsim.runsc import NVPROXY, PRE_NVPROXY, artifact_tarball
 from tests.install.helpers import FAST, install, stop_daemons
 
+pytestmark = pytest.mark.slow
+
 
 def _node(
     tmp_path: Path, start_control_plane: Callable[..., Any], runsc_release: str, *, iommu: bool

@@ -9,6 +9,8 @@ that changes something, every step of the identity writer. An uninterrupted run 
 (HOSTSIM_FAULT_LOG) and is the reference. Two nodes: a ready HGX H100 (IOMMU on, GPUs on vfio-pci),
 so that one run goes through every stage (preflight, detect, gpu, enroll, artifacts, agents, verify),
 and the demo's HGX (GPUs on nvidia, IOMMU off), whose first run ends in "reboot required".
+`--kill-points=sample` (make check) kills at a fixed sample of the points instead of all of them
+(tests/install/killpoints.py).
 
 What may legitimately differ between two runs, and nothing else:
 - the run log's text (timestamps; an interrupted run leaves its partial run in it);
@@ -41,6 +43,7 @@ from bootstrap.provisioning import PENDING_KEY
 from controlplane import testing
 from hostsim import build_host, inject, load_topology
 from hostsim.agents import publish_agents
+from tests.install import killpoints
 from tests.install.helpers import gpus_on_vfio, install, stop_daemons
 
 ENV = {inject.SETTLE_ENV: "0.2"}
@@ -49,6 +52,8 @@ STATE = "var/lib/vectorlay/state.json"
 # Each case is its own node: its keys, certificates and token are its own (the CAs are shared).
 SECRETS = ("node.key", "node.crt", "node-token", "nebula.key", "nebula.crt", "nomad.key", "nomad.crt")
 WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Evenly spaced points a sample takes besides the first, the last and the first of each kind.
+SPREAD = 4
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +173,11 @@ def _diff(ref: dict[str, tuple[Any, ...]], got: dict[str, tuple[Any, ...]]) -> l
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_an_install_killed_at_any_point_and_resumed_ends_as_if_never_interrupted(
-    base: Path, cp: testing.RunningControlPlane, capsys: pytest.CaptureFixture[str], scenario: str
+    base: Path,
+    cp: testing.RunningControlPlane,
+    capsys: pytest.CaptureFixture[str],
+    pytestconfig: pytest.Config,
+    scenario: str,
 ) -> None:
     expected = SCENARIOS[scenario]
     ref_root = _tree(base, f"{scenario}-ref", scenario)
@@ -186,7 +195,9 @@ def test_an_install_killed_at_any_point_and_resumed_ends_as_if_never_interrupted
         assert "vectorlay-node: REBOOT REQUIRED" in res.stdout
         assert {"write", "link", "run"} <= kinds
     stop_daemons(ref_root)
-    tokens = {k: cp.token("acme") for k in range(1, len(points) + 1)}
+    walk_all = killpoints.walk_all(pytestconfig)
+    chosen = list(range(1, len(points) + 1)) if walk_all else killpoints.sample(points, SPREAD)
+    tokens = {k: cp.token("acme") for k in chosen}
 
     def case(k: int) -> list[str]:
         root = _tree(base, f"{scenario}-k{k}", scenario)
@@ -210,14 +221,16 @@ def test_an_install_killed_at_any_point_and_resumed_ends_as_if_never_interrupted
             shutil.rmtree(root, ignore_errors=True)
 
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        problems = [p for result in pool.map(case, range(1, len(points) + 1)) for p in result]
+        problems = [p for result in pool.map(case, chosen) for p in result]
     with capsys.disabled():
-        print(f"\ncrash consistency ({scenario}): {len(points)} kill points, each killed and resumed")
+        walked = f"all {len(points)}" if walk_all else f"{len(chosen)} of {len(points)} (a sample)"
+        print(f"\ncrash consistency ({scenario}): {walked} kill points, each killed and resumed")
     assert problems == [], "\n".join(problems)
     assert len(points) >= (60 if scenario == "ready" else 15)
 
 
 @pytest.mark.parametrize("point", ["enroll before-request", "enroll response-received", "enroll switched"])
+@pytest.mark.slow
 def test_a_re_enrollment_killed_mid_way_keeps_the_node_and_completes_with_the_same_token(
     base: Path, cp: testing.RunningControlPlane, point: str
 ) -> None:

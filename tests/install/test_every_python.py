@@ -39,6 +39,8 @@ from hostsim.wheelhouse import (
 )
 from tests.install.pythons import RELEASE_PIP, release_pip, require_python
 
+pytestmark = pytest.mark.slow
+
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 # The compiled dependencies, each by a module that exists only in its compiled form.
 COMPILED_PROBE = (

@@ -22,6 +22,8 @@ from bootstrap.paths import LOG_PATH
 from hostsim import build_host, inject, load_topology
 from tests.install.helpers import gpus_on_vfio, install, stop_daemons
 
+pytestmark = pytest.mark.slow
+
 MakeTree = Callable[..., Path]
 
 

@@ -15,6 +15,8 @@ from hostsim import inject
 from hostsim.snapshot import snapshot
 from tests.install.helpers import FAST, install, installed_demo_node
 
+pytestmark = pytest.mark.slow
+
 LOG = "var/log/vectorlay/bootstrap.log"
 
 

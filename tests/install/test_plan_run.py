@@ -10,10 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from hostsim.agents import agent_tarball, publish
 from hostsim.demo import build_container_host
 from hostsim.snapshot import snapshot
 from tests.install.helpers import gpus_on_vfio, install, installed_demo_node
+
+pytestmark = pytest.mark.slow
 
 MakeTree = Callable[..., Path]
 AGENTS = ("nebula", "nomad", "node-agent")

@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from hostsim import build_host, inject, load_topology
 from tests.terminal import Terminal
 
 QUESTION = b"Provisioning token (vtk_..., from the dashboard; it is not shown as you type): "
 
 
+@pytest.mark.slow
 def test_the_installer_asks_for_the_token_on_the_terminal_and_goes_on(
     tmp_path: Path, control_plane: Any
 ) -> None:

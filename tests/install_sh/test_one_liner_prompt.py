@@ -29,6 +29,8 @@ from tests.install.helpers import gpus_on_vfio, stop_daemons
 from tests.install_sh.test_token_not_in_process_list import Watcher
 from tests.terminal import Terminal
 
+pytestmark = pytest.mark.slow
+
 QUESTION = b"Provisioning token (vtk_..., from the dashboard; it is not shown as you type): "
 
 

@@ -134,6 +134,7 @@ def test_preflight_refuses_anything_else_saying_what_is_missing(tmp_path: Path, 
     assert re.search(r"supports Ubuntu 22\.04, .* and Debian 13, and other", e.value.hint)
 
 
+@pytest.mark.slow
 def test_the_installer_run_on_another_release_shows_the_warn_and_goes_on(
     make_tree: Callable[..., Path], control_plane: Any
 ) -> None:

@@ -83,6 +83,7 @@ def test_python_3_9_is_refused_as_too_old_before_anything_is_installed(tmp_path:
 
 
 @pytest.mark.parametrize("version", ["3.10", "3.11", "3.12", "3.13"])
+@pytest.mark.slow
 def test_a_supported_python_goes_on_to_the_packages(tmp_path: Path, version: str) -> None:
     proc, commands = _install_sh(tmp_path, require_python(version))
     assert "Python" not in proc.stderr and "python3" not in proc.stderr

@@ -28,6 +28,8 @@ from hostsim.agents import publish, publish_agents
 from hostsim.wheelhouse import installer_tarball
 from tests.install.helpers import gpus_on_vfio, stop_daemons
 
+pytestmark = pytest.mark.slow
+
 
 class Watcher(threading.Thread):
     """Reads every process's command line, over and over, until stopped. `first_seen` counts only the

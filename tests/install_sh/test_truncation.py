@@ -88,6 +88,7 @@ def test_the_whole_script_does_run_commands(tmp_path: Path, stubs: Path) -> None
     assert out.startswith("vectorlay-node installer: starting\n")
 
 
+@pytest.mark.slow
 def test_every_truncated_prefix_runs_no_command(tmp_path: Path, stubs: Path) -> None:
     cuts = _cuts()
     assert len(cuts) > 200

@@ -213,6 +213,7 @@ ENROLLMENT_NOMAD = {
 
 
 @pytest.mark.parametrize("mode", ["none", "passthrough", "container"])
+@pytest.mark.slow
 def test_every_key_of_the_rendered_config_is_in_nomads_documented_agent_configuration(
     make_host: Callable[..., Host], tmp_path: Path, mode: str
 ) -> None:
@@ -369,6 +370,7 @@ def test_a_meta_value_that_is_no_string_is_refused_with_a_clear_error(
         render_nomad_config(host, ident, "none")
 
 
+@pytest.mark.slow
 def test_the_config_of_a_node_enrolled_through_the_product_passes_the_walk(
     make_tree: Callable[..., Path], start_control_plane: Callable[..., Any]
 ) -> None:
@@ -426,6 +428,7 @@ def test_hcl_string_reads_back_as_exactly_the_value_and_never_as_a_template(valu
 
 
 @given(st.text())
+@pytest.mark.slow
 def test_any_text_reads_back_exactly_from_its_hcl_string(value: str) -> None:
     text = f"v = {hcl_string(value)}\n"
     assert parse_hcl(text) == {"v": value}

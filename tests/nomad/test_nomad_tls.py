@@ -243,6 +243,7 @@ def _hello(peer: bytes | None) -> bytes:
 # (a) the node accepts only server.<region>.nomad from its CA ---------------------------------------
 
 
+@pytest.mark.slow
 def test_the_node_accepts_a_nomad_server_of_its_region_from_the_control_planes_ca(
     nomad_node: NomadNode, server_identity: Path
 ) -> None:

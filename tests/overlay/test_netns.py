@@ -44,10 +44,13 @@ NEBULA = shutil.which("nebula")
 IP = shutil.which("ip")
 AGENT_PORT = 4646  # Nomad's HTTP API on the node's overlay address
 
-pytestmark = pytest.mark.skipif(
-    (os.geteuid() != 0 or NEBULA is None or IP is None) and not os.environ.get("CI"),
-    reason="needs root, nebula and iproute2 (.ci/run runs as root and installs them)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        (os.geteuid() != 0 or NEBULA is None or IP is None) and not os.environ.get("CI"),
+        reason="needs root, nebula and iproute2 (.ci/run runs as root and installs them)",
+    ),
+]
 
 
 def _sh(*argv: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:

@@ -20,6 +20,8 @@ from bootstrap import nebula
 from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 
+pytestmark = pytest.mark.slow
+
 NEBULA_CERT = shutil.which("nebula-cert")
 # Skipped only on a developer's machine without Debian's nebula; in CI (which installs it) a missing
 # nebula-cert fails the tests instead of hiding them.

@@ -145,6 +145,7 @@ def _node_config(node_dir: Path, answer: dict[str, Any]) -> tuple[Path, str]:
     return config, overlay.split("/")[0]
 
 
+@pytest.mark.slow
 def test_a_removed_node_is_refused_by_the_lighthouse_and_accepted_again_once_re_enrolled(
     plane: Plane, net: Underlay, tmp_path: Path
 ) -> None:

@@ -166,6 +166,7 @@ def _endpoints(plane: Plane) -> list[tuple[str, str, dict[str, bool]]]:
 
 @PROPS
 @given(body=json_values)
+@pytest.mark.slow
 def test_any_json_body_to_any_endpoint_is_never_a_500(plane: Plane, body: Any) -> None:
     data = json.dumps(body).encode()
     for method, path, kwargs in _endpoints(plane):

@@ -33,6 +33,8 @@ from hostsim import build_host, load_topology
 from hostsim.snapshot import snapshot
 from tests.hardening.helpers import enrolled_host
 
+pytestmark = pytest.mark.slow
+
 DEVICE = "/sys/bus/pci/devices/0000:01:00.0"
 TARGETS = (
     f"{DEVICE}/vendor",

@@ -129,6 +129,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TamperingControl
 @given(field=st.sampled_from(ENROLL_FIELDS), value=replacement)
 @example(field="manifest_keys", value=5)
 @example(field="overlay_ip", value=(DEEP, 100_000))
+@pytest.mark.slow
 def test_an_enrollment_answer_with_any_field_replaced_is_refused_cleanly_or_enrolls(
     proxy: TamperingControlPlane, tmp_path_factory: pytest.TempPathFactory, field: str, value: Any
 ) -> None:
@@ -252,6 +253,7 @@ RAW = _raw_tar(TARBALL)
     edits=st.lists(st.tuples(st.integers(0, len(RAW) - 1), st.integers(0, 255)), min_size=1, max_size=20),
     cut=st.integers(0, len(RAW)),
 )
+@pytest.mark.slow
 def test_a_randomly_damaged_archive_installs_or_is_refused_with_nothing_left(
     tmp_path_factory: pytest.TempPathFactory, edits: list[tuple[int, int]], cut: int
 ) -> None:

@@ -190,6 +190,7 @@ CALLS: dict[str, Callable[[ApiClient, Path], Any]] = {
 
 @PROPS
 @given(fault=faults_st, call=st.sampled_from(sorted(CALLS)))
+@pytest.mark.slow
 def test_every_transport_fault_on_every_request_is_a_clean_bounded_error(
     stage: tuple[Stage, str], fault: Fault, call: str
 ) -> None:

@@ -91,6 +91,7 @@ def _verify(ca: Path, crt: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(NEBULA_CERT is None, reason="needs Debian's nebula (.ci/run installs it)")
+@pytest.mark.slow
 def test_a_ca_rotation_keeps_nodes_on_the_old_and_the_new_ca_working_until_the_old_is_retired(
     make_tree: Callable[..., Path], tmp_path: Path
 ) -> None:

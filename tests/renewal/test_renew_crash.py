@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bootstrap.api import ApiClient, ClientCert
 from bootstrap.enroll import RENEW_POINTS, enroll
 from bootstrap.fsutil import set_fault_hook
@@ -94,6 +96,7 @@ def test_a_renewal_passes_every_fault_point_in_order(
     assert tuple(reached) == IDENTITY_POINTS + _reload_points(root)
 
 
+@pytest.mark.slow
 def test_killing_a_renewal_at_any_point_leaves_a_working_identity_and_the_next_run_converges(
     make_tree: Callable[..., Path], control_plane: Any
 ) -> None:

@@ -37,10 +37,13 @@ from tests.install.helpers import stop_daemons
 from tests.transport import proxies
 
 IP = shutil.which("ip")
-pytestmark = pytest.mark.skipif(
-    (os.geteuid() != 0 or IP is None or proxies.TINYPROXY is None) and not os.environ.get("CI"),
-    reason="needs root, iproute2 and tinyproxy (.ci/run runs as root and installs them)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        (os.geteuid() != 0 or IP is None or proxies.TINYPROXY is None) and not os.environ.get("CI"),
+        reason="needs root, iproute2 and tinyproxy (.ci/run runs as root and installs them)",
+    ),
+]
 AGENT_BIN = "opt/vectorlay/releases/node-agent/current/bin/node-agent"
 PROXY_ADDR, NODE_ADDR = "192.0.2.1", "192.0.2.2"
 

@@ -23,6 +23,9 @@ from hostsim import build_host, load_topology
 from tests.install.helpers import FAST, install
 from tests.transport import faults
 
+pytestmark = pytest.mark.slow
+
+
 TOKEN = "vtk_" + "s" * 43
 
 
