@@ -71,7 +71,8 @@ class TamperingControlPlane:
         ctx.load_cert_chain(str(cp.state_dir / "server.crt"), str(cp.state_dir / "server.key"))
         self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # shutdown() waits for serve_forever's next poll: 0.5 s by default, at every test's teardown.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
