@@ -607,21 +607,8 @@ class ControlPlane:
             parse_public_key_pem(nebula_pub)
         except NebulaCertError as e:
             raise bad_request(f"nebula_public_key: {e}") from None
-        token_hash = hash_secret(node_token)
         with self._tx() as conn:
-            node = conn.execute(
-                "SELECT * FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?", (cert_fp, cert_fp)
-            ).fetchone()
-            if node is None:
-                raise unauthorized("the client certificate is not current", "BAD_NODE_CREDENTIALS")
-            if node["status"] == "removed":
-                raise ApiError(403, "NODE_REMOVED", "this node was decommissioned; re-enroll to revive it")
-            pair = (cert_fp, token_hash)
-            if pair not in (
-                (node["cert_fp"], node["token_hash"]),
-                (node["pending_cert_fp"], node["pending_token_hash"]),
-            ):
-                raise unauthorized("the node token is not current", "BAD_NODE_CREDENTIALS")
+            node, _pending = self._active_node(conn, cert_fp, node_token)
             node_id, overlay_ip = node["id"], node["overlay_ip"]
             cert = self._sign_node(csr_pem, node_id, node["org_id"])
             new_token = new_secret(NODE_TOKEN_PREFIX)
@@ -656,6 +643,25 @@ class ControlPlane:
         ).fetchall()
         found = {r["kind"]: r["not_after"] for r in rows}
         return {kind: found.get(kind) for kind in ("node", "nebula", "nomad")}
+
+    @staticmethod
+    def _active_node(conn: sqlite3.Connection, cert_fp: str, node_token: str) -> tuple[sqlite3.Row, bool]:
+        """The node behind a client certificate (its fingerprint) + node token pair, refused when
+        removed or when the pair is neither its current one nor the pending one of its last
+        enrollment or renewal; and whether it is the pending one."""
+        node = conn.execute(
+            "SELECT * FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?", (cert_fp, cert_fp)
+        ).fetchone()
+        if node is None:
+            raise unauthorized("the client certificate is not current", "BAD_NODE_CREDENTIALS")
+        if node["status"] == "removed":
+            raise ApiError(403, "NODE_REMOVED", "this node was decommissioned; re-enroll to revive it")
+        pair = (cert_fp, hash_secret(node_token))
+        if pair == (node["cert_fp"], node["token_hash"]):
+            return node, False
+        if pair == (node["pending_cert_fp"], node["pending_token_hash"]):
+            return node, True
+        raise unauthorized("the node token is not current", "BAD_NODE_CREDENTIALS")
 
     def _node_from_credentials(
         self, conn: sqlite3.Connection, cert_fp: str | None, node_token: str | None
@@ -786,18 +792,9 @@ class ControlPlane:
         if not node_token:
             raise unauthorized("a node token is required (Authorization: Bearer vnt_...)")
         cert_fp = peer_fingerprint(client_cert_pem)
-        token_hash = hash_secret(node_token)
         with self._tx() as conn:
-            node = conn.execute(
-                "SELECT * FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?", (cert_fp, cert_fp)
-            ).fetchone()
-            if node is None:
-                raise unauthorized("the client certificate is not current", "BAD_NODE_CREDENTIALS")
-            if node["status"] == "removed":
-                raise ApiError(403, "NODE_REMOVED", "this node was decommissioned; re-enroll to revive it")
-            if (node["cert_fp"], node["token_hash"]) == (cert_fp, token_hash):
-                pass
-            elif (node["pending_cert_fp"], node["pending_token_hash"]) == (cert_fp, token_hash):
+            node, pending = self._active_node(conn, cert_fp, node_token)
+            if pending:
                 # First use of the pair issued at the last enrollment: the node has it, so the
                 # previous pair stops working now.
                 conn.execute(
@@ -805,8 +802,6 @@ class ControlPlane:
                     " pending_cert_fp = NULL, pending_token_hash = NULL WHERE id = ?",
                     (node["id"],),
                 )
-            else:
-                raise unauthorized("the node token is not current", "BAD_NODE_CREDENTIALS")
             units = conn.execute(
                 "SELECT COUNT(*) AS n, COALESCE(SUM(allocatable), 0) AS a FROM gpu_units WHERE node_id = ?",
                 (node["id"],),
