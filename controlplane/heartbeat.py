@@ -11,6 +11,9 @@ never taken from the node's word alone:
   for itself in node.yaml, never looser ones);
 - and never more units than the hardware it enrolled with: a node that enrolled with no GPUs and
   claims 10,000 ready units is capped at 0.
+
+A node that reports its units one by one (the doctor's `units`) is decided per unit on top of these
+(controlplane.units): only its ready and degraded units among those it enrolled with are offered.
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ from controlplane.clock import from_iso, to_iso
 from controlplane.db import connect
 from controlplane.service import ApiError, ControlPlane, bad_request, peer_fingerprint, unauthorized
 from controlplane.tokens import hash_secret
+from controlplane.units import (
+    Enrolled,
+    UnitOffer,
+    UnitState,
+    decide_units,
+    decode_units,
+    encode_units,
+    enrolled_units,
+    enrolled_units_of_org,
+    listing_rows,
+    parse_units,
+    withheld,
+)
 
 DEFAULT_INTERVAL_S = 240
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1, 3600
@@ -61,6 +77,7 @@ class Heartbeat:
     agents: dict[str, str | None]
     draining: bool
     interval_s: int
+    units: tuple[UnitState, ...] | None = None  # None: an agent that reports no per-unit state
 
 
 def _number(value: Any, where: str, low: float, high: float) -> float:
@@ -176,7 +193,18 @@ def parse_heartbeat(body: Any) -> Heartbeat:
         raise bad_request(
             f"interval_s must be a whole number of seconds from {MIN_INTERVAL_S} to {MAX_INTERVAL_S}"
         )
-    return Heartbeat(verdict, tuple(checks), ready, total, resources, thresholds, agents, draining, interval)
+    return Heartbeat(
+        verdict,
+        tuple(checks),
+        ready,
+        total,
+        resources,
+        thresholds,
+        agents,
+        draining,
+        interval,
+        parse_units(doctor, ready, total),
+    )
 
 
 @dataclass(frozen=True)
@@ -186,6 +214,7 @@ class Offer:
     ready: int
     advertised: int
     reason: str | None
+    units: tuple[UnitOffer, ...] | None = None  # per unit, when the node reports its units
 
 
 def decide(
@@ -193,25 +222,37 @@ def decide(
     heartbeat: sqlite3.Row | None,
     enrolled_units: int,
     now: datetime,
+    enrolled: Enrolled | None = None,
 ) -> Offer:
-    """The advertising rule (module docstring) over the stored state of one node."""
+    """The advertising rule (module docstring) over the stored state of one node; per unit
+    (controlplane.units) when the heartbeat reported its units, against `enrolled`."""
     if heartbeat is None:
         return Offer(0, 0, "removed" if status == "removed" else "no heartbeat yet")
     ready = int(heartbeat["units_ready"])
+    withdrawn = _withdrawn(status, heartbeat, now)
+    units = decode_units(heartbeat["units"])
+    if units is not None:
+        per_unit = decide_units(units, withdrawn, enrolled or Enrolled(frozenset(), enrolled_units))
+        return Offer(per_unit.ready, per_unit.advertised, per_unit.reason, per_unit.units)
+    if withdrawn is not None:
+        return Offer(ready, 0, withdrawn)
+    if ready > enrolled_units:
+        return Offer(ready, enrolled_units, f"capped at the enrolled hardware ({enrolled_units} GPU unit(s))")
+    return Offer(ready, ready, None)
+
+
+def _withdrawn(status: str, heartbeat: sqlite3.Row, now: datetime) -> str | None:
+    """Why the node-level rules advertise none of the node's units, or None."""
     if status == "removed":
-        return Offer(ready, 0, "removed")
+        return "removed"
     age = now - from_iso(heartbeat["received_at"])
     limit = timedelta(seconds=STALE_INTERVALS * int(heartbeat["interval_s"]))
     if age > limit:
-        return Offer(
-            ready,
-            0,
-            f"stale heartbeat ({int(age.total_seconds())} s old, limit {int(limit.total_seconds())} s)",
-        )
+        return f"stale heartbeat ({int(age.total_seconds())} s old, limit {int(limit.total_seconds())} s)"
     if heartbeat["verdict"] == "FAIL":
-        return Offer(ready, 0, "verdict FAIL")
+        return "verdict FAIL"
     if heartbeat["draining"]:
-        return Offer(ready, 0, "draining")
+        return "draining"
     resources = json.loads(heartbeat["resources"])
     thresholds = json.loads(heartbeat["thresholds"])
     over = [
@@ -219,11 +260,7 @@ def decide(
         for k in THRESHOLDS
         if resources.get(k, 0.0) > thresholds.get(k, THRESHOLDS[k])
     ]
-    if over:
-        return Offer(ready, 0, "; ".join(over))
-    if ready > enrolled_units:
-        return Offer(ready, enrolled_units, f"capped at the enrolled hardware ({enrolled_units} GPU unit(s))")
-    return Offer(ready, ready, None)
+    return "; ".join(over) if over else None
 
 
 def _enrolled_units(nodes: str) -> str:
@@ -297,6 +334,7 @@ def record_heartbeat(
         json.dumps(hb.thresholds),
         json.dumps(hb.agents),
         json.dumps(hb.checks),
+        encode_units(hb.units),
     )
     now = cp.clock.now()
     with cp.transaction(_heartbeat_conn(cp)) as conn:
@@ -311,13 +349,14 @@ def record_heartbeat(
             }
         stored = conn.execute(
             "INSERT INTO node_heartbeats (node_id, received_at, interval_s, verdict, units_ready,"
-            " units_total, draining, resources, thresholds, agents, checks, heartbeats)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
+            " units_total, draining, resources, thresholds, agents, checks, units, heartbeats)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
             " ON CONFLICT (node_id) DO UPDATE SET received_at = excluded.received_at,"
             " interval_s = excluded.interval_s, verdict = excluded.verdict,"
             " units_ready = excluded.units_ready, units_total = excluded.units_total,"
             " draining = excluded.draining, resources = excluded.resources,"
             " thresholds = excluded.thresholds, agents = excluded.agents, checks = excluded.checks,"
+            " units = excluded.units,"
             " heartbeats = node_heartbeats.heartbeats + 1"
             " RETURNING *",
             (
@@ -331,12 +370,14 @@ def record_heartbeat(
                 *encoded,
             ),
         ).fetchone()
-    offer = decide(node["status"], stored, int(node["enrolled_units"]), now)
+        enrolled = enrolled_units(conn, node) if hb.units is not None else None
+    offer = decide(node["status"], stored, int(node["enrolled_units"]), now, enrolled)
     return {
         "status": "active",
         "advertised_units": offer.advertised,
         "next_heartbeat_s": hb.interval_s,
         "reason": offer.reason,
+        **withheld(offer.units),
     }
 
 
@@ -350,17 +391,20 @@ def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> 
     now = cp.clock.now()
     conn = cp.db.conn()
     rows = conn.execute(
-        "SELECT n.id, n.hostname, n.status, n.cert_fp, h.node_id AS hb, h.received_at, h.interval_s,"
-        " h.verdict, h.units_ready, h.units_total, h.draining, h.resources, h.thresholds, h.agents,"
+        "SELECT n.id, n.hostname, n.status, n.cert_fp, n.gpu_mode, h.node_id AS hb, h.received_at,"
+        " h.interval_s, h.verdict, h.units_ready, h.units_total, h.draining, h.resources,"
+        " h.thresholds, h.agents, h.units,"
         f" {_enrolled_units('n')} AS enrolled"
         " FROM nodes n LEFT JOIN node_heartbeats h ON h.node_id = n.id"
         " WHERE n.org_id = ? ORDER BY n.seq",
         (key_org["id"],),
     ).fetchall()
+    groups = enrolled_units_of_org(conn, key_org["id"])
     nodes = []
     for r in rows:
         hb = r if r["hb"] is not None else None
-        offer = decide(r["status"], hb, int(r["enrolled"]), now)
+        enrolled = Enrolled.of(r["gpu_mode"], groups.get(r["id"]), int(r["enrolled"]))
+        offer = decide(r["status"], hb, int(r["enrolled"]), now, enrolled)
         nodes.append(
             {
                 "node_id": r["id"],
@@ -378,6 +422,7 @@ def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> 
                 "agents": json.loads(r["agents"]) if hb is not None else {},
                 "draining": bool(r["draining"]) if hb is not None else False,
                 "reason": offer.reason,
+                "units": listing_rows(offer.units),
                 "credentials_expire_at": cp.credential_expiry(conn, r["id"], r["cert_fp"]),
             }
         )

@@ -1,0 +1,287 @@
+"""Per-unit advertising: a heartbeat's `doctor.units`, validated, and what is advertised of each unit.
+
+A node whose agent reports its units one by one (the doctor's `units` list) has exactly the units
+advertised whose status is `ready` or `degraded` and that are among the units it enrolled with
+(passthrough: its IOMMU groups, the gpu_units rows of its enrollment; container mode, whose units
+are GPUs shared through runsc and enroll no groups: as many as the GPUs it enrolled with, in the
+order the node lists them). The node-level rules (heartbeat.decide: active, fresh, verdict not FAIL,
+not draining, under the load thresholds) still come first and withhold every unit when one fails.
+Every withheld unit says why: the node's own reasons and the control plane's.
+
+A heartbeat without `units` (an agent older than per-unit state) keeps the node-level count rule.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from controlplane.service import bad_request
+
+STATUSES = ("ready", "degraded", "not_ready")
+ADVERTISABLE = frozenset({"ready", "degraded"})
+ROLES = ("gpu", "nvswitch", "function")
+MAX_UNITS = 64
+MAX_DEVICES = 32
+MAX_REASONS = 16
+MAX_MESSAGE = 200
+NOT_ENROLLED = "not among the enrolled units"
+
+# An IOMMU group number, or (container mode) the GPU's PCI address as sysfs spells it.
+_UNIT_ID = re.compile(r"[0-9]{1,6}|[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_GROUP = re.compile(r"[0-9]{1,6}")
+_PCI = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_WORD = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,63}")
+_LINK_SPEED = re.compile(r"[0-9A-Za-z .,/]{1,32}")
+# Every string here goes back to the node in the heartbeat's answer and into the listing: no
+# control character (the node-agent refuses an answer holding one, and a terminal would act on it).
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f-\x9f]+")
+_MAX_COUNTER = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """One unit as the node's doctor reported it (only what the rule and the listing need)."""
+
+    id: str
+    status: str
+    reasons: tuple[str, ...]  # the doctor's messages, in its order
+
+
+@dataclass(frozen=True)
+class UnitOffer:
+    """What was decided for one unit: advertised or not, and the reasons shown for it."""
+
+    id: str
+    status: str
+    advertised: bool
+    reasons: tuple[str, ...]
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise bad_request(f"{where} must be an object")
+    return value
+
+
+def _list(value: Any, where: str, limit: int, what: str) -> list[Any]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise bad_request(f"{where} must be a list of at most {limit} {what}")
+    return value
+
+
+def _string(value: Any, where: str, *, limit: int, pattern: re.Pattern[str] | None = None) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise bad_request(f"{where} must be a string of 1 to {limit} characters")
+    if not (pattern or _PRINTABLE).fullmatch(value):
+        what = "is not of the expected form" if pattern else "holds a control character"
+        raise bad_request(f"{where} {what}")
+    return value
+
+
+def _optional(value: Any, where: str, *, limit: int, pattern: re.Pattern[str] | None = None) -> None:
+    if value is not None:
+        _string(value, where, limit=limit, pattern=pattern)
+
+
+def _whole(value: Any, where: str, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise bad_request(f"{where} must be a whole number from 0 to {high}")
+
+
+def _device(value: Any, where: str) -> str:
+    d = _object(value, where)
+    address = _string(d.get("address"), f"{where}.address", limit=12, pattern=_PCI)
+    if d.get("role") not in ROLES:
+        raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}")
+    if not isinstance(d.get("present"), bool):
+        raise bad_request(f"{where}.present must be true or false")
+    _optional(d.get("driver"), f"{where}.driver", limit=64, pattern=_WORD)
+    if d.get("link") is not None:
+        link = _object(d["link"], f"{where}.link")
+        for key in ("speed", "max_speed"):
+            _optional(link.get(key), f"{where}.link.{key}", limit=32, pattern=_LINK_SPEED)
+        for key in ("width", "max_width"):
+            if link.get(key) is not None:
+                _whole(link[key], f"{where}.link.{key}", 32)
+    if d.get("aer") is not None:
+        aer = _object(d["aer"], f"{where}.aer")
+        for key in ("correctable", "nonfatal", "fatal"):
+            if aer.get(key) is not None:
+                _whole(aer[key], f"{where}.aer.{key}", _MAX_COUNTER)
+    if d.get("reset_method") is not None:
+        methods = _list(d["reset_method"], f"{where}.reset_method", 16, "reset methods")
+        for i, m in enumerate(methods):
+            _string(m, f"{where}.reset_method[{i}]", limit=32, pattern=_WORD)
+    return address
+
+
+def _reason(value: Any, where: str) -> str:
+    r = _object(value, where)
+    _string(r.get("code"), f"{where}.code", limit=64, pattern=_CODE)
+    _optional(r.get("device"), f"{where}.device", limit=12, pattern=_PCI)
+    _optional(r.get("hint"), f"{where}.hint", limit=MAX_MESSAGE)
+    return _string(r.get("message"), f"{where}.message", limit=MAX_MESSAGE)
+
+
+def _unit(value: Any, where: str) -> UnitState:
+    u = _object(value, where)
+    uid = _string(u.get("id"), f"{where}.id", limit=12, pattern=_UNIT_ID)
+    _optional(u.get("iommu_group"), f"{where}.iommu_group", limit=6, pattern=_GROUP)
+    status = u.get("status")
+    if status not in STATUSES:
+        raise bad_request(f"{where}.status must be one of {', '.join(STATUSES)}")
+    devices = _list(u.get("devices", []), f"{where}.devices", MAX_DEVICES, "devices")
+    addresses = [_device(d, f"{where}.devices[{i}]") for i, d in enumerate(devices)]
+    if len(set(addresses)) != len(addresses):
+        raise bad_request(f"{where}.devices lists a device twice")
+    raw_reasons = _list(u.get("reasons", []), f"{where}.reasons", MAX_REASONS, "reasons")
+    reasons = tuple(_reason(r, f"{where}.reasons[{i}]") for i, r in enumerate(raw_reasons))
+    return UnitState(uid, status, reasons)
+
+
+def parse_units(doctor: dict[str, Any], ready: int, total: int) -> tuple[UnitState, ...] | None:
+    """`doctor.units`, validated (None when the agent sent none), or a 400 saying what is wrong.
+
+    Keys a unit, device or reason carries beyond these are ignored, as the doctor object's are: a
+    newer doctor may add some. The list must agree with `doctor.gpu_units`, which older control
+    planes read: `total` units, of which `ready` are ready or degraded."""
+    raw = doctor.get("units")
+    if raw is None:
+        return None
+    raw = _list(raw, "doctor.units", MAX_UNITS, "units")
+    units = tuple(_unit(u, f"doctor.units[{i}]") for i, u in enumerate(raw))
+    ids = [u.id for u in units]
+    if len(set(ids)) != len(ids):
+        raise bad_request("doctor.units lists a unit id twice")
+    advertisable = sum(u.status in ADVERTISABLE for u in units)
+    if (advertisable, len(units)) != (ready, total):
+        raise bad_request(
+            f"doctor.gpu_units ({ready} ready of {total}) does not match doctor.units"
+            f" ({advertisable} ready or degraded of {len(units)})"
+        )
+    return units
+
+
+# --- storage -------------------------------------------------------------------------------------
+
+
+def encode_units(units: tuple[UnitState, ...] | None) -> str | None:
+    """The column node_heartbeats.units: NULL for an agent that sent no units."""
+    if units is None:
+        return None
+    return json.dumps([[u.id, u.status, list(u.reasons)] for u in units], separators=(",", ":"))
+
+
+def decode_units(stored: str | None) -> tuple[UnitState, ...] | None:
+    if stored is None:
+        return None
+    return tuple(UnitState(uid, status, tuple(reasons)) for uid, status, reasons in json.loads(stored))
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """The units a node enrolled with: its IOMMU groups, or (container mode) a number of GPUs."""
+
+    groups: frozenset[str] | None  # None: container mode, capped by `count`
+    count: int
+
+    @classmethod
+    def of(cls, gpu_mode: str, groups: frozenset[str] | None, count: int) -> Enrolled:
+        """`count` is what the node-level cap counts of them (heartbeat._enrolled_units)."""
+        return cls(None if gpu_mode == "container" else groups or frozenset(), count)
+
+
+def enrolled_units(conn: sqlite3.Connection, node: sqlite3.Row) -> Enrolled:
+    """The units `node` (a nodes row with its `enrolled_units` count) enrolled with."""
+    rows = conn.execute("SELECT iommu_group FROM gpu_units WHERE node_id = ?", (node["id"],)).fetchall()
+    return Enrolled.of(node["gpu_mode"], frozenset(r[0] for r in rows), int(node["enrolled_units"]))
+
+
+def enrolled_units_of_org(conn: sqlite3.Connection, org_id: str) -> dict[str, frozenset[str]]:
+    """The IOMMU groups every node of `org_id` enrolled with, by node, in one query (the listing)."""
+    groups: dict[str, set[str]] = {}
+    for node_id, group in conn.execute(
+        "SELECT g.node_id, g.iommu_group FROM gpu_units g JOIN nodes n ON n.id = g.node_id"
+        " WHERE n.org_id = ?",
+        (org_id,),
+    ):
+        groups.setdefault(node_id, set()).add(group)
+    return {node_id: frozenset(g) for node_id, g in groups.items()}
+
+
+# --- the rule -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitsDecision:
+    ready: int
+    advertised: int
+    reason: str | None  # why fewer are advertised than ready, as the node-level `reason`
+    units: tuple[UnitOffer, ...]
+
+
+def decide_units(units: tuple[UnitState, ...], node_reason: str | None, enrolled: Enrolled) -> UnitsDecision:
+    """What is advertised of each unit. `node_reason`: why the node-level rules withdraw the whole
+    node (None when they do not)."""
+    offers = []
+    capacity = enrolled.count  # container mode: enrolled GPUs left to advertise
+    not_enrolled: list[str] = []
+    for u in units:
+        why = list(u.reasons)
+        if u.status == "not_ready" and not why:
+            why.append("not ready")
+        if enrolled.groups is not None:
+            member = u.id in enrolled.groups
+            if not member:
+                why.append(NOT_ENROLLED)
+        else:
+            # Container mode enrolls GPUs, not groups: only a count to hold a unit against.
+            member = u.status not in ADVERTISABLE or capacity > 0
+            capacity -= u.status in ADVERTISABLE
+            if not member:
+                why.append(f"capped at the enrolled hardware ({enrolled.count} GPU unit(s))")
+        if not member and u.status in ADVERTISABLE:
+            not_enrolled.append(u.id)
+        if node_reason is not None:
+            why.append(f"node {node_reason}")
+        advertised = u.status in ADVERTISABLE and member and node_reason is None
+        offers.append(UnitOffer(u.id, u.status, advertised, tuple(why)))
+    ready = sum(u.status in ADVERTISABLE for u in units)
+    advertised_count = sum(o.advertised for o in offers)
+    reason = node_reason
+    if reason is None and not_enrolled:
+        if enrolled.groups is None:
+            reason = f"capped at the enrolled hardware ({enrolled.count} GPU unit(s))"
+        else:
+            shown = ", ".join(not_enrolled[:8]) + (", ..." if len(not_enrolled) > 8 else "")
+            reason = f"{len(not_enrolled)} ready unit(s) {NOT_ENROLLED} ({shown})"
+    return UnitsDecision(ready, advertised_count, reason, tuple(offers))
+
+
+# --- what the node and the provider see --------------------------------------------------------------
+
+
+def withheld(offers: tuple[UnitOffer, ...] | None) -> dict[str, Any]:
+    """The heartbeat answer's `withheld`: every unit not advertised and why. Nothing for an agent
+    that sent no units (its answer stays as it was)."""
+    if offers is None:
+        return {}
+    return {"withheld": [{"id": o.id, "reasons": list(o.reasons)} for o in offers if not o.advertised]}
+
+
+def listing_rows(offers: tuple[UnitOffer, ...] | None) -> list[dict[str, Any]] | None:
+    """The listing's `units` of one node (null: its agent reports no per-unit state)."""
+    if offers is None:
+        return None
+    return [
+        {"id": o.id, "status": o.status, "advertised": o.advertised, "reasons": list(o.reasons)}
+        for o in offers
+    ]
