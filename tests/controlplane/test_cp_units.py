@@ -5,6 +5,7 @@ no units keeps the node-level count rule."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from controlplane import testing
+from controlplane.db import SCHEMA_VERSION
 from hostsim.demo import build_container_host
 from tests.controlplane import test_cp_heartbeat
 from tests.controlplane.test_cp_heartbeat import GOOD, Node, only_node
@@ -165,3 +167,27 @@ def test_a_container_mode_node_advertises_its_units_up_to_the_gpus_it_enrolled_w
     assert r.json()["withheld"] == [{"id": "0000:c1:00.0", "reasons": [cap]}]
     seen = only_node(control_plane, "acme", key)
     assert seen["gpu_units"] == {"ready": 9, "total": 9, "enrolled": 8, "advertised": 8}
+
+
+def test_a_database_from_before_per_unit_state_is_migrated_and_its_nodes_keep_their_listing(
+    tmp_path: Path, enrolled: Callable[..., Node]
+) -> None:
+    """A control plane upgraded over a schema-3 database (node_heartbeats without `units`): its
+    nodes' last heartbeats are listed by the count rule, and a per-unit heartbeat is taken at once."""
+    with testing.running(tmp_path / "cp") as cp:
+        cp.org("acme")
+        key = cp.api_key("acme")
+        node = enrolled(cp, "acme")
+        assert node.beat(GOOD).json()["advertised_units"] == 8
+    conn = sqlite3.connect(tmp_path / "cp" / "cp.sqlite")
+    conn.executescript("ALTER TABLE node_heartbeats DROP COLUMN units; PRAGMA user_version = 3;")
+    conn.close()
+    with testing.running(tmp_path / "cp") as cp:
+        node.cp = cp
+        seen = only_node(cp, "acme", key)
+        assert (seen["gpu_units"]["advertised"], seen["units"]) == (8, None)
+        assert node.beat(with_units(EIGHT_AND_A_STRANGER)).json()["advertised_units"] == 7
+        assert only_node(cp, "acme", key)["units"][0]["reasons"] == [WEDGED["message"]]
+    conn = sqlite3.connect(tmp_path / "cp" / "cp.sqlite")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
