@@ -66,75 +66,100 @@ class UnitOffer:
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise bad_request(f"{where} must be an object")
     return value
 
 
 def _list(value: Any, where: str, limit: int, what: str) -> list[Any]:
-    if not isinstance(value, list) or len(value) > limit:
+    if type(value) is not list or len(value) > limit:
         raise bad_request(f"{where} must be a list of at most {limit} {what}")
     return value
 
 
-def _string(value: Any, where: str, *, limit: int, pattern: re.Pattern[str] | None = None) -> str:
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise bad_request(f"{where} must be a string of 1 to {limit} characters")
-    if not (pattern or _PRINTABLE).fullmatch(value):
-        what = "is not of the expected form" if pattern else "holds a control character"
-        raise bad_request(f"{where} {what}")
-    return value
+# The field checks below take the object, its key and where it is, and spell `where.key` only for
+# an error: every heartbeat of a GPU node runs them some hundred times.
 
 
-def _optional(value: Any, where: str, *, limit: int, pattern: re.Pattern[str] | None = None) -> None:
-    if value is not None:
-        _string(value, where, limit=limit, pattern=pattern)
+def _text(
+    obj: dict[str, Any],
+    key: str,
+    where: str,
+    *,
+    limit: int = MAX_MESSAGE,
+    pattern: re.Pattern[str] | None = None,
+    optional: bool = False,
+) -> Any:
+    """obj[key]: a string `pattern` matches whole (the patterns bound the length themselves), or
+    (without one) of 1 to `limit` characters and no control character; None when `optional`."""
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if type(value) is str:
+        if pattern is not None:
+            if pattern.fullmatch(value):
+                return value
+            raise bad_request(f"{where}.{key} {_shown(value)} is not of the expected form")
+        if 0 < len(value) <= limit and _PRINTABLE.fullmatch(value):
+            return value
+        if 0 < len(value) <= limit:
+            raise bad_request(f"{where}.{key} holds a control character")
+    if pattern is not None:
+        raise bad_request(f"{where}.{key} must be a string")
+    raise bad_request(f"{where}.{key} must be a string of 1 to {limit} characters")
 
 
-def _whole(value: Any, where: str, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
-        raise bad_request(f"{where} must be a whole number from 0 to {high}")
+def _whole(obj: dict[str, Any], key: str, where: str, high: int) -> None:
+    """obj[key], when present: a whole number from 0 to `high`."""
+    value = obj.get(key)
+    if value is not None and (type(value) is not int or not 0 <= value <= high):
+        raise bad_request(f"{where}.{key} must be a whole number from 0 to {high}")
 
 
-def _device(value: Any, where: str) -> str:
-    d = _object(value, where)
-    address = _string(d.get("address"), f"{where}.address", limit=12, pattern=_PCI)
+def _shown(value: str) -> str:
+    return repr(value[:40]) + ("..." if len(value) > 40 else "")
+
+
+def _device(d: Any, where: str) -> str:
+    d = _object(d, where)
+    address = _text(d, "address", where, pattern=_PCI)
     if d.get("role") not in ROLES:
         raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}")
-    if not isinstance(d.get("present"), bool):
+    if type(d.get("present")) is not bool:
         raise bad_request(f"{where}.present must be true or false")
-    _optional(d.get("driver"), f"{where}.driver", limit=64, pattern=_WORD)
-    if d.get("link") is not None:
-        link = _object(d["link"], f"{where}.link")
-        for key in ("speed", "max_speed"):
-            _optional(link.get(key), f"{where}.link.{key}", limit=32, pattern=_LINK_SPEED)
-        for key in ("width", "max_width"):
-            if link.get(key) is not None:
-                _whole(link[key], f"{where}.link.{key}", 32)
-    if d.get("aer") is not None:
-        aer = _object(d["aer"], f"{where}.aer")
+    _text(d, "driver", where, pattern=_WORD, optional=True)
+    link = d.get("link")
+    if link is not None:
+        link = _object(link, f"{where}.link")
+        _text(link, "speed", f"{where}.link", pattern=_LINK_SPEED, optional=True)
+        _text(link, "max_speed", f"{where}.link", pattern=_LINK_SPEED, optional=True)
+        _whole(link, "width", f"{where}.link", 32)
+        _whole(link, "max_width", f"{where}.link", 32)
+    aer = d.get("aer")
+    if aer is not None:
+        aer = _object(aer, f"{where}.aer")
         for key in ("correctable", "nonfatal", "fatal"):
-            if aer.get(key) is not None:
-                _whole(aer[key], f"{where}.aer.{key}", _MAX_COUNTER)
-    if d.get("reset_method") is not None:
-        methods = _list(d["reset_method"], f"{where}.reset_method", 16, "reset methods")
-        for i, m in enumerate(methods):
-            _string(m, f"{where}.reset_method[{i}]", limit=32, pattern=_WORD)
-    return address
+            _whole(aer, key, f"{where}.aer", _MAX_COUNTER)
+    methods = d.get("reset_method")
+    if methods is not None:
+        for m in _list(methods, f"{where}.reset_method", 16, "reset methods"):
+            if type(m) is not str or not _WORD.fullmatch(m):
+                raise bad_request(f"{where}.reset_method holds {_shown(str(m))}, not a reset method's name")
+    return str(address)
 
 
-def _reason(value: Any, where: str) -> str:
-    r = _object(value, where)
-    _string(r.get("code"), f"{where}.code", limit=64, pattern=_CODE)
-    _optional(r.get("device"), f"{where}.device", limit=12, pattern=_PCI)
-    _optional(r.get("hint"), f"{where}.hint", limit=MAX_MESSAGE)
-    return _string(r.get("message"), f"{where}.message", limit=MAX_MESSAGE)
+def _reason(r: Any, where: str) -> str:
+    r = _object(r, where)
+    _text(r, "code", where, pattern=_CODE)
+    _text(r, "device", where, pattern=_PCI, optional=True)
+    _text(r, "hint", where, optional=True)
+    return str(_text(r, "message", where))
 
 
-def _unit(value: Any, where: str) -> UnitState:
-    u = _object(value, where)
-    uid = _string(u.get("id"), f"{where}.id", limit=12, pattern=_UNIT_ID)
-    _optional(u.get("iommu_group"), f"{where}.iommu_group", limit=6, pattern=_GROUP)
+def _unit(u: Any, where: str) -> UnitState:
+    u = _object(u, where)
+    uid = str(_text(u, "id", where, pattern=_UNIT_ID))
+    _text(u, "iommu_group", where, pattern=_GROUP, optional=True)
     status = u.get("status")
     if status not in STATUSES:
         raise bad_request(f"{where}.status must be one of {', '.join(STATUSES)}")
