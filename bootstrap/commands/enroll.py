@@ -13,21 +13,22 @@ import logging
 import sys
 from pathlib import Path
 
-from bootstrap import stages
 from bootstrap.errors import VectorlayError, redact
 from bootstrap.host import open_host
 from bootstrap.lock import run_lock
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.provisioning import TokenReader, describe_expiry
 from bootstrap.settings import load_settings
-from bootstrap.stages import Context, Facts, Outcome
+from bootstrap.stages import registry
+from bootstrap.stages.contract import Context, Facts, Outcome
 from bootstrap.state import load_state
 
 log = logging.getLogger("bootstrap.enroll_command")
 
 
 def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file: Path | None) -> None:
-    from bootstrap.commands.install import _os_error, run_log
+    from bootstrap.commands.run_log import run_log
+    from bootstrap.commands.runner import os_error
     from bootstrap.enroll import token_refused
 
     if ca_file is not None and not ca_file.is_file():
@@ -59,18 +60,17 @@ def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file
         ctx.out = logged
         facts = Facts()
         try:
-            for stage in stages.select("enroll"):
-                module = stages.load(stage)
-                sp = module.plan(ctx, facts)
+            for stage in registry.select("enroll"):
+                sp = stage.plan(ctx, facts)
                 tok = sp.facts.token
                 if stage.name == "enroll" and tok is not None and tok.state == "valid":
                     logged(f"provisioning token {describe_expiry(tok.expires_at)}")
-                result, facts = module.apply(ctx, sp)
+                result, facts = stage.apply(ctx, sp)
         except VectorlayError as e:
             log.error("enroll: %s", e.message)
             raise
         except OSError as e:
-            err = _os_error(host, stages.BY_NAME["enroll"], e)
+            err = os_error(host, registry.BY_NAME["enroll"], e)
             log.error("enroll: %s", err.message)
             raise err from None
     if result.outcome is not Outcome.OK:

@@ -27,8 +27,9 @@ from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Switch,
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
 from bootstrap.settings import settings_yaml
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, proxy
 from bootstrap.stages.artifacts import agent_names, gpu_mode_of
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import proxy
 from bootstrap.templating import render as render_template
 from bootstrap.update import (
     IN_PLACE_SIGNAL,

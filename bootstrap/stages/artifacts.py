@@ -26,7 +26,8 @@ from bootstrap.manifest import (
     verify_manifest,
 )
 from bootstrap.plan import Fetch, compute
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, proxy
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import proxy
 from bootstrap.state import STATE_PATH, RunState, save_state
 from bootstrap.update import SERVICES
 

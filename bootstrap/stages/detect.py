@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bootstrap.discovery import UnitStatus, discover
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
 
 
 def plan(ctx: Context, facts: Facts) -> StagePlan:

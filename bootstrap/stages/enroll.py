@@ -26,19 +26,8 @@ from bootstrap.fsutil import atomic_write, fault_point, fsync_dir
 from bootstrap.identity import load_identity
 from bootstrap.plan import Enroll, compute
 from bootstrap.provisioning import PENDING_KEY
-from bootstrap.stages import (
-    Context,
-    Facts,
-    Outcome,
-    StagePlan,
-    StageResult,
-    api_url,
-    client,
-    enrolled,
-    introspect,
-    keep_expiry,
-    token_of,
-)
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import api_url, client, enrolled, introspect, keep_expiry, token_of
 
 
 def _pending_key(ctx: Context) -> ec.EllipticCurvePrivateKey:

@@ -20,7 +20,8 @@ from bootstrap.paths import SYSTEMD_UNITS
 from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, compute
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, expiry
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import expiry
 from bootstrap.state import boot_id, reboot_message, save_state
 from bootstrap.templating import render as render_template
 

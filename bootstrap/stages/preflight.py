@@ -17,19 +17,8 @@ from bootstrap.enroll import token_refused, token_state_words
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.provisioning import PENDING_KEY, describe_expiry
-from bootstrap.stages import (
-    Context,
-    Facts,
-    Outcome,
-    StagePlan,
-    StageResult,
-    api_url,
-    client,
-    enrolled,
-    introspect,
-    keep_expiry,
-    token_of,
-)
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import api_url, client, enrolled, introspect, keep_expiry, token_of
 
 
 def check_os(host: Host) -> platform.OsSupport:
