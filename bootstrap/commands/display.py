@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
 from bootstrap.stages.contract import Outcome, StageResult
-from bootstrap.stages.registry import Stage
+from bootstrap.stages.registry import AnyStage
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -35,7 +35,7 @@ class Display:
         else:
             print(text, file=self.stream, flush=True)
 
-    def start(self, index: int, stage: Stage) -> None:
+    def start(self, index: int, stage: AnyStage) -> None:
         head = f"[{index}/{self.total}] {stage.name}: {stage.summary}"
         if self.rich:
             if self._status is None:
@@ -46,7 +46,7 @@ class Display:
         else:
             self.line(head)
 
-    def finish(self, stage: Stage, result: StageResult | None, error: str | None = None) -> None:
+    def finish(self, stage: AnyStage, result: StageResult | None, error: str | None = None) -> None:
         mark = {
             Outcome.OK: ("✓", "green"),
             Outcome.SKIPPED: ("-", "yellow"),

@@ -16,8 +16,8 @@ from bootstrap.errors import VectorlayError, redact
 from bootstrap.host import Host
 from bootstrap.paths import LOG_PATH
 from bootstrap.plan import render
-from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
-from bootstrap.stages.registry import Stage
+from bootstrap.stages.contract import Context, Facts, Outcome, StageResult
+from bootstrap.stages.registry import AnyStage
 from bootstrap.state import save_state
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REBOOT = 0, 1, 2, 3
@@ -28,7 +28,7 @@ log = logging.getLogger("bootstrap.install")
 
 @dataclass
 class Finished:
-    stage: Stage
+    stage: AnyStage
     result: StageResult | None
     error: VectorlayError | None = None
 
@@ -49,7 +49,7 @@ class InternalError(VectorlayError):
 
 
 def final_screen(
-    ctx: Context, chosen: list[Stage], ran: list[Finished], log_path: Path | None, plan_only: bool
+    ctx: Context, chosen: list[AnyStage], ran: list[Finished], log_path: Path | None, plan_only: bool
 ) -> list[str]:
     verdict, _ = run_verdict(ran, plan_only)
     lines = ["", f"vectorlay-node: {verdict}"]
@@ -89,7 +89,7 @@ def final_screen(
     return lines
 
 
-def run_stages(ctx: Context, chosen: list[Stage], display: Display, plan_only: bool) -> list[Finished]:
+def run_stages(ctx: Context, chosen: list[AnyStage], display: Display, plan_only: bool) -> list[Finished]:
     """Plan every stage; in a real run apply each just after its plan (the earlier stages changed the
     host it plans from). A plan run hands the later stages what each would produce."""
     ran: list[Finished] = []
@@ -124,9 +124,9 @@ def run_stages(ctx: Context, chosen: list[Stage], display: Display, plan_only: b
     return ran
 
 
-def step(ctx: Context, stage: Stage, facts: Facts, plan_only: bool) -> tuple[StageResult, Facts]:
+def step(ctx: Context, stage: AnyStage, facts: Facts, plan_only: bool) -> tuple[StageResult, Facts]:
     """One stage: its plan shown (with diffs in a plan run), then, in a real run, applied."""
-    sp: StagePlan = stage.plan(ctx, facts)
+    sp = stage.plan(ctx, facts)
     if sp.plan.items:
         for line in render(sp.plan, diffs=plan_only):
             ctx.out(line)
@@ -147,7 +147,7 @@ def drop_stale_commands(ctx: Context) -> None:
         ctx.state.pending_commands = []
 
 
-def os_error(host: Host, stage: Stage, e: OSError) -> VectorlayError:
+def os_error(host: Host, stage: AnyStage, e: OSError) -> VectorlayError:
     where = ""
     if e.filename:
         name = str(e.filename)

@@ -291,7 +291,7 @@ def owned_changes(host: Host) -> list[Change]:
     return changes
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[Identity]:
     host = ctx.host
     ident = facts.identity if facts.identity is not None else load_identity(host)
     mode = gpu_mode_of(ctx, facts)
@@ -311,9 +311,9 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     return StagePlan(facts, StageResult(Outcome.PLANNED), changes, carry=ident)
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(ctx: Context, sp: StagePlan[Identity]) -> tuple[StageResult, Facts]:
     host = ctx.host
-    if not isinstance(sp.carry, Identity):
+    if sp.carry is None:
         return StageResult(Outcome.OK, sp.planned.message), sp.facts
     pending = [
         sp.facts.targets[i.change.name] for i in sp.plan.actions if i.changed and isinstance(i.change, Switch)

@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from bootstrap.discovery import Inventory
 from bootstrap.errors import VectorlayError
@@ -103,8 +103,12 @@ class Context:
         return self.doctor
 
 
+# What a stage's apply needs of its own plan: each stage names its type (None: nothing).
+C = TypeVar("C")
+
+
 @dataclass(frozen=True)
-class StagePlan:
+class StagePlan(Generic[C]):
     """A stage's plan: the changes (files, commands, actions) as compared with the host, lines to
     show after them, what a plan run reports, and what the later stages may plan from. (What the
     stage says while planning it says through ctx.out: a check that fails must not hide the ones
@@ -116,5 +120,6 @@ class StagePlan:
     tail: tuple[str, ...] = ()
     # A gate that stops a real run: shown in a plan run as what would come first, raised by apply.
     blocked: VectorlayError | None = None
-    # What apply needs of the planning that is no fact for later stages (the stage's own type).
-    carry: object = None
+    # What apply needs of the planning that is no fact for later stages, of the stage's own type;
+    # None when apply has nothing to carry out beyond the plan (the gate, a skip).
+    carry: C | None = None

@@ -155,7 +155,7 @@ def _warnings(inv: Inventory) -> list[str]:
     return out
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[_Passthrough]:
     host = ctx.host
     inv = facts.inventory or discover(host, ctx.settings)
     facts = replace(facts, inventory=inv)
@@ -179,8 +179,8 @@ class _Passthrough:
     """The plan configures passthrough: apply regenerates, rediscovers and runs the gate."""
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
-    if not isinstance(sp.carry, _Passthrough):
+def apply(ctx: Context, sp: StagePlan[_Passthrough]) -> tuple[StageResult, Facts]:
+    if sp.carry is None:
         return sp.planned, sp.facts
     host, inv = ctx.host, sp.facts.inventory
     assert inv is not None

@@ -43,7 +43,7 @@ def reach_api(ctx: Context) -> None:
         api.close()
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
     """Every check runs here: preflight only reads the host and asks the control plane."""
     from doctor.model import Status
 
@@ -106,7 +106,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     return StagePlan(replace(facts, token=token), StageResult(Outcome.OK, msg))
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(ctx: Context, sp: StagePlan[None]) -> tuple[StageResult, Facts]:
     if sp.facts.token is not None:
         keep_expiry(ctx, sp.facts.token)
     return sp.planned, sp.facts

@@ -8,22 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic
 
 from bootstrap.errors import UsageError
 from bootstrap.stages import agents, artifacts, detect, enroll, gpu, preflight, verify
-from bootstrap.stages.contract import Context, Facts, StagePlan, StageResult
+from bootstrap.stages.contract import C, Context, Facts, StagePlan, StageResult
 
 
 @dataclass(frozen=True)
-class Stage:
+class Stage(Generic[C]):
+    """A stage's record: its apply takes what its plan gives (mypy holds each record to it)."""
+
     name: str
     summary: str
-    plan: Callable[[Context, Facts], StagePlan]
-    apply: Callable[[Context, StagePlan], tuple[StageResult, Facts]]
+    plan: Callable[[Context, Facts], StagePlan[C]]
+    apply: Callable[[Context, StagePlan[C]], tuple[StageResult, Facts]]
     needs: tuple[str, ...] = ()
 
 
-STAGES: tuple[Stage, ...] = (
+# The records differ in their carry type, so the runner sees them as Stage[Any]; each record is
+# checked as written (STAGES takes its type from them, not from an annotation that would erase it).
+AnyStage = Stage[Any]
+
+STAGES = (
     Stage("preflight", "root, OS, KVM, memory, disk, API and token checks", preflight.plan, preflight.apply),
     Stage("detect", "PCI devices, GPUs, NVSwitches, IOMMU groups, GPU units", detect.plan, detect.apply),
     Stage("gpu", "GPU passthrough: IOMMU, vfio, bind service, reboot gate", gpu.plan, gpu.apply, ("detect",)),
@@ -40,10 +47,10 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("verify", "the doctor's checks: the run's verdict", verify.plan, verify.apply, ("agents",)),
 )
-BY_NAME = {s.name: s for s in STAGES}
+BY_NAME: dict[str, AnyStage] = {s.name: s for s in STAGES}
 
 
-def _closure(name: str) -> list[Stage]:
+def _closure(name: str) -> list[AnyStage]:
     order = [s.name for s in STAGES]
     wanted: set[str] = set()
 
@@ -58,7 +65,7 @@ def _closure(name: str) -> list[Stage]:
     return [BY_NAME[n] for n in order if n in wanted]
 
 
-def select(only: str | None) -> list[Stage]:
+def select(only: str | None) -> list[AnyStage]:
     """The stages to run, in order: all of them, or `only` and the stages it needs."""
     if only is None:
         return list(STAGES)

@@ -19,12 +19,12 @@ from bootstrap.stages.artifacts import gpu_mode_of
 from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
     ctx.need_doctor()
     return StagePlan(facts, StageResult(Outcome.PLANNED, "the doctor's checks run after a real install"))
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(ctx: Context, sp: StagePlan[None]) -> tuple[StageResult, Facts]:
     from doctor.model import Status
 
     doctor = ctx.need_doctor()
