@@ -42,22 +42,20 @@ def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file
     def out(text: str) -> None:
         print(redact(text, seen), file=sys.stderr, flush=True)
 
+    def logged(text: str) -> None:
+        log.info("%s", text)  # into the run log, which the stages only speak inside
+        out(text)
+
     ctx = Context(
         host=host,
         settings=settings,
         state=load_state(host),
         api=api_url or settings.api,
         ca_file=ca_file,
-        out=out,
+        out=logged,
         tokens=TokenReader(token_file, required=True, remember=seen.add),
     )
     with run_lock(host), run_log(host, lambda: seen):
-
-        def logged(text: str) -> None:
-            log.info("%s", text)
-            out(text)
-
-        ctx.out = logged
         facts = Facts()
         try:
             for stage in registry.select("enroll"):

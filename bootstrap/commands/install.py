@@ -93,6 +93,11 @@ def run_install(
     def secrets() -> set[str]:
         return seen
 
+    def out(text: str) -> None:
+        text = redact(text, secrets())
+        log.info("%s", text)
+        display.line(text)
+
     ctx = Context(
         host=host,
         settings=settings,
@@ -103,15 +108,9 @@ def run_install(
         # A plan never waits for a token on standard input: it shows what a real run would ask.
         tokens=TokenReader(token_file, prompt=not plan_only, remember=seen.add, around_prompt=display.paused),
         ignored_checks=ignored,
+        out=out,
         doctor=doctor_port(),
     )
-
-    def out(text: str) -> None:
-        text = redact(text, secrets())
-        log.info("%s", text)
-        display.line(text)
-
-    ctx.out = out
     lock = contextlib.nullcontext() if plan_only else run_lock(host)
     with lock:
         logging_ = quiet_log(log) if plan_only else run_log(host, secrets)

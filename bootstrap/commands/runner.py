@@ -74,12 +74,12 @@ def final_screen(
         left.append(last.result.message)
     if not_run:
         left.append("not run yet: " + ", ".join(not_run))
-    left.extend(ctx.left)
+    left.extend(ctx.summary.left)
     if left:
         lines.append("  left:")
         lines.extend(f"    {item}" for item in left)
-    if ctx.report is not None:
-        r = ctx.report
+    if ctx.summary.report is not None:
+        r = ctx.summary.report
         units = f", {r.units_ready}/{r.units_total} GPU unit(s) ready" if r.units_total else ""
         lines.append(f"  doctor: {r.verdict.value}{units} (sudo vectorlay-node-doctor for details)")
     elif not plan_only:

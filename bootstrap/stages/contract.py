@@ -76,9 +76,20 @@ class Facts:
 
 
 @dataclass
+class Summary:
+    """What the run's final screen shows beyond the stages' results, filled in as the stages run (also
+    by one that then stops): the one part of what a run hands the stages that they change."""
+
+    # Warnings and steps still to take after this run, in stage order.
+    left: list[str] = field(default_factory=list)
+    report: Report | None = None  # the doctor's, once verify ran
+
+
+@dataclass(frozen=True)
 class Context:
     """What a run hands every stage: the host, its settings and state, where output goes, the
-    doctor's port, and the run's options. The facts travel separately (`Facts`)."""
+    doctor's port, and the run's options; complete when made (frozen). The facts travel separately
+    (`Facts`); what the final screen gathers goes into `summary`."""
 
     host: Host
     settings: Settings
@@ -89,9 +100,7 @@ class Context:
     token_expires_at: datetime | None = None
     out: Callable[[str], None] = print
     tokens: TokenReader = field(default_factory=lambda: TokenReader(prompt=False))
-    # What the final screen lists: warnings and steps still to take after this run, in stage order.
-    left: list[str] = field(default_factory=list)
-    report: Report | None = None  # the doctor's, once verify ran
+    summary: Summary = field(default_factory=Summary)
     # Checks the operator accepts failing (--ignore-preflight-errors, as kubeadm's): still run and
     # reported, but neither preflight nor verify stops the run on them.
     ignored_checks: frozenset[str] = frozenset()

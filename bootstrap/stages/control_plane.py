@@ -21,7 +21,6 @@ def api_url(ctx: Context) -> str:
     except IdentityError:
         ident = None
     if ident is not None and ident.api:
-        ctx.api = ident.api
         return ident.api
     raise VectorlayError(
         "no control plane URL", "pass api=https://... to the one-liner (or --api, or api: in node.yaml)"

@@ -54,18 +54,18 @@ def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
     ctx.out(f"preflight: {support.found}")
     if not support.supported:
         ctx.out(f"  WARN: {support.warning()}")
-        ctx.left.append(support.warning())
+        ctx.summary.left.append(support.warning())
 
     doctor = ctx.need_doctor()
     report = doctor.run_checks(host, ctx.settings, only=doctor.preflight_checks)
     for r in report.results:
         ctx.out(f"  {r.name}: {r.message} [{r.status.value}]")
         if r.status is Status.WARN:
-            ctx.left.append(f"{r.name}: {r.message} ({r.hint})")
+            ctx.summary.left.append(f"{r.name}: {r.message} ({r.hint})")
     failed = [r for r in report.results if r.status is Status.FAIL]
     for r in [r for r in failed if r.name in ctx.ignored_checks]:
         ctx.out(f"  {r.name}: FAIL ignored on request (--ignore-preflight-errors)")
-        ctx.left.append(f"{r.name}: {r.message} (failed; ignored on request)")
+        ctx.summary.left.append(f"{r.name}: {r.message} (failed; ignored on request)")
     failed = [r for r in failed if r.name not in ctx.ignored_checks]
     if failed:
         raise VectorlayError(
@@ -73,12 +73,10 @@ def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
             failed[0].hint,
         )
 
-    api_url(ctx)
+    api = api_url(ctx)
     token = token_of(ctx, facts)
-    api = None
     if not token.given:
         reach_api(ctx)
-        api = ctx.api
         # A real run reads a token (or stops) unless the node is enrolled: only a plan gets here.
         if not enrolled(ctx):
             msg = "no provisioning token given (a real run needs one)"
@@ -89,7 +87,6 @@ def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
 
     token = introspect(ctx, token)
     state = token.state
-    api = ctx.api
     if state == "not_a_provider":
         # Before the gpu stage rewrites GRUB and asks for a reboot: no token of this org will
         # enroll until the org is approved.
