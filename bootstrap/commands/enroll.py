@@ -28,7 +28,7 @@ log = logging.getLogger("bootstrap.enroll_command")
 
 def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file: Path | None) -> None:
     from bootstrap.commands.run_log import run_log
-    from bootstrap.commands.runner import os_error
+    from bootstrap.commands.runner import os_error, persisting
     from bootstrap.enroll import token_refused
 
     if ca_file is not None and not ca_file.is_file():
@@ -59,11 +59,12 @@ def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file
         facts = Facts()
         try:
             for stage in registry.select("enroll"):
-                sp = stage.plan(ctx, facts)
-                tok = sp.facts.token
-                if stage.name == "enroll" and tok is not None and tok.state == "valid":
-                    logged(f"provisioning token {describe_expiry(tok.expires_at)}")
-                result, facts = stage.apply(ctx, sp)
+                with persisting(ctx, plan_only=False):
+                    sp = stage.plan(ctx, facts)
+                    tok = sp.facts.token
+                    if stage.name == "enroll" and tok is not None and tok.state == "valid":
+                        logged(f"provisioning token {describe_expiry(tok.expires_at)}")
+                    result, facts = stage.apply(ctx, sp)
         except VectorlayError as e:
             log.error("enroll: %s", e.message)
             raise

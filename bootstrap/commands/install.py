@@ -29,7 +29,7 @@ from bootstrap.provisioning import TokenReader
 from bootstrap.settings import GPU_MODES, load_settings
 from bootstrap.stages import registry
 from bootstrap.stages.contract import Context
-from bootstrap.state import load_state, save_state
+from bootstrap.state import load_state
 
 READ_ONLY = frozenset({"detect"})
 
@@ -127,7 +127,7 @@ def run_install(
             # The stage reached, recorded by runs that did not fail and did more than read the host.
             if ran and not plan_only and ran[-1].error is None and {f.stage.name for f in ran} - READ_ONLY:
                 state.stage = ran[-1].stage.name
-                save_state(host, state)
+                ctx.persist()
             verdict, code = run_verdict(ran, plan_only)
             for line in final_screen(ctx, chosen, ran, log_path, plan_only):
                 ctx.out(line)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from bootstrap.paths import LOG_PATH
 from bootstrap.plan import render
 from bootstrap.stages.contract import Context, Facts, Outcome, StageResult
 from bootstrap.stages.registry import AnyStage
-from bootstrap.state import save_state
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REBOOT = 0, 1, 2, 3
 
@@ -89,6 +89,19 @@ def final_screen(
     return lines
 
 
+@contextlib.contextmanager
+def persisting(ctx: Context, plan_only: bool) -> Iterator[None]:
+    """Around one stage: the run state it changed is written when it ends, also when it stopped
+    (a token's expiry, which the reboot message of the next run names). A plan writes nothing; an
+    unchanged state is not written."""
+    before = ctx.state.to_json()
+    try:
+        yield
+    finally:
+        if not plan_only and ctx.state.to_json() != before:
+            ctx.persist()
+
+
 def run_stages(ctx: Context, chosen: list[AnyStage], display: Display, plan_only: bool) -> list[Finished]:
     """Plan every stage; in a real run apply each just after its plan (the earlier stages changed the
     host it plans from). A plan run hands the later stages what each would produce."""
@@ -96,9 +109,9 @@ def run_stages(ctx: Context, chosen: list[AnyStage], display: Display, plan_only
     facts = Facts()
     for index, stage in enumerate(chosen, 1):
         display.start(index, stage)
-        before = ctx.state.to_json()
         try:
-            result, facts = step(ctx, stage, facts, plan_only)
+            with persisting(ctx, plan_only):
+                result, facts = step(ctx, stage, facts, plan_only)
         except VectorlayError as e:
             err = e
         except OSError as e:
@@ -110,8 +123,6 @@ def run_stages(ctx: Context, chosen: list[AnyStage], display: Display, plan_only
                 f"re-run the same command; if it happens again, report it with {LOG_PATH}",
             )
         else:
-            if not plan_only and ctx.state.to_json() != before:
-                save_state(ctx.host, ctx.state)
             display.finish(stage, result)
             ran.append(Finished(stage, result))
             if result.outcome is Outcome.REBOOT:

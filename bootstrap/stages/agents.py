@@ -321,7 +321,9 @@ def apply(ctx: Context, sp: StagePlan[Identity]) -> tuple[StageResult, Facts]:
     for art in pending:
         old = artifacts.current_version(host, art.name)
         ctx.out(f"agents: switching {art.name} {old or '(none)'} -> {art.version}")
-    plan_apply(host, sp.plan.without_actions(), log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
+    plan_apply(
+        host, sp.plan.without_actions(), log=lambda m: ctx.out(f"  {m}"), state=ctx.state, persist=ctx.persist
+    )
     report = switch(host, pending, Timing.default(), log=lambda m: ctx.out(f"  {m}"))
     if report.rolled_back:
         bad = ", ".join(f"{n} {b} (back on {r})" for n, (b, r) in report.rolled_back.items())

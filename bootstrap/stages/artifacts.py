@@ -28,7 +28,7 @@ from bootstrap.manifest import (
 from bootstrap.plan import Fetch, compute
 from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
 from bootstrap.stages.control_plane import proxy
-from bootstrap.state import STATE_PATH, RunState, save_state
+from bootstrap.state import STATE_PATH, RunState
 from bootstrap.update import SERVICES
 
 CONTAINER_ONLY = ("runsc",)
@@ -154,7 +154,7 @@ def apply(ctx: Context, sp: StagePlan[_Accepted]) -> tuple[StageResult, Facts]:
         return ok, sp.facts
     ctx.state.manifest_serial, ctx.state.manifest_keys = accepted.serial, accepted.keyring
     # Kept at once, not only when the stage ends well: the serial was accepted.
-    save_state(ctx.host, ctx.state)
+    ctx.persist()
     if accepted.missing:
         client = node_client(ident, ctx.api, ctx.ca_file, proxy=proxy(ctx))
         try:

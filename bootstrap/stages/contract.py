@@ -26,7 +26,7 @@ from bootstrap.manifest import Artifact
 from bootstrap.plan import Plan
 from bootstrap.provisioning import ProvisioningToken, TokenReader
 from bootstrap.settings import Settings
-from bootstrap.state import RunState
+from bootstrap.state import RunState, save_state
 
 if TYPE_CHECKING:
     from doctor.model import Report
@@ -105,6 +105,12 @@ class Context:
     # reported, but neither preflight nor verify stops the run on them.
     ignored_checks: frozenset[str] = frozenset()
     doctor: Doctor | None = None
+
+    def persist(self) -> None:
+        """Make the run state durable now (written only when it changed): the one way a run writes
+        it. The runner does after every stage, also one that stopped; a stage itself only for what
+        must outlive a kill in its middle (the command journal, an accepted manifest serial)."""
+        save_state(self.host, self.state)
 
     def need_doctor(self) -> Doctor:
         if self.doctor is None:

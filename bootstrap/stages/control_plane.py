@@ -9,7 +9,6 @@ from bootstrap.errors import VectorlayError
 from bootstrap.identity import IdentityError, identity_path, load_identity
 from bootstrap.provisioning import ProvisioningToken
 from bootstrap.stages.contract import Context, Facts
-from bootstrap.state import save_state
 
 
 def api_url(ctx: Context) -> str:
@@ -74,13 +73,13 @@ def introspect(ctx: Context, token: ProvisioningToken) -> ProvisioningToken:
 
 
 def keep_expiry(ctx: Context, token: ProvisioningToken) -> None:
-    """Record a valid token's expiry in the run state at once, also when the stage then stops: the
-    reboot message of the run after a reboot names it."""
+    """Record a valid token's expiry in the run state, kept also when the stage then stops (the
+    runner persists the state after every stage): the reboot message of the run after a reboot
+    names it."""
     if token.state == "valid" and token.expires_at is not None:
         stamp = token.expires_at.isoformat(timespec="seconds")
         if ctx.state.token_expires_at != stamp:
             ctx.state.token_expires_at = stamp
-            save_state(ctx.host, ctx.state)
 
 
 def expiry(ctx: Context, facts: Facts) -> datetime | None:
