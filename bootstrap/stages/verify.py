@@ -15,23 +15,23 @@ from dataclasses import replace
 
 from bootstrap.errors import VectorlayError
 from bootstrap.paths import IDENTITY_DIR
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
 from bootstrap.stages.artifacts import gpu_mode_of
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
     ctx.need_doctor()
     return StagePlan(facts, StageResult(Outcome.PLANNED, "the doctor's checks run after a real install"))
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(ctx: Context, sp: StagePlan[None]) -> tuple[StageResult, Facts]:
     from doctor.model import Status
 
     doctor = ctx.need_doctor()
     if ctx.host.path(IDENTITY_DIR).exists():
         ctx.out(f"node-agent: {doctor.report_now(ctx.host)}")
     report = doctor.run_checks(ctx.host, replace(ctx.settings, gpu_mode=gpu_mode_of(ctx, sp.facts)))
-    ctx.report = report
+    ctx.summary.report = report
     for line in doctor.render_text(report).rstrip("\n").splitlines():
         ctx.out(f"  {line}" if line else "")
     units = f"; {report.units_ready}/{report.units_total} GPU unit(s) ready" if report.units_total else ""
@@ -44,7 +44,7 @@ def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
         )
     for r in report.results:
         if r.status is Status.WARN:
-            ctx.left.append(f"{r.name}: {r.message} ({r.hint})")
+            ctx.summary.left.append(f"{r.name}: {r.message} ({r.hint})")
     if any(r.status is Status.FAIL for r in report.results):
         verdict += " (failed checks ignored on request: " + ", ".join(sorted(ctx.ignored_checks)) + ")"
     return StageResult(Outcome.OK, verdict), sp.facts
