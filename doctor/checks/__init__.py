@@ -38,8 +38,15 @@ def run_checks(
     settings: Settings | None = None,
     only: Iterable[str] | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    record: bool = False,
 ) -> Report:
-    """Run the checks for this node's GPU mode (or just `only`, in their usual order)."""
+    """Run the checks for this node's GPU mode (or just `only`, in their usual order).
+
+    `record`: keep this run's AER counts in the node's state, as the baseline the next run measures
+    growth against. The node-agent's runs do: with one writer, growth between two of its heartbeats
+    is never hidden by a run in between (the textfile timer's, an operator's).
+    """
     if settings is None:
         from bootstrap.settings import load_settings
 
@@ -56,4 +63,7 @@ def run_checks(
     results = tuple(CHECKS[n].run(ctx) for n in names)
 
     ready, total = ctx.units()
-    return Report(results, ctx.mode, ready, total, tuple(d.address for d in ctx.inventory.wedged))
+    if record:
+        ctx.record_unit_health()
+    wedged = tuple(d.address for d in ctx.inventory.wedged)
+    return Report(results, ctx.mode, ready, total, wedged, tuple(ctx.unit_health()))

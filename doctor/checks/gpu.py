@@ -8,48 +8,12 @@ import re
 from collections.abc import Iterable
 
 from bootstrap import runsc
-from bootstrap.discovery import Unit, UnitStatus
 from bootstrap.host import CommandResult
 from bootstrap.paths import RUNSC
 from bootstrap.pci import PciDevice
 from doctor.checks.registry import REINSTALL, Context, check, gpu_skip
-from doctor.model import CheckResult, Status
-
-RESTART_BIND = "sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap"
-
-
-def unit_readiness(ctx: Context, unit: Unit) -> tuple[Unit, bool, str]:
-    inv = ctx.inventory
-    group = f"group {unit.iommu_group}" if unit.iommu_group is not None else "no group"
-    gpus = ", ".join(f"{a} {inv.name(a)}".rstrip() for a in unit.gpus)
-    head = f"{group}: {gpus}"
-    if unit.status is UnitStatus.READY:
-        if ctx.host.is_live:
-            from doctor.probes import probe_vfio_group
-
-            probe = probe_vfio_group(f"/dev/vfio/{unit.iommu_group}")
-            if not probe.usable:
-                return unit, False, f"{head}: on vfio-pci but {probe.state}"
-            return unit, True, f"{head}: ready ({probe.state})"
-        return unit, True, f"{head}: ready"
-    if unit.status is UnitStatus.NEEDS_BINDING:
-        drivers = sorted({inv.devices[a].driver or "no driver" for a in unit.unbound if a in inv.devices})
-        return unit, False, f"{head}: not on vfio-pci ({', '.join(unit.unbound)} on {', '.join(drivers)})"
-    if unit.status is UnitStatus.NOT_ISOLATABLE:
-        shared = "; ".join(inv.describe(b) for b in unit.blockers)
-        return unit, False, f"{head}: not isolatable, shares its IOMMU group with {shared}"
-    if unit.status is UnitStatus.WEDGED:
-        return unit, False, f"{head}: WEDGED (fell off the bus)"
-    return unit, False, f"{head}: no IOMMU group"
-
-
-def shared_readiness(ctx: Context, dev: PciDevice) -> tuple[PciDevice, bool, str]:
-    head = f"{dev.address} {ctx.inventory.name(dev.address)}".rstrip()
-    if dev.wedged:
-        return dev, False, f"{head}: WEDGED (fell off the bus)"
-    if dev.driver != "nvidia":
-        return dev, False, f"{head}: on {dev.driver or 'no driver'}, not on nvidia"
-    return dev, True, f"{head}: on nvidia"
+from doctor.model import BLOCKING, DEGRADED, DEGRADING, NOT_READY, READY, CheckResult, Status, UnitHealth
+from doctor.units import RESTART_BIND
 
 
 def _off_nvidia_hint(devices: Iterable[PciDevice]) -> str:
@@ -65,14 +29,49 @@ def _off_nvidia_hint(devices: Iterable[PciDevice]) -> str:
     return "container mode shares only NVIDIA GPUs on the nvidia driver: sudo modprobe nvidia (or reboot)"
 
 
+# Reasons the unit's own line already tells (the check's hint says the fix): not repeated below it.
+_TOLD_BY_LINE = frozenset(
+    {"not_on_vfio", "not_on_nvidia", "not_isolatable", "wedged", "no_group", "group_unusable"}
+)
+
+
+def _unit_details(units: list[UnitHealth]) -> tuple[str, ...]:
+    """Each unit's line, and under a unit that is not ready its reasons, each with its fix."""
+    lines = []
+    for u in units:
+        lines.append(u.line)
+        if u.status != READY:
+            lines.extend(
+                f"  {r.device}: {r.message} ({r.hint})" for r in u.reasons if r.code not in _TOLD_BY_LINE
+            )
+    return tuple(lines)
+
+
+def _first_reason_hint(units: list[UnitHealth], codes: frozenset[str]) -> str:
+    unit, reason = next((u, r) for u in units for r in u.reasons if r.code in codes)
+    return f"unit {unit.id}, {reason.device}: {reason.hint}"
+
+
 def _check_shared_gpus(ctx: Context, name: str) -> CheckResult:
-    rows = ctx.shared_gpus()
+    units = ctx.unit_health()
     ready, total = ctx.units()
+    degraded = sum(1 for u in units if u.status == DEGRADED)
     message = f"{ready}/{total} GPU(s) on the nvidia driver, shared through runsc"
-    details = tuple(line for _, _, line in rows)
-    if ready == total:
+    if degraded:
+        message += f" ({degraded} degraded)"
+    details = _unit_details(units)
+    if ready == total and not degraded:
         return CheckResult(name, Status.PASS, message, None, details)
-    hint = _off_nvidia_hint(d for d, ok, _ in rows if not ok)
+    down = [u for u in units if u.status == NOT_READY]
+    off = [
+        ctx.inventory.devices[u.id]
+        for u in down
+        if u.id in ctx.inventory.devices and any(r.code in ("wedged", "not_on_nvidia") for r in u.reasons)
+    ]
+    if off:
+        hint = _off_nvidia_hint(off)
+    else:
+        hint = _first_reason_hint(down or units, BLOCKING if down else DEGRADING)
     return CheckResult(name, Status.FAIL if ready == 0 else Status.WARN, message, hint, details)
 
 
@@ -83,27 +82,33 @@ def check_gpu_units(ctx: Context, name: str) -> CheckResult:
         return skip
     if ctx.mode == "container":
         return _check_shared_gpus(ctx, name)
-    rows = ctx.readiness()
-    ready = sum(1 for _, ok, _ in rows if ok)
-    total = len(rows)
+    units = ctx.unit_health()
+    ready, total = ctx.units()
+    degraded = sum(1 for u in units if u.status == DEGRADED)
     message = f"{ready}/{total} GPU unit(s) ready to rent"
-    details = tuple(line for _, _, line in rows)
-    if ready == total:
+    if degraded:
+        message += f" ({degraded} degraded)"
+    details = _unit_details(units)
+    if ready == total and not degraded:
         return CheckResult(name, Status.PASS, message, None, details)
-    statuses = {u.status for u, ok, _ in rows if not ok}
-    if UnitStatus.NEEDS_BINDING in statuses or UnitStatus.READY in statuses:
+    codes = {r.code for u in units if u.status == NOT_READY for r in u.reasons}
+    if "not_on_vfio" in codes or "group_unusable" in codes:
         hint = RESTART_BIND
-    elif UnitStatus.NOT_ISOLATABLE in statuses:
-        blockers = [b for u, ok, _ in rows if not ok for b in u.blockers]
+    elif "not_isolatable" in codes:
+        blocker = next(r.device for u in units for r in u.reasons if r.code == "not_isolatable")
         hint = (
             f"move the GPU to a slot with its own IOMMU group (or enable ACS in BIOS/UEFI): "
-            f"it cannot be passed through while {ctx.inventory.describe(blockers[0])} shares its group"
+            f"it cannot be passed through while {ctx.inventory.describe(blocker or '')} shares its group"
         )
-    elif UnitStatus.WEDGED in statuses:
+    elif "wedged" in codes:
         hint = "power-cycle the host (see the wedged check)"
-    else:
+    elif "no_group" in codes:
         hint = "turn the IOMMU on (see the iommu check)"
-    # Some units ready: the node still rents those, so a warning; none ready: nothing to advertise.
+    elif codes & BLOCKING:
+        hint = _first_reason_hint(units, BLOCKING)
+    else:
+        hint = _first_reason_hint(units, DEGRADING)
+    # Some units rentable: the node still rents those, so a warning; none: nothing to advertise.
     return CheckResult(name, Status.FAIL if ready == 0 else Status.WARN, message, hint, details)
 
 

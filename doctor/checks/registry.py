@@ -9,11 +9,10 @@ from functools import wraps
 from typing import NamedTuple
 
 from bootstrap import platform
-from bootstrap.discovery import Inventory, Unit, discover
+from bootstrap.discovery import Inventory, discover
 from bootstrap.host import Host
-from bootstrap.pci import PciDevice
 from bootstrap.settings import GPU_MODES, Settings
-from doctor.model import CheckResult, Status
+from doctor.model import CheckResult, Status, UnitHealth
 
 INSTALL = "run the install one-liner"
 REINSTALL = "re-run the install one-liner"
@@ -31,14 +30,14 @@ class Context:
 
     # A plain class, not a dataclass: every doctor run creates this class at import, and a dataclass
     # compiles its generated methods then, for an object nobody compares or prints.
-    __slots__ = ("_inventory", "_kernel_log", "_readiness", "_shared", "host", "settings")
+    __slots__ = ("_boot_id", "_inventory", "_kernel_log", "_units", "host", "settings")
 
     def __init__(self, host: Host, settings: Settings) -> None:
         self.host = host
         self.settings = settings
         self._inventory: Inventory | None = None
-        self._readiness: list[tuple[Unit, bool, str]] | None = None
-        self._shared: list[tuple[PciDevice, bool, str]] | None = None
+        self._units: list[UnitHealth] | None = None
+        self._boot_id: str | None = None
         self._kernel_log: list[str] | None = None
 
     def __repr__(self) -> str:
@@ -57,32 +56,34 @@ class Context:
             return self.settings.gpu_mode
         return platform.gpu_mode(has_gpus=bool(self.inventory.gpus))
 
-    def readiness(self) -> list[tuple[Unit, bool, str]]:
-        """Per GPU unit: ready to rent?, and the line that says why."""
-        if self._readiness is None:
-            from doctor.checks.gpu import unit_readiness
+    def unit_health(self) -> list[UnitHealth]:
+        """The GPU units for rent in this mode (IOMMU groups in passthrough, GPUs in container mode,
+        none otherwise), each with its devices as sysfs shows them, its status and its reasons."""
+        if self._units is None:
+            if self.mode not in ("passthrough", "container"):
+                self._units = []
+            else:
+                from bootstrap.enrolled import read_enrolled
+                from bootstrap.state import boot_id
+                from doctor.units import build_units, load_baseline
 
-            self._readiness = [unit_readiness(self, u) for u in self.inventory.units]
-        return self._readiness
+                self._boot_id = boot_id(self.host)
+                baseline = load_baseline(self.host, self._boot_id)
+                enrolled = read_enrolled(self.host)
+                self._units = build_units(self.host, self.inventory, self.mode, enrolled, baseline)
+        return self._units
 
-    def shared_gpus(self) -> list[tuple[PciDevice, bool, str]]:
-        """Container mode's units: per GPU, shared through runsc? (on the nvidia driver, answering)."""
-        if self._shared is None:
-            from doctor.checks.gpu import shared_readiness
+    def record_unit_health(self) -> None:
+        """Keep this run's AER counts as the next run's baseline (the node-agent's runs do)."""
+        if self._units:
+            from doctor.units import save_baseline
 
-            self._shared = [shared_readiness(self, d) for d in self.inventory.gpus]
-        return self._shared
+            save_baseline(self.host, self._boot_id, self._units)
 
     def units(self) -> tuple[int, int]:
-        """(ready, total) GPU units for rent in this mode: IOMMU groups in passthrough, GPUs in
-        container mode, none otherwise."""
-        if self.mode == "passthrough":
-            rows: list[tuple[object, bool, str]] = list(self.readiness())
-        elif self.mode == "container":
-            rows = list(self.shared_gpus())
-        else:
-            return 0, 0
-        return sum(1 for _, ok, _ in rows if ok), len(rows)
+        """(ready, total) GPU units for rent in this mode; a degraded unit is still rented."""
+        units = self.unit_health()
+        return sum(1 for u in units if u.rentable), len(units)
 
     def kernel_log(self) -> list[str]:
         """This boot's kernel lines about GPUs falling off the bus ([] when the log is unreadable)."""
