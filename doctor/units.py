@@ -317,6 +317,11 @@ def reset_reasons(view: UnitView) -> Iterable[Reason]:
     if view.mode != "passthrough":
         return  # only a VM handover needs the device reset; the nvidia driver resets its own
     for d in view.devices:
+        # No reset_method and no reset file: the kernel found no way to reset the device (both are
+        # shown only when it has one); no reset_method but a reset file: a kernel older than 5.15.
+        gone = d.reset_method is None and not view.host.exists(f"{PCI_DEVICES}/{d.address}/reset")
+        if not d.present or d.role == "function":
+            continue
         if d.reset_method == ():
             yield Reason(
                 "no_reset_method",
@@ -324,6 +329,13 @@ def reset_reasons(view: UnitView) -> Iterable[Reason]:
                 "no reset method (reset_method is empty): it cannot be reset between renters",
                 f"sudo sh -c 'echo default > {PCI_DEVICES}/{d.address}/reset_method'; if it stays empty, "
                 "move the card to a slot of its own, or RMA it",
+            )
+        elif gone:
+            yield Reason(
+                "no_reset_method",
+                d.address,
+                "no reset method (the kernel found none): it cannot be reset between renters",
+                "move the card to a slot of its own (behind its own bridge, for a bus reset), or RMA it",
             )
 
 
