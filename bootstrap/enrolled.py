@@ -9,7 +9,6 @@ removed a GPU on purpose makes the node stop reporting it missing.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -41,6 +40,8 @@ def gpus_of_report(hardware: Mapping[str, object]) -> list[EnrolledGpu]:
 
 
 def write_enrolled(host: Host, gpu_mode: str, gpus: list[EnrolledGpu]) -> None:
+    import json
+
     record = {
         "version": VERSION,
         "gpu_mode": gpu_mode,
@@ -53,8 +54,14 @@ def read_enrolled(host: Host) -> list[EnrolledGpu] | None:
     """The enrolled GPUs, or None when the node has no usable record (enrolled before it existed,
     or the file is not one we wrote): then no GPU is reported missing."""
     try:
-        data = json.loads(read_regular(host.path(ENROLLED_GPUS), _LIMIT + 1))
-    except (OSError, ValueError):
+        raw = read_regular(host.path(ENROLLED_GPUS), _LIMIT + 1)
+    except OSError:
+        return None
+    import json  # only a node with a record pays for the decoder
+
+    try:
+        data = json.loads(raw)
+    except ValueError:
         return None
     if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("gpus"), list):
         return None

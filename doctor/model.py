@@ -119,6 +119,7 @@ class DeviceHealth(NamedTuple):
     link: Link | None = None  # None: not a GPU/NVSwitch, or no link attributes
     aer: Aer | None = None  # None: not a GPU/NVSwitch, or not AER capable
     reset_method: tuple[str, ...] | None = None  # () when empty; None when the kernel has no file
+    resettable: bool = True  # False: the kernel shows no `reset` file (it found no way to reset it)
 
 
 class UnitHealth(NamedTuple):

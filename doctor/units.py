@@ -19,7 +19,7 @@ A unit's reasons come from the sources in SOURCES, each a function of one unit's
 
 from __future__ import annotations
 
-import re
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 RESTART_BIND = "sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap"
 POWER_CYCLE = "power-cycle the host (a soft reboot may not clear it)"
-_SPEED = re.compile(r"^([0-9]+(?:\.[0-9]+)?) GT/s")
 # PCIe generation by transfer rate, for the messages.
 _GENERATIONS = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}
 _AER_FILES = (
@@ -58,17 +57,20 @@ _STATE_LIMIT = 1 << 20
 # --- sysfs --------------------------------------------------------------------------------------
 
 
-def _read(host: Host, path: str, limit: int = 4096) -> str | None:
+def _read(path: str, limit: int = 4096) -> str | None:
     try:
-        return read_regular(host.path(path), limit).decode(errors="replace")
+        return read_regular(path, limit).decode(errors="replace")
     except OSError:
         return None
 
 
-def read_link(host: Host, address: str) -> Link | None:
-    base = f"{PCI_DEVICES}/{address}"
-    values = [_read(host, f"{base}/{n}", 64) for n in ("current_link_speed", "current_link_width")]
-    values += [_read(host, f"{base}/{n}", 64) for n in ("max_link_speed", "max_link_width")]
+# The readers take the device's directory as resolved inside the host's root (bootstrap.pci does the
+# same): resolving each attribute's path on its own costs a dozen lstat calls apiece.
+
+
+def read_link(base: str) -> Link | None:
+    names = ("current_link_speed", "current_link_width", "max_link_speed", "max_link_width")
+    values = [_read(f"{base}/{n}", 64) for n in names]
     if any(v is None for v in values):
         return None
     speed, width, max_speed, max_width = (v.strip() for v in values if v is not None)
@@ -90,10 +92,10 @@ def parse_aer(text: str, total_key: str) -> int:
     return sum(v for k, v in counts.items() if not k.startswith("TOTAL_"))
 
 
-def read_aer(host: Host, address: str) -> Aer | None:
+def read_aer(base: str) -> Aer | None:
     found: dict[str, int] = {}
     for severity, name, total in _AER_FILES:
-        text = _read(host, f"{PCI_DEVICES}/{address}/{name}")
+        text = _read(f"{base}/{name}")
         if text is not None:
             found[severity] = parse_aer(text, total)
     if not found:
@@ -101,25 +103,33 @@ def read_aer(host: Host, address: str) -> Aer | None:
     return Aer(found.get("correctable", 0), found.get("nonfatal", 0), found.get("fatal", 0))
 
 
-def read_reset_method(host: Host, address: str) -> tuple[str, ...] | None:
-    text = _read(host, f"{PCI_DEVICES}/{address}/reset_method", 256)
+def read_reset_method(base: str) -> tuple[str, ...] | None:
+    text = _read(f"{base}/reset_method", 256)
     return None if text is None else tuple(text.split())
 
 
 # --- the AER baseline ----------------------------------------------------------------------------
 
 
-def load_baseline(host: Host, boot_id: str | None) -> dict[str, Aer] | None:
+def load_baseline(host: Host) -> dict[str, Aer] | None:
     """The counts the last recorded run saw, by address; None when there is no usable record of
     this boot (AER counters start from zero at boot, so another boot's counts say nothing)."""
-    import json  # here: a node without GPUs never reads the record
+    raw = _read(str(host.path(UNIT_HEALTH_STATE)), _STATE_LIMIT)
+    if raw is None:
+        return None
+    import json  # here: only a node with a record pays for the decoder and the boot id
 
-    raw = _read(host, UNIT_HEALTH_STATE, _STATE_LIMIT)
+    from bootstrap.state import boot_id
+
     try:
-        data = json.loads(raw) if raw is not None else None
+        data = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(data, dict) or data.get("version") != _STATE_VERSION or data.get("boot_id") != boot_id:
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != _STATE_VERSION
+        or data.get("boot_id") != boot_id(host)
+    ):
         return None
     devices = data.get("aer")
     if not isinstance(devices, dict):
@@ -133,12 +143,14 @@ def load_baseline(host: Host, boot_id: str | None) -> dict[str, Aer] | None:
     return out
 
 
-def save_baseline(host: Host, boot_id: str | None, units: Iterable[UnitHealth]) -> None:
+def save_baseline(host: Host, units: Iterable[UnitHealth]) -> None:
     """Record this run's counts (the node-agent's doctor run does, so growth is measured per heartbeat)."""
     import json
 
+    from bootstrap.state import boot_id
+
     aer = {d.address: d.aer._asdict() for u in units for d in u.devices if d.aer is not None}
-    data = {"version": _STATE_VERSION, "boot_id": boot_id, "aer": aer}
+    data = {"version": _STATE_VERSION, "boot_id": boot_id(host), "aer": aer}
     # Not durable: a crash that brings back the previous record only makes the next run compare
     # against older counts, which reports growth again rather than hiding it.
     atomic_write(
@@ -240,8 +252,12 @@ def presence_reasons(view: UnitView) -> Iterable[Reason]:
 
 
 def _rate(speed: str) -> float | None:
-    m = _SPEED.match(speed)
-    return float(m[1]) if m else None
+    """2.5 from "2.5 GT/s"; None for "Unknown" (no link) or anything else."""
+    number, _, unit = speed.partition(" ")
+    try:
+        return float(number) if unit == "GT/s" else None
+    except ValueError:
+        return None
 
 
 def _gen(rate: float) -> str:
@@ -317,9 +333,9 @@ def reset_reasons(view: UnitView) -> Iterable[Reason]:
     if view.mode != "passthrough":
         return  # only a VM handover needs the device reset; the nvidia driver resets its own
     for d in view.devices:
-        # No reset_method and no reset file: the kernel found no way to reset the device (both are
-        # shown only when it has one); no reset_method but a reset file: a kernel older than 5.15.
-        gone = d.reset_method is None and not view.host.exists(f"{PCI_DEVICES}/{d.address}/reset")
+        # No reset_method and no reset file: the kernel found no way to reset the device; no
+        # reset_method but a reset file: a kernel older than 5.15, which lists none.
+        gone = d.reset_method is None and not d.resettable
         if not d.present or d.role == "function":
             continue
         if d.reset_method == ():
@@ -358,14 +374,11 @@ def _device(host: Host, inv: Inventory, address: str, gpus: Iterable[str]) -> De
         return DeviceHealth(address, role, False, None)
     if role == "function":
         return DeviceHealth(address, role, True, dev.driver)
+    base = str(host.path(f"{PCI_DEVICES}/{address}"))
+    # The kernel shows `reset` (and, since 5.15, `reset_method`) only for a device it can reset.
+    resettable = os.path.exists(f"{base}/reset")
     return DeviceHealth(
-        address,
-        role,
-        True,
-        dev.driver,
-        read_link(host, address),
-        read_aer(host, address),
-        read_reset_method(host, address),
+        address, role, True, dev.driver, read_link(base), read_aer(base), read_reset_method(base), resettable
     )
 
 

@@ -30,14 +30,13 @@ class Context:
 
     # A plain class, not a dataclass: every doctor run creates this class at import, and a dataclass
     # compiles its generated methods then, for an object nobody compares or prints.
-    __slots__ = ("_boot_id", "_inventory", "_kernel_log", "_units", "host", "settings")
+    __slots__ = ("_inventory", "_kernel_log", "_units", "host", "settings")
 
     def __init__(self, host: Host, settings: Settings) -> None:
         self.host = host
         self.settings = settings
         self._inventory: Inventory | None = None
         self._units: list[UnitHealth] | None = None
-        self._boot_id: str | None = None
         self._kernel_log: list[str] | None = None
 
     def __repr__(self) -> str:
@@ -64,11 +63,9 @@ class Context:
                 self._units = []
             else:
                 from bootstrap.enrolled import read_enrolled
-                from bootstrap.state import boot_id
                 from doctor.units import build_units, load_baseline
 
-                self._boot_id = boot_id(self.host)
-                baseline = load_baseline(self.host, self._boot_id)
+                baseline = load_baseline(self.host)
                 enrolled = read_enrolled(self.host)
                 self._units = build_units(self.host, self.inventory, self.mode, enrolled, baseline)
         return self._units
@@ -78,7 +75,7 @@ class Context:
         if self._units:
             from doctor.units import save_baseline
 
-            save_baseline(self.host, self._boot_id, self._units)
+            save_baseline(self.host, self._units)
 
     def units(self) -> tuple[int, int]:
         """(ready, total) GPU units for rent in this mode; a degraded unit is still rented."""
