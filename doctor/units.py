@@ -27,7 +27,7 @@ from bootstrap.discovery import Inventory, Unit, UnitStatus, is_nvswitch
 from bootstrap.fsutil import atomic_write, read_regular
 from bootstrap.host import Host
 from bootstrap.paths import UNIT_HEALTH_STATE
-from bootstrap.pci import PCI_DEVICES
+from bootstrap.pci import PCI_DEVICES, group_sort_key
 from doctor.model import (
     MAX_REASONS,
     Aer,
@@ -301,11 +301,14 @@ def aer_reasons(view: UnitView) -> Iterable[Reason]:
             before = Aer(0, 0, 0)  # counts went down: the device was reset or re-enumerated
         fatal = d.aer.fatal - before.fatal if before is not None else d.aer.fatal
         if fatal > 0:
-            since = "since the last run" if before is not None else "since boot"
+            if before is None:
+                what = f"{fatal} fatal PCIe AER error(s) since boot"
+            else:
+                what = f"{fatal} fatal PCIe AER error(s) since the last run ({d.aer.fatal} since boot)"
             yield Reason(
                 "aer_fatal",
                 d.address,
-                f"{fatal} fatal PCIe AER error(s) {since} ({d.aer.fatal} since boot)",
+                what,
                 f"{POWER_CYCLE}; if they come back, reseat the card or its riser, then RMA the GPU",
             )
         if before is None:
@@ -450,6 +453,9 @@ def build_units(
         row[3].append(g.address)
         row[4].append(g.address)
 
+    if mode == "passthrough":
+        # A unit of GPUs gone from the bus takes its enrolled group's place in the list.
+        rows.sort(key=lambda r: group_sort_key(r[1]))
     out = []
     for uid, group, unit, addresses, gpus in rows:
         devices = tuple(_device(host, inv, a, gpus) for a in addresses)

@@ -175,7 +175,7 @@ def test_fatal_errors_on_first_sight_count_and_a_run_that_does_not_record_moves_
     host = sim_host("hgx-h100", fatal)
     first = run_checks(host, env={})
     assert [u.status for u in first.units] == ["not_ready"] * 8
-    assert first.units[0].reasons[0].message == "1 fatal PCIe AER error(s) since boot (1 since boot)"
+    assert first.units[0].reasons[0].message == "1 fatal PCIe AER error(s) since boot"
     assert not host.path(UNIT_HEALTH_STATE).exists()  # only record=True writes it
     run_checks(host, env={}, record=True)
     assert [u.status for u in run_checks(host, env={}).units] == ["ready"] * 8
@@ -282,6 +282,7 @@ def test_a_gpu_missing_since_enrollment_is_a_not_ready_unit_of_its_enrolled_grou
         }
     ]
     assert json.loads(render_json(report))["gpu_units"] == {"ready": 7, "total": 8}
+    assert [u.id for u in report.units] == [str(n) for n in range(24, 32)]  # in its group's place
     text = render_text(report)
     assert f"group {UNIT}: {GPU}: not ready (enrolled, gone from the bus)" in text
     assert f"  {GPU}: enrolled, but no longer on the PCI bus ({hint})" in text
@@ -359,3 +360,21 @@ def test_the_heartbeat_carries_the_units_and_the_agents_run_records_the_baseline
         "nonfatal": 0,
         "fatal": 0,
     }
+
+
+def test_container_mode_units_are_the_gpus_and_need_no_reset_method(sim_host: Make) -> None:
+    host = sim_host("hgx-h100")  # GPUs on the nvidia driver
+    host.path("/etc/vectorlay").mkdir(parents=True, exist_ok=True)
+    host.path("/etc/vectorlay/node.yaml").write_text("gpu_mode: container\n")
+    inject.train_link(host.root, GPU, width=8)
+    inject.empty_reset_method(host.root, "0000:28:00.0")  # the nvidia driver resets its own GPUs
+    write_enrolled(host, "container", [EnrolledGpu(GPU, None), EnrolledGpu("0000:f8:00.0", None)])
+    report = run_checks(host, env={})
+    units = json.loads(render_json(report))["units"]
+    assert [u["id"] for u in units][:2] == [GPU, "0000:28:00.0"]
+    assert all(u["iommu_group"] is None for u in units)
+    assert [u["status"] for u in units] == ["degraded"] + ["ready"] * 7 + ["not_ready"]
+    assert units[-1]["id"] == "0000:f8:00.0" and units[-1]["reasons"][0]["code"] == "gpu_missing"
+    gpu_units = report.get("gpu_units")
+    assert gpu_units.message == "8/9 GPU(s) on the nvidia driver, shared through runsc (1 degraded)"
+    assert f"{GPU} GH100 [H100 SXM5 80GB]: on nvidia, degraded" in gpu_units.details
