@@ -446,9 +446,15 @@ def build_units(
         if g.address in present or g.address in inv.devices:
             continue
         uid = g.address if mode == "container" or g.iommu_group is None else g.iommu_group
+        group = None if mode == "container" else g.iommu_group
         row = next((r for r in rows if r[0] == uid), None)
+        if row is not None and row[2] is not None:
+            # The group now holds a unit that is on the bus: the kernel numbers groups at boot, so
+            # after a reboot without the card the next devices took its number. Not that unit's fault.
+            uid, group = g.address, None
+            row = next((r for r in rows if r[0] == uid), None)
         if row is None:
-            row = (uid, None if mode == "container" else g.iommu_group, None, [], [])
+            row = (uid, group, None, [], [])
             rows.append(row)
         row[3].append(g.address)
         row[4].append(g.address)

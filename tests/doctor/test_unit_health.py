@@ -378,3 +378,22 @@ def test_container_mode_units_are_the_gpus_and_need_no_reset_method(sim_host: Ma
     gpu_units = report.get("gpu_units")
     assert gpu_units.message == "8/9 GPU(s) on the nvidia driver, shared through runsc (1 degraded)"
     assert f"{GPU} GH100 [H100 SXM5 80GB]: on nvidia, degraded" in gpu_units.details
+
+
+def test_a_gpu_missing_after_a_reboot_that_renumbered_the_groups_does_not_blame_another_unit(
+    sim_host: Make, vfio: Callable[[dict[str, Any]], None], agents: Callable[..., None]
+) -> None:
+    host = _hgx(sim_host, vfio, agents)
+    # Enrolled with a ninth GPU in group 24, the group the kernel now gives the first H100.
+    gpus = [EnrolledGpu("0000:f8:00.0", UNIT)] + [
+        EnrolledGpu(d.address, d.iommu_group) for d in discover(host).gpus
+    ]
+    write_enrolled(host, "passthrough", gpus)
+    report = run_checks(host, env={})
+    units = json.loads(render_json(report))["units"]
+    assert _unit(report)["status"] == "ready"
+    missing = _unit(report, "0000:f8:00.0")
+    assert (missing["iommu_group"], missing["status"]) == (None, "not_ready")
+    assert [r["code"] for r in missing["reasons"]] == ["gpu_missing"]
+    assert json.loads(render_json(report))["gpu_units"] == {"ready": 8, "total": 9}
+    assert len(units) == 9
