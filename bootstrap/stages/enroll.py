@@ -137,6 +137,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan[Carry]:
 
 def apply(ctx: Context, sp: StagePlan[Carry]) -> tuple[StageResult, Facts]:
     from bootstrap.enroll import enroll
+    from bootstrap.enrolled import gpus_of_report, write_enrolled
 
     host, facts = ctx.host, sp.facts
     if facts.token is not None:
@@ -172,6 +173,8 @@ def apply(ctx: Context, sp: StagePlan[Carry]) -> tuple[StageResult, Facts]:
         raise
     finally:
         api.close()
+    # What the doctor later holds the bus against (a GPU gone since is `gpu_missing`).
+    write_enrolled(host, ex.gpu_mode, gpus_of_report(ex.hardware))
     _drop_pending(ctx)
     done = "re-enrolled" if result.reenrolled else "enrolled"
     msg = f"{done} node {result.node_id} (org {result.org_id}, overlay IP {result.overlay_ip})"

@@ -88,6 +88,31 @@ def test_json_is_exactly_the_design_contract_for_a_healthy_hgx(
             },
         ],
         "gpu_units": {"ready": 8, "total": 8},
+        "units": [
+            {
+                "id": str(group),
+                "iommu_group": str(group),
+                "status": "ready",
+                "devices": [
+                    {
+                        "address": f"0000:{bus:02x}:00.0",
+                        "role": "gpu",
+                        "present": True,
+                        "driver": "vfio-pci",
+                        "link": {
+                            "speed": "32.0 GT/s",
+                            "width": 16,
+                            "max_speed": "32.0 GT/s",
+                            "max_width": 16,
+                        },
+                        "aer": {"correctable": 0, "nonfatal": 0, "fatal": 0},
+                        "reset_method": ["flr", "bus"],
+                    }
+                ],
+                "reasons": [],
+            }
+            for group, bus in zip(range(24, 32), range(0x18, 0x98, 0x10), strict=True)
+        ],
     }
 
 

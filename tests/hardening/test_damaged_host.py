@@ -28,7 +28,7 @@ from bootstrap.stages.agents import desired
 from bootstrap.stages.contract import Context
 from bootstrap.state import RunState, load_state
 from doctor.checks import Context as DoctorContext
-from doctor.checks import check_memory
+from doctor.checks.resources import check_memory
 from hostsim.snapshot import snapshot
 from tests.agents.artifact_helpers import DirectoryDownloader, manifest_for
 from tests.hardening.helpers import enrolled_host
