@@ -228,9 +228,12 @@ def check_wedged(ctx: Context, name: str) -> CheckResult:
     if wedged:
         addrs = ", ".join(d.address for d in wedged)
         what = "GPU" if len(wedged) == 1 else "GPUs"
+        # A wedged GPU's unit is not ready (gpu_units withholds it); a FAIL here would make the
+        # verdict FAIL and withdraw every healthy unit of the node along with it.
+        ready, _ = ctx.units()
         return CheckResult(
             name,
-            Status.FAIL,
+            Status.WARN if ready else Status.FAIL,
             f"{what} {addrs} fell off the bus (D3cold reset bug)",
             "power-cycle the host; a soft reboot may not clear it",
             details,
