@@ -39,3 +39,5 @@ SYSTEMD_UNITS = "/etc/systemd/system"
 SYSTEMD_BOOTED = "/run/systemd/system"
 # The timer that runs `vectorlay-bootstrap update`: the installer installs it, the doctor asks about it.
 UPDATE_TIMER = "node-agent-update.timer"
+# The VM-attach probe's results per unit (bootstrap.vmprobe writes them, the doctor reads them).
+UNIT_PROBES = "/var/lib/vectorlay/unit-probes.json"
