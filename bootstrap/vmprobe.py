@@ -198,8 +198,8 @@ HINT_DMA = (
     "and that the IOMMU is on in BIOS/UEFI"
 )
 HINT_NOT_VIABLE = (
-    "a device of the IOMMU group is on a host driver: sudo systemctl restart vectorlay-vfio-bind "
-    "or re-run the bootstrap"
+    "QEMU cannot use the unit's IOMMU group: every device in it must be on vfio-pci: "
+    "sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap"
 )
 HINT_GONE = "the device is not on the bus: power-cycle the host; if it stays gone, reseat or RMA the card"
 HINT_TIMEOUT = (
@@ -209,7 +209,7 @@ HINT_OTHER = "QEMU could not start a VM with the unit's devices: see its error a
 
 # QEMU's (hw/vfio) and the kernel's words for each cause, most specific first.
 _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"not viable", re.I), HINT_NOT_VIABLE),
+    (re.compile(r"not viable|failed to open /dev/vfio/[0-9]", re.I), HINT_NOT_VIABLE),
     (re.compile(r"no such host device|vfio-pci: .*No such file", re.I), HINT_GONE),
     (re.compile(r"BAR ?\d|mmap.*BAR|BAR.*(fit|mmap|region|size)|region.*too large", re.I), HINT_BAR),
     (re.compile(r"reset", re.I), HINT_RESET),

@@ -137,6 +137,12 @@ MESSAGES = [
         vmprobe.HINT_NOT_VIABLE,
     ),
     (
+        "qemu-system-x86_64: -device vfio-pci,host=0000:18:00.0,id=probe0: vfio 0000:18:00.0: "
+        "failed to open /dev/vfio/17: No such file or directory",
+        "failed to open %s",
+        vmprobe.HINT_NOT_VIABLE,
+    ),
+    (
         "qemu-system-x86_64: vfio: Cannot reset device 0000:18:00.0, no available reset mechanism.",
         "vfio: Cannot reset device %s, no available reset mechanism.",
         vmprobe.HINT_RESET,
