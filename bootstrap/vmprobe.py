@@ -231,7 +231,9 @@ def hint_for(error: str) -> str:
 
 
 def _errors_of(stderr: str) -> list[str]:
-    return [line.strip() for line in stderr.splitlines() if line.strip() and not _NOISE.search(line)]
+    """QEMU's error lines, each once (it repeats a device's reset failure at every machine reset)."""
+    lines = (line.strip() for line in stderr.splitlines())
+    return list(dict.fromkeys(line for line in lines if line and not _NOISE.search(line)))
 
 
 # --- running QEMU ----------------------------------------------------------------------------------
