@@ -46,3 +46,5 @@ ENROLLED_GPUS = "/var/lib/vectorlay/enrolled-gpus.json"
 # Each GPU/NVSwitch function's AER counts as the node-agent's last doctor run saw them: what "grew
 # since the last run" is measured against.
 UNIT_HEALTH_STATE = "/var/lib/vectorlay/unit-health.json"
+# The VM-attach probe's results per unit (bootstrap.vmprobe writes them, the doctor reads them).
+UNIT_PROBES = "/var/lib/vectorlay/unit-probes.json"
