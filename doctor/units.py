@@ -359,7 +359,29 @@ def reset_reasons(view: UnitView) -> Iterable[Reason]:
 
 
 # Where a unit's reasons come from, in the order they are listed.
-SOURCES: tuple[Source, ...] = (binding_reasons, presence_reasons, link_reasons, aer_reasons, reset_reasons)
+def probe_reasons(view: UnitView) -> Iterable[Reason]:
+    """The VM-attach probe's record (doctor.vmprobe): on a live host a unit is rentable only once QEMU
+    started with exactly its current devices; a failed probe keeps it out with QEMU's own error."""
+    if view.mode != "passthrough" or view.unit is None or view.unit.status is not UnitStatus.READY:
+        return  # not on vfio-pci, not isolatable...: the binding reasons already say why
+    if view.iommu_group is None:
+        return
+    from doctor.vmprobe import probe_reason  # its QEMU runner's imports only when a unit is there
+
+    found = probe_reason(view.host, view.iommu_group, [d.address for d in view.devices if d.present])
+    if found is not None:
+        code, message, hint = found
+        yield Reason(code, None, message, hint)
+
+
+SOURCES: tuple[Source, ...] = (
+    binding_reasons,
+    presence_reasons,
+    link_reasons,
+    aer_reasons,
+    reset_reasons,
+    probe_reasons,
+)
 
 
 # --- all units -----------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from bootstrap.errors import VectorlayError
 from bootstrap.host import LiveHost, RecordingRunner, TreeHost
 from bootstrap.paths import UNIT_PROBES
 from bootstrap.settings import Settings
-from bootstrap.stages import Context, Facts, verify
+from bootstrap.stages import verify
+from bootstrap.stages.contract import Context, Facts
 from bootstrap.state import RunState
 from bootstrap.vmprobe import Outcome, ProbeResult
 from doctor import cli
@@ -421,3 +422,30 @@ def test_the_doctor_probe_units_json_lists_each_units_probe(
     cli.run(host.root, False, None, host=host, probe_units=True)
     text = capsys.readouterr().out
     assert "VM-attach probe: unit" in text and "recorded, not run (host tree)" in text
+
+
+def test_a_failed_probe_record_keeps_its_unit_out_of_the_doctors_ready_count(tmp_path: Path) -> None:
+    from doctor.checks import run_checks
+    from doctor.render import to_json
+
+    host = _hgx(tmp_path)
+    inventory = discover(host)
+    first = inventory.units[0]
+    before = run_checks(host, env={})
+    vmprobe.save_records(
+        host,
+        [_result(first.iommu_group or "", Outcome.FAILED, vmprobe.unit_devices(inventory, first))],
+    )
+    after = run_checks(host, env={})
+
+    assert (after.units_ready, after.units_total) == (before.units_ready - 1, before.units_total)
+    unit = next(u for u in to_json(after)["units"] if u["id"] == first.iommu_group)
+    assert unit["status"] == "not_ready"
+    assert [r["code"] for r in unit["reasons"]] == ["probe_failed"]
+    assert "Cannot reset device 0000:18:00.0" in unit["reasons"][0]["message"]
+    assert unit["reasons"][0]["hint"] == vmprobe.HINT_RESET
+    # A passing record of the same devices gives the unit back.
+    vmprobe.save_records(
+        host, [_result(first.iommu_group or "", Outcome.ATTACHED, vmprobe.unit_devices(inventory, first))]
+    )
+    assert run_checks(host, env={}).units_ready == before.units_ready
