@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import wraps
 from typing import NamedTuple
 
-from bootstrap import platform, runsc
+from bootstrap import platform, resolve, runsc
 from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.errors import UsageError, redact
 from bootstrap.host import CommandResult, Host
@@ -51,7 +51,7 @@ class Context:
 
     # A plain class, not a dataclass: every doctor run creates this class at import, and a dataclass
     # compiles its generated methods then, for an object nobody compares or prints.
-    __slots__ = ("_inventory", "_kernel_log", "_readiness", "_shared", "host", "settings")
+    __slots__ = ("_inventory", "_kernel_log", "_mode", "_readiness", "_shared", "host", "settings")
 
     def __init__(self, host: Host, settings: Settings) -> None:
         self.host = host
@@ -60,6 +60,7 @@ class Context:
         self._readiness: list[tuple[Unit, bool, str]] | None = None
         self._shared: list[tuple[PciDevice, bool, str]] | None = None
         self._kernel_log: list[str] | None = None
+        self._mode: str | None = None
 
     def __repr__(self) -> str:
         return f"Context(host={self.host!r}, settings={self.settings!r})"
@@ -72,10 +73,15 @@ class Context:
 
     @property
     def mode(self) -> str:
-        """passthrough | container | none: from the settings, or from detection before install."""
-        if self.settings.gpu_mode:  # known without detection, which costs more
-            return self.settings.gpu_mode
-        return platform.gpu_mode(has_gpus=bool(self.inventory.gpus))
+        """passthrough | container | none, resolved once per doctor run (bootstrap.resolve.gpu_mode:
+        the settings', else the enrollment's, else detection's before install)."""
+        if self._mode is None:
+            self._mode = resolve.gpu_mode(
+                self.settings.gpu_mode,
+                recorded=lambda: resolve.recorded_gpu_mode(resolve.identity_or_none(self.host)),
+                has_gpus=lambda: bool(self.inventory.gpus),
+            )
+        return self._mode
 
     def readiness(self) -> list[tuple[Unit, bool, str]]:
         """Per GPU unit: ready to rent?, and the line that says why."""

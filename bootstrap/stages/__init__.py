@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
+from bootstrap import resolve
 from bootstrap.api import ApiClient, Proxy, proxy_from_env
 from bootstrap.discovery import Inventory
 from bootstrap.errors import UsageError, VectorlayError
@@ -105,6 +106,8 @@ class Facts:
     targets: Mapping[str, Artifact] = field(default_factory=lambda: MappingProxyType({}))
     # None: no stage has read the token yet.
     token: ProvisioningToken | None = None
+    # Stage detect: this run's GPU mode (bootstrap.resolve.gpu_mode), resolved once; see gpu_mode_of.
+    gpu_mode: str | None = None
 
 
 @dataclass
@@ -162,18 +165,22 @@ class StageModule(Protocol):
 
 
 def api_url(ctx: Context) -> str:
-    """--api, else node.yaml's api, else the control plane this node enrolled with."""
-    if ctx.api:
-        return ctx.api
-    try:
-        ident = load_identity(ctx.host)
-    except IdentityError:
-        ident = None
-    if ident is not None and ident.api:
-        ctx.api = ident.api
-        return ident.api
-    raise VectorlayError(
-        "no control plane URL", "pass api=https://... to the one-liner (or --api, or api: in node.yaml)"
+    """The control plane of this run, in bootstrap.resolve.api_url's order (--api, node.yaml's api,
+    the identity's); resolved once and kept in ctx.api."""
+    ctx.api = resolve.api_url(ctx.api, resolve.identity_or_none(ctx.host))
+    return ctx.api
+
+
+def gpu_mode_of(ctx: Context, facts: Facts) -> str:
+    """The GPU mode of this run: the detect stage's (bootstrap.resolve.gpu_mode, resolved once),
+    else resolved now for a stage planned without it."""
+    if facts.gpu_mode:
+        return facts.gpu_mode
+    inv, ident = facts.inventory, facts.identity
+    return resolve.gpu_mode(
+        ctx.settings.gpu_mode,
+        recorded=lambda: resolve.recorded_gpu_mode(ident or resolve.identity_or_none(ctx.host)),
+        has_gpus=lambda: inv is not None and bool(inv.gpus),
     )
 
 

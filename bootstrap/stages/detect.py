@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bootstrap.discovery import UnitStatus, discover
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, gpu_mode_of
 
 
 def plan(ctx: Context, facts: Facts) -> StagePlan:
@@ -18,7 +18,10 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
         f"{ready}/{len(inv.units)} GPU unit(s) ready"
     )
     ctx.out(f"detect: {msg}")
-    return StagePlan(replace(facts, inventory=inv), StageResult(Outcome.OK, msg))
+    after = replace(facts, inventory=inv)
+    # Resolved here, once: every later stage acts on this run's GPU mode (gpu_mode_of).
+    after = replace(after, gpu_mode=gpu_mode_of(ctx, after))
+    return StagePlan(after, StageResult(Outcome.OK, msg))
 
 
 def apply(_ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:

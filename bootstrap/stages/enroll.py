@@ -35,6 +35,7 @@ from bootstrap.stages import (
     api_url,
     client,
     enrolled,
+    gpu_mode_of,
     introspect,
     keep_expiry,
     token_of,
@@ -85,7 +86,7 @@ def _kept(ctx: Context, facts: Facts, why: str) -> StagePlan:
     assert ident is not None
     api = ctx.api or ident.api or "the control plane"
     msg = f"node {ident.node_id} (overlay IP {ident.overlay_ip}) keeps its identity: {why}"
-    changes = compute(ctx.host, [Enroll(api, ctx.settings.gpu_mode or "-", needed=False)])
+    changes = compute(ctx.host, [Enroll(api, gpu_mode_of(ctx, facts), needed=False)])
     kept = StageResult(Outcome.SKIPPED, msg)
     return StagePlan(replace(facts, identity=ident), kept, changes, carry=_Kept(msg))
 
@@ -104,8 +105,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
         # A real run reads a token or stops: only a plan run gets here.
         api = ctx.api or "the control plane"
         ctx.out("enroll: would enroll this node (a real run needs a provisioning token)")
-        mode = ctx.settings.gpu_mode or "-"
-        wanted = Enroll(api, mode, reason="first enrollment; needs a provisioning token")
+        wanted = Enroll(api, gpu_mode_of(ctx, facts), reason="first enrollment; needs a provisioning token")
         changes = compute(host, [wanted])
         return StagePlan(
             replace(facts, would_enroll=True),
@@ -127,13 +127,13 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     current = load_identity(host) if was_enrolled else None
     facts = replace(facts, identity=current, would_enroll=True)
     api = api_url(ctx)
+    gpu_mode = gpu_mode_of(ctx, facts)
     # The passthrough gate: refuses while no GPU unit is ready.
     try:
-        gpu_mode, hardware = hardware_report(host, ctx.settings.gpu_mode)
+        hardware = hardware_report(host, gpu_mode)
     except VectorlayError as e:
         # No output of its own: a real run stops with the error, a plan shows it as the note.
-        mode = ctx.settings.gpu_mode or "passthrough"
-        held = Enroll(api, mode, was_enrolled, reason=f"{kind}, once passthrough works: {e.message}")
+        held = Enroll(api, gpu_mode, was_enrolled, reason=f"{kind}, once passthrough works: {e.message}")
         changes = compute(host, [held])
         planned = StageResult(Outcome.PLANNED, f"would {verb} after the reboot the gpu stage asks for")
         return StagePlan(facts, planned, changes, blocked=e)

@@ -20,7 +20,7 @@ from bootstrap.paths import SYSTEMD_UNITS
 from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, compute
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, expiry
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, expiry, gpu_mode_of
 from bootstrap.state import boot_id, reboot_message, save_state
 from bootstrap.templating import render as render_template
 
@@ -158,7 +158,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     host = ctx.host
     inv = facts.inventory or discover(host, ctx.settings)
     facts = replace(facts, inventory=inv)
-    mode = platform.gpu_mode(ctx.settings.gpu_mode, has_gpus=bool(inv.gpus))
+    mode = gpu_mode_of(ctx, facts)
     if mode == "container":
         return StagePlan(facts, container_mode(ctx, inv))
     if mode == "none" or not (inv.gpus or inv.nvswitches):

@@ -15,8 +15,7 @@ from dataclasses import replace
 
 from bootstrap.errors import VectorlayError
 from bootstrap.paths import IDENTITY_DIR
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
-from bootstrap.stages.artifacts import gpu_mode_of
+from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, gpu_mode_of
 
 
 def plan(ctx: Context, facts: Facts) -> StagePlan:
