@@ -71,9 +71,7 @@ def gpu_mode(
     A source is asked only when the ones before it gave nothing: reading the identity and
     detecting the GPUs cost, and the doctor runs on a timer.
     """
-    if chosen:
-        return chosen
-    return platform.gpu_mode(recorded(), has_gpus=has_gpus())
+    return chosen or recorded() or platform.gpu_mode(has_gpus=has_gpus())
 
 
 def known_api_url(chosen: str | None, identity: Identity | None) -> str | None:
