@@ -167,7 +167,7 @@ class StageModule(Protocol):
 def api_url(ctx: Context) -> str:
     """The control plane of this run, in bootstrap.resolve.api_url's order (--api, node.yaml's api,
     the identity's); resolved once and kept in ctx.api."""
-    ctx.api = resolve.api_url(ctx.api, resolve.identity_or_none(ctx.host))
+    ctx.api = resolve.api_url(ctx.api or ctx.settings.api, resolve.identity_or_none(ctx.host))
     return ctx.api
 
 

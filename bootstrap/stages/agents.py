@@ -180,7 +180,7 @@ def _desired(ctx: Context, ident: Identity, mode: str, facts: Facts) -> list[Cha
         "overlay_ip": ident.overlay_ip,
         "gpu_mode": mode,
         # This run's control plane (bootstrap.resolve's order); none known leaves the configs without.
-        "api": resolve.known_api_url(ctx.api, ident),
+        "api": resolve.known_api_url(ctx.api or settings.api, ident),
         "disk_path": settings.disk_path,
     }
     changes: list[Change] = [
