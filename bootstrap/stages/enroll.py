@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bootstrap import resolve
 from bootstrap.api import ApiError
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_write, fault_point, fsync_dir
@@ -84,7 +85,7 @@ class _Exchange:
 def _kept(ctx: Context, facts: Facts, why: str) -> StagePlan:
     ident = load_identity(ctx.host)
     assert ident is not None
-    api = ctx.api or ident.api or "the control plane"
+    api = resolve.known_api_url(ctx.api or ctx.settings.api, ident) or "the control plane"
     msg = f"node {ident.node_id} (overlay IP {ident.overlay_ip}) keeps its identity: {why}"
     changes = compute(ctx.host, [Enroll(api, gpu_mode_of(ctx, facts), needed=False)])
     kept = StageResult(Outcome.SKIPPED, msg)
@@ -103,7 +104,8 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
         if was_enrolled:
             return _kept(ctx, facts, "no provisioning token given")
         # A real run reads a token or stops: only a plan run gets here.
-        api = ctx.api or "the control plane"
+        # Not enrolled: no recorded URL to fall back on.
+        api = resolve.known_api_url(ctx.api or ctx.settings.api, None) or "the control plane"
         ctx.out("enroll: would enroll this node (a real run needs a provisioning token)")
         wanted = Enroll(api, gpu_mode_of(ctx, facts), reason="first enrollment; needs a provisioning token")
         changes = compute(host, [wanted])
