@@ -6,9 +6,10 @@ product's own setters (bootstrap.host.set_host_factory, bootstrap.fsutil.set_fau
 bootstrap.update.DEFAULT_SETTLE). A subprocess that runs the product's real entry point (the crash
 harness's `vectorlay-bootstrap install`, the venv install.sh builds, the demo) gets them from `env()`:
 it puts hostsim/_site on PYTHONPATH, whose sitecustomize.py calls `install_from_env()` at interpreter
-start-up with the HOSTSIM_* variables below, before the entry point runs. The agents' launcher runs
-Python with -E, which hides PYTHONPATH: the node-agent release hostsim builds installs the same
-itself where hostsim is importable (hostsim.agents), and runs without it in install.sh's venv.
+start-up with the HOSTSIM_* variables (hostsim.switches names them), before the entry point runs.
+The agents' launcher runs Python with -E, which hides PYTHONPATH: the node-agent release hostsim
+builds installs the same itself where hostsim is importable (hostsim.agents), and runs without it in
+install.sh's venv.
 """
 
 from __future__ import annotations
