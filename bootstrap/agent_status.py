@@ -6,14 +6,12 @@ next one is delivered, and `last_error` says why the latest attempt failed (null
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from datetime import datetime, timezone
 from typing import Any
 
 from bootstrap.errors import redact
-from bootstrap.fsutil import read_regular
+from bootstrap.fsutil import atomic_write, read_regular
 from bootstrap.host import Host
 
 STATUS_PATH = "/run/vectorlay/node-agent/status.json"
@@ -43,23 +41,8 @@ def read_status(host: Host) -> dict[str, Any] | None:
 
 
 def write_status(host: Host, status: dict[str, Any]) -> None:
-    """Temp file in the same directory, fsync, rename. Not through bootstrap.fsutil.atomic_write:
-    this is runtime state in /run, not part of what an install run changes (nor one of its kill
-    points)."""
-    import tempfile  # the doctor imports this module to read the status, never to write it
-
-    path = host.path(STATUS_PATH)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.json.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            # 0644 and read by anyone: whatever an answer echoed, no secret is written here.
-            f.write(redact(json.dumps(status, indent=2, sort_keys=True)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replaced atomically, 0644 and read by anyone: whatever an answer echoed, no secret is written
+    here. Runtime state in /run, rewritten after every heartbeat: the directory is not synced (a
+    crash loses /run anyway) and the write is none of an install run's kill points."""
+    data = redact(json.dumps(status, indent=2, sort_keys=True)) + "\n"
+    atomic_write(host.path(STATUS_PATH), data, mode=0o644, durable=False, fault=False)

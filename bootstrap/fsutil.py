@@ -95,6 +95,7 @@ def atomic_write(
     uid: int | None = None,
     gid: int | None = None,
     durable: bool = True,
+    fault: bool = True,
 ) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new file, never a mix.
 
@@ -102,6 +103,8 @@ def atomic_write(
     caller's owner). The temp file is created 0600 so secrets are never briefly world-readable.
     `durable=False` skips syncing the directory: still old-or-new after a crash, but a crash right
     after the rename may bring the old file back (for files rewritten on every run anyway).
+    `fault=False` passes no kill point: for runtime state that is no step of an install run
+    (the node-agent's status.json), which the crash harness must not count among a run's points.
     """
     if isinstance(data, str):
         data = data.encode()
@@ -126,7 +129,8 @@ def atomic_write(
                     os.fchown(f.fileno(), final_uid, final_gid)
             os.fchmod(f.fileno(), final_mode)
             os.fsync(f.fileno())
-        fault_point(f"write {path}")
+        if fault:
+            fault_point(f"write {path}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

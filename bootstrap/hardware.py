@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 
-from bootstrap import platform
 from bootstrap.discovery import UnitStatus, discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.settings import load_settings
 
 
-def hardware_report(host: Host, settings_gpu_mode: str | None) -> tuple[str, dict[str, object]]:
-    """The gpu mode to enroll with and what the control plane is told about the hardware.
+def hardware_report(host: Host, gpu_mode: str) -> dict[str, object]:
+    """What the control plane is told about the hardware of a node enrolling in `gpu_mode` (the
+    run's, bootstrap.resolve.gpu_mode).
 
     Refuses passthrough while no GPU unit can be passed through: the node is never enrolled
     advertising GPUs that cannot run a VM (the install command's gpu stage fixes that first).
@@ -22,7 +22,6 @@ def hardware_report(host: Host, settings_gpu_mode: str | None) -> tuple[str, dic
     report: dict[str, object] = dict(inv.to_json())
     with contextlib.suppress(OSError, ValueError, RuntimeError):
         report["memory_bytes"] = host.memory_total_bytes()
-    gpu_mode = platform.gpu_mode(settings_gpu_mode, has_gpus=bool(inv.gpus))
     ready = sum(1 for u in inv.units if u.status is UnitStatus.READY)
     if gpu_mode == "passthrough" and inv.units and not ready:
         raise VectorlayError(
@@ -35,4 +34,4 @@ def hardware_report(host: Host, settings_gpu_mode: str | None) -> tuple[str, dic
         # (listed under "gpus") through runsc and may have no IOMMU at all, and the control plane
         # keys units by group.
         report["units"], report["nvswitch_units"] = [], []
-    return gpu_mode, report
+    return report

@@ -35,8 +35,8 @@ def firmware_iommu_hint(cpu_vendor: str | None) -> str:
 
 
 def gpu_mode(*choices: str | None, has_gpus: bool) -> str:
-    """passthrough | container | none: the first mode given (this run's option, then node.yaml),
-    else passthrough on a box with GPUs and none without."""
+    """passthrough | container | none: the first mode given, else detection's (passthrough on a box
+    with GPUs, none without). bootstrap.resolve.gpu_mode decides which sources are given, in which order."""
     for choice in choices:
         if choice:
             return choice

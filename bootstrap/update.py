@@ -50,6 +50,14 @@ SERVICES = AGENT_SERVICES
 #   in-place: the main process stopped with a signal it does not leave on, then started again
 RESTART = {"node-agent": "drain", "nebula": "restart", "nomad": "in-place"}
 
+# Artifacts that are no service of their own: runsc is docker's runtime in container-GPU mode.
+CONTAINER_ONLY = ("runsc",)
+
+
+def agent_names(gpu_mode: str) -> list[str]:
+    """The artifacts a node in `gpu_mode` runs (bootstrap.resolve.gpu_mode: resolved by the caller)."""
+    return [*SERVICES, *(CONTAINER_ONLY if gpu_mode == "container" else ())]
+
 
 # How long a restarted unit must stay active before it counts as healthy, on a real box. hostsim
 # shortens it for the trees it simulates, whose stand-in agents are healthy at once.

@@ -6,9 +6,10 @@ product's own setters (bootstrap.host.set_host_factory, bootstrap.fsutil.set_fau
 bootstrap.update.DEFAULT_SETTLE). A subprocess that runs the product's real entry point (the crash
 harness's `vectorlay-bootstrap install`, the venv install.sh builds, the demo) gets them from `env()`:
 it puts hostsim/_site on PYTHONPATH, whose sitecustomize.py calls `install_from_env()` at interpreter
-start-up with the HOSTSIM_* variables below, before the entry point runs. The agents' launcher runs
-Python with -E, which hides PYTHONPATH: the node-agent release hostsim builds installs the same
-itself where hostsim is importable (hostsim.agents), and runs without it in install.sh's venv.
+start-up with the HOSTSIM_* variables (hostsim.switches names them), before the entry point runs.
+The agents' launcher runs Python with -E, which hides PYTHONPATH: the node-agent release hostsim
+builds installs the same itself where hostsim is importable (hostsim.agents), and runs without it in
+install.sh's venv.
 """
 
 from __future__ import annotations
@@ -24,17 +25,37 @@ from typing import Any
 
 from bootstrap import fsutil
 from bootstrap.host import Host, LiveHost, set_host_factory
+from hostsim.switches import (
+    ALL_ENV,
+    FAULT_AT_ENV,
+    FAULT_ENV,
+    FAULT_KIND_ENV,
+    FAULT_LOG_ENV,
+    FORBID_LIVE_ENV,
+    SETTLE_ENV,
+    SIMULATE_ENV,
+    SITE_DIR,
+)
 
-SIMULATE_ENV = "HOSTSIM_SIMULATE"  # "1": tree hosts get hostsim.kernel's simulators
-FAULT_AT_ENV = "HOSTSIM_FAULT_AT"  # N, or a point's name: killed there (SIGKILL)
-FAULT_KIND_ENV = "HOSTSIM_FAULT_KIND"  # "enospc": that write fails as on a full disk instead
-FAULT_LOG_ENV = "HOSTSIM_FAULT_LOG"  # FILE: every point as it passes, "N<TAB>name"
-SETTLE_ENV = "HOSTSIM_HEALTH_SETTLE"  # seconds: the agents' settle window
-FORBID_LIVE_ENV = "HOSTSIM_FORBID_LIVE_ROOT"  # "1": building a host on the real / raises
-FAULT_ENV = (FAULT_AT_ENV, FAULT_KIND_ENV, FAULT_LOG_ENV)
-ALL_ENV = (SIMULATE_ENV, *FAULT_ENV, SETTLE_ENV, FORBID_LIVE_ENV)
-
-SITE_DIR = Path(__file__).resolve().parent / "_site"
+# The variables' names live in hostsim.switches (the simulators need them, and this module needs
+# the simulators); the tests ask for them here, with what they switch on.
+__all__ = [
+    "ALL_ENV",
+    "FAULT_AT_ENV",
+    "FAULT_ENV",
+    "FAULT_KIND_ENV",
+    "FAULT_LOG_ENV",
+    "FORBID_LIVE_ENV",
+    "SETTLE_ENV",
+    "SIMULATE_ENV",
+    "SITE_DIR",
+    "FaultPoints",
+    "LiveRootForbidden",
+    "env",
+    "guarded_init",
+    "install_from_env",
+    "simulating_host",
+]
 
 
 class LiveRootForbidden(RuntimeError):

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootstrap.host import CommandResult, Host, RecordingRunner
-from hostsim import inject
+from hostsim import switches
 
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 STATE_DIR = "/run/hostsim/systemd"
@@ -218,11 +218,11 @@ def _service_env(host: Host, unit: str | None = None) -> dict[str, str]:
     the installer's fault points, which count the installer's own steps. The simulator stays asked
     for: the node-agent release hostsim builds takes it where hostsim is importable (hostsim.agents)."""
     # A service never inherits the proxy variables of whoever ran systemctl: only what its unit gives.
-    env = {k: v for k, v in os.environ.items() if k not in inject.FAULT_ENV and k not in PROXY_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in switches.FAULT_ENV and k not in PROXY_VARIABLES}
     if unit is not None:
         env.update(_environment_files(host, unit))
     env["VECTORLAY_ROOT"] = str(host.root)
-    site = str(inject.SITE_DIR)
+    site = str(switches.SITE_DIR)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != site]
     if rest:
         env["PYTHONPATH"] = os.pathsep.join(rest)

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bootstrap import answers, artifacts
+from bootstrap import answers, artifacts, resolve
 from bootstrap.agent_status import iso, read_status, write_status
 from bootstrap.api import ApiClient, ClientCert, proxy_from_env
 from bootstrap.errors import VectorlayError, hold_secret, redact
@@ -115,7 +115,10 @@ class Agent:
     # --- one heartbeat --------------------------------------------------------------------------
 
     def api_url(self, ident: Identity, settings: Settings | None = None) -> str:
-        url = _config_api(self.host, self.config) or ident.api or (settings or load_settings(self.host)).api
+        """The control plane of one heartbeat (or renewal), in bootstrap.resolve's order with this
+        agent's config first: node-agent.yaml's api, node.yaml's, the identity's."""
+        chosen = _config_api(self.host, self.config) or (settings or load_settings(self.host)).api
+        url = resolve.known_api_url(chosen, ident)
         if not url:
             raise HeartbeatError(f"no control plane URL in {self.config}", "re-run the install one-liner")
         return url

@@ -151,6 +151,44 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path: Path, monkeypatch: p
     assert os.listdir(tmp_path) == ["f"]
 
 
+def test_atomic_write_passes_its_kill_point_unless_told_not_to(tmp_path: Path) -> None:
+    from bootstrap.fsutil import set_fault_hook
+
+    seen: list[str] = []
+    previous = set_fault_hook(seen.append)
+    try:
+        atomic_write(tmp_path / "counted", "x")
+        atomic_write(tmp_path / "runtime", "x", fault=False)
+    finally:
+        set_fault_hook(previous)
+    assert seen == [f"write {tmp_path / 'counted'}"]
+    assert (tmp_path / "runtime").read_text() == "x"
+
+
+def test_the_agent_status_is_written_0644_redacted_and_as_no_kill_point(tmp_path: Path) -> None:
+    from bootstrap.agent_status import STATUS_PATH, read_status, write_status
+    from bootstrap.errors import hold_secret
+    from bootstrap.fsutil import set_fault_hook
+
+    host = TreeHost(tmp_path)
+    secret = "vnt_status_secret_0123456789"
+    hold_secret(secret)
+    seen: list[str] = []
+    previous = set_fault_hook(seen.append)
+    try:
+        write_status(host, {"reason": "first"})
+        write_status(host, {"reason": "second"})
+    finally:
+        set_fault_hook(previous)
+    path = host.path(STATUS_PATH)
+    assert seen == []
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert os.listdir(path.parent) == ["status.json"]
+    assert read_status(host) == {"reason": "second"}
+    write_status(host, {"reason": f"again {secret}"})
+    assert secret not in path.read_text()
+
+
 def test_atomic_symlink_replaces_a_link_in_one_step(tmp_path: Path) -> None:
     link = tmp_path / "current"
     atomic_symlink("v1", link)

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bootstrap import resolve
 from bootstrap.api import proxy_from_env
+from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, open_host
-from bootstrap.identity import load_identity
+from bootstrap.identity import Identity, load_identity
 from bootstrap.lock import run_lock
-from bootstrap.settings import load_settings
-from bootstrap.stages.artifacts import agent_names, fetch_manifest, node_client, wanted
+from bootstrap.node_manifest import fetch_manifest, node_client, wanted
+from bootstrap.settings import Settings, load_settings
 from bootstrap.state import load_state, save_state
-from bootstrap.update import Timing, upgrade
+from bootstrap.update import Timing, agent_names, upgrade
 
 
 def run_update(root: Path, *, host: Host | None = None) -> int:
@@ -25,13 +27,14 @@ def run_update(root: Path, *, host: Host | None = None) -> int:
             "this node is not enrolled: there is nothing to update", "run the install one-liner"
         )
     settings = load_settings(host)
+    api, mode = run_facts(host, settings, ident)
     with run_lock(host):
-        client = node_client(ident, settings.api, proxy=proxy_from_env(fallback=settings.proxy))
+        client = node_client(ident, api, proxy=proxy_from_env(fallback=settings.proxy))
         try:
             state = load_state(host)
             manifest = fetch_manifest(client, ident, state)
             save_state(host, state)
-            arts = wanted(host, manifest, agent_names(settings.gpu_mode or "none"), _log)
+            arts = wanted(host, manifest, agent_names(mode), _log)
             listed = ", ".join(f"{a.name} {a.version}" for a in arts)
             print(f"update: manifest {manifest.version} (serial {manifest.serial}): {listed}")
             report = upgrade(host, client, arts, Timing.default(), log=_log)
@@ -46,6 +49,16 @@ def run_update(root: Path, *, host: Host | None = None) -> int:
     else:
         print("update: everything is current")
     return 0
+
+
+def run_facts(host: Host, settings: Settings, ident: Identity) -> tuple[str, str]:
+    """This run's control plane URL and GPU mode, resolved once, in bootstrap.resolve's order."""
+    mode = resolve.gpu_mode(
+        settings.gpu_mode,
+        recorded=lambda: resolve.recorded_gpu_mode(ident),
+        has_gpus=lambda: bool(discover(host, settings).gpus),
+    )
+    return resolve.api_url(settings.api, ident), mode
 
 
 def _log(message: str) -> None:

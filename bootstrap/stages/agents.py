@@ -14,7 +14,7 @@ from typing import Any
 
 import jinja2
 
-from bootstrap import artifacts, runsc
+from bootstrap import artifacts, resolve, runsc
 from bootstrap.api import Proxy
 from bootstrap.discovery import Inventory, UnitStatus
 from bootstrap.errors import VectorlayError
@@ -27,15 +27,15 @@ from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Switch,
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
 from bootstrap.settings import settings_yaml
-from bootstrap.stages.artifacts import agent_names, gpu_mode_of
 from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
-from bootstrap.stages.control_plane import proxy
+from bootstrap.stages.control_plane import gpu_mode_of, proxy
 from bootstrap.templating import render as render_template
 from bootstrap.update import (
     IN_PLACE_SIGNAL,
     RESTART,
     SERVICES,
     Timing,
+    agent_names,
     is_active,
     services_really_run,
     switch,
@@ -180,7 +180,8 @@ def _desired(ctx: Context, ident: Identity, mode: str, facts: Facts) -> list[Cha
         "org_id": ident.org_id,
         "overlay_ip": ident.overlay_ip,
         "gpu_mode": mode,
-        "api": ident.api or ctx.api or settings.api,
+        # This run's control plane (bootstrap.resolve's order); none known leaves the configs without.
+        "api": resolve.known_api_url(ctx.api or settings.api, ident),
         "disk_path": settings.disk_path,
     }
     changes: list[Change] = [

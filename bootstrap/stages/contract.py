@@ -73,6 +73,8 @@ class Facts:
     targets: Mapping[str, Artifact] = field(default_factory=lambda: MappingProxyType({}))
     # None: no stage has read the token yet.
     token: ProvisioningToken | None = None
+    # Stage detect: this run's GPU mode (bootstrap.resolve.gpu_mode), resolved once; see gpu_mode_of.
+    gpu_mode: str | None = None
 
 
 @dataclass

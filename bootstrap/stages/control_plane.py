@@ -4,25 +4,29 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from bootstrap import resolve
 from bootstrap.api import ApiClient, Proxy, proxy_from_env
-from bootstrap.errors import VectorlayError
 from bootstrap.identity import IdentityError, identity_path, load_identity
 from bootstrap.provisioning import ProvisioningToken
 from bootstrap.stages.contract import Context, Facts
 
 
 def api_url(ctx: Context) -> str:
-    """--api, else node.yaml's api, else the control plane this node enrolled with."""
-    if ctx.api:
-        return ctx.api
-    try:
-        ident = load_identity(ctx.host)
-    except IdentityError:
-        ident = None
-    if ident is not None and ident.api:
-        return ident.api
-    raise VectorlayError(
-        "no control plane URL", "pass api=https://... to the one-liner (or --api, or api: in node.yaml)"
+    """The control plane of this run, in bootstrap.resolve.api_url's order (--api, node.yaml's api,
+    the identity's)."""
+    return resolve.api_url(ctx.api or ctx.settings.api, resolve.identity_or_none(ctx.host))
+
+
+def gpu_mode_of(ctx: Context, facts: Facts) -> str:
+    """The GPU mode of this run: the detect stage's (bootstrap.resolve.gpu_mode, resolved once),
+    else resolved now for a stage planned without it."""
+    if facts.gpu_mode:
+        return facts.gpu_mode
+    inv, ident = facts.inventory, facts.identity
+    return resolve.gpu_mode(
+        ctx.settings.gpu_mode,
+        recorded=lambda: resolve.recorded_gpu_mode(ident or resolve.identity_or_none(ctx.host)),
+        has_gpus=lambda: inv is not None and bool(inv.gpus),
     )
 
 

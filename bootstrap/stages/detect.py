@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from bootstrap.discovery import UnitStatus, discover
 from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import gpu_mode_of
 
 
 def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
@@ -18,7 +19,10 @@ def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
         f"{ready}/{len(inv.units)} GPU unit(s) ready"
     )
     ctx.out(f"detect: {msg}")
-    return StagePlan(replace(facts, inventory=inv), StageResult(Outcome.OK, msg))
+    after = replace(facts, inventory=inv)
+    # Resolved here, once: every later stage acts on this run's GPU mode (gpu_mode_of).
+    after = replace(after, gpu_mode=gpu_mode_of(ctx, after))
+    return StagePlan(after, StageResult(Outcome.OK, msg))
 
 
 def apply(_ctx: Context, sp: StagePlan[None]) -> tuple[StageResult, Facts]:

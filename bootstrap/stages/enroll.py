@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from bootstrap import resolve
 from bootstrap.api import ApiError
 from bootstrap.errors import VectorlayError
 from bootstrap.fsutil import atomic_write, fault_point, fsync_dir
@@ -27,7 +28,15 @@ from bootstrap.identity import load_identity
 from bootstrap.plan import Enroll, compute
 from bootstrap.provisioning import PENDING_KEY
 from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
-from bootstrap.stages.control_plane import api_url, client, enrolled, introspect, keep_expiry, token_of
+from bootstrap.stages.control_plane import (
+    api_url,
+    client,
+    enrolled,
+    gpu_mode_of,
+    introspect,
+    keep_expiry,
+    token_of,
+)
 
 
 def _pending_key(ctx: Context) -> ec.EllipticCurvePrivateKey:
@@ -76,9 +85,9 @@ Carry = _Kept | _Exchange
 def _kept(ctx: Context, facts: Facts, why: str) -> StagePlan[Carry]:
     ident = load_identity(ctx.host)
     assert ident is not None
-    api = ctx.api or ident.api or "the control plane"
+    api = resolve.known_api_url(ctx.api or ctx.settings.api, ident) or "the control plane"
     msg = f"node {ident.node_id} (overlay IP {ident.overlay_ip}) keeps its identity: {why}"
-    changes = compute(ctx.host, [Enroll(api, ctx.settings.gpu_mode or "-", needed=False)])
+    changes = compute(ctx.host, [Enroll(api, gpu_mode_of(ctx, facts), needed=False)])
     kept = StageResult(Outcome.SKIPPED, msg)
     return StagePlan(replace(facts, identity=ident), kept, changes, carry=_Kept(msg))
 
@@ -95,10 +104,10 @@ def plan(ctx: Context, facts: Facts) -> StagePlan[Carry]:
         if was_enrolled:
             return _kept(ctx, facts, "no provisioning token given")
         # A real run reads a token or stops: only a plan run gets here.
-        api = ctx.api or "the control plane"
+        # Not enrolled: no recorded URL to fall back on.
+        api = resolve.known_api_url(ctx.api or ctx.settings.api, None) or "the control plane"
         ctx.out("enroll: would enroll this node (a real run needs a provisioning token)")
-        mode = ctx.settings.gpu_mode or "-"
-        wanted = Enroll(api, mode, reason="first enrollment; needs a provisioning token")
+        wanted = Enroll(api, gpu_mode_of(ctx, facts), reason="first enrollment; needs a provisioning token")
         changes = compute(host, [wanted])
         return StagePlan(
             replace(facts, would_enroll=True),
@@ -120,13 +129,13 @@ def plan(ctx: Context, facts: Facts) -> StagePlan[Carry]:
     current = load_identity(host) if was_enrolled else None
     facts = replace(facts, identity=current, would_enroll=True)
     api = api_url(ctx)
+    gpu_mode = gpu_mode_of(ctx, facts)
     # The passthrough gate: refuses while no GPU unit is ready.
     try:
-        gpu_mode, hardware = hardware_report(host, ctx.settings.gpu_mode)
+        hardware = hardware_report(host, gpu_mode)
     except VectorlayError as e:
         # No output of its own: a real run stops with the error, a plan shows it as the note.
-        mode = ctx.settings.gpu_mode or "passthrough"
-        held = Enroll(api, mode, was_enrolled, reason=f"{kind}, once passthrough works: {e.message}")
+        held = Enroll(api, gpu_mode, was_enrolled, reason=f"{kind}, once passthrough works: {e.message}")
         changes = compute(host, [held])
         planned = StageResult(Outcome.PLANNED, f"would {verb} after the reboot the gpu stage asks for")
         return StagePlan(facts, planned, changes, blocked=e)

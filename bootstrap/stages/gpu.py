@@ -21,7 +21,7 @@ from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, comput
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
 from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
-from bootstrap.stages.control_plane import expiry
+from bootstrap.stages.control_plane import expiry, gpu_mode_of
 from bootstrap.state import boot_id, reboot_message
 from bootstrap.templating import render as render_template
 
@@ -159,7 +159,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan[_Passthrough]:
     host = ctx.host
     inv = facts.inventory or discover(host, ctx.settings)
     facts = replace(facts, inventory=inv)
-    mode = platform.gpu_mode(ctx.settings.gpu_mode, has_gpus=bool(inv.gpus))
+    mode = gpu_mode_of(ctx, facts)
     if mode == "container":
         return StagePlan(facts, container_mode(ctx, inv))
     if mode == "none" or not (inv.gpus or inv.nvswitches):

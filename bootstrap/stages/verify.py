@@ -20,8 +20,8 @@ from bootstrap import vmprobe
 from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
 from bootstrap.paths import IDENTITY_DIR
-from bootstrap.stages.artifacts import gpu_mode_of
 from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import gpu_mode_of
 
 
 def plan(ctx: Context, facts: Facts) -> StagePlan[None]:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from functools import wraps
 from typing import NamedTuple
 
-from bootstrap import platform
+from bootstrap import resolve
 from bootstrap.discovery import Inventory, discover
 from bootstrap.host import Host
 from bootstrap.settings import GPU_MODES, Settings
@@ -30,7 +30,7 @@ class Context:
 
     # A plain class, not a dataclass: every doctor run creates this class at import, and a dataclass
     # compiles its generated methods then, for an object nobody compares or prints.
-    __slots__ = ("_inventory", "_kernel_log", "_units", "host", "settings")
+    __slots__ = ("_inventory", "_kernel_log", "_mode", "_units", "host", "settings")
 
     def __init__(self, host: Host, settings: Settings) -> None:
         self.host = host
@@ -38,6 +38,7 @@ class Context:
         self._inventory: Inventory | None = None
         self._units: list[UnitHealth] | None = None
         self._kernel_log: list[str] | None = None
+        self._mode: str | None = None
 
     def __repr__(self) -> str:
         return f"Context(host={self.host!r}, settings={self.settings!r})"
@@ -50,10 +51,15 @@ class Context:
 
     @property
     def mode(self) -> str:
-        """passthrough | container | none: from the settings, or from detection before install."""
-        if self.settings.gpu_mode:  # known without detection, which costs more
-            return self.settings.gpu_mode
-        return platform.gpu_mode(has_gpus=bool(self.inventory.gpus))
+        """passthrough | container | none, resolved once per doctor run (bootstrap.resolve.gpu_mode:
+        the settings', else the enrollment's, else detection's before install)."""
+        if self._mode is None:
+            self._mode = resolve.gpu_mode(
+                self.settings.gpu_mode,
+                recorded=lambda: resolve.recorded_gpu_mode(resolve.identity_or_none(self.host)),
+                has_gpus=lambda: bool(self.inventory.gpus),
+            )
+        return self._mode
 
     def unit_health(self) -> list[UnitHealth]:
         """The GPU units for rent in this mode (IOMMU groups in passthrough, GPUs in container mode,

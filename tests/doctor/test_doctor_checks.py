@@ -108,7 +108,8 @@ def test_wedged_gpus_leaving_no_unit_to_rent_are_a_fail(sim_host: Make, agents: 
     report = run_checks(host, env={})
 
     assert report.get("wedged").status is Status.FAIL
-    assert report.get("wedged").message == "GPUs 0000:18:00.0, 0000:2a:00.0 fell off the bus (D3cold reset bug)"
+    wedged = report.get("wedged").message
+    assert wedged == "GPUs 0000:18:00.0, 0000:2a:00.0 fell off the bus (D3cold reset bug)"
     assert report.get("gpu_units").message == "0/2 GPU unit(s) ready to rent"
     assert report.verdict is Status.FAIL
 
