@@ -47,7 +47,7 @@ READ_SIZE = 8192  # larger than any /dev/kmsg record (the kernel's own per-reade
 # every REFILL_S while the device keeps flapping.
 MIN_GAP_S = 1.0
 BURST = 5
-REFILL_S = 10.0
+REFILL_S = 5.0
 _ROLES_WITH_CONFIG = ("gpu", "nvswitch")
 _KMSG_HEADER = re.compile(rb"^[0-9]+,[0-9]+,[0-9]+,[^;]*;")
 
