@@ -270,3 +270,42 @@ def test_the_watched_devices_are_the_reports_units_or_else_the_detected_gpus_and
         watch.Device("0000:18:00.0", True),
         watch.Device("0000:18:00.1", False),
     )
+
+
+def test_the_watcher_names_each_change_since_the_mark_and_reads_sysfs_at_most_every_poll(
+    tmp_path: Path,
+) -> None:
+    desc = load_topology("hgx-h100")
+    gpus_on_vfio(desc)
+    root = build_host(tmp_path / "r", desc)
+    host = TreeHost(root)
+    clock = _Clock()
+    watcher = watch.Watcher(host, clock=clock)
+    try:
+        watcher.watch(watch.watched_devices(None, host, Settings(gpu_mode="passthrough")))
+        gpu = gpu_addresses(root)[0]
+        assert watcher.poll() is None
+        healthy = gpufault.fall_off_the_bus(root, gpu, kmsg=False)
+        assert watcher.poll() is None  # sysfs was read 0 s ago
+        clock.t += watch.POLL_S
+        assert watcher.poll() == f"{gpu} config space reads 0xffff (fell off the bus)"
+        watcher.mark()  # a heartbeat reports it
+        clock.t += watch.POLL_S
+        assert watcher.poll() is None
+        gpufault.come_back(root, gpu, healthy)
+        target = gpufault.unbind(root, gpu)
+        clock.t += watch.POLL_S
+        assert watcher.poll() == f"{gpu} config space answers again"
+        watcher.mark()
+        gpufault.rebind(root, gpu, target)
+        watcher.mark()
+        target = gpufault.unbind(root, gpu)
+        clock.t += watch.POLL_S
+        assert watcher.poll() == f"{gpu} driver vfio-pci -> none"
+        gpufault.rebind(root, gpu, target)
+        # The kernel log is read every time, sysfs or not.
+        gpufault.log_kernel(root, gpufault.xid79(gpu))
+        assert watcher.poll() == f"kernel log: {gpufault.xid79(gpu)}"
+        assert watcher.poll() is None
+    finally:
+        watcher.close()
