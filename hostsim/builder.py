@@ -10,6 +10,7 @@ Description keys (all optional but `devices`):
     kernel: 6.8.0-45-generic
     boot_loader: grub|systemd-boot|none
     kvm: true               # /dev/kvm present (a plain file in a tree)
+    kmsg: true              # /dev/kmsg present (a plain file, empty; hostsim.gpufault appends)
     os_release: ubuntu-22.04
     files: {"/etc/default/grub": "..."}
     devices:
@@ -262,6 +263,8 @@ def build_host(root: Path, desc: dict[str, Any]) -> Path:
     )
     if desc.get("kvm", True):
         _write(root / "dev/kvm", b"", 0o660)
+    if desc.get("kmsg", True):  # the kernel log, empty: hostsim.gpufault appends records to it
+        _write(root / "dev/kmsg", b"", 0o644)
     if desc.get("pci_ids", True):
         _write(root / "usr/share/misc/pci.ids", MINI_PCI_IDS)
 

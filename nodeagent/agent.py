@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import random
+import select
 import signal
 import socket
 import threading
@@ -35,6 +36,7 @@ from bootstrap.update import SERVICES
 from nodeagent import __version__
 from nodeagent.renewal import Renewer
 from nodeagent.resources import CpuSample, read_resources
+from nodeagent.watch import POLL_S, Debounce, Watcher, watched_devices
 
 log = logging.getLogger("node-agent")
 
@@ -111,6 +113,8 @@ class Agent:
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
     _cpu: CpuSample | None = field(default=None, repr=False)
     _client: tuple[Path, ApiClient] | None = field(default=None, repr=False)
+    # The last doctor report a heartbeat carried: what the watcher between heartbeats watches.
+    last_doctor: dict[str, Any] | None = field(default=None, repr=False)
 
     # --- one heartbeat --------------------------------------------------------------------------
 
@@ -159,8 +163,9 @@ class Agent:
         report = run_checks(self.host, settings, record=True)
         report = report._replace(results=tuple(r for r in report.results if r.name != _OWN_CHECK))
         resources, self._cpu = read_resources(self.host, settings.disk_path, self._cpu)
+        self.last_doctor = to_json(report)
         return {
-            "doctor": to_json(report),
+            "doctor": self.last_doctor,
             "resources": {**resources, "thresholds": settings.thresholds},
             "agents": {name: artifacts.current_version(self.host, name) for name in SERVICES},
             "draining": self.draining,
@@ -285,10 +290,13 @@ class HealthServer:
 
 @dataclass
 class Daemon:
-    """The service: heartbeats every interval until SIGTERM, draining on SIGUSR1."""
+    """The service: heartbeats every interval until SIGTERM, draining on SIGUSR1, and one more
+    as soon as the watcher sees a GPU unit change between them (nodeagent.watch)."""
 
     agent: Agent
     wait: Callable[[threading.Event, float], bool] = lambda ev, t: ev.wait(t)
+    debounce: Debounce = field(default_factory=Debounce)
+    _watcher: Watcher | None = None
     _wake: threading.Event = field(default_factory=threading.Event)
     _stop: bool = False
     _drain_requested: bool = False
@@ -305,19 +313,58 @@ class Daemon:
         self._wake.set()
 
     def _beat(self) -> dict[str, Any] | None:
+        if self._watcher is not None:
+            self._watcher.mark()
+        self.debounce.beat()
         self._in_flight = True
+        status: dict[str, Any] | None = None
         try:
             status = self.agent.heartbeat()
         except HeartbeatError as e:
             log.warning("heartbeat not delivered: %s", e.message)
-            return None
         except Exception as e:  # the agent outlives its own bugs; the journal gets one line
             log.error("heartbeat failed: %s: %s", type(e).__name__, redact(str(e)))
-            return None
         finally:
             self._in_flight = False
-        log.info("heartbeat: %s", describe(status))
+        self._rewatch()
+        if status is not None:
+            log.info("heartbeat: %s", describe(status))
         return status
+
+    def _rewatch(self) -> None:
+        """Watch the units of the report the heartbeat just carried (or tried to)."""
+        if self._watcher is None:
+            return
+        try:
+            settings = load_settings(self.agent.host)
+            self._watcher.watch(watched_devices(self.agent.last_doctor, self.agent.host, settings))
+        except Exception as e:  # the old set stays watched; the journal gets one line
+            log.error("watch: cannot list the GPU units' devices: %s: %s", type(e).__name__, redact(str(e)))
+
+    def _idle(self, delay: float) -> None:
+        """Wait `delay` s, or less: a signal, or a change the watcher sees once the debounce lets
+        an extra heartbeat go."""
+        deadline = time.monotonic() + delay
+        change: str | None = None
+        while not self._stop and not self._wake.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if change is None and self._watcher is not None:
+                change = self._watcher.poll()
+            step = POLL_S
+            if change is not None:
+                step = self.debounce.ready_in()
+                if step <= 0:
+                    self.debounce.spend()
+                    log.info("watch: %s: heartbeat now", change)
+                    return
+            fd = self._watcher.fileno() if self._watcher is not None and change is None else None
+            if fd is not None:
+                # The kernel log wakes us as soon as a record comes; signals within POLL_S.
+                select.select([fd], [], [], min(step, left))
+            else:
+                self.wait(self._wake, min(step, left))
 
     def run(self) -> int:
         host = self.agent.host
@@ -328,6 +375,7 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGUSR1, self._on_usr1)
         log.info("vectorlay-node-agent %s started (pid %d)", __version__, os.getpid())
+        self._watcher = Watcher(host)
         failures = 0
         try:
             while not self._stop:
@@ -359,12 +407,14 @@ class Daemon:
                 self._wake.clear()
                 if self._stop or (self._drain_requested and not self.agent.draining):
                     continue
-                self.wait(self._wake, delay)
+                self._idle(delay)
         except _Terminate:
             pass
         finally:
             health.stop()
             self.agent.close()
+            if self._watcher is not None:
+                self._watcher.close()
         log.info("stopped")
         return 0
 

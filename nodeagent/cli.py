@@ -19,7 +19,9 @@ from nodeagent import __version__
 DESCRIPTION = (
     "vectorlay's node agent: every advertise_interval (node.yaml) it runs the doctor's checks and "
     "sends the verdict, the node's load and its agents' versions to the control plane, which "
-    "advertises the node's GPU units only while that heartbeat is fresh and healthy. SIGUSR1 drains "
+    "advertises the node's GPU units only while that heartbeat is fresh and healthy. Between "
+    "heartbeats it watches the GPU units (config space, driver binding, the kernel log's Xid 79) "
+    "and sends one at once when a unit changes. SIGUSR1 drains "
     "it (the control plane stops advertising the node), SIGTERM stops it."
 )
 
