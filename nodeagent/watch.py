@@ -110,7 +110,7 @@ class KernelLog:
     def open(cls, host: Host) -> KernelLog | None:
         """None (and one log line) when the kernel log cannot be read: the sysfs polling goes on."""
         # The doctor's lines, in one place: what makes its wedged check WARN or FAIL.
-        from doctor.checks import _KERNEL_LOG_PATTERN
+        from doctor.checks.registry import KERNEL_LOG_PATTERN
 
         path = host.path(KMSG)
         try:
@@ -135,7 +135,7 @@ class KernelLog:
                 e.strerror or e,
             )
             return None
-        return cls(fd, stat.S_ISCHR(mode), re.compile(_KERNEL_LOG_PATTERN))
+        return cls(fd, stat.S_ISCHR(mode), re.compile(KERNEL_LOG_PATTERN))
 
     def matches(self) -> list[str]:
         """The new records' messages that match, reading until there is nothing left. OSError

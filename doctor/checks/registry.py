@@ -20,7 +20,7 @@ REINSTALL = "re-run the install one-liner"
 # Kernel log lines that mean a GPU fell off the bus this boot: the NVIDIA driver's Xid 79, the
 # driver's plain-text report, and the PCI core failing to wake a device from D3cold. Compiled only
 # where a kernel log is read (a node with GPUs), not by every run's import.
-_KERNEL_LOG_PATTERN = (
+KERNEL_LOG_PATTERN = (
     r"NVRM: Xid \([^)]*\): 79\b|fallen off the bus|Unable to change power state from D3cold to D0"
 )
 
@@ -145,7 +145,7 @@ def _read_kernel_log(host: Host) -> list[str]:
         res = host.run(argv, timeout=20)
         lines = [ln for ln in res.stdout.splitlines() if ln.strip() and not ln.startswith("-- ")]
         if res.ok and lines:
-            pattern = re.compile(_KERNEL_LOG_PATTERN)
+            pattern = re.compile(KERNEL_LOG_PATTERN)
             return [ln.strip() for ln in lines if pattern.search(ln)]
     return []
 
