@@ -41,6 +41,7 @@ from bootstrap.identity import load_identity
 from controlplane import testing
 from tests.controlplane.cp_nodes import heartbeat_request
 from tests.controlplane.hostile import holding
+from tests.controlplane.unit_bodies import LINK_X8, WEDGED, unit
 
 pytestmark = pytest.mark.slow
 
@@ -118,12 +119,16 @@ def _load_generator(build_dir: Path) -> Path:
 
 
 def _run_load(
-    cp: testing.RunningControlPlane, roots: list[Path], work: Path, rounds: int = ROUNDS
+    cp: testing.RunningControlPlane,
+    roots: list[Path],
+    work: Path,
+    rounds: int = ROUNDS,
+    body: dict[str, Any] = BODY,
 ) -> dict[str, float]:
     url = urlsplit(cp.url)
     assert url.hostname is not None and url.port is not None
     host, port = url.hostname, url.port
-    payload = json.dumps(BODY).encode()
+    payload = json.dumps(body).encode()
     lines = []
     for i, r in enumerate(roots):
         ident = load_identity(TreeHost(r))
@@ -200,6 +205,62 @@ def test_bench_heartbeats_from_200_nodes_over_16_concurrent_clients(benchmark: A
         # Each heartbeat a new connection: every one resumed, none rode a kept-alive connection.
         assert result["resumed_handshakes"] == NODES * ROUNDS
         assert result["warmup_resumed_handshakes"] == 0
+
+
+# An 8-GPU passthrough node (one GPU alone in each of IOMMU groups 24-31) and its doctor's
+# per-unit state: one unit wedged, one on a degraded link, six ready.
+GROUPS = [str(g) for g in range(24, 32)]
+GPU_HARDWARE: dict[str, Any] = {
+    "gpus": [{"address": f"0000:{int(g):02x}:00.0", "iommu_group": g} for g in GROUPS],
+    "units": [{"iommu_group": g, "gpus": [f"0000:{int(g):02x}:00.0"], "status": "ready"} for g in GROUPS],
+}
+UNITS_BODY: dict[str, Any] = {
+    **BODY,
+    "doctor": {
+        **BODY["doctor"],
+        "verdict": "WARN",
+        "gpu_units": {"ready": 7, "total": 8},
+        "units": [
+            unit("24", "not_ready", [WEDGED]),
+            unit("25", "degraded", [LINK_X8]),
+            *(unit(g) for g in GROUPS[2:]),
+        ],
+    },
+}
+
+
+@pytest.mark.benchmark(group="heartbeat")
+def test_bench_heartbeats_with_the_doctors_eight_units_from_200_nodes(benchmark: Any, tmp_path: Path) -> None:
+    """The first benchmark's load from 8-GPU passthrough nodes whose heartbeats carry the doctor's
+    per-unit state (`doctor.units`): the cost of validating, storing and deciding it per unit."""
+    with testing.running(tmp_path / "cp", args=("--workers", str(WORKERS))) as cp:
+        cp.org("load", node_quota=NODES)
+        shm = Path("/dev/shm")
+        nodes_dir = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else tmp_path))
+        roots = [nodes_dir / f"node-{i}" for i in range(NODES)]
+        try:
+            for r in roots:
+                r.mkdir()
+                api = ApiClient(cp.url, ca_file=cp.ca_file, attempts=1)
+                enroll(TreeHost(r), api, cp.token("load"), gpu_mode="passthrough", hardware=GPU_HARDWARE)
+                api.close()
+            result = benchmark.pedantic(
+                _run_load, args=(cp, roots, nodes_dir), kwargs={"body": UNITS_BODY}, rounds=1, iterations=1
+            )
+            stored = cp.admin.db.conn().execute("SELECT units FROM node_heartbeats").fetchall()
+        finally:
+            shutil.rmtree(nodes_dir, ignore_errors=True)
+        benchmark.extra_info.update(result)
+        print(
+            f"\n{result['heartbeats']:.0f} heartbeats with 8 units each from {NODES} nodes,"
+            f" {CLIENTS} clients:"
+            f" {result['heartbeats_per_s']:.1f} heartbeats/s, p50 {result['p50_ms']:.1f} ms,"
+            f" p99 {result['p99_ms']:.1f} ms, max {result['max_ms']:.1f} ms;"
+            f" server CPU {result['server_cpu_ms_per_heartbeat']:.2f} ms per heartbeat"
+        )
+        assert result["heartbeats"] == NODES * ROUNDS
+        # Every heartbeat was taken as a per-unit one (a 400 would have stored nothing).
+        assert len(stored) == NODES and all(json.loads(u)[0][0] == "24" for (u,) in stored)
 
 
 HOSTILE_NODES = 50

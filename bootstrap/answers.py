@@ -224,4 +224,20 @@ def heartbeat(body: Any) -> dict[str, Any]:
     reason = body.get("reason")
     if reason is not None:
         reason = text(reason, "reason", limit=500)
-    return {"status": status, "advertised_units": units, "next_heartbeat_s": nxt, "reason": reason}
+    answer = {"status": status, "advertised_units": units, "next_heartbeat_s": nxt, "reason": reason}
+    if body.get("withheld") is not None:
+        # The units the control plane does not advertise and why (an answer to a heartbeat that
+        # carried the doctor's per-unit state).
+        answer["withheld"] = items(body["withheld"], "withheld", _withheld_unit, limit=_UNITS_LIMIT)
+    return answer
+
+
+_UNIT_ID = re.compile(r"[0-9]{1,6}|[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+_UNITS_LIMIT = 64
+
+
+def _withheld_unit(value: Any, where: str) -> dict[str, Any]:
+    unit = obj(value, where)
+    uid = text(unit.get("id"), f"{where}.id", limit=12, pattern=_UNIT_ID)
+    reasons = items(unit.get("reasons"), f"{where}.reasons", lambda v, w: text(v, w, limit=500), limit=32)
+    return {"id": uid, "reasons": reasons}

@@ -106,6 +106,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX node_certificates_batch ON node_certificates(batch);
     """,
+    # 4: the per-unit state of the last heartbeat (controlplane.units): JSON [[id, status, [message,
+    # ...]], ...], NULL from an agent that reports no units (the node-level count rule applies).
+    """
+    ALTER TABLE node_heartbeats ADD COLUMN units TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

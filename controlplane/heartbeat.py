@@ -11,6 +11,9 @@ never taken from the node's word alone:
   for itself in node.yaml, never looser ones);
 - and never more units than the hardware it enrolled with: a node that enrolled with no GPUs and
   claims 10,000 ready units is capped at 0.
+
+A node that reports its units one by one (the doctor's `units`) is decided per unit on top of these
+(controlplane.units): only its ready and degraded units among those it enrolled with are offered.
 """
 
 from __future__ import annotations
@@ -27,6 +30,18 @@ from controlplane import nodeauth, store
 from controlplane.clock import from_iso, to_iso
 from controlplane.errors import bad_request
 from controlplane.service import ControlPlane
+from controlplane.units import (
+    Enrolled,
+    UnitOffer,
+    UnitState,
+    decide_units,
+    decode_units,
+    encode_units,
+    enrolled_units,
+    listing_rows,
+    parse_units,
+    withheld,
+)
 
 DEFAULT_INTERVAL_S = 240
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1, 3600
@@ -59,6 +74,7 @@ class Heartbeat:
     agents: dict[str, str | None]
     draining: bool
     interval_s: int
+    units: tuple[UnitState, ...] | None = None  # None: an agent that reports no per-unit state
 
 
 def _number(value: Any, where: str, low: float, high: float) -> float:
@@ -174,7 +190,18 @@ def parse_heartbeat(body: Any) -> Heartbeat:
         raise bad_request(
             f"interval_s must be a whole number of seconds from {MIN_INTERVAL_S} to {MAX_INTERVAL_S}"
         )
-    return Heartbeat(verdict, tuple(checks), ready, total, resources, thresholds, agents, draining, interval)
+    return Heartbeat(
+        verdict,
+        tuple(checks),
+        ready,
+        total,
+        resources,
+        thresholds,
+        agents,
+        draining,
+        interval,
+        parse_units(doctor, ready, total),
+    )
 
 
 @dataclass(frozen=True)
@@ -184,6 +211,7 @@ class Offer:
     ready: int
     advertised: int
     reason: str | None
+    units: tuple[UnitOffer, ...] | None = None  # per unit, when the node reports its units
 
 
 def decide(
@@ -191,25 +219,37 @@ def decide(
     heartbeat: sqlite3.Row | None,
     enrolled_units: int,
     now: datetime,
+    enrolled: Enrolled | None = None,
 ) -> Offer:
-    """The advertising rule (module docstring) over the stored state of one node."""
+    """The advertising rule (module docstring) over the stored state of one node; per unit
+    (controlplane.units) when the heartbeat reported its units, against `enrolled`."""
     if heartbeat is None:
         return Offer(0, 0, "removed" if status == "removed" else "no heartbeat yet")
     ready = int(heartbeat["units_ready"])
+    withdrawn = _withdrawn(status, heartbeat, now)
+    units = decode_units(heartbeat["units"])
+    if units is not None:
+        per_unit = decide_units(units, withdrawn, enrolled or Enrolled(frozenset(), enrolled_units))
+        return Offer(per_unit.ready, per_unit.advertised, per_unit.reason, per_unit.units)
+    if withdrawn is not None:
+        return Offer(ready, 0, withdrawn)
+    if ready > enrolled_units:
+        return Offer(ready, enrolled_units, f"capped at the enrolled hardware ({enrolled_units} GPU unit(s))")
+    return Offer(ready, ready, None)
+
+
+def _withdrawn(status: str, heartbeat: sqlite3.Row, now: datetime) -> str | None:
+    """Why the node-level rules advertise none of the node's units, or None."""
     if status == "removed":
-        return Offer(ready, 0, "removed")
+        return "removed"
     age = now - from_iso(heartbeat["received_at"])
     limit = timedelta(seconds=STALE_INTERVALS * int(heartbeat["interval_s"]))
     if age > limit:
-        return Offer(
-            ready,
-            0,
-            f"stale heartbeat ({int(age.total_seconds())} s old, limit {int(limit.total_seconds())} s)",
-        )
+        return f"stale heartbeat ({int(age.total_seconds())} s old, limit {int(limit.total_seconds())} s)"
     if heartbeat["verdict"] == "FAIL":
-        return Offer(ready, 0, "verdict FAIL")
+        return "verdict FAIL"
     if heartbeat["draining"]:
-        return Offer(ready, 0, "draining")
+        return "draining"
     resources = json.loads(heartbeat["resources"])
     thresholds = json.loads(heartbeat["thresholds"])
     over = [
@@ -217,11 +257,7 @@ def decide(
         for k in THRESHOLDS
         if resources.get(k, 0.0) > thresholds.get(k, THRESHOLDS[k])
     ]
-    if over:
-        return Offer(ready, 0, "; ".join(over))
-    if ready > enrolled_units:
-        return Offer(ready, enrolled_units, f"capped at the enrolled hardware ({enrolled_units} GPU unit(s))")
-    return Offer(ready, ready, None)
+    return "; ".join(over) if over else None
 
 
 def record_heartbeat(
@@ -236,6 +272,7 @@ def record_heartbeat(
         json.dumps(hb.thresholds),
         json.dumps(hb.agents),
         json.dumps(hb.checks),
+        encode_units(hb.units),
     )
     now = cp.clock.now()
     # Not durable: a heartbeat lost to a power cut is sent again within one interval.
@@ -260,12 +297,14 @@ def record_heartbeat(
             hb.draining,
             encoded,
         )
-    offer = decide(node["status"], stored, int(node["enrolled_units"]), now)
+        enrolled = enrolled_units(conn, node) if hb.units is not None else None
+    offer = decide(node["status"], stored, int(node["enrolled_units"]), now, enrolled)
     return {
         "status": "active",
         "advertised_units": offer.advertised,
         "next_heartbeat_s": hb.interval_s,
         "reason": offer.reason,
+        **withheld(offer.units),
     }
 
 
@@ -275,10 +314,12 @@ def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> 
     now = cp.clock.now()
     conn = cp.store.read()
     rows = store.nodes_with_heartbeats(conn, key_org["id"])
+    groups = store.unit_groups_of_org(conn, key_org["id"])
     nodes = []
     for r in rows:
         hb = r if r["hb"] is not None else None
-        offer = decide(r["status"], hb, int(r["enrolled"]), now)
+        enrolled = Enrolled.of(r["gpu_mode"], groups.get(r["id"]), int(r["enrolled"]))
+        offer = decide(r["status"], hb, int(r["enrolled"]), now, enrolled)
         nodes.append(
             {
                 "node_id": r["id"],
@@ -296,6 +337,7 @@ def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> 
                 "agents": json.loads(r["agents"]) if hb is not None else {},
                 "draining": bool(r["draining"]) if hb is not None else False,
                 "reason": offer.reason,
+                "units": listing_rows(offer.units),
                 "credentials_expire_at": store.credential_expiry(conn, r["id"], r["cert_fp"]),
             }
         )

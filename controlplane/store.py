@@ -335,19 +335,20 @@ def upsert_heartbeat(
     units_ready: int,
     units_total: int,
     draining: bool,
-    encoded: tuple[str, str, str, str],
+    encoded: tuple[str, str, str, str, str | None],
 ) -> sqlite3.Row:
     """The node's last heartbeat becomes this one (`encoded`: resources, thresholds, agents, checks
-    as JSON); returns the stored row."""
+    and the per-unit state, or None, as JSON); returns the stored row."""
     row: sqlite3.Row = conn.execute(
         "INSERT INTO node_heartbeats (node_id, received_at, interval_s, verdict, units_ready,"
-        " units_total, draining, resources, thresholds, agents, checks, heartbeats)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
+        " units_total, draining, resources, thresholds, agents, checks, units, heartbeats)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
         " ON CONFLICT (node_id) DO UPDATE SET received_at = excluded.received_at,"
         " interval_s = excluded.interval_s, verdict = excluded.verdict,"
         " units_ready = excluded.units_ready, units_total = excluded.units_total,"
         " draining = excluded.draining, resources = excluded.resources,"
         " thresholds = excluded.thresholds, agents = excluded.agents, checks = excluded.checks,"
+        " units = excluded.units,"
         " heartbeats = node_heartbeats.heartbeats + 1"
         " RETURNING *",
         (node_id, received_at, interval_s, verdict, units_ready, units_total, int(draining), *encoded),
@@ -356,12 +357,32 @@ def upsert_heartbeat(
 
 
 def nodes_with_heartbeats(conn: sqlite3.Connection, org_id: str) -> list[sqlite3.Row]:
-    """The org's nodes, each with its last heartbeat (`hb` NULL when none) and its `enrolled` units."""
+    """The org's nodes, each with its last heartbeat (`hb` NULL when none) and its `enrolled` units
+    (the count)."""
     return conn.execute(
-        "SELECT n.id, n.hostname, n.status, n.cert_fp, h.node_id AS hb, h.received_at, h.interval_s,"
-        " h.verdict, h.units_ready, h.units_total, h.draining, h.resources, h.thresholds, h.agents,"
+        "SELECT n.id, n.hostname, n.status, n.cert_fp, n.gpu_mode, h.node_id AS hb, h.received_at,"
+        " h.interval_s, h.verdict, h.units_ready, h.units_total, h.draining, h.resources,"
+        " h.thresholds, h.agents, h.units,"
         f" {enrolled_units_sql('n')} AS enrolled"
         " FROM nodes n LEFT JOIN node_heartbeats h ON h.node_id = n.id"
         " WHERE n.org_id = ? ORDER BY n.seq",
         (org_id,),
     ).fetchall()
+
+
+def unit_groups(conn: sqlite3.Connection, node_id: str) -> frozenset[str]:
+    """The IOMMU groups the node enrolled with."""
+    rows = conn.execute("SELECT iommu_group FROM gpu_units WHERE node_id = ?", (node_id,)).fetchall()
+    return frozenset(r[0] for r in rows)
+
+
+def unit_groups_of_org(conn: sqlite3.Connection, org_id: str) -> dict[str, frozenset[str]]:
+    """The IOMMU groups every node of `org_id` enrolled with, by node, in one query."""
+    groups: dict[str, set[str]] = {}
+    for node_id, group in conn.execute(
+        "SELECT g.node_id, g.iommu_group FROM gpu_units g JOIN nodes n ON n.id = g.node_id"
+        " WHERE n.org_id = ?",
+        (org_id,),
+    ):
+        groups.setdefault(node_id, set()).add(group)
+    return {node_id: frozenset(g) for node_id, g in groups.items()}

@@ -95,7 +95,10 @@ def _check_answer(answer: Any) -> dict[str, Any]:
         ) from None
     # Shown in the journal, status.json and the doctor: a secret echoed in it goes no further.
     reason = checked.get("reason")
-    return {**checked, "reason": redact(reason) if isinstance(reason, str) else None}
+    checked["reason"] = redact(reason) if isinstance(reason, str) else None
+    for unit in checked.get("withheld", ()):
+        unit["reasons"] = [redact(r) for r in unit["reasons"]]
+    return checked
 
 
 @dataclass
@@ -225,6 +228,12 @@ def describe(status: dict[str, Any]) -> str:
     line = f"{status['status']}, {status['advertised_units']} GPU unit(s) advertised"
     if status.get("reason"):
         line += f" ({status['reason']})"
+    withheld = status.get("withheld") or []
+    if withheld:
+        # One line however many: the first reasons of the first units, then how many more.
+        shown = [f"{u['id']} ({'; '.join(u['reasons'][:2]) or 'no reason given'})" for u in withheld[:4]]
+        more = f" and {len(withheld) - 4} more" if len(withheld) > 4 else ""
+        line += f"; withheld: {', '.join(shown)}{more}"
     return line
 
 

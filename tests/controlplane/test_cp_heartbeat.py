@@ -16,6 +16,7 @@ from bootstrap.identity import load_identity
 from controlplane import testing
 from hostsim import build_host, load_topology
 from hostsim.demo import build_container_host
+from tests.controlplane.unit_bodies import malformed_units
 from tests.install.helpers import gpus_on_vfio
 
 pytestmark = pytest.mark.slow
@@ -299,6 +300,7 @@ def _malformed() -> list[Any]:
     del_draining = copy.deepcopy(GOOD)
     del del_draining["draining"]
     cases.append(del_draining)
+    cases.extend(malformed_units())
     return cases
 
 
