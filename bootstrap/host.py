@@ -168,8 +168,9 @@ class RecordingRunner:
 
 
 # Queries change nothing: killing the run at one is the same as killing it after the change before,
-# and their number varies with timing (health polls), so they are not fault points.
-_QUERY_PROGRAMS = frozenset({"journalctl", "dmesg", "ping"})
+# and their number varies with timing (health polls), so they are not fault points. The VM-attach
+# probe's QEMU (bootstrap.vmprobe) leaves nothing behind that a re-run would have to repair.
+_QUERY_PROGRAMS = frozenset({"journalctl", "dmesg", "ping", "qemu-system-x86_64"})
 _SYSTEMCTL_QUERIES = frozenset(
     {"is-active", "is-enabled", "is-failed", "is-system-running", "show", "status", "cat", "list-units"}
 )

@@ -39,3 +39,12 @@ SYSTEMD_UNITS = "/etc/systemd/system"
 SYSTEMD_BOOTED = "/run/systemd/system"
 # The timer that runs `vectorlay-bootstrap update`: the installer installs it, the doctor asks about it.
 UPDATE_TIMER = "node-agent-update.timer"
+# The GPUs the node enrolled with (address and IOMMU group each), written by the enroll stage: the
+# doctor reports a GPU that is no longer on the bus (`gpu_missing`). A node enrolled before this
+# record existed has none, and then nothing is reported missing.
+ENROLLED_GPUS = "/var/lib/vectorlay/enrolled-gpus.json"
+# Each GPU/NVSwitch function's AER counts as the node-agent's last doctor run saw them: what "grew
+# since the last run" is measured against.
+UNIT_HEALTH_STATE = "/var/lib/vectorlay/unit-health.json"
+# The VM-attach probe's results per unit (bootstrap.vmprobe writes them, the doctor reads them).
+UNIT_PROBES = "/var/lib/vectorlay/unit-probes.json"

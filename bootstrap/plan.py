@@ -375,9 +375,12 @@ def apply(
     *,
     log: Callable[[str], None] = lambda _msg: None,
     state: RunState | None = None,
+    persist: Callable[[], object] | None = None,
 ) -> Applied:
     """Carry out the changed items of `plan`. Raises VectorlayError when a command fails, and
-    TypeError, before writing anything, when the plan holds an action (Plan.without_actions)."""
+    TypeError, before writing anything, when the plan holds an action (Plan.without_actions).
+    `persist` makes `state` durable (the install run's Context.persist); without them, the state on
+    disk is loaded and saved here."""
     acts = [type(i.change).__name__ for i in plan.actions]
     if acts:
         raise TypeError(f"plan.apply does not carry out {', '.join(acts)}: the stage's apply does")
@@ -388,11 +391,17 @@ def apply(
     commands = [i.change.argv for i in todo if isinstance(i.change, Command)]
     if state is None:
         state = load_state(host)
+    journal = state
+    if persist is None:
+
+        def persist() -> None:
+            save_state(host, journal)
+
     if commands:
         for argv in commands:
             if list(argv) not in state.pending_commands:
                 state.pending_commands.append(list(argv))
-        save_state(host, state)
+        persist()
 
     for item in todo:
         ch = item.change
@@ -439,5 +448,5 @@ def apply(
                 "fix the cause and re-run the same command; it picks up where it stopped",
             )
         state.pending_commands = [c for c in state.pending_commands if tuple(c) != ch.argv]
-        save_state(host, state)
+        persist()
     return done

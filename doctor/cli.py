@@ -1,4 +1,4 @@
-"""`vectorlay-node-doctor [--root DIR] [--json] [--prometheus FILE]`.
+"""`vectorlay-node-doctor [--root DIR] [--json] [--prometheus FILE] [--probe-units]`.
 
 Start-up time is part of the product (it is benchmarked against virt-host-validate, and the node-agent
 and the textfile timer run the doctor often): heavy modules (rich, yaml, cryptography, requests) are
@@ -23,10 +23,14 @@ if TYPE_CHECKING:
     import typer
 
     from bootstrap.host import Host
+    from bootstrap.vmprobe import ProbeResult
 
 
-def run(root: Path, json_out: bool, prometheus: Path | None, host: Host | None = None) -> int:
-    """Run the checks, print, write the metrics file if asked; return the exit code."""
+def run(
+    root: Path, json_out: bool, prometheus: Path | None, host: Host | None = None, probe_units: bool = False
+) -> int:
+    """Run the checks (after the VM-attach probe, if asked), print, write the metrics file if asked;
+    return the exit code."""
     if host is None and os.geteuid() != 0 and root.resolve() == Path("/"):
         # The node's identity (0700), the node token and the agents' state are root's alone: as
         # another user half the checks would fail for a reason that is not the node's.
@@ -37,10 +41,21 @@ def run(root: Path, json_out: bool, prometheus: Path | None, host: Host | None =
     from doctor.checks import run_checks
     from doctor.render import render_json, render_prometheus, render_text, use_colour
 
-    report = run_checks(host or open_host(root))
+    host = host or open_host(root)
+    probes = _probe(host) if probe_units else None
+    report = run_checks(host)
     if json_out:
-        sys.stdout.write(render_json(report))
+        text = render_json(report)
+        if probes is not None:
+            import json
+
+            data = json.loads(text)
+            data["probes"] = [p.to_json() for p in probes]
+            text = json.dumps(data, indent=2) + "\n"
+        sys.stdout.write(text)
     else:
+        if probes is not None:
+            sys.stdout.write(_probe_text(probes))
         sys.stdout.write(render_text(report, colour=use_colour(sys.stdout)))
     sys.stdout.flush()
     if prometheus is not None:
@@ -57,6 +72,31 @@ def run(root: Path, json_out: bool, prometheus: Path | None, host: Host | None =
                 "point --prometheus at node_exporter's textfile directory, writable by this user",
             ) from None
     return report.exit_code
+
+
+def _probe(host: Host) -> list[ProbeResult]:
+    """The VM-attach probe of every unit whose group is on vfio-pci (rented ones skipped); its records
+    are what the checks then read."""
+    from bootstrap.discovery import discover
+    from bootstrap.settings import load_settings
+    from bootstrap.vmprobe import probe_units
+
+    return probe_units(host, discover(host, load_settings(host), with_names=False))
+
+
+def _probe_text(probes: list[ProbeResult]) -> str:
+    from bootstrap.vmprobe import Outcome
+
+    if not probes:
+        return "VM-attach probe: no unit has its IOMMU group on vfio-pci; nothing to probe\n\n"
+    lines = []
+    for p in probes:
+        lines.append(f"VM-attach probe: unit {p.unit} ({', '.join(p.devices)}): {p.message}")
+        if p.outcome is Outcome.FAILED and p.error and p.error.splitlines()[0] not in p.message:
+            lines.append(f"  error: {p.error}")
+        if p.hint and p.outcome is not Outcome.ATTACHED:
+            lines.append(f"  fix: {p.hint}")
+    return "\n".join(lines) + "\n\n"
 
 
 _HELP = "Check this provider node's health: PASS/WARN/FAIL per check and a final verdict."
@@ -128,10 +168,17 @@ def _app() -> typer.Typer:
             metavar="FILE",
             dir_okay=False,
         ),
+        probe_units: bool = typer.Option(
+            False,
+            "--probe-units",
+            help="First start QEMU (package qemu-system-x86) with each unit's devices on vfio-pci, "
+            "no guest OS, to prove a VM can attach them; units in use are skipped. "
+            "With --json the results are in `probes`.",
+        ),
     ) -> None:
         if not root.is_dir():
             raise typer.BadParameter(f"{root} is not a directory", param_hint="'--root'")
-        raise typer.Exit(run(root, json_out, prometheus))
+        raise typer.Exit(run(root, json_out, prometheus, probe_units=probe_units))
 
     return app
 

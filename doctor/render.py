@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from doctor.checks import CHECKS
-from doctor.model import Report, Status
+from doctor.model import UNIT_STATUSES, DeviceHealth, Report, Status, UnitHealth
 
 _COLOURS = {Status.PASS: "32", Status.WARN: "33", Status.FAIL: "1;31", Status.SKIP: "2"}
 _LABEL_WIDTH = 15
@@ -66,6 +67,28 @@ def to_json(report: Report) -> dict[str, Any]:
             for r in report.results
         ],
         "gpu_units": {"ready": report.units_ready, "total": report.units_total},
+        "units": [_unit_json(u) for u in report.units],
+    }
+
+
+def _unit_json(unit: UnitHealth) -> dict[str, Any]:
+    return {
+        "id": unit.id,
+        "iommu_group": unit.iommu_group,
+        "status": unit.status,
+        "devices": [
+            {
+                "address": d.address,
+                "role": d.role,
+                "present": d.present,
+                "driver": d.driver,
+                "link": None if d.link is None else d.link._asdict(),
+                "aer": None if d.aer is None else d.aer._asdict(),
+                "reset_method": None if d.reset_method is None else list(d.reset_method),
+            }
+            for d in unit.devices
+        ],
+        "reasons": [r._asdict() for r in unit.reasons],
     }
 
 
@@ -127,9 +150,70 @@ def render_prometheus(report: Report, now: float | None = None) -> str:
             "1 for each GPU or NVSwitch that fell off the bus, by PCI address.",
             [(f'{{address="{_label(a)}"}}', 1) for a in report.wedged],
         )
+    _unit_series(report, gauge, out)
     gauge(
         "last_run_timestamp_seconds",
         "When the doctor wrote this file (Unix time).",
         [("", round(time.time() if now is None else now, 3))],
     )
     return "\n".join(out) + "\n"
+
+
+def _unit_series(
+    report: Report, gauge: Callable[[str, str, list[tuple[str, float]]], None], out: list[str]
+) -> None:
+    """Per unit (label `unit`, its id): ready?, its status, each GPU/NVSwitch's link and AER counts."""
+    units = report.units
+    if not units:
+        return
+    gauge(
+        "unit_ready",
+        "1 for a GPU unit that may be rented (ready or degraded), 0 for one that may not.",
+        [(f'{{unit="{_label(u.id)}"}}', 1 if u.rentable else 0) for u in units],
+    )
+    gauge(
+        "unit_status",
+        "Each GPU unit's status: 1 on the line of the status it has, 0 on the others.",
+        [
+            (f'{{status="{s}",unit="{_label(u.id)}"}}', 1 if u.status == s else 0)
+            for u in units
+            for s in UNIT_STATUSES
+        ],
+    )
+    links = [(u, d) for u in units for d in u.devices if d.link is not None]
+    if links:
+        _link_series(links, gauge)
+    aer = [(u, d) for u in units for d in u.devices if d.aer is not None]
+    if not aer:
+        return
+    # Counted by the kernel since boot: a counter, so rate() and increase() apply.
+    name = f"{PREFIX}_unit_aer_errors_total"
+    out.append(f"# HELP {name} PCIe AER errors each GPU/NVSwitch of a unit reported since boot, by severity.")
+    out.append(f"# TYPE {name} counter")
+    for u, d in aer:
+        for severity, count in d.aer._asdict().items() if d.aer else ():
+            labels = f'{{device="{_label(d.address)}",severity="{severity}",unit="{_label(u.id)}"}}'
+            out.append(f"{name}{labels} {_number(count)}")
+
+
+def _link_series(
+    links: list[tuple[UnitHealth, DeviceHealth]], gauge: Callable[[str, str, list[tuple[str, float]]], None]
+) -> None:
+    gauge(
+        "unit_link_width",
+        "PCIe lanes each GPU/NVSwitch of a unit trained at.",
+        [
+            (f'{{device="{_label(d.address)}",unit="{_label(u.id)}"}}', d.link.width)
+            for u, d in links
+            if d.link
+        ],
+    )
+    gauge(
+        "unit_link_max_width",
+        "PCIe lanes each GPU/NVSwitch of a unit can train at.",
+        [
+            (f'{{device="{_label(d.address)}",unit="{_label(u.id)}"}}', d.link.max_width)
+            for u, d in links
+            if d.link
+        ],
+    )

@@ -24,6 +24,11 @@ Description keys (all optional but `devices`):
         power_state: D0
         config_vendor: ffff        # live config space override (a wedged device)
         boot_vga: 1
+        link_speed: "32.0 GT/s PCIe"  # max_link_speed (default 16.0 GT/s PCIe); current_link_speed: trained
+        link_width: 16             # max_link_width (default 16); current_link_width: as trained
+        aer: {fatal: {DLP: 1}}     # AER counts by the kernel's names (default all 0); false: not AER capable
+        reset_method: "flr bus"    # default: flr, and bus when alone behind a bridge; "": emptied;
+                                   # null: the kernel found none (no reset_method, no reset file)
         repeat: 8                  # with address_step (device|bus|domain) and step_by: what to advance
 """
 
@@ -130,6 +135,33 @@ def _config_space(vendor: int, device: int, klass: int, revision: int, live_vend
     return bytes(cfg)
 
 
+# The error names the kernel prints in aer_dev_* (drivers/pci/pcie/aer.c, Linux 6.x), each line "NAME
+# COUNT", then the TOTAL_ line (Documentation/ABI/testing/sysfs-bus-pci-devices-aer).
+AER_NAMES = {
+    "correctable": (
+        ("RxErr", "BadTLP", "BadDLLP", "Rollover", "Timeout", "NonFatalErr", "CorrIntErr", "HeaderOF"),
+        "TOTAL_ERR_COR",
+    ),
+    "nonfatal": (
+        (
+            "Undefined", "DLP", "SDES", "TLP", "FCP", "CmpltTO", "CmpltAbrt", "UnxCmplt", "RxOF", "MalfTLP",
+            "ECRC", "UnsupReq", "ACSViol", "UncorrIntErr", "BlockedTLP", "AtomicOpBlocked", "TLPBlockedErr",
+            "PoisonTLPBlocked",
+        ),
+        "TOTAL_ERR_NONFATAL",
+    ),
+}  # fmt: skip
+AER_NAMES["fatal"] = (AER_NAMES["nonfatal"][0], "TOTAL_ERR_FATAL")
+AER_FILES = {"correctable": "aer_dev_correctable", "nonfatal": "aer_dev_nonfatal", "fatal": "aer_dev_fatal"}
+
+
+def aer_text(severity: str, counts: dict[str, int]) -> str:
+    """One aer_dev_* file as the kernel prints it: every error type, then the total of messages."""
+    names, total = AER_NAMES[severity]
+    lines = [f"{n} {int(counts.get(n, 0))}" for n in names]
+    return "\n".join([*lines, f"{total} {sum(int(v) for v in counts.values())}"]) + "\n"
+
+
 def _cpuinfo(cpu: dict[str, Any]) -> str:
     vendor = cpu.get("vendor", "intel")
     vendor_id = {"intel": "GenuineIntel", "amd": "AuthenticAMD"}.get(vendor, vendor)
@@ -165,6 +197,41 @@ def _stat(cpus: int) -> str:
     lines = ["cpu  " + " ".join(str(v * cpus) for v in per_cpu)]
     lines += [f"cpu{i} " + " ".join(map(str, per_cpu)) for i in range(cpus)]
     return "\n".join(lines) + "\nintr 0\nctxt 0\nbtime 1700000000\nprocesses 1\n"
+
+
+def _pcie_attributes(ddir: Path, d: dict[str, Any], devices: list[dict[str, Any]]) -> None:
+    """The link, AER and reset attributes of a PCIe function (Documentation/ABI/testing/sysfs-bus-pci,
+    sysfs-bus-pci-devices-aer): a healthy device at its full link, no errors, its reset methods."""
+    max_speed = str(d.get("link_speed", "16.0 GT/s PCIe"))
+    max_width = int(d.get("link_width", 16))
+    _write(ddir / "max_link_speed", max_speed + "\n", 0o444)
+    _write(ddir / "max_link_width", f"{max_width}\n", 0o444)
+    _write(ddir / "current_link_speed", str(d.get("current_link_speed", max_speed)) + "\n", 0o444)
+    _write(ddir / "current_link_width", f"{int(d.get('current_link_width', max_width))}\n", 0o444)
+    aer = d.get("aer", {})
+    if aer is not False:
+        for severity, name in AER_FILES.items():
+            _write(ddir / name, aer_text(severity, dict((aer or {}).get(severity) or {})), 0o444)
+    if int(str(d["class"]), 16) >> 8 in (0x0604, 0x0609):
+        return  # bridges: the bus below them is what gets reset
+    if "reset_method" in d and d["reset_method"] is None:
+        return  # no method at all: the kernel shows neither reset_method nor reset
+    parent = d.get("parent")
+    if "reset_method" in d:
+        methods = str(d["reset_method"])
+    else:
+        # A secondary bus reset resets every function on the bus: offered only to a function alone
+        # behind its bridge (drivers/pci/pci.c, pci_parent_bus_reset).
+        alone = parent is not None and not any(
+            o is not d
+            and o.get("parent") == parent
+            and o["address"].split(":")[1] == d["address"].split(":")[1]
+            for o in devices
+        )
+        methods = "flr bus" if alone else "flr"
+    # The kernel prints nothing at all, not even a newline, once every method was disabled.
+    _write(ddir / "reset_method", methods + "\n" if methods else "", 0o644)
+    _write(ddir / "reset", b"", 0o200)
 
 
 def build_host(root: Path, desc: dict[str, Any]) -> Path:
@@ -266,7 +333,7 @@ def build_host(root: Path, desc: dict[str, Any]) -> Path:
         _write(ddir / "numa_node", str(d.get("numa_node", -1)) + "\n", 0o444)
         if klass >> 8 == 0x0300:
             _write(ddir / "boot_vga", f"{int(d.get('boot_vga', 0))}\n", 0o444)
-        _write(ddir / "reset", b"", 0o200)
+        _pcie_attributes(ddir, d, devices)
         _write(ddir / "remove", b"", 0o200)
         _write(ddir / "uevent", f"PCI_CLASS={klass:X}\nPCI_ID={vid:04X}:{did:04X}\nPCI_SLOT_NAME={addr}\n")
         _rel_symlink(root / "sys/bus/pci", ddir / "subsystem")

@@ -129,3 +129,66 @@ def env(
     if inherited_guard if forbid_live is None else forbid_live:
         out[FORBID_LIVE_ENV] = "1"
     return out
+
+
+# --- hardware faults in a host tree, as the kernel would show them -------------------------------
+
+
+def _device_dir(root: Path | str, address: str) -> Path:
+    link = Path(root) / "sys/bus/pci/devices" / address
+    if not link.is_symlink():
+        raise FileNotFoundError(f"no PCI device {address} in {root}")
+    return link.resolve()
+
+
+def train_link(root: Path | str, address: str, *, width: int | None = None, speed: str | None = None) -> None:
+    """The device's link trained below its maximum (a loose riser, a bad slot, a BIOS Gen setting):
+    `width` lanes and/or `speed` as the kernel prints it ("2.5 GT/s PCIe")."""
+    ddir = _device_dir(root, address)
+    if width is not None:
+        (ddir / "current_link_width").write_text(f"{width}\n")
+    if speed is not None:
+        (ddir / "current_link_speed").write_text(f"{speed}\n")
+
+
+def add_aer_errors(root: Path | str, address: str, severity: str, name: str, count: int = 1) -> None:
+    """The device reported `count` more AER errors of type `name` ("DLP", "RxErr"...) of `severity`
+    (correctable | nonfatal | fatal): that line and the TOTAL_ line grow, as the kernel counts them."""
+    from hostsim.builder import AER_FILES, AER_NAMES, aer_text
+
+    path = _device_dir(root, address) / AER_FILES[severity]
+    names, total = AER_NAMES[severity]
+    if name not in names:
+        raise ValueError(f"{name} is not a {severity} AER error the kernel counts ({', '.join(names)})")
+    counts = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.rpartition(" ")
+        if key != total:
+            counts[key] = int(value)
+    counts[name] = counts.get(name, 0) + count
+    path.write_text(aer_text(severity, counts))
+
+
+def empty_reset_method(root: Path | str, address: str) -> None:
+    """`echo "" > reset_method`: every reset method disabled; the kernel then prints nothing."""
+    (_device_dir(root, address) / "reset_method").write_text("")
+
+
+def remove_device(root: Path | str, address: str) -> None:
+    """The device left the bus (hot removal, a dead card after a reboot): gone from /sys/bus/pci,
+    from its IOMMU group and from its driver, its directory removed."""
+    import shutil
+
+    base = Path(root)
+    ddir = _device_dir(root, address)
+    groups = list((base / "sys/kernel/iommu_groups").glob(f"*/devices/{address}"))
+    for link in (
+        base / "sys/bus/pci/devices" / address,
+        *groups,
+        *(base / "sys/bus/pci/drivers").glob(f"*/{address}"),
+    ):
+        link.unlink()
+    shutil.rmtree(ddir)
+    for member in groups:
+        if not any(member.parent.iterdir()):  # the kernel frees a group with no device left
+            shutil.rmtree(member.parent.parent)

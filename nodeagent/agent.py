@@ -150,12 +150,11 @@ class Agent:
 
     def body(self, settings: Settings) -> dict[str, Any]:
         from doctor.checks import run_checks
-        from doctor.model import Report
         from doctor.render import to_json
 
-        report = run_checks(self.host, settings)
-        own = tuple(r for r in report.results if r.name != _OWN_CHECK)
-        report = Report(own, report.mode, report.units_ready, report.units_total, report.wedged)
+        # This run's AER counts are the next heartbeat's baseline ("grew since the last run").
+        report = run_checks(self.host, settings, record=True)
+        report = report._replace(results=tuple(r for r in report.results if r.name != _OWN_CHECK))
         resources, self._cpu = read_resources(self.host, settings.disk_path, self._cpu)
         return {
             "doctor": to_json(report),

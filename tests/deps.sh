@@ -43,6 +43,7 @@ system() {
     want debian-archive-keyring path /usr/share/keyrings/debian-archive-keyring.gpg  # verifies the
     #                                               Debian archive runsc and dockerd are fetched from
     want dpkg command dpkg-deb                      # unpacks them
+    want qemu-system-x86 command qemu-system-x86_64  # the VM-attach probe's tests start the real QEMU
     want tinyproxy-bin command tinyproxy            # the HTTP CONNECT proxy of the proxy tests (tests/transport);
     #                                               the binary alone: `tinyproxy` also starts a system daemon
 

@@ -23,7 +23,7 @@ from bootstrap.cli import main
 from bootstrap.enroll import enroll
 from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
-from bootstrap.paths import IDENTITY_DIR
+from bootstrap.paths import ENROLLED_GPUS, IDENTITY_DIR
 from controlplane.clock import wall_now
 from controlplane.pki import CertificateAuthority
 
@@ -139,6 +139,22 @@ def test_first_enrollment_writes_a_complete_identity_the_control_plane_accepts(
     me = node_self(control_plane, root)
     assert me["node_id"] == ident.node_id and me["status"] == "active"
     assert me["gpu_units"]["total"] == 8  # the HGX's eight GPU units were registered
+
+
+def test_the_enrollment_records_the_gpus_it_enrolled_with_for_the_doctor(
+    make_tree: Callable[..., Path], control_plane: Any, run_cli: Run
+) -> None:
+    root = make_tree("hgx-h100", _gpus_on_vfio)
+    code, _, err = run_cli(
+        *enroll_args(root, control_plane), token=control_plane.token(control_plane.org("a"))
+    )
+    assert code == 0, err
+    record = root / ENROLLED_GPUS.lstrip("/")
+    assert stat.S_IMODE(record.stat().st_mode) == 0o644
+    data = json.loads(record.read_text())
+    assert data["version"] == 1 and data["gpu_mode"] == "passthrough"
+    assert data["gpus"][0] == {"address": "0000:18:00.0", "iommu_group": "24"}
+    assert [g["iommu_group"] for g in data["gpus"]] == [str(n) for n in range(24, 32)]
 
 
 def test_reenrollment_keeps_node_id_and_overlay_ip_and_rotates_the_token(

@@ -14,6 +14,8 @@ from bootstrap import stages
 from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.plan import OFFERED, Enroll, Fetch, FileChange, Status, Switch, apply, compute, render
 from bootstrap.provisioning import ProvisioningToken, TokenReader
+from bootstrap.stages.contract import Facts
+from bootstrap.stages.registry import BY_NAME
 from hostsim.snapshot import snapshot
 
 SHA = "ab12cd34ef56" + "0" * 52
@@ -75,7 +77,7 @@ def test_the_provisioning_tokens_secret_is_in_no_repr_str_or_log_line(
     secret = "vtk_" + "q9" * 20
     token = ProvisioningToken(secret).introspected("valid", None)
     assert token.secret == secret and token.given and token.state == "valid"
-    for text in (repr(token), str(token), f"{token}", repr(stages.Facts(token=token))):
+    for text in (repr(token), str(token), f"{token}", repr(Facts(token=token))):
         assert secret not in text
         assert "[redacted]" in text
     with caplog.at_level(logging.INFO):
@@ -111,6 +113,6 @@ def test_no_stage_module_looks_at_plan_mode() -> None:
             if isinstance(n, (ast.Name, ast.Attribute))
         }
         assert not {n for n in names if re.search(r"plan_only", n)}, path.name
-        module = stages.load(stages.BY_NAME[path.stem]) if path.stem in stages.BY_NAME else None
+        module = BY_NAME.get(path.stem)
         if module is not None:
             assert callable(module.plan) and callable(module.apply), path.name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bootstrap.host import Host
-from bootstrap.stages import Doctor
+from bootstrap.stages.contract import Doctor
 
 
 def doctor_port() -> Doctor:

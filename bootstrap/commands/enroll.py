@@ -13,21 +13,22 @@ import logging
 import sys
 from pathlib import Path
 
-from bootstrap import stages
 from bootstrap.errors import VectorlayError, redact
 from bootstrap.host import open_host
 from bootstrap.lock import run_lock
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.provisioning import TokenReader, describe_expiry
 from bootstrap.settings import load_settings
-from bootstrap.stages import Context, Facts, Outcome
+from bootstrap.stages import registry
+from bootstrap.stages.contract import Context, Facts, Outcome
 from bootstrap.state import load_state
 
 log = logging.getLogger("bootstrap.enroll_command")
 
 
 def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file: Path | None) -> None:
-    from bootstrap.commands.install import _os_error, run_log
+    from bootstrap.commands.run_log import run_log
+    from bootstrap.commands.runner import os_error, persisting
     from bootstrap.enroll import token_refused
 
     if ca_file is not None and not ca_file.is_file():
@@ -41,36 +42,34 @@ def run_enroll(root: Path, api_url: str | None, ca_file: Path | None, token_file
     def out(text: str) -> None:
         print(redact(text, seen), file=sys.stderr, flush=True)
 
+    def logged(text: str) -> None:
+        log.info("%s", text)  # into the run log, which the stages only speak inside
+        out(text)
+
     ctx = Context(
         host=host,
         settings=settings,
         state=load_state(host),
         api=api_url or settings.api,
         ca_file=ca_file,
-        out=out,
+        out=logged,
         tokens=TokenReader(token_file, required=True, remember=seen.add),
     )
     with run_lock(host), run_log(host, lambda: seen):
-
-        def logged(text: str) -> None:
-            log.info("%s", text)
-            out(text)
-
-        ctx.out = logged
         facts = Facts()
         try:
-            for stage in stages.select("enroll"):
-                module = stages.load(stage)
-                sp = module.plan(ctx, facts)
-                tok = sp.facts.token
-                if stage.name == "enroll" and tok is not None and tok.state == "valid":
-                    logged(f"provisioning token {describe_expiry(tok.expires_at)}")
-                result, facts = module.apply(ctx, sp)
+            for stage in registry.select("enroll"):
+                with persisting(ctx, plan_only=False):
+                    sp = stage.plan(ctx, facts)
+                    tok = sp.facts.token
+                    if stage.name == "enroll" and tok is not None and tok.state == "valid":
+                        logged(f"provisioning token {describe_expiry(tok.expires_at)}")
+                    result, facts = stage.apply(ctx, sp)
         except VectorlayError as e:
             log.error("enroll: %s", e.message)
             raise
         except OSError as e:
-            err = _os_error(host, stages.BY_NAME["enroll"], e)
+            err = os_error(host, registry.BY_NAME["enroll"], e)
             log.error("enroll: %s", err.message)
             raise err from None
     if result.outcome is not Outcome.OK:

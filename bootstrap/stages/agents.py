@@ -27,8 +27,9 @@ from bootstrap.plan import MARKER, Change, Command, FileChange, Removal, Switch,
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
 from bootstrap.settings import settings_yaml
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, proxy
 from bootstrap.stages.artifacts import agent_names, gpu_mode_of
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import proxy
 from bootstrap.templating import render as render_template
 from bootstrap.update import (
     IN_PLACE_SIGNAL,
@@ -290,7 +291,7 @@ def owned_changes(host: Host) -> list[Change]:
     return changes
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[Identity]:
     host = ctx.host
     ident = facts.identity if facts.identity is not None else load_identity(host)
     mode = gpu_mode_of(ctx, facts)
@@ -310,9 +311,9 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     return StagePlan(facts, StageResult(Outcome.PLANNED), changes, carry=ident)
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(ctx: Context, sp: StagePlan[Identity]) -> tuple[StageResult, Facts]:
     host = ctx.host
-    if not isinstance(sp.carry, Identity):
+    if sp.carry is None:
         return StageResult(Outcome.OK, sp.planned.message), sp.facts
     pending = [
         sp.facts.targets[i.change.name] for i in sp.plan.actions if i.changed and isinstance(i.change, Switch)
@@ -320,7 +321,9 @@ def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
     for art in pending:
         old = artifacts.current_version(host, art.name)
         ctx.out(f"agents: switching {art.name} {old or '(none)'} -> {art.version}")
-    plan_apply(host, sp.plan.without_actions(), log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
+    plan_apply(
+        host, sp.plan.without_actions(), log=lambda m: ctx.out(f"  {m}"), state=ctx.state, persist=ctx.persist
+    )
     report = switch(host, pending, Timing.default(), log=lambda m: ctx.out(f"  {m}"))
     if report.rolled_back:
         bad = ", ".join(f"{n} {b} (back on {r})" for n, (b, r) in report.rolled_back.items())

@@ -26,8 +26,9 @@ from bootstrap.manifest import (
     verify_manifest,
 )
 from bootstrap.plan import Fetch, compute
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, proxy
-from bootstrap.state import STATE_PATH, RunState, save_state
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import proxy
+from bootstrap.state import STATE_PATH, RunState
 from bootstrap.update import SERVICES
 
 CONTAINER_ONLY = ("runsc",)
@@ -113,7 +114,7 @@ class _Accepted:
     missing: tuple[Artifact, ...]
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[_Accepted]:
     ident = facts.identity if facts.identity is not None else load_identity(ctx.host)
     names = agent_names(gpu_mode_of(ctx, facts))
     if ident is None:
@@ -146,14 +147,14 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     return StagePlan(after, StageResult(Outcome.PLANNED), compute(ctx.host, fetches), carry=carry)
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(ctx: Context, sp: StagePlan[_Accepted]) -> tuple[StageResult, Facts]:
     ok = StageResult(Outcome.OK, sp.planned.message)
     accepted, ident = sp.carry, sp.facts.identity
-    if not isinstance(accepted, _Accepted) or ident is None:
+    if accepted is None or ident is None:
         return ok, sp.facts
     ctx.state.manifest_serial, ctx.state.manifest_keys = accepted.serial, accepted.keyring
     # Kept at once, not only when the stage ends well: the serial was accepted.
-    save_state(ctx.host, ctx.state)
+    ctx.persist()
     if accepted.missing:
         client = node_client(ident, ctx.api, ctx.ca_file, proxy=proxy(ctx))
         try:

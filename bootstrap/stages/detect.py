@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bootstrap.discovery import UnitStatus, discover
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
     inv = discover(ctx.host, ctx.settings)
     io = inv.iommu
     iommu = f"IOMMU {'active' if io.active else 'off'}" + (f" ({io.vendor})" if io.vendor else "")
@@ -21,5 +21,5 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     return StagePlan(replace(facts, inventory=inv), StageResult(Outcome.OK, msg))
 
 
-def apply(_ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(_ctx: Context, sp: StagePlan[None]) -> tuple[StageResult, Facts]:
     return sp.planned, sp.facts

@@ -26,19 +26,8 @@ from bootstrap.fsutil import atomic_write, fault_point, fsync_dir
 from bootstrap.identity import load_identity
 from bootstrap.plan import Enroll, compute
 from bootstrap.provisioning import PENDING_KEY
-from bootstrap.stages import (
-    Context,
-    Facts,
-    Outcome,
-    StagePlan,
-    StageResult,
-    api_url,
-    client,
-    enrolled,
-    introspect,
-    keep_expiry,
-    token_of,
-)
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import api_url, client, enrolled, introspect, keep_expiry, token_of
 
 
 def _pending_key(ctx: Context) -> ec.EllipticCurvePrivateKey:
@@ -80,7 +69,11 @@ class _Exchange:
     reenroll: bool
 
 
-def _kept(ctx: Context, facts: Facts, why: str) -> StagePlan:
+# What apply carries out: keep the identity, or exchange the token (None: the plan is blocked).
+Carry = _Kept | _Exchange
+
+
+def _kept(ctx: Context, facts: Facts, why: str) -> StagePlan[Carry]:
     ident = load_identity(ctx.host)
     assert ident is not None
     api = ctx.api or ident.api or "the control plane"
@@ -90,7 +83,7 @@ def _kept(ctx: Context, facts: Facts, why: str) -> StagePlan:
     return StagePlan(replace(facts, identity=ident), kept, changes, carry=_Kept(msg))
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[Carry]:
     from bootstrap.enroll import token_refused, token_state_words
     from bootstrap.hardware import hardware_report
 
@@ -142,8 +135,9 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     return StagePlan(facts, StageResult(Outcome.PLANNED, f"would {verb}"), changes, carry=carry)
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(ctx: Context, sp: StagePlan[Carry]) -> tuple[StageResult, Facts]:
     from bootstrap.enroll import enroll
+    from bootstrap.enrolled import gpus_of_report, write_enrolled
 
     host, facts = ctx.host, sp.facts
     if facts.token is not None:
@@ -155,7 +149,7 @@ def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
         ctx.out(f"enroll: skipped; {sp.carry.why}")
         return sp.planned, facts
     ex = sp.carry
-    assert isinstance(ex, _Exchange) and facts.token is not None and facts.token.secret is not None
+    assert ex is not None and facts.token is not None and facts.token.secret is not None
     key = _pending_key(ctx)
     api = client(ctx)
     try:
@@ -179,6 +173,8 @@ def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
         raise
     finally:
         api.close()
+    # What the doctor later holds the bus against (a GPU gone since is `gpu_missing`).
+    write_enrolled(host, ex.gpu_mode, gpus_of_report(ex.hardware))
     _drop_pending(ctx)
     done = "re-enrolled" if result.reenrolled else "enrolled"
     msg = f"{done} node {result.node_id} (org {result.org_id}, overlay IP {result.overlay_ip})"

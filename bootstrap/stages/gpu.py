@@ -20,8 +20,9 @@ from bootstrap.paths import SYSTEMD_UNITS
 from bootstrap.plan import Change, Command, FileChange, Removal, Symlink, compute
 from bootstrap.plan import apply as plan_apply
 from bootstrap.resources import units_dir
-from bootstrap.stages import Context, Facts, Outcome, StagePlan, StageResult, expiry
-from bootstrap.state import boot_id, reboot_message, save_state
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import expiry
+from bootstrap.state import boot_id, reboot_message
 from bootstrap.templating import render as render_template
 
 MODULES_LOAD = "/etc/modules-load.d/vectorlay-vfio.conf"
@@ -154,7 +155,7 @@ def _warnings(inv: Inventory) -> list[str]:
     return out
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[_Passthrough]:
     host = ctx.host
     inv = facts.inventory or discover(host, ctx.settings)
     facts = replace(facts, inventory=inv)
@@ -178,12 +179,12 @@ class _Passthrough:
     """The plan configures passthrough: apply regenerates, rediscovers and runs the gate."""
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
-    if not isinstance(sp.carry, _Passthrough):
+def apply(ctx: Context, sp: StagePlan[_Passthrough]) -> tuple[StageResult, Facts]:
+    if sp.carry is None:
         return sp.planned, sp.facts
     host, inv = ctx.host, sp.facts.inventory
     assert inv is not None
-    plan_apply(host, sp.plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state)
+    plan_apply(host, sp.plan, log=lambda m: ctx.out(f"  {m}"), state=ctx.state, persist=ctx.persist)
     loader = grub.detect_loader(host)
     if loader.kind == "grub" and loader.update is not None:
         grub.verify_generated(host, loader, wanted_args(host, inv))
@@ -242,7 +243,8 @@ def _isolatable(inv: Inventory) -> list[str]:
 
 
 def gate(ctx: Context, inv: Inventory, expires_at: datetime | None) -> StageResult:
-    """Reboot required, blocked, or passthrough ready."""
+    """Reboot required, blocked, or passthrough ready. What it records in the run state (the boot that
+    asked for a reboot) the runner persists when the stage ends."""
     host, state = ctx.host, ctx.state
     not_bound = _isolatable(inv)
     if inv.iommu.active and not not_bound:
@@ -250,7 +252,6 @@ def gate(ctx: Context, inv: Inventory, expires_at: datetime | None) -> StageResu
         if state.reboot_requested_boot_id is not None:
             state.reboot_requested_boot_id = None
             state.reboot_requested_at = None
-        save_state(host, state)
         msg = f"{ready}/{len(inv.units)} GPU unit(s) ready for passthrough"
         ctx.out(f"gpu: {msg}")
         return StageResult(Outcome.OK, msg)
@@ -282,7 +283,6 @@ def gate(ctx: Context, inv: Inventory, expires_at: datetime | None) -> StageResu
         # Asked again in the same boot: the first time stands (and the state file stays untouched).
         state.reboot_requested_boot_id = now_boot
         state.reboot_requested_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    save_state(host, state)
     msg = reboot_message(expires_at)
     if not inv.iommu.active and inv.iommu.firmware_table is None:
         hint = platform.firmware_iommu_hint(cpu_vendor(inv))

@@ -17,19 +17,8 @@ from bootstrap.enroll import token_refused, token_state_words
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host
 from bootstrap.provisioning import PENDING_KEY, describe_expiry
-from bootstrap.stages import (
-    Context,
-    Facts,
-    Outcome,
-    StagePlan,
-    StageResult,
-    api_url,
-    client,
-    enrolled,
-    introspect,
-    keep_expiry,
-    token_of,
-)
+from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
+from bootstrap.stages.control_plane import api_url, client, enrolled, introspect, keep_expiry, token_of
 
 
 def check_os(host: Host) -> platform.OsSupport:
@@ -54,7 +43,7 @@ def reach_api(ctx: Context) -> None:
         api.close()
 
 
-def plan(ctx: Context, facts: Facts) -> StagePlan:
+def plan(ctx: Context, facts: Facts) -> StagePlan[None]:
     """Every check runs here: preflight only reads the host and asks the control plane."""
     from doctor.model import Status
 
@@ -65,18 +54,18 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     ctx.out(f"preflight: {support.found}")
     if not support.supported:
         ctx.out(f"  WARN: {support.warning()}")
-        ctx.left.append(support.warning())
+        ctx.summary.left.append(support.warning())
 
     doctor = ctx.need_doctor()
     report = doctor.run_checks(host, ctx.settings, only=doctor.preflight_checks)
     for r in report.results:
         ctx.out(f"  {r.name}: {r.message} [{r.status.value}]")
         if r.status is Status.WARN:
-            ctx.left.append(f"{r.name}: {r.message} ({r.hint})")
+            ctx.summary.left.append(f"{r.name}: {r.message} ({r.hint})")
     failed = [r for r in report.results if r.status is Status.FAIL]
     for r in [r for r in failed if r.name in ctx.ignored_checks]:
         ctx.out(f"  {r.name}: FAIL ignored on request (--ignore-preflight-errors)")
-        ctx.left.append(f"{r.name}: {r.message} (failed; ignored on request)")
+        ctx.summary.left.append(f"{r.name}: {r.message} (failed; ignored on request)")
     failed = [r for r in failed if r.name not in ctx.ignored_checks]
     if failed:
         raise VectorlayError(
@@ -84,12 +73,10 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
             failed[0].hint,
         )
 
-    api_url(ctx)
+    api = api_url(ctx)
     token = token_of(ctx, facts)
-    api = None
     if not token.given:
         reach_api(ctx)
-        api = ctx.api
         # A real run reads a token (or stops) unless the node is enrolled: only a plan gets here.
         if not enrolled(ctx):
             msg = "no provisioning token given (a real run needs one)"
@@ -100,7 +87,6 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
 
     token = introspect(ctx, token)
     state = token.state
-    api = ctx.api
     if state == "not_a_provider":
         # Before the gpu stage rewrites GRUB and asks for a reboot: no token of this org will
         # enroll until the org is approved.
@@ -117,7 +103,7 @@ def plan(ctx: Context, facts: Facts) -> StagePlan:
     return StagePlan(replace(facts, token=token), StageResult(Outcome.OK, msg))
 
 
-def apply(ctx: Context, sp: StagePlan) -> tuple[StageResult, Facts]:
+def apply(ctx: Context, sp: StagePlan[None]) -> tuple[StageResult, Facts]:
     if sp.facts.token is not None:
         keep_expiry(ctx, sp.facts.token)
     return sp.planned, sp.facts

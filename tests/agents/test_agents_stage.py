@@ -24,11 +24,12 @@ import requests
 import yaml
 
 from bootstrap import artifacts, update
-from bootstrap.commands.install import step
+from bootstrap.commands.runner import step
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.settings import load_settings
-from bootstrap.stages import BY_NAME, Context, Facts
+from bootstrap.stages.contract import Context, Facts
+from bootstrap.stages.registry import BY_NAME
 from bootstrap.state import load_state
 from bootstrap.update import probe
 from hostsim import build_host, inject, load_topology

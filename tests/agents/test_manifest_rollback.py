@@ -23,12 +23,13 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bootstrap import artifacts, update
-from bootstrap.commands.install import step
+from bootstrap.commands.runner import step
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, RecordingRunner, TreeHost
 from bootstrap.manifest import check_fresh, sign_manifest, verify_manifest
 from bootstrap.settings import load_settings
-from bootstrap.stages import BY_NAME, Context, Facts
+from bootstrap.stages.contract import Context, Facts
+from bootstrap.stages.registry import BY_NAME
 from bootstrap.state import load_state
 from controlplane.pki import CertificateAuthority
 from hostsim import build_host, inject, load_topology

@@ -15,8 +15,8 @@ from bootstrap.identity import load_identity
 from bootstrap.plan import FileChange
 from bootstrap.resources import units_dir
 from bootstrap.settings import Settings
-from bootstrap.stages import Context
 from bootstrap.stages.agents import desired
+from bootstrap.stages.contract import Context
 from bootstrap.stages.gpu import UNIT_NAME as BIND_SERVICE
 from bootstrap.state import RunState
 from tests.hardening.helpers import enrolled_host

@@ -78,13 +78,17 @@ def test_hgx_h100_still_on_nvidia_has_0_of_8_units_and_the_restart_hint(
     assert line.rstrip().endswith("FAIL (sudo systemctl restart vectorlay-vfio-bind or re-run the bootstrap)")
 
 
-def test_a_wedged_gpu_is_a_fail_naming_its_address(sim_host: Make, agents: Callable[..., None]) -> None:
+def test_a_wedged_gpu_names_its_address_and_withholds_only_its_unit(
+    sim_host: Make, agents: Callable[..., None]
+) -> None:
     host = sim_host("wedged-gpu")
     agents(host)
     report = run_checks(host, env={})
     wedged = report.get("wedged")
 
-    assert wedged.status is Status.FAIL
+    # A WARN, not a FAIL: the verdict stays WARN so the control plane keeps renting the healthy unit.
+    assert wedged.status is Status.WARN
+    assert report.verdict is Status.WARN
     assert wedged.message == "GPU 0000:2a:00.0 fell off the bus (D3cold reset bug)"
     assert wedged.hint == "power-cycle the host; a soft reboot may not clear it"
     assert report.wedged == ("0000:2a:00.0",)
@@ -94,6 +98,19 @@ def test_a_wedged_gpu_is_a_fail_naming_its_address(sim_host: Make, agents: Calla
     assert "group 45: 0000:2a:00.0 GH100 [H100 SXM5 80GB]: WEDGED (fell off the bus)" in (
         report.get("gpu_units").details
     )
+
+
+def test_wedged_gpus_leaving_no_unit_to_rent_are_a_fail(sim_host: Make, agents: Callable[..., None]) -> None:
+    host = sim_host("wedged-gpu")
+    agents(host)
+    config = Path(host.root) / "sys/bus/pci/devices/0000:18:00.0/config"
+    config.write_bytes(b"\xff\xff" + config.read_bytes()[2:])
+    report = run_checks(host, env={})
+
+    assert report.get("wedged").status is Status.FAIL
+    assert report.get("wedged").message == "GPUs 0000:18:00.0, 0000:2a:00.0 fell off the bus (D3cold reset bug)"
+    assert report.get("gpu_units").message == "0/2 GPU unit(s) ready to rent"
+    assert report.verdict is Status.FAIL
 
 
 XID_LINES = (
@@ -113,7 +130,7 @@ def test_the_wedged_check_quotes_the_kernel_log_lines_about_the_fall(
     host.runner.handlers["journalctl"] = lambda h, argv: CommandResult(argv, 0, XID_LINES)  # type: ignore[attr-defined]
     wedged = run_checks(host, env={}, only=["wedged"]).get("wedged")
 
-    assert wedged.status is Status.FAIL
+    assert wedged.status is Status.WARN  # the other GPU still rents
     assert len(wedged.details) == 2  # Xid 31 (an MMU fault) is not about falling off the bus
     assert "Xid (PCI:0000:2a:00): 79" in wedged.details[0]
     assert "Unable to change power state from D3cold to D0" in wedged.details[1]

@@ -15,7 +15,10 @@ Outcome = tuple[Any, list[tuple[Path, bool, Path | None]], str, str]
 def _outcome(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Outcome:
     calls: list[tuple[Path, bool, Path | None]] = []
 
-    def fake_run(root: Path, json_out: bool, prometheus: Path | None, host: object = None) -> int:
+    def fake_run(
+        root: Path, json_out: bool, prometheus: Path | None, host: object = None, probe_units: bool = False
+    ) -> int:
+        assert not probe_units, "only test_probe_units_is_left_to_typer_and_reaches_run asks for the probe"
         calls.append((root, json_out, prometheus))
         return 1
 
@@ -111,3 +114,23 @@ UNUSUAL = [
 def test_everything_else_is_left_to_typer(argv: list[str], paths: dict[str, str]) -> None:
     # Help and usage errors (and their messages and exit codes) then come from typer alone.
     assert cli._parse_fast(_fill(argv, paths)) is None
+
+
+def test_probe_units_is_left_to_typer_and_reaches_run(
+    paths: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = _fill(["--root", "TREE", "--probe-units", "--json"], paths)
+    assert cli._parse_fast(argv) is None
+    calls: list[tuple[Path, bool, Path | None, bool]] = []
+
+    def fake_run(
+        root: Path, json_out: bool, prometheus: Path | None, host: object = None, probe_units: bool = False
+    ) -> int:
+        calls.append((root, json_out, prometheus, probe_units))
+        return 0
+
+    monkeypatch.setattr(cli, "run", fake_run)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    assert calls == [(Path(paths["TREE"]), True, None, True)]

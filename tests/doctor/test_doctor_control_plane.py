@@ -10,7 +10,8 @@ from collections.abc import Callable
 from bootstrap.agent_status import STATUS_PATH, iso
 from bootstrap.host import Host
 from bootstrap.settings import Settings
-from doctor.checks import Context, check_control_plane
+from doctor.checks import Context
+from doctor.checks.enrollment import check_control_plane
 from doctor.model import CheckResult, Status
 
 Make = Callable[..., Host]

@@ -23,10 +23,17 @@ Make = Callable[..., Host]
 def test_every_check_function_has_a_record_and_every_record_a_check_function() -> None:
     functions = {
         name: obj
-        for name, obj in vars(checks).items()
-        if name.startswith("check_") and inspect.isfunction(obj)
+        for module in checks.MODULES
+        for name, obj in vars(module).items()
+        if name.startswith("check_") and inspect.isfunction(obj) and obj.__module__ == module.__name__
     }
     assert {f"check_{name}" for name in CHECKS} == set(functions)
+    # The order they run and show in: the modules' order, then the functions' in each module.
+    in_source = sorted(
+        functions.values(),
+        key=lambda f: (checks.MODULES.index(inspect.getmodule(f)), inspect.getsourcelines(f)[1]),
+    )
+    assert [f"check_{name}" for name in CHECKS] == [f.__name__ for f in in_source]
     for name, spec in CHECKS.items():
         assert spec.name == name
         assert spec.run is functions[f"check_{name}"]

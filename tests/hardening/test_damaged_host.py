@@ -24,11 +24,11 @@ from bootstrap.host import Host, TreeHost
 from bootstrap.identity import IdentityError
 from bootstrap.manifest import Artifact, verify_manifest
 from bootstrap.settings import Settings
-from bootstrap.stages import Context
 from bootstrap.stages.agents import desired
+from bootstrap.stages.contract import Context
 from bootstrap.state import RunState, load_state
 from doctor.checks import Context as DoctorContext
-from doctor.checks import check_memory
+from doctor.checks.resources import check_memory
 from hostsim.snapshot import snapshot
 from tests.agents.artifact_helpers import DirectoryDownloader, manifest_for
 from tests.hardening.helpers import enrolled_host

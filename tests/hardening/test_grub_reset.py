@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bootstrap.commands.install import step
+from bootstrap.commands.runner import step
 from bootstrap.errors import VectorlayError
 from bootstrap.host import CommandResult, Host
 from bootstrap.settings import Settings
-from bootstrap.stages import BY_NAME, Context, Facts
+from bootstrap.stages.contract import Context, Facts
+from bootstrap.stages.registry import BY_NAME
 from bootstrap.state import RunState
 from hostsim.kernel import simulated_host
 from tests.install.helpers import install

@@ -19,8 +19,8 @@ from bootstrap.identity import load_identity
 from bootstrap.paths import AGENT_CONFIG, SETTINGS_PATH
 from bootstrap.plan import FileChange
 from bootstrap.settings import Settings, load_settings
-from bootstrap.stages import Context
 from bootstrap.stages.agents import desired
+from bootstrap.stages.contract import Context
 from bootstrap.state import RunState
 from hostsim.snapshot import snapshot
 from tests.hardening.helpers import enrolled_host

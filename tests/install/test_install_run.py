@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bootstrap.commands.install import RedactSecrets
+from bootstrap.commands.run_log import RedactSecrets
 from bootstrap.host import TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.lock import run_lock

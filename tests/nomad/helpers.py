@@ -12,8 +12,8 @@ from bootstrap.host import Host
 from bootstrap.identity import Identity
 from bootstrap.plan import FileChange
 from bootstrap.settings import Settings, load_settings
-from bootstrap.stages import Context
 from bootstrap.stages.agents import NOMAD_CONFIG, desired
+from bootstrap.stages.contract import Context
 from bootstrap.state import load_state
 
 # Strings come back decoded (escapes resolved, quotes gone); blocks are marked `__is_block__`.

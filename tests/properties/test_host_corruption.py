@@ -19,14 +19,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootstrap.commands.install import InternalError, run_install
+from bootstrap.commands.install import run_install
+from bootstrap.commands.runner import InternalError
 from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import Host, TreeHost
 from bootstrap.identity import load_identity
 from bootstrap.plan import compute
 from bootstrap.settings import load_settings
-from bootstrap.stages import Context, agents
+from bootstrap.stages import agents
+from bootstrap.stages.contract import Context
 from bootstrap.state import RunState
 from doctor.checks import run_checks
 from hostsim import build_host, load_topology

@@ -70,6 +70,8 @@ PACKAGES = (
     "unzip",
     "iproute2",
     "procps",
+    # The VM-attach probe's QEMU (bootstrap.vmprobe), as a node gets it from its OS.
+    "qemu-system-x86",
 )
 # Sparse: the file takes what is written. Large enough that a disk check sees a plausible node.
 DISK_SIZE = "64G"

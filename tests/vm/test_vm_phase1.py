@@ -220,6 +220,137 @@ def test_a_manual_bind_moves_stand_ins_to_vfio_pci_and_makes_their_units_ready(n
     assert units_by_group(detect(node))[group]["status"] == "ready"
 
 
+PROBES = "/var/lib/vectorlay/unit-probes.json"
+
+
+def probe_doctor(vm: Vm) -> dict[str, Any]:
+    """`vectorlay-node-doctor --probe-units --json` in the guest: the probes, then the checks."""
+    t0 = time.monotonic()
+    res = vm.run(["vectorlay-node-doctor", "--probe-units", "--json"], timeout=300)
+    TIMINGS.add("vectorlay-node-doctor --probe-units --json in the guest", time.monotonic() - t0)
+    print(f"rc={res.rc}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
+    assert res.rc in (0, 1) and "Traceback" not in res.stderr, res
+    report: dict[str, Any] = json.loads(res.stdout)
+    return report
+
+
+def probe_of(report: dict[str, Any], group: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [p for p in report["probes"] if p["unit"] == group]
+    assert len(found) == 1, report["probes"]
+    return found[0]
+
+
+def guest_records(vm: Vm) -> dict[str, Any]:
+    units: dict[str, Any] = json.loads(vm.get_file(PROBES))["units"]
+    return units
+
+
+def guest_probe_reason(vm: Vm, group: str, devices: list[str]) -> Any:
+    """doctor.vmprobe.probe_reason on the guest's live root: what the unit model reads of the records."""
+    code = (
+        "import json, sys; from bootstrap.host import LiveHost; from doctor.vmprobe import probe_reason; "
+        f"print(json.dumps(probe_reason(LiveHost(), {group!r}, {devices!r})))"
+    )
+    return json.loads(node_python(vm, code))
+
+
+def node_python(vm: Vm, code: str) -> str:
+    return vm.run(["/opt/vectorlay/venv/bin/python", "-c", code], timeout=120).check("python").stdout
+
+
+def test_the_vm_attach_probe_starts_qemu_on_a_vfio_pci_unit_skips_a_rented_one_and_fails_a_broken_one(
+    node: Vm,
+) -> None:
+    ensure_boot(node, append=f"{BASE_APPEND} {IOMMU_ARGS}")
+    groups = guest_groups(node)
+    alone = next(s.address for s in STAND_INS if s.unit == "alone-root-port")
+    group = group_of(groups, alone)
+    bind_to_vfio(node, alone)
+    node.run(f"rm -f {PROBES}").check()
+    # The guest is a TCG machine without /dev/kvm: the probe's QEMU falls back to TCG there.
+    assert node.run("test -e /dev/kvm").rc != 0
+    assert node.run("command -v qemu-system-x86_64").check().stdout.strip() == "/usr/bin/qemu-system-x86_64"
+
+    # 1. QEMU opens the group, maps the BARs and the VM's memory through the vIOMMU, resets the
+    # device and shows it on its PCI bus: attached, and recorded.
+    report = probe_doctor(node)
+    probe = probe_of(report, group)
+    assert probe["outcome"] == "attached", probe
+    assert probe["devices"] == [alone]
+    assert probe["message"] == f"attached: QEMU opened group {group}, reset and listed 1 function(s)"
+    record = guest_records(node)[group]
+    assert record["ok"] is True and record["devices"] == [alone] and record["error"] is None
+    assert node.run(f"stat -c %a {PROBES}").stdout.strip() == "644"
+    assert guest_probe_reason(node, group, [alone]) is None
+    ready = report["gpu_units"]["ready"]
+    assert ready >= 1
+
+    # 2. A renter's VM holds the group (a VFIO group is single-open): skipped, untouched, its record kept.
+    holder = (
+        node.run(
+            f"setsid sh -c 'exec 3<>/dev/vfio/{group}; exec sleep 600' </dev/null >/dev/null 2>&1 & echo $!"
+        )
+        .check()
+        .stdout.strip()
+    )
+    try:
+        node.run(
+            f"for i in $(seq 50); do ls -l /proc/{holder}/fd | grep -q /dev/vfio/{group} && exit 0; "
+            "sleep 0.2; done; exit 1"
+        ).check("the holder opening the group")
+        busy = probe_of(probe_doctor(node), group)
+        assert busy["outcome"] == "in_use", busy
+        assert busy["message"] == f"in use, skipped (group {group} is held by a VM)"
+        assert guest_records(node)[group] == record
+        assert node.run(f"kill -0 {holder}").rc == 0
+    finally:
+        node.run(f"kill {holder}")
+
+    # 3. The group made unusable (its /dev/vfio node gone): QEMU's own error and the hint, the
+    # record says failed, the reader makes the unit not ready, and the unit is out of the count.
+    dev = node.run(f"stat -c '%t %T' /dev/vfio/{group}").check().stdout.split()
+    node.run(f"rm /dev/vfio/{group}").check()
+    try:
+        report = probe_doctor(node)
+        failed = probe_of(report, group)
+        assert failed["outcome"] == "failed", failed
+        assert f"failed to open /dev/vfio/{group}: No such file or directory" in failed["error"]
+        assert failed["error"].startswith(f"qemu-system-x86_64: -device vfio-pci,host={alone},id=probe0")
+        assert failed["hint"].startswith("QEMU cannot use the unit's IOMMU group")
+        rec = guest_records(node)[group]
+        assert rec["ok"] is False and rec["error"] == failed["error"] and rec["hint"] == failed["hint"]
+        assert report["gpu_units"]["ready"] == ready - 1
+        code, message, hint = guest_probe_reason(node, group, [alone])
+        assert code == "probe_failed" and message.startswith("VM-attach probe failed: qemu-system-x86_64:")
+        assert hint == failed["hint"]
+    finally:
+        node.run(
+            f"test -e /dev/vfio/{group} || mknod /dev/vfio/{group} c $((0x{dev[0]})) $((0x{dev[1]}))"
+        ).check()
+
+    # The group usable again: the next probe proves the unit again.
+    again = probe_of(probe_doctor(node), group)
+    assert again["outcome"] == "attached", again
+    assert guest_records(node)[group]["ok"] is True
+
+    # 4. A real failed reset: QEMU's VGA on the root bus has no FLR, no PM reset and no bus to reset
+    # (its reset_method is empty), and QEMU says so. The existing rules still call it ready; the
+    # probe's record is what keeps it out (doctor.vmprobe.probe_reason, read by the unit model).
+    root_bus = next(s.address for s in STAND_INS if s.unit == "alone-root-bus")
+    bind_to_vfio(node, root_bus)
+    assert node.run(f"cat /sys/bus/pci/devices/{root_bus}/reset_method").stdout.strip() == ""
+    report = probe_doctor(node)
+    no_reset = probe_of(report, group_of(groups, root_bus))
+    assert no_reset["outcome"] == "failed", no_reset
+    assert no_reset["error"] == (
+        f"qemu-system-x86_64: vfio: Cannot reset device {root_bus}, no available reset mechanism."
+    )
+    assert no_reset["hint"].startswith("the device could not be reset")
+    assert probe_of(report, group)["outcome"] == "attached"
+    code, message, _ = guest_probe_reason(node, group_of(groups, root_bus), [root_bus])
+    assert code == "probe_failed" and "Cannot reset device" in message
+
+
 def _kernel_turns_intel_iommu_on_by_default(vm: Vm) -> bool:
     config = vm.run("cat /boot/config-$(uname -r)").check().stdout
     return any(
