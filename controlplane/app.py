@@ -13,12 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
-from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.exceptions import ClientDisconnected, HTTPException, MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
+from werkzeug.wsgi import get_input_stream
 
 from controlplane.artifacts import ArtifactStore, register_artifacts
+from controlplane.errors import (
+    BadRequest,
+    Conflict,
+    ControlPlaneError,
+    Forbidden,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+)
 from controlplane.heartbeat import MAX_BODY_BYTES, list_provider_nodes, record_heartbeat
-from controlplane.service import ApiError, ControlPlane
+from controlplane.service import ControlPlane
 
 log = logging.getLogger("controlplane")
 
@@ -44,6 +54,28 @@ def _client_cert_of(environ: dict[str, Any]) -> str | None:
         return None
     pem = environ.get("SSL_CLIENT_CERT")
     return pem if isinstance(pem, str) and pem else None
+
+
+# The one place a domain error (controlplane.errors) becomes an HTTP status: the Flask routes' error
+# handler and the heartbeat path both answer through http_status.
+HTTP_STATUS: dict[type[ControlPlaneError], int] = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+}
+
+
+def http_status(error: ControlPlaneError) -> int:
+    """The status of `error`'s kind (or of the nearest kind it derives from); 500 for a kind this
+    table misses, which tests/controlplane/test_cp_errors.py keeps from happening."""
+    for kind in type(error).__mro__:
+        status = HTTP_STATUS.get(kind)
+        if status is not None:
+            return status
+    return 500
 
 
 MAX_BODY = 1 << 20
@@ -78,8 +110,20 @@ def _depth(value: Any) -> int:
 def _json_body() -> Any:
     """The request's JSON body: 400 unless it is standard JSON of bounded depth, 413 past MAX_BODY."""
     if not request.is_json:
-        raise ApiError(400, "BAD_REQUEST", "the body must be JSON (Content-Type: application/json)")
-    return _parse_json(_read_body())
+        raise _not_json()
+    return _parse_json(_read_body(request.stream))  # 413 here already when Content-Length is too large
+
+
+def _not_json() -> BadRequest:
+    return BadRequest("the body must be JSON (Content-Type: application/json)")
+
+
+def _is_json(content_type: str) -> bool:
+    """Flask's Request.is_json, for a request the heartbeat path answers without Flask."""
+    mimetype = parse_options_header(content_type)[0].lower()
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -90,18 +134,17 @@ def _parse_json(raw: bytes) -> Any:
         body = None
         too_deep = True
     except ValueError as e:  # includes bad UTF-8 and integers too long to convert
-        raise ApiError(400, "BAD_REQUEST", f"the body is not valid JSON ({_short(str(e))})") from None
+        raise BadRequest(f"the body is not valid JSON ({_short(str(e))})") from None
     else:
         too_deep = _depth(body) > MAX_DEPTH
     if too_deep:
-        raise ApiError(400, "BAD_REQUEST", f"the JSON body is nested more than {MAX_DEPTH} levels deep")
+        raise BadRequest(f"the JSON body is nested more than {MAX_DEPTH} levels deep")
     return body
 
 
-def _read_body() -> bytes:
+def _read_body(stream: Any) -> bytes:
     """The whole body, read until the end of the stream: a chunked body comes in pieces, and one
     read may return only the first. Past MAX_BODY: 413."""
-    stream = request.stream  # 413 here already when Content-Length announces too much
     parts: list[bytes] = []
     total = 0
     while True:
@@ -131,14 +174,13 @@ def create_app(
     app = Flask("controlplane")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
-    @app.errorhandler(ApiError)
-    def _api_error(e: ApiError) -> tuple[Response, int]:
-        return jsonify(_error(e.code, e.message)), e.status
+    @app.errorhandler(ControlPlaneError)
+    def _domain_error(e: ControlPlaneError) -> tuple[Response, int]:
+        return jsonify(_error(e.code, e.message)), http_status(e)
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(e: RequestEntityTooLarge) -> tuple[Response, int]:
-        message = f"the request body is larger than the {MAX_BODY >> 20} MiB this API accepts"
-        return jsonify(_error("PAYLOAD_TOO_LARGE", message)), 413
+        return _domain_error(_BODY_TOO_LARGE)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> tuple[Response, int]:
@@ -199,18 +241,6 @@ def create_app(
         log.info("node %s removed by the provider API (%d unit(s) freed)", node_id, result["units_freed"])
         return jsonify(result)
 
-    @app.post(HEARTBEAT_PATH)
-    def node_heartbeat() -> Response:
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            # Read what the client is still sending before answering (RFC 9112 section 9.6: a server
-            # that answers early should not close until it has read the request): a close with the
-            # body unread resets the connection before the client reads the 413. cheroot drains it
-            # only on a connection it keeps, and it keeps none once its keep-alive slots are full.
-            # Past MAX_BODY, request.stream itself answers 413 unread (a flood is not worth reading).
-            _discard(request.stream)
-            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"a heartbeat is at most {MAX_BODY_BYTES} bytes")
-        return jsonify(record_heartbeat(cp, _json_body(), _client_cert(), _bearer()))
-
     @app.get("/v1/orgs/<org>/provider/nodes")
     def provider_nodes(org: str) -> Response:
         return jsonify(list_provider_nodes(cp, _bearer(), org))
@@ -236,12 +266,12 @@ def create_app(
 
 
 class _HeartbeatPath:
-    """`POST /v1/node/heartbeat` from WSGI straight to record_heartbeat, past Flask's request
-    context, URL map, header objects and Response: every node beats, so this is the one request the
-    control plane takes at hundreds a second, and Flask's share of it was a third of the time the
-    request held the GIL. The same checks, limits and answers as the Flask route (node_heartbeat);
-    a request this path does not take as is (chunked, no Content-Length, another content type, too
-    large) goes to Flask, which answers it as before.
+    """`POST /v1/node/heartbeat`, the one way in for a heartbeat: from WSGI straight to
+    record_heartbeat, past Flask's request context, URL map, header objects and Response. Every node
+    beats, so this is the one request the control plane takes at hundreds a second, and Flask's share
+    of it was a third of the time the request held the GIL. It keeps Flask's rules for a body (size,
+    content type, chunked or not, JSON) and answers as the Flask routes do (_error, http_status);
+    every other path goes on to Flask.
     """
 
     def __init__(self, app: Flask, cp: ControlPlane) -> None:
@@ -250,43 +280,64 @@ class _HeartbeatPath:
         self._cp = cp
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        length = environ.get("CONTENT_LENGTH") or ""
-        if (
-            environ.get("PATH_INFO") != HEARTBEAT_PATH
-            or environ.get("REQUEST_METHOD") != "POST"
-            or not (length.isascii() and length.isdigit())
-            # Refused unread by the route, which keeps the connection: closing it with the body
-            # still arriving would reset it before the client reads the 413.
-            or int(length) > MAX_BODY_BYTES
-            or "HTTP_TRANSFER_ENCODING" in environ
-            or environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower() != "application/json"
-        ):
+        if environ.get("PATH_INFO") != HEARTBEAT_PATH:
             return self._next(environ, start_response)
-        status = 200
+        headers: list[tuple[str, str]] = []
+        status, read = 200, False
         try:
-            body = _parse_json(_read_exactly(environ["wsgi.input"], int(length)))
+            if environ.get("REQUEST_METHOD") != "POST":
+                raise MethodNotAllowed(valid_methods=["POST"])
+            raw = _heartbeat_body(environ)
+            read = True
+            body = _parse_json(raw)
             answer = record_heartbeat(self._cp, body, _client_cert_of(environ), _bearer_of(environ))
-        except ApiError as e:
-            status, answer = e.status, _error(e.code, e.message)
-        except HTTPException as e:  # a body cut short: werkzeug's own exception, as the route raises
+        except ControlPlaneError as e:
+            status, answer = http_status(e), _error(e.code, e.message)
+        except RequestEntityTooLarge:
+            status, answer = 413, _error(_BODY_TOO_LARGE.code, _BODY_TOO_LARGE.message)
+        except HTTPException as e:  # a body cut short, a method other than POST: werkzeug's own
             status, answer = e.code or 400, _http_error_body(e)
+            headers = [(k, v) for k, v in e.get_headers(environ) if k.lower() == "allow"]
         except Exception:
             log.exception("internal error on POST %s", HEARTBEAT_PATH)
             status, answer = 500, _INTERNAL
         # As jsonify writes it (compact, sorted keys, a final newline).
         data = (self._app.json.dumps(answer, separators=(",", ":")) + "\n").encode()
-        start_response(
-            f"{status} {HTTP_STATUS_CODES[status]}",
-            # Closed after the answer: the next heartbeat is an interval away (240 s), long after
-            # the server would have dropped the idle connection (10 s), which in the meantime held
-            # a slot and cost a round through the connection manager to notice the client's close.
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(data))),
-                ("Connection", "close"),
-            ],
-        )
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+        if read:
+            # Closed after the answer once the whole body is read: the next heartbeat is an interval
+            # away (240 s), long after the server would have dropped the idle connection (10 s),
+            # which in the meantime held a slot and cost a round through the connection manager to
+            # notice the client's close. An answer given before the body was read keeps the
+            # connection, as Flask's would: closing it with the body still arriving would reset it
+            # before the client reads the answer.
+            headers.append(("Connection", "close"))
+        start_response(f"{status} {HTTP_STATUS_CODES[status]}", headers)
         return [data]
+
+
+def _heartbeat_body(environ: dict[str, Any]) -> bytes:
+    """A heartbeat's body, by Flask's rules for a request (its MAX_BODY, is_json, a chunked body),
+    held to MAX_BODY_BYTES."""
+    # 413 unread past MAX_BODY, as request.stream answers: a flood is not worth reading.
+    stream = get_input_stream(environ, max_content_length=MAX_BODY)
+    length = int(environ.get("CONTENT_LENGTH") or 0) if _digits(environ.get("CONTENT_LENGTH")) else 0
+    if length > MAX_BODY_BYTES:
+        # Read what the client is still sending before answering (RFC 9112 section 9.6: a server
+        # that answers early should not close until it has read the request): a close with the
+        # body unread resets the connection before the client reads the 413. cheroot drains it
+        # only on a connection it keeps, and it keeps none once its keep-alive slots are full.
+        _discard(stream)
+        raise TooLarge(f"a heartbeat is at most {MAX_BODY_BYTES} bytes")
+    if not _is_json(str(environ.get("CONTENT_TYPE", ""))):
+        raise _not_json()
+    if length and "HTTP_TRANSFER_ENCODING" not in environ:
+        return _read_exactly(stream, length)
+    return _read_body(stream)
+
+
+def _digits(value: Any) -> bool:
+    return isinstance(value, str) and value.isascii() and value.isdigit()
 
 
 def _error(code: str, message: str | None) -> dict[str, Any]:
@@ -299,6 +350,7 @@ def _http_error_body(e: HTTPException) -> dict[str, Any]:
 
 
 _INTERNAL = _error("INTERNAL", "internal error")
+_BODY_TOO_LARGE = TooLarge(f"the request body is larger than the {MAX_BODY >> 20} MiB this API accepts")
 
 
 def _discard(stream: Any) -> None:

@@ -38,10 +38,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flask import Flask, Response, request, send_file
 
+from bootstrap.fsutil import atomic_write
 from bootstrap.manifest import sign_manifest
 from controlplane.clock import Clock, to_iso
-from controlplane.pki import _write_private
-from controlplane.service import ApiError
+from controlplane.errors import NotFound
 
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 SIGNING_KEY = "manifest-signing.key"
@@ -63,7 +63,7 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_private(path, pem)
+        atomic_write(path, pem, mode=0o600)
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(loaded, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 key")
@@ -117,7 +117,7 @@ class ManifestSerial:
             serial = max(on_file, self.serial) + (digest != stored)
             if (serial, digest) != (on_file, stored):
                 data = json.dumps({"serial": serial, "digest": digest}) + "\n"
-                _write_private(self.path, data.encode())
+                atomic_write(self.path, data.encode(), mode=0o600)
             self.serial, self.digest = serial, digest
             return serial
 
@@ -180,7 +180,7 @@ class ArtifactStore:
     def manifest(self, public_only: bool = False) -> dict[str, Any]:
         """The signed manifest; `public_only`: the one for callers without node credentials."""
         if self.root is None or not self.root.is_dir():
-            raise ApiError(404, "NOT_FOUND", "this control plane publishes no artifacts")
+            raise NotFound("this control plane publishes no artifacts")
         entries = []
         for base in sorted(p for p in self.root.iterdir() if p.is_dir() and _SAFE.fullmatch(p.name)):
             version = self._current(base.name)
@@ -221,7 +221,7 @@ def install_script() -> str:
     for candidate in (here / "_data" / "install.sh", here.parent / "install.sh"):
         if candidate.is_file():
             return candidate.read_text()
-    raise ApiError(404, "NOT_FOUND", "this control plane ships no install.sh")
+    raise NotFound("this control plane ships no install.sh")
 
 
 def render_install_script(api_url: str, ca_pem: str, manifest_key_pem: str) -> str:
@@ -265,7 +265,7 @@ def register_artifacts(
             require_node()
         path = store._file(name, version)
         if path is None:
-            raise ApiError(404, "NOT_FOUND", f"no artifact {name} {version}")
+            raise NotFound(f"no artifact {name} {version}")
         return send_file(path, mimetype="application/octet-stream", max_age=0)
 
     @app.get("/install.sh")

@@ -18,7 +18,8 @@ import typer
 
 from controlplane.clock import Clock, wall_now
 from controlplane.db import Database
-from controlplane.service import ApiError, ControlPlane
+from controlplane.errors import ControlPlaneError
+from controlplane.service import ControlPlane
 
 app = typer.Typer(
     name="vectorlay-control-plane",
@@ -311,7 +312,7 @@ def org_create(
     """Create an org; prints it as JSON."""
     try:
         print(json.dumps(_plane(db).create_org(name, provider=provider, node_quota=node_quota)))
-    except ApiError as e:
+    except ControlPlaneError as e:
         _fail(e.message)
 
 
@@ -325,7 +326,7 @@ def org_update(
     """Approve an org as a provider or change its node quota."""
     try:
         print(json.dumps(_plane(db).update_org(name, provider=provider, node_quota=node_quota)))
-    except ApiError as e:
+    except ControlPlaneError as e:
         _fail(e.message)
 
 
@@ -334,7 +335,7 @@ def org_show(name: str = typer.Argument(..., help="Org name or ID."), db: Path =
     """An org and its nodes, as JSON."""
     try:
         print(json.dumps(_plane(db).org_summary(name), indent=2))
-    except ApiError as e:
+    except ControlPlaneError as e:
         _fail(e.message)
 
 
@@ -346,7 +347,7 @@ def token_create(
     """Mint a provisioning token (1 hour, single use); prints only the token."""
     try:
         result = _plane(db).create_provisioning_token(org)
-    except ApiError as e:
+    except ControlPlaneError as e:
         _fail(e.message)
     print(result["token"])
     print(f"expires at {result['expires_at']}", file=sys.stderr)
@@ -360,19 +361,8 @@ def apikey_create(
     """Mint an API key for the provider API; prints only the key (shown once, stored hashed)."""
     try:
         print(_plane(db).create_api_key(org))
-    except ApiError as e:
+    except ControlPlaneError as e:
         _fail(e.message)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @app.command("nomad-server-cert")
@@ -383,6 +373,7 @@ def nomad_server_cert(
     out: Path = typer.Option(..., "--out", help="Directory for server.key (0600), server.crt, ca.crt."),
 ) -> None:
     """A TLS identity for one of the control plane's Nomad servers, from the CA nodes' Nomad trusts."""
+    from bootstrap.fsutil import atomic_write
     from controlplane.pki import CertificateAuthority
     from controlplane.rotation import ca_trust_pem
 
@@ -403,14 +394,9 @@ def nomad_server_cert(
         out.mkdir(parents=True, exist_ok=True)
         # Each file is replaced whole; a crash between two of them leaves a key that does not match
         # server.crt (Nomad says so at start) and re-running the command repairs it.
-        _write_atomic(out / "server.key", key_pem, 0o600)
-        _write_atomic(out / "server.crt", cert_pem, 0o644)
-        _write_atomic(out / "ca.crt", ca_trust_pem(state_dir, ca).encode(), 0o644)
-        dir_fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(out / "server.key", key_pem, mode=0o600)
+        atomic_write(out / "server.crt", cert_pem, mode=0o644)
+        atomic_write(out / "ca.crt", ca_trust_pem(state_dir, ca).encode(), mode=0o644)
     except OSError as e:
         _fail(f"cannot write to {out}: {e.strerror or e}")
     print(f"wrote {out / 'server.key'}, {out / 'server.crt'}, {out / 'ca.crt'} (server.{region}.nomad)")

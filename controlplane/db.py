@@ -136,7 +136,8 @@ def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode = WAL")
-    # FULL: an enrollment the node was told about must survive a power cut of the control plane.
+    # FULL: an enrollment the node was told about must survive a power cut of the control plane. A
+    # heartbeat's transaction lowers it to NORMAL for itself (controlplane.store.Store.write).
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA busy_timeout = 30000")
@@ -154,11 +155,18 @@ class Database:
         self._lock_fd: tuple[int, int] | None = None  # (pid, fd)
         migrate(self.conn())
 
-    def conn(self) -> sqlite3.Connection:
+    def conn(self, *, durable: bool | None = None) -> sqlite3.Connection:
+        """This thread's connection; for a write, `durable` sets whether its commit waits for an
+        fsync (synchronous FULL, the default of a new connection) or not (NORMAL). The setting stays
+        until a write asks for the other, so a thread taking heartbeats does not switch per request."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = connect(self.path)
             self._local.conn = conn
+            self._local.durable = True
+        if durable is not None and durable != self._local.durable:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._local.durable = durable
         return conn
 
     def close_conn(self) -> None:

@@ -22,16 +22,14 @@ import json
 import math
 import re
 import sqlite3
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
+from controlplane import nodeauth, store
 from controlplane.clock import from_iso, to_iso
-from controlplane.db import connect
-from controlplane.service import ApiError, ControlPlane, bad_request, peer_fingerprint, unauthorized
-from controlplane.tokens import hash_secret
+from controlplane.errors import bad_request
+from controlplane.service import ControlPlane
 from controlplane.units import (
     Enrolled,
     UnitOffer,
@@ -40,7 +38,6 @@ from controlplane.units import (
     decode_units,
     encode_units,
     enrolled_units,
-    enrolled_units_of_org,
     listing_rows,
     parse_units,
     withheld,
@@ -263,71 +260,12 @@ def _withdrawn(status: str, heartbeat: sqlite3.Row, now: datetime) -> str | None
     return "; ".join(over) if over else None
 
 
-def _enrolled_units(nodes: str) -> str:
-    """SQL for the GPU units a node enrolled with, the cap on what it advertises. A passthrough node
-    rents IOMMU groups (its rows in gpu_units); a container-mode node shares each GPU through runsc
-    and enrolls no groups, so its units are the GPUs it enrolled with (hardware.gpus). Without this a
-    container-mode node that the doctor finds ready would be capped at 0 and never rented."""
-    return (
-        f"(CASE WHEN {nodes}.gpu_mode = 'container'"
-        f" THEN COALESCE(json_array_length({nodes}.hardware, '$.gpus'), 0)"
-        f" ELSE (SELECT COUNT(*) FROM gpu_units g WHERE g.node_id = {nodes}.id) END)"
-    )
-
-
-def _authenticate(conn: sqlite3.Connection, cert_fp: str, node_token: str) -> sqlite3.Row:
-    """The node behind a client certificate (its fingerprint) + node token pair, both current (or
-    the pending pair of its last enrollment, which becomes current on this first use), with the
-    number of GPU units it enrolled with as `enrolled_units`."""
-    token_hash = hash_secret(node_token)
-    node: sqlite3.Row | None = conn.execute(
-        f"SELECT nodes.*, {_enrolled_units('nodes')} AS enrolled_units"
-        " FROM nodes WHERE cert_fp = ? OR pending_cert_fp = ?",
-        (cert_fp, cert_fp),
-    ).fetchone()
-    if node is None:
-        raise unauthorized("the client certificate is not current", "BAD_NODE_CREDENTIALS")
-    if (node["cert_fp"], node["token_hash"]) == (cert_fp, token_hash):
-        return node
-    if (node["pending_cert_fp"], node["pending_token_hash"]) == (cert_fp, token_hash):
-        conn.execute(
-            "UPDATE nodes SET cert_fp = pending_cert_fp, token_hash = pending_token_hash,"
-            " pending_cert_fp = NULL, pending_token_hash = NULL WHERE id = ?",
-            (node["id"],),
-        )
-        return node
-    raise unauthorized("the node token is not current", "BAD_NODE_CREDENTIALS")
-
-
-_local = threading.local()
-
-
-def _heartbeat_conn(cp: ControlPlane) -> sqlite3.Connection:
-    """This thread's connection for heartbeats: synchronous=NORMAL, so a commit waits for no fsync.
-
-    A heartbeat lost to a power cut of the control plane is sent again within one interval, and WAL
-    keeps the database consistent either way; enrollments keep their own FULL connections.
-    """
-    conns: dict[Path, sqlite3.Connection] = getattr(_local, "conns", None) or {}
-    _local.conns = conns
-    conn = conns.get(cp.db.path)
-    if conn is None:
-        conn = connect(cp.db.path)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conns[cp.db.path] = conn
-    return conn
-
-
 def record_heartbeat(
     cp: ControlPlane, body: Any, client_cert_pem: str | None, node_token: str | None
 ) -> dict[str, Any]:
     """Store a node's heartbeat and answer what is advertised of it."""
     hb = parse_heartbeat(body)
-    if not client_cert_pem:
-        raise unauthorized("a client certificate is required", "CLIENT_CERT_REQUIRED")
-    if not node_token:
-        raise unauthorized("a node token is required (Authorization: Bearer vnt_...)")
-    cert_fp = peer_fingerprint(client_cert_pem)
+    creds = nodeauth.presented(client_cert_pem, node_token)
     # Everything that needs no database outside the write lock, which every heartbeat waits for.
     encoded = (
         json.dumps(hb.resources),
@@ -337,8 +275,9 @@ def record_heartbeat(
         encode_units(hb.units),
     )
     now = cp.clock.now()
-    with cp.transaction(_heartbeat_conn(cp)) as conn:
-        node = _authenticate(conn, cert_fp, node_token)
+    # Not durable: a heartbeat lost to a power cut is sent again within one interval.
+    with cp.store.write(durable=False) as conn:
+        node = nodeauth.authenticate(conn, creds, removed_ok=True)
         if node["status"] == "removed":
             # Answered, not refused: the agent keeps running and says so; nothing here revives it.
             return {
@@ -347,29 +286,17 @@ def record_heartbeat(
                 "next_heartbeat_s": hb.interval_s,
                 "reason": "removed",
             }
-        stored = conn.execute(
-            "INSERT INTO node_heartbeats (node_id, received_at, interval_s, verdict, units_ready,"
-            " units_total, draining, resources, thresholds, agents, checks, units, heartbeats)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)"
-            " ON CONFLICT (node_id) DO UPDATE SET received_at = excluded.received_at,"
-            " interval_s = excluded.interval_s, verdict = excluded.verdict,"
-            " units_ready = excluded.units_ready, units_total = excluded.units_total,"
-            " draining = excluded.draining, resources = excluded.resources,"
-            " thresholds = excluded.thresholds, agents = excluded.agents, checks = excluded.checks,"
-            " units = excluded.units,"
-            " heartbeats = node_heartbeats.heartbeats + 1"
-            " RETURNING *",
-            (
-                node["id"],
-                to_iso(now),
-                hb.interval_s,
-                hb.verdict,
-                hb.units_ready,
-                hb.units_total,
-                int(hb.draining),
-                *encoded,
-            ),
-        ).fetchone()
+        stored = store.upsert_heartbeat(
+            conn,
+            node["id"],
+            to_iso(now),
+            hb.interval_s,
+            hb.verdict,
+            hb.units_ready,
+            hb.units_total,
+            hb.draining,
+            encoded,
+        )
         enrolled = enrolled_units(conn, node) if hb.units is not None else None
     offer = decide(node["status"], stored, int(node["enrolled_units"]), now, enrolled)
     return {
@@ -383,23 +310,11 @@ def record_heartbeat(
 
 def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> dict[str, Any]:
     """The org's nodes with what is advertised of each, and why when fewer than ready."""
-    key_org = cp.org_for_api_key(api_key)
-    if org_ref not in (key_org["id"], key_org["name"]):
-        raise ApiError(404, "NOT_FOUND", f"no org {org_ref}")
-    if not key_org["is_provider"]:
-        raise ApiError(403, "NOT_A_PROVIDER", f"org {key_org['name']} isn't an approved provider yet")
+    key_org = cp.provider_org(cp.org_for_api_key(api_key), org_ref, f"no org {org_ref}")
     now = cp.clock.now()
-    conn = cp.db.conn()
-    rows = conn.execute(
-        "SELECT n.id, n.hostname, n.status, n.cert_fp, n.gpu_mode, h.node_id AS hb, h.received_at,"
-        " h.interval_s, h.verdict, h.units_ready, h.units_total, h.draining, h.resources,"
-        " h.thresholds, h.agents, h.units,"
-        f" {_enrolled_units('n')} AS enrolled"
-        " FROM nodes n LEFT JOIN node_heartbeats h ON h.node_id = n.id"
-        " WHERE n.org_id = ? ORDER BY n.seq",
-        (key_org["id"],),
-    ).fetchall()
-    groups = enrolled_units_of_org(conn, key_org["id"])
+    conn = cp.store.read()
+    rows = store.nodes_with_heartbeats(conn, key_org["id"])
+    groups = store.unit_groups_of_org(conn, key_org["id"])
     nodes = []
     for r in rows:
         hb = r if r["hb"] is not None else None
@@ -423,7 +338,7 @@ def list_provider_nodes(cp: ControlPlane, api_key: str | None, org_ref: str) -> 
                 "draining": bool(r["draining"]) if hb is not None else False,
                 "reason": offer.reason,
                 "units": listing_rows(offer.units),
-                "credentials_expire_at": cp.credential_expiry(conn, r["id"], r["cert_fp"]),
+                "credentials_expire_at": store.credential_expiry(conn, r["id"], r["cert_fp"]),
             }
         )
     return {"nodes": nodes}

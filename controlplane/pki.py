@@ -7,11 +7,9 @@ TLS library a node runs understands it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,6 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bootstrap.fsutil import atomic_write
 
 # The default lifetime of a node's client and Nomad certificates (`serve --cert-days`): short, because
 # the node-agent renews them at two thirds of their life, and a leaked key is good for weeks, not years.
@@ -80,18 +80,6 @@ def key_fingerprint(public_key: object) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -148,9 +136,8 @@ class CertificateAuthority:
         )
         # Key first: a crash between the two writes leaves no ca.crt, so the next start makes a new
         # pair instead of loading a certificate without its key.
-        _write_private(key_path, _pem_key(key))
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-        cert_path.chmod(0o644)
+        atomic_write(key_path, _pem_key(key), mode=0o600)
+        atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return cls(cert, key)
 
     def _leaf(
@@ -207,8 +194,10 @@ class CertificateAuthority:
             san,
         )
         key_path, cert_path = state_dir / "server.key", state_dir / "server.crt"
-        _write_private(key_path, _pem_key(key))
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem.encode())
+        atomic_write(key_path, _pem_key(key), mode=0o600)
+        atomic_write(
+            cert_path, cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem.encode(), mode=0o600
+        )
         return cert_path, key_path
 
     def sign_node_csr(

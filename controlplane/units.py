@@ -19,7 +19,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.service import bad_request
+from controlplane import store
+from controlplane.errors import bad_request
 
 STATUSES = ("ready", "degraded", "not_ready")
 ADVERTISABLE = frozenset({"ready", "degraded"})
@@ -220,26 +221,13 @@ class Enrolled:
 
     @classmethod
     def of(cls, gpu_mode: str, groups: frozenset[str] | None, count: int) -> Enrolled:
-        """`count` is what the node-level cap counts of them (heartbeat._enrolled_units)."""
+        """`count` is what the node-level cap counts of them (store.enrolled_units_sql)."""
         return cls(None if gpu_mode == "container" else groups or frozenset(), count)
 
 
 def enrolled_units(conn: sqlite3.Connection, node: sqlite3.Row) -> Enrolled:
     """The units `node` (a nodes row with its `enrolled_units` count) enrolled with."""
-    rows = conn.execute("SELECT iommu_group FROM gpu_units WHERE node_id = ?", (node["id"],)).fetchall()
-    return Enrolled.of(node["gpu_mode"], frozenset(r[0] for r in rows), int(node["enrolled_units"]))
-
-
-def enrolled_units_of_org(conn: sqlite3.Connection, org_id: str) -> dict[str, frozenset[str]]:
-    """The IOMMU groups every node of `org_id` enrolled with, by node, in one query (the listing)."""
-    groups: dict[str, set[str]] = {}
-    for node_id, group in conn.execute(
-        "SELECT g.node_id, g.iommu_group FROM gpu_units g JOIN nodes n ON n.id = g.node_id"
-        " WHERE n.org_id = ?",
-        (org_id,),
-    ):
-        groups.setdefault(node_id, set()).add(group)
-    return {node_id: frozenset(g) for node_id, g in groups.items()}
+    return Enrolled.of(node["gpu_mode"], store.unit_groups(conn, node["id"]), int(node["enrolled_units"]))
 
 
 # --- the rule -------------------------------------------------------------------------------------

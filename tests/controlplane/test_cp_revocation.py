@@ -66,6 +66,6 @@ def test_an_expired_revoked_certificate_leaves_the_blocklist(tmp_path: Path) -> 
     node = _enroll(cp, org)
     cp.set_node_status(key, org, node["node_id"], {"status": "removed"})
     assert cp.nebula_blocklist() == [_fp(node)]
-    with cp.transaction() as conn:
+    with cp.store.write() as conn:
         conn.execute("UPDATE node_certificates SET not_after = '2020-01-01T00:00:00Z' WHERE kind = 'nebula'")
     assert cp.nebula_blocklist() == []

@@ -15,6 +15,7 @@ from controlplane import db as cpdb
 from controlplane.clock import Clock
 from controlplane.db import SCHEMA_VERSION, Database, connect, migrate
 from controlplane.service import ControlPlane
+from controlplane.store import Store
 
 
 def _tables(path: Path) -> set[str]:
@@ -121,3 +122,20 @@ def test_serve_on_a_port_in_use_fails_with_a_message_not_a_traceback(
     )
     assert proc.returncode == 1
     assert f"error: cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_pool_a_heartbeats_write_skips_the_fsync_an_enrollments_waits_for(tmp_path: Path) -> None:
+    # SQLite's PRAGMA synchronous: 2 is FULL (the WAL is synced at each commit), 1 NORMAL.
+    store = Store(Database(tmp_path / "cp.sqlite"))
+    level = "PRAGMA synchronous"
+    with store.write() as conn:
+        assert conn.execute(level).fetchone()[0] == 2
+    with store.write(durable=False) as fast:
+        assert fast is conn and fast.execute(level).fetchone()[0] == 1
+    assert store.read().execute(level).fetchone()[0] == 1  # a read leaves it as the last write set it
+    with store.write() as conn:
+        assert conn.execute(level).fetchone()[0] == 2
+    with pytest.raises(RuntimeError), store.write(durable=False) as conn:
+        conn.execute("INSERT INTO orgs (id, name, created_at) VALUES ('o', 'n', 't')")
+        raise RuntimeError("rolled back")
+    assert store.read().execute("SELECT COUNT(*) FROM orgs").fetchone()[0] == 0

@@ -157,8 +157,9 @@ def test_an_expired_client_certificate_is_refused_even_when_a_resumed_session_sk
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from controlplane.service import ApiError as CpApiError
-    from controlplane.service import peer_fingerprint
+    from controlplane.app import http_status
+    from controlplane.errors import ControlPlaneError
+    from controlplane.nodeauth import peer_fingerprint
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "box")])
@@ -178,6 +179,6 @@ def test_an_expired_client_certificate_is_refused_even_when_a_resumed_session_sk
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 
     assert len(peer_fingerprint(pem(now + timedelta(days=1)))) == 64
-    with pytest.raises(CpApiError) as refused:
+    with pytest.raises(ControlPlaneError) as refused:
         peer_fingerprint(pem(now - timedelta(seconds=1)))
-    assert refused.value.status == 401 and refused.value.code == "BAD_NODE_CREDENTIALS"
+    assert http_status(refused.value) == 401 and refused.value.code == "BAD_NODE_CREDENTIALS"
