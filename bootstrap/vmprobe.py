@@ -164,17 +164,24 @@ def current_record(
 
 
 def save_records(host: Host, results: Iterable[ProbeResult], now: datetime | None = None) -> None:
-    """Merge the results that prove or disprove a unit into UNIT_PROBES (atomically, 0644). In-use
-    units keep their previous record: nothing was learnt about them."""
-    settled = [r for r in results if r.outcome in (Outcome.ATTACHED, Outcome.FAILED)]
+    """Merge the results that prove or disprove a unit into UNIT_PROBES (atomically, 0644). An in-use
+    unit keeps its previous record; one with none is proven by the VM holding its group, which
+    started with exactly these devices (a node updated to a release with the probe would otherwise
+    withhold every rented unit until the renter leaves and a probe runs)."""
+    records = load_records(host)
+    settled = [
+        r
+        for r in results
+        if r.outcome in (Outcome.ATTACHED, Outcome.FAILED)
+        or (r.outcome is Outcome.IN_USE and current_record(records, r.unit, r.devices) is None)
+    ]
     if not settled:
         return
     at = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
-    records = load_records(host)
     for r in settled:
         records[r.unit] = {
             "devices": list(r.devices),
-            "ok": r.outcome is Outcome.ATTACHED,
+            "ok": r.outcome is not Outcome.FAILED,
             "at": at,
             "error": None if r.error is None else r.error[:ERROR_LIMIT],
             "hint": r.hint,

@@ -284,6 +284,11 @@ def test_records_are_written_atomically_as_the_contract_says_and_in_use_keeps_th
     data = json.loads(path.read_text())
     assert data["units"]["17"] == rec
     assert data["units"]["3"]["ok"] is True
+    # A unit with no record that a VM holds is proven by that VM: it started with these devices.
+    vmprobe.save_records(host, [_result("40", Outcome.IN_USE, ("0000:40:00.0",))])
+    data = json.loads(path.read_text())
+    assert data["units"]["40"]["ok"] is True and data["units"]["40"]["devices"] == ["0000:40:00.0"]
+    assert data["units"]["17"] == rec
 
 
 @pytest.mark.parametrize(
