@@ -217,7 +217,11 @@ vectorlay_install() {
 
     local -a missing=()
     local pkg
-    for pkg in python3-venv jq tar unzip pciutils curl ca-certificates openssl; do
+    local -a wanted=(python3-venv jq tar unzip pciutils curl ca-certificates openssl)
+    # Every node but a container-GPU one rents VMs: Nomad's qemu driver starts them, and the VM-attach
+    # probe proves each GPU unit with the same QEMU before it is advertised.
+    [ "$gpu_mode" = container ] || wanted+=(qemu-system-x86)
+    for pkg in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
     done
     if [ "${#missing[@]}" -gt 0 ]; then

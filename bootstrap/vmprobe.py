@@ -23,16 +23,17 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from typing import IO, Any
 
-from bootstrap.discovery import Inventory, Unit, UnitStatus
+from bootstrap.discovery import Inventory, Unit, UnitStatus, discover
 from bootstrap.fsutil import atomic_write, read_regular
 from bootstrap.host import Host
 from bootstrap.paths import UNIT_PROBES
+from bootstrap.settings import Settings
 
 QEMU = "qemu-system-x86_64"
 QEMU_PACKAGE = "qemu-system-x86"
@@ -543,4 +544,16 @@ def probe_units(
             continue
         results.append(probe_unit(host, unit, devices, timeout))
     save_records(host, results)
+    return results
+
+
+def probe_unproven(host: Host, settings: Settings, out: Callable[[str], None]) -> list[ProbeResult]:
+    """Probe every unit with no current passing record, detected afresh (devices may have been bound
+    to vfio-pci since the run's detection), one line each to `out`: what the install's verify stage
+    and `vectorlay-bootstrap update` run, so that no unit stays unproven after either."""
+    inventory = discover(host, settings, with_names=False)
+    results = probe_units(host, inventory, unproven_only=True)
+    for r in results:
+        hint = f" ({r.hint})" if r.hint and r.outcome is not Outcome.ATTACHED else ""
+        out(f"probe: unit {r.unit}: {r.message}{hint}")
     return results

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bootstrap import resolve
+from bootstrap import resolve, vmprobe
 from bootstrap.api import proxy_from_env
 from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
@@ -40,6 +40,11 @@ def run_update(root: Path, *, host: Host | None = None) -> int:
             report = upgrade(host, client, arts, Timing.default(), log=_log)
         finally:
             client.close()
+        if mode == "passthrough":
+            # A unit proven by no VM-attach probe is not advertised: the units of a node updated to a
+            # release with the probe, and units whose devices changed, get theirs here (rented ones
+            # are skipped untouched).
+            vmprobe.probe_unproven(host, settings, _log)
     if report.rolled_back:
         for name, (bad, back) in report.rolled_back.items():
             print(f"update: FAILED: {name} {bad} did not pass its health check; running {back} again")

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bootstrap import vmprobe
-from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.stages.contract import Context, Facts, Outcome, StagePlan, StageResult
@@ -62,8 +61,4 @@ def _probe_units(ctx: Context) -> None:
     """The VM-attach probe of every unit not yet proven with its current devices, so that the
     doctor's verdict below already counts only units a VM can start with. Units rented at the
     moment are skipped untouched."""
-    # Detected again: the gpu stage may have bound devices to vfio-pci since the detect stage.
-    inventory = discover(ctx.host, ctx.settings, with_names=False)
-    for r in vmprobe.probe_units(ctx.host, inventory, unproven_only=True):
-        hint = f" ({r.hint})" if r.hint and r.outcome is not vmprobe.Outcome.ATTACHED else ""
-        ctx.out(f"probe: unit {r.unit}: {r.message}{hint}")
+    vmprobe.probe_unproven(ctx.host, ctx.settings, ctx.out)

@@ -360,3 +360,35 @@ def test_container_mode_installs_runsc_and_registers_it_with_docker_keeping_fore
     assert isinstance(runner, RecordingRunner)
     assert ("systemctl", "reload-or-restart", "docker.service") in runner.commands
     assert "gpu_mode: container" in host.read_text("/etc/vectorlay/node.yaml")
+
+
+def test_the_update_command_probes_the_units_no_vm_attach_probe_has_proven(
+    start_control_plane: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node updated to a release with the probe has no records: its units would stay unadvertised
+    # (`not_probed`) until someone ran --probe-units, so the update probes them.
+    from tests.install.helpers import gpus_on_vfio
+
+    monkeypatch.setattr(update, "DEFAULT_SETTLE", 0.3)
+    art_dir = tmp_path / "artifacts"
+    publish_agents(art_dir, VERSIONS)
+    cp = start_control_plane(args=("--artifacts", str(art_dir)))
+    cp.org("acme", provider=True)
+    base = Path(tempfile.mkdtemp(prefix="vl", dir="/tmp"))
+    desc = load_topology("hgx-h100")
+    gpus_on_vfio(desc)
+    root = build_host(base / "r", desc)
+    node = Node(root, cp, art_dir, Systemd(spawn=True))
+    try:
+        assert cp.enroll(root, "acme", gpu_mode="passthrough").returncode == 0
+        node.run_stages()
+        env = inject.env(settle=0.3, forbid_live=False)
+        cmd = [sys.executable, "-m", "bootstrap.cli", "update", "--root", str(root)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        probed = [ln for ln in res.stdout.splitlines() if ln.startswith("update: probe: unit ")]
+        # On a host tree QEMU is recorded, not run: one probe per GPU unit of the HGX board.
+        assert len(probed) == 8 and all(ln.endswith("recorded, not run (host tree)") for ln in probed), res.stdout
+    finally:
+        node.sim.stop_all(node.host())
+        shutil.rmtree(base)

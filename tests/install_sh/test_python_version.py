@@ -22,7 +22,10 @@ NEED = "vectorlay-node needs Python 3.10 to 3.14 (the system python3 of Ubuntu 2
 
 
 def _install_sh(
-    tmp_path: Path, python3: Path | str | None
+    tmp_path: Path,
+    python3: Path | str | None,
+    args: tuple[str, ...] = (),
+    missing: tuple[str, ...] = ("python3-venv",),
 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """install.sh on a Debian 12 tree with `python3` (a path, a stub script's body, or none) on PATH."""
     bin_dir = tmp_path / "bin"
@@ -34,9 +37,11 @@ def _install_sh(
         (bin_dir / prog).write_text(f'#!/bin/bash\nprintf "%s\\n" "{prog} $*" >> "{log}"\nprintf "{out}"\n')
         (bin_dir / prog).chmod(0o755)
     # dpkg-query says python3-venv is missing, as on a box where python3 came without it.
+    gone = " ".join(missing)
     (bin_dir / "dpkg-query").write_text(
         f'#!/bin/bash\nprintf "%s\\n" "dpkg-query $*" >> "{log}"\n'
-        'for a; do p="$a"; done\n[ "$p" = python3-venv ] && exit 1\nprintf "install ok installed"\n'
+        f'for a; do p="$a"; done\nfor m in {gone}; do [ "$p" = "$m" ] && exit 1; done\n'
+        'printf "install ok installed"\n'
     )
     if isinstance(python3, Path):
         (bin_dir / "python3").symlink_to(python3)
@@ -58,7 +63,7 @@ def _install_sh(
         "HOME": str(tmp_path),
     }
     proc = subprocess.run(
-        ["/bin/bash", str(REPO / "install.sh"), "api=https://127.0.0.1:9"],
+        ["/bin/bash", str(REPO / "install.sh"), "api=https://127.0.0.1:9", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -106,3 +111,18 @@ def test_without_python3_apt_installs_it_and_it_is_checked_then(tmp_path: Path) 
     assert f"error: python3 (none) is not a CPython that runs: {NEED}\n" in proc.stderr
     assert any(c.startswith("apt-get install") and "python3-venv" in c for c in commands)
     assert not any(c.startswith("curl") for c in commands)
+
+
+@pytest.mark.parametrize(("args", "wanted"), [((), True), (("gpu=1",), False)])
+def test_qemu_is_installed_on_every_node_that_rents_vms(
+    tmp_path: Path, args: tuple[str, ...], wanted: bool
+) -> None:
+    # Nomad's qemu driver and the VM-attach probe need qemu-system-x86; a container-GPU node
+    # (gpu=1) runs gVisor containers instead and is not given it.
+    proc, commands = _install_sh(
+        tmp_path, require_python("3.11"), args, missing=("python3-venv", "qemu-system-x86")
+    )
+    installs = [c for c in commands if c.startswith("apt-get install")]
+    assert len(installs) == 1, proc.stderr
+    assert ("qemu-system-x86" in installs[0].split()) is wanted
+    assert "python3-venv" in installs[0].split()
