@@ -388,7 +388,8 @@ def test_the_update_command_probes_the_units_no_vm_attach_probe_has_proven(
         assert res.returncode == 0, res.stdout + res.stderr
         probed = [ln for ln in res.stdout.splitlines() if ln.startswith("update: probe: unit ")]
         # On a host tree QEMU is recorded, not run: one probe per GPU unit of the HGX board.
-        assert len(probed) == 8 and all(ln.endswith("recorded, not run (host tree)") for ln in probed), res.stdout
+        assert len(probed) == 8, res.stdout
+        assert all(ln.endswith("recorded, not run (host tree)") for ln in probed)
     finally:
         node.sim.stop_all(node.host())
         shutil.rmtree(base)
