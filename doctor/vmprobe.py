@@ -15,7 +15,7 @@ from bootstrap.host import Host
 from bootstrap.vmprobe import current_record, load_records
 
 NOT_PROBED_HINT = "sudo vectorlay-node-doctor --probe-units"
-_LIMIT = 200  # UNITS.md: a reason's message and hint each at most 200 characters
+_LIMIT = 200  # docs/contracts.md#doctor---json: a reason's message and hint each at most 200 characters
 
 
 def probe_reason(

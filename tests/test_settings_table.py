@@ -3,7 +3,7 @@ loading node.yaml, the environment's overrides and the node.yaml the installer w
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +77,11 @@ def test_empty_lists_are_not_written(tmp_path: Path) -> None:
         "advertise_interval": 240,
         "thresholds": {"cpu_percent": 90.0, "memory_percent": 85.0, "disk_percent": 90.0},
     }
+
+
+def test_each_default_is_a_value_its_row_accepts(tmp_path: Path) -> None:
+    # node.yaml is written with the defaults and read back by every later run: a default its own
+    # parser refuses would break the node on its next start.
+    (tmp_path / "etc/vectorlay").mkdir(parents=True)
+    (tmp_path / "etc/vectorlay/node.yaml").write_bytes(settings_yaml(Settings(), api=None, gpu_mode="none"))
+    assert load_settings(TreeHost(tmp_path), env={}) == replace(Settings(), gpu_mode="none")
