@@ -30,6 +30,7 @@ from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.update import probe
 from controlplane import testing
+from controlplane.units import NOT_ENROLLED
 from hostsim import build_host, gpufault, inject, load_topology
 from tests.install.helpers import FAST, gpus_on_vfio, install, installed_demo_node
 
@@ -107,14 +108,15 @@ def short_base() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _gpu_config(root: Path) -> Path:
+def _gpu_configs(root: Path) -> list[Path]:
+    """The config space files of the tree's NVIDIA 3D controllers."""
     devices = root / "sys/bus/pci/devices"
-    for dev in sorted(devices.iterdir()):
-        if (dev / "vendor").read_text().strip() == "0x10de" and (dev / "class").read_text().startswith(
-            "0x0302"
-        ):
-            return dev / "config"
-    raise AssertionError("no GPU in the tree")
+    return [
+        dev / "config"
+        for dev in sorted(devices.iterdir())
+        if (dev / "vendor").read_text().strip() == "0x10de"
+        and (dev / "class").read_text().startswith("0x0302")
+    ]
 
 
 def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_and_clock() -> None:
@@ -140,22 +142,43 @@ def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_an
             "8 GPU unit(s) advertised (heartbeat "
         )
 
-        # A GPU falls off the bus: the doctor says FAIL and nothing is advertised.
-        config = _gpu_config(root)
-        healthy = config.read_bytes()
-        config.write_bytes(b"\xff" * len(healthy))
-        once = agent_once(root)
-        assert (
-            once.returncode == 0
-            and once.stdout == "heartbeat: active, 0 GPU unit(s) advertised (verdict FAIL)\n"
-        )
-        seen = nodes(cp, key)[me]
-        assert (
-            seen["verdict"] == "FAIL"
-            and seen["gpu_units"]["advertised"] == 0
-            and seen["reason"] == "verdict FAIL"
-        )
-        config.write_bytes(healthy)
+        # The running agent is paused here, so that what the listing shows is the --once heartbeats'
+        # (its watcher would send its own as the GPUs change; test_watch.py shows that). Nothing it
+        # watches differs from its baseline when it resumes below.
+        os.kill(daemon_pid(root), signal.SIGSTOP)
+        try:
+            # A GPU falls off the bus: its unit alone is withheld, the node's verdict is WARN.
+            configs = _gpu_configs(root)
+            healthy = {c: c.read_bytes() for c in configs}
+            configs[0].write_bytes(b"\xff" * len(healthy[configs[0]]))
+            once = agent_once(root)
+            lost = os.readlink(configs[0].parent / "iommu_group").rsplit("/", 1)[-1]
+            wedged = "fell off the bus (D3cold reset bug)"
+            assert once.returncode == 0 and once.stdout == (
+                f"heartbeat: active, 7 GPU unit(s) advertised; withheld: {lost} ({wedged})\n"
+            )
+            seen = nodes(cp, key)[me]
+            assert seen["verdict"] == "WARN" and seen["reason"] is None
+            assert seen["gpu_units"] == {"ready": 7, "total": 8, "enrolled": 8, "advertised": 7}
+            assert [u["id"] for u in seen["units"] if not u["advertised"]] == [lost]
+
+            # Every GPU off the bus: no unit is left, the wedged check FAILs, nothing is advertised.
+            for c in configs:
+                c.write_bytes(b"\xff" * len(healthy[c]))
+            once = agent_once(root)
+            assert once.returncode == 0 and once.stdout.startswith(
+                "heartbeat: active, 0 GPU unit(s) advertised (verdict FAIL)"
+            )
+            seen = nodes(cp, key)[me]
+            assert (
+                seen["verdict"] == "FAIL"
+                and seen["gpu_units"]["advertised"] == 0
+                and seen["reason"] == "verdict FAIL"
+            )
+            for c in configs:
+                c.write_bytes(healthy[c])
+        finally:
+            os.kill(daemon_pid(root), signal.SIGCONT)
 
         # Memory at 90%: over the 85% threshold.
         meminfo = root / "proc/meminfo"
@@ -183,10 +206,16 @@ def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_an
         link.unlink()
         os.symlink(borrowed, link)
         once = agent_once(root)
-        capped = "capped at the enrolled hardware (0 GPU unit(s))"
-        assert once.stdout == f"heartbeat: active, 0 GPU unit(s) advertised ({capped})\n"
+        # Per unit: none of the eight groups it reports is among those it enrolled with (none).
+        groups = ", ".join(str(g) for g in range(24, 32))
+        assert once.stdout.startswith(
+            f"heartbeat: active, 0 GPU unit(s) advertised (8 ready unit(s) {NOT_ENROLLED} ({groups}));"
+            f" withheld: 24 ({NOT_ENROLLED}), "
+        )
+        assert once.stdout.endswith(" and 4 more\n")
         seen = nodes(cp, key)[node_id(small)]
         assert seen["gpu_units"] == {"ready": 8, "total": 8, "enrolled": 0, "advertised": 0}
+        assert {(u["advertised"], tuple(u["reasons"])) for u in seen["units"]} == {(False, (NOT_ENROLLED,))}
         link.unlink()
         os.symlink(own, link)
 
