@@ -42,6 +42,10 @@ _LINK_SPEED = re.compile(r"[0-9A-Za-z .,/]{1,32}")
 # control character (the node-agent refuses an answer holding one, and a terminal would act on it).
 _PRINTABLE = re.compile(r"[^\x00-\x1f\x7f-\x9f]+")
 _MAX_COUNTER = 2**63 - 1
+# A link width is the 6-bit field of the PCIe Link Capabilities/Status registers, which sysfs shows
+# as read: a GPU that fell off the bus answers all ones there, 63, and that heartbeat is the one
+# that must get through.
+_MAX_WIDTH = 63
 
 
 @dataclass(frozen=True)
@@ -134,8 +138,8 @@ def _device(d: Any, where: str) -> str:
         link = _object(link, f"{where}.link")
         _text(link, "speed", f"{where}.link", pattern=_LINK_SPEED, optional=True)
         _text(link, "max_speed", f"{where}.link", pattern=_LINK_SPEED, optional=True)
-        _whole(link, "width", f"{where}.link", 32)
-        _whole(link, "max_width", f"{where}.link", 32)
+        _whole(link, "width", f"{where}.link", _MAX_WIDTH)
+        _whole(link, "max_width", f"{where}.link", _MAX_WIDTH)
     aer = d.get("aer")
     if aer is not None:
         aer = _object(aer, f"{where}.aer")

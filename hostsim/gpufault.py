@@ -2,7 +2,10 @@
 doctor read.
 
 - Fallen off the bus: the function's config space answers every read with all ones (sysfs keeps the
-  IDs it cached at enumeration), and the NVIDIA driver logs Xid 79.
+  IDs it cached at enumeration), and the NVIDIA driver logs Xid 79. The link attributes the kernel
+  reads live from the Link Status register show that register's all-ones too (drivers/pci/
+  pci-sysfs.c: current_link_width is its 6-bit width field, 63; current_link_speed looks its 4-bit
+  speed code 15 up in pcie_link_speed[], which has no rate for it: "Unknown").
 - The kernel log: /dev/kmsg records as Documentation/ABI/testing/dev-kmsg lays them out,
   "<prio>,<seq>,<usec>,<flags>;<message>\\n", appended to the tree's plain file.
 - Unbound: the function's `driver` symlink gone, as after a write to the driver's `unbind`.
@@ -18,6 +21,9 @@ from pathlib import Path
 PCI_DEVICES = "sys/bus/pci/devices"
 KMSG = "dev/kmsg"
 _SEQ = itertools.count(100_000)
+# What the live Link Status register shows through sysfs when every config read answers all ones.
+ALL_ONES_WIDTH = "63"
+ALL_ONES_SPEED = "Unknown"
 
 
 def config_path(root: Path, address: str) -> Path:
@@ -57,14 +63,27 @@ def fall_off_the_bus(root: Path, address: str, *, config: bool = True, kmsg: boo
     healthy = path.read_bytes()
     if config:
         _replace(path, b"\xff" * len(healthy))
+        _set_link(root, address, ALL_ONES_WIDTH, ALL_ONES_SPEED)
     if kmsg:
         log_kernel(root, xid79(address))
     return healthy
 
 
 def come_back(root: Path, address: str, healthy: bytes) -> None:
-    """The GPU answers again (in a real host: after a power cycle)."""
+    """The GPU answers again (in a real host: after a power cycle, its link trained at full width
+    and speed)."""
     _replace(config_path(root, address), healthy)
+    ddir = root / PCI_DEVICES / address
+    if (ddir / "max_link_width").exists():
+        top = (ddir / "max_link_width").read_text().strip(), (ddir / "max_link_speed").read_text().strip()
+        _set_link(root, address, *top)
+
+
+def _set_link(root: Path, address: str, width: str, speed: str) -> None:
+    ddir = root / PCI_DEVICES / address
+    if (ddir / "current_link_width").exists():  # a conventional PCI function has no link attributes
+        _replace(ddir / "current_link_width", f"{width}\n".encode())
+        _replace(ddir / "current_link_speed", f"{speed}\n".encode())
 
 
 def unbind(root: Path, address: str) -> str:

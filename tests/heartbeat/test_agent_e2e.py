@@ -30,7 +30,8 @@ from bootstrap.identity import load_identity
 from bootstrap.paths import IDENTITY_DIR
 from bootstrap.update import probe
 from controlplane import testing
-from hostsim import build_host, inject, load_topology
+from controlplane.units import NOT_ENROLLED
+from hostsim import build_host, gpufault, inject, load_topology
 from tests.install.helpers import FAST, gpus_on_vfio, install, installed_demo_node
 
 pytestmark = pytest.mark.slow
@@ -107,14 +108,15 @@ def short_base() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _gpu_config(root: Path) -> Path:
+def _gpu_configs(root: Path) -> list[Path]:
+    """The config space files of the tree's NVIDIA 3D controllers."""
     devices = root / "sys/bus/pci/devices"
-    for dev in sorted(devices.iterdir()):
-        if (dev / "vendor").read_text().strip() == "0x10de" and (dev / "class").read_text().startswith(
-            "0x0302"
-        ):
-            return dev / "config"
-    raise AssertionError("no GPU in the tree")
+    return [
+        dev / "config"
+        for dev in sorted(devices.iterdir())
+        if (dev / "vendor").read_text().strip() == "0x10de"
+        and (dev / "class").read_text().startswith("0x0302")
+    ]
 
 
 def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_and_clock() -> None:
@@ -140,22 +142,43 @@ def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_an
             "8 GPU unit(s) advertised (heartbeat "
         )
 
-        # A GPU falls off the bus: the doctor says FAIL and nothing is advertised.
-        config = _gpu_config(root)
-        healthy = config.read_bytes()
-        config.write_bytes(b"\xff" * len(healthy))
-        once = agent_once(root)
-        assert (
-            once.returncode == 0
-            and once.stdout == "heartbeat: active, 0 GPU unit(s) advertised (verdict FAIL)\n"
-        )
-        seen = nodes(cp, key)[me]
-        assert (
-            seen["verdict"] == "FAIL"
-            and seen["gpu_units"]["advertised"] == 0
-            and seen["reason"] == "verdict FAIL"
-        )
-        config.write_bytes(healthy)
+        # The running agent is paused here, so that what the listing shows is the --once heartbeats'
+        # (its watcher would send its own as the GPUs change; test_watch.py shows that). Nothing it
+        # watches differs from its baseline when it resumes below.
+        os.kill(daemon_pid(root), signal.SIGSTOP)
+        try:
+            # A GPU falls off the bus: its unit alone is withheld, the node's verdict is WARN.
+            configs = _gpu_configs(root)
+            healthy = {c: c.read_bytes() for c in configs}
+            configs[0].write_bytes(b"\xff" * len(healthy[configs[0]]))
+            once = agent_once(root)
+            lost = os.readlink(configs[0].parent / "iommu_group").rsplit("/", 1)[-1]
+            wedged = "fell off the bus (D3cold reset bug)"
+            assert once.returncode == 0 and once.stdout == (
+                f"heartbeat: active, 7 GPU unit(s) advertised; withheld: {lost} ({wedged})\n"
+            )
+            seen = nodes(cp, key)[me]
+            assert seen["verdict"] == "WARN" and seen["reason"] is None
+            assert seen["gpu_units"] == {"ready": 7, "total": 8, "enrolled": 8, "advertised": 7}
+            assert [u["id"] for u in seen["units"] if not u["advertised"]] == [lost]
+
+            # Every GPU off the bus: no unit is left, the wedged check FAILs, nothing is advertised.
+            for c in configs:
+                c.write_bytes(b"\xff" * len(healthy[c]))
+            once = agent_once(root)
+            assert once.returncode == 0 and once.stdout.startswith(
+                "heartbeat: active, 0 GPU unit(s) advertised (verdict FAIL)"
+            )
+            seen = nodes(cp, key)[me]
+            assert (
+                seen["verdict"] == "FAIL"
+                and seen["gpu_units"]["advertised"] == 0
+                and seen["reason"] == "verdict FAIL"
+            )
+            for c in configs:
+                c.write_bytes(healthy[c])
+        finally:
+            os.kill(daemon_pid(root), signal.SIGCONT)
 
         # Memory at 90%: over the 85% threshold.
         meminfo = root / "proc/meminfo"
@@ -183,10 +206,16 @@ def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_an
         link.unlink()
         os.symlink(borrowed, link)
         once = agent_once(root)
-        capped = "capped at the enrolled hardware (0 GPU unit(s))"
-        assert once.stdout == f"heartbeat: active, 0 GPU unit(s) advertised ({capped})\n"
+        # Per unit: none of the eight groups it reports is among those it enrolled with (none).
+        groups = ", ".join(str(g) for g in range(24, 32))
+        assert once.stdout.startswith(
+            f"heartbeat: active, 0 GPU unit(s) advertised (8 ready unit(s) {NOT_ENROLLED} ({groups}));"
+            f" withheld: 24 ({NOT_ENROLLED}), "
+        )
+        assert once.stdout.endswith(" and 4 more\n")
         seen = nodes(cp, key)[node_id(small)]
         assert seen["gpu_units"] == {"ready": 8, "total": 8, "enrolled": 0, "advertised": 0}
+        assert {(u["advertised"], tuple(u["reasons"])) for u in seen["units"]} == {(False, (NOT_ENROLLED,))}
         link.unlink()
         os.symlink(own, link)
 
@@ -214,6 +243,94 @@ def test_the_listing_follows_the_agents_heartbeats_health_load_hardware_drain_an
             assert seen["gpu_units"]["advertised"] == 0 and seen["reason"].startswith("stale heartbeat (")
         finally:
             testing.stop(later)
+
+
+def _gpus(root: Path) -> dict[str, str]:
+    """The tree's NVIDIA 3D controllers, each with its IOMMU group: the unit's id in the listing."""
+    devices = root / "sys/bus/pci/devices"
+    return {
+        d.name: os.readlink(d / "iommu_group").rsplit("/", 1)[-1]
+        for d in sorted(devices.iterdir())
+        if (d / "vendor").read_text().strip() == "0x10de" and (d / "class").read_text().startswith("0x0302")
+    }
+
+
+def test_one_gpu_off_the_bus_withdraws_its_own_unit_at_once_and_a_degraded_link_stays_advertised() -> None:
+    """The running agent (its watcher, no --once) sends the doctor's `units`; the control plane
+    withdraws the one unit that lost its GPU and keeps the node's other seven for rent."""
+    with short_base() as base, installed_demo_node(base) as (cp, root, _token):
+        key = cp.api_key("acme")
+        me = node_id(root)
+        gpus = _gpus(root)
+        assert len(gpus) == 8 and len(set(gpus.values())) == 8
+        wait_for("the running agent's per-unit heartbeat", lambda: nodes(cp, key)[me]["units"] is not None)
+        seen = nodes(cp, key)[me]
+        assert seen["verdict"] == "PASS" and seen["gpu_units"]["advertised"] == 8
+        assert sorted(u["id"] for u in seen["units"]) == sorted(gpus.values())
+        assert all(u["advertised"] and u["reasons"] == [] for u in seen["units"])
+        slow, lost = list(gpus)[:2]
+
+        # A riser trained down to x8 Gen1: only the doctor's next run sees it (the watcher watches
+        # what changes at once). Then another GPU falls off the bus, with the driver's Xid 79: the
+        # watcher's heartbeat carries both.
+        inject.train_link(root, slow, width=8, speed="2.5 GT/s PCIe")
+        beats = (root / DAEMON_LOG).read_text().count("INFO heartbeat: ")
+        healthy = gpufault.fall_off_the_bus(root, lost)
+
+        def withdrawn() -> bool:
+            units = {u["id"]: u for u in nodes(cp, key)[me]["units"]}
+            return not units[gpus[lost]]["advertised"]
+
+        wait_for("the lost GPU's unit withdrawn", withdrawn)
+        seen = nodes(cp, key)[me]
+        assert seen["verdict"] == "WARN" and seen["reason"] is None
+        assert seen["gpu_units"] == {"ready": 7, "total": 8, "enrolled": 8, "advertised": 7}
+        units = {u["id"]: u for u in seen["units"]}
+        assert units.pop(gpus[lost]) == {
+            "id": gpus[lost],
+            "status": "not_ready",
+            "advertised": False,
+            "reasons": ["fell off the bus (D3cold reset bug)"],
+        }
+        assert units.pop(gpus[slow]) == {
+            "id": gpus[slow],
+            "status": "degraded",
+            "advertised": True,
+            "reasons": ["PCIe link x8 of x16 (2.5 GT/s of 32.0 GT/s): Gen1 on a Gen5 device"],
+        }
+        assert all(u["status"] == "ready" and u["advertised"] and u["reasons"] == [] for u in units.values())
+        log = (root / DAEMON_LOG).read_text()
+        assert f"INFO watch: kernel log: {gpufault.xid79(lost)}: heartbeat now" in log or (
+            f"INFO watch: {lost} config space reads 0xffff (fell off the bus): heartbeat now" in log
+        )
+        assert (
+            "heartbeat: active, 7 GPU unit(s) advertised; "
+            f"withheld: {gpus[lost]} (fell off the bus (D3cold reset bug))" in log
+        )
+        assert log.count("INFO heartbeat: ") == beats + 1  # one heartbeat, not a withdrawal per source
+        answer = status(root)
+        assert answer["advertised_units"] == 7 and answer["withheld"] == [
+            {"id": gpus[lost], "reasons": ["fell off the bus (D3cold reset bug)"]}
+        ]
+        # The node's own view agrees: the wedged check WARNs (seven units are left to rent).
+        checks = doctor(root)
+        assert checks["wedged"]["status"] == "WARN" and lost in checks["wedged"]["message"]
+        assert checks["control_plane"]["status"] == "PASS"
+
+        # The GPU answers again (after a power cycle): its unit is back, the slow link still degraded.
+        gpufault.come_back(root, lost, healthy)
+        wait_for("the unit back", lambda: nodes(cp, key)[me]["gpu_units"]["advertised"] == 8)
+        seen = nodes(cp, key)[me]
+        # The degraded link keeps the verdict at WARN.
+        assert seen["verdict"] == "WARN" and seen["reason"] is None
+        checks = doctor(root)
+        assert checks["wedged"]["status"] == "PASS", checks["wedged"]
+        assert {n for n, c in checks.items() if c["status"] != "PASS"} == {"gpu_units"}, checks
+        units = {u["id"]: u for u in seen["units"]}
+        assert units[gpus[lost]]["advertised"] and units[gpus[lost]]["reasons"] == []
+        assert units[gpus[slow]]["status"] == "degraded" and units[gpus[slow]]["advertised"]
+        assert "withheld" not in status(root) or status(root)["withheld"] == []
+        assert "Traceback" not in (root / DAEMON_LOG).read_text()
 
 
 def test_a_decommissioned_node_hears_removed_stays_removed_and_comes_back_with_a_new_token() -> None:
