@@ -151,11 +151,17 @@ def save_baseline(host: Host, units: Iterable[UnitHealth]) -> None:
 
     aer = {d.address: d.aer._asdict() for u in units for d in u.devices if d.aer is not None}
     data = {"version": _STATE_VERSION, "boot_id": boot_id(host), "aer": aer}
+    body = json.dumps(data, sort_keys=True) + "\n"
+    path = host.path(UNIT_HEALTH_STATE)
+    try:
+        if read_regular(str(path), len(body) + 1) == body.encode():
+            return  # counts unchanged: every heartbeat of a healthy node would rewrite the same bytes
+    except OSError:
+        pass
     # Not durable: a crash that brings back the previous record only makes the next run compare
-    # against older counts, which reports growth again rather than hiding it.
-    atomic_write(
-        host.path(UNIT_HEALTH_STATE), json.dumps(data, sort_keys=True) + "\n", mode=0o644, durable=False
-    )
+    # against older counts, which reports growth again rather than hiding it. No kill point either:
+    # it is the node-agent's runtime record, as status.json, not a step of an install run.
+    atomic_write(path, body, mode=0o644, durable=False, fault=False)
 
 
 # --- one unit ------------------------------------------------------------------------------------
