@@ -449,6 +449,10 @@ def test_a_failed_probe_record_keeps_its_unit_out_of_the_doctors_ready_count(tmp
     assert [r["code"] for r in unit["reasons"]] == ["probe_failed"]
     assert "Cannot reset device 0000:18:00.0" in unit["reasons"][0]["message"]
     assert unit["reasons"][0]["hint"] == vmprobe.HINT_RESET
+    # In text, the unit-wide reason is listed under its unit without a device in front (no "None:").
+    (gpu_units,) = [r for r in after.results if r.name == "gpu_units"]
+    shown = [ln for ln in gpu_units.details if "VM-attach probe failed" in ln]
+    assert shown == [f"  {unit['reasons'][0]['message']} ({vmprobe.HINT_RESET})"], gpu_units.details
     # A passing record of the same devices gives the unit back.
     vmprobe.save_records(
         host, [_result(first.iommu_group or "", Outcome.ATTACHED, vmprobe.unit_devices(inventory, first))]
