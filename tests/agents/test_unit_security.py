@@ -93,7 +93,7 @@ def test_the_agents_sandbox_lets_it_write_its_state_and_read_the_kernel_log() ->
     from nodeagent.watch import KMSG
 
     lines = (units_dir() / "node-agent.service").read_text().splitlines()
-    values = {}
+    values: dict[str, list[str]] = {}
     for line in lines:
         key, sep, value = line.partition("=")
         if sep and not line.startswith("#"):
