@@ -24,7 +24,7 @@ from bootstrap.commands.doctor_port import doctor_port
 from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import LiveHost, RecordingRunner, TreeHost
-from bootstrap.paths import UNIT_PROBES
+from bootstrap.paths import IDENTITY_DIR, UNIT_PROBES
 from bootstrap.settings import Settings
 from bootstrap.stages import verify
 from bootstrap.stages.contract import Context, Facts
@@ -392,6 +392,21 @@ def test_the_verify_stage_probes_every_ready_unit_before_the_verdict_recording_q
         i for i, line in enumerate(lines) if "gpu_units" in line.lower() or "GPU units" in line
     )
     assert not host.path(UNIT_PROBES).exists()
+
+
+def test_the_verify_stage_reports_to_the_control_plane_after_the_probes(tmp_path: Path) -> None:
+    # Reported before them, every unit would reach the control plane as not probed, and none would
+    # be advertised until the agent's next heartbeat.
+    host = _hgx(tmp_path)
+    host.path(IDENTITY_DIR).mkdir(parents=True)  # an enrolled node's directory: the stage reports
+    lines: list[str] = []
+    ctx = Context(host, Settings(), RunState(), out=lines.append, doctor=doctor_port())
+    sp = verify.plan(ctx, Facts(inventory=discover(host)))
+    with contextlib.suppress(VectorlayError):
+        verify.apply(ctx, sp)
+    probes = [i for i, line in enumerate(lines) if line.startswith("probe: ")]
+    (report,) = [i for i, line in enumerate(lines) if line.startswith("node-agent: heartbeat")]
+    assert probes and max(probes) < report, lines
 
 
 def test_a_unit_with_a_passing_record_of_its_devices_is_not_probed_again(tmp_path: Path) -> None:
