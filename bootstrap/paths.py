@@ -44,7 +44,8 @@ UPDATE_TIMER = "node-agent-update.timer"
 # record existed has none, and then nothing is reported missing.
 ENROLLED_GPUS = "/var/lib/vectorlay/enrolled-gpus.json"
 # Each GPU/NVSwitch function's AER counts as the node-agent's last doctor run saw them: what "grew
-# since the last run" is measured against.
-UNIT_HEALTH_STATE = "/var/lib/vectorlay/unit-health.json"
+# since the last run" is measured against. In the agent's own state directory (its unit's
+# StateDirectory=): the rest of /var/lib/vectorlay is read-only in its sandbox.
+UNIT_HEALTH_STATE = "/var/lib/vectorlay/node-agent/unit-health.json"
 # The VM-attach probe's results per unit (bootstrap.vmprobe writes them, the doctor reads them).
 UNIT_PROBES = "/var/lib/vectorlay/unit-probes.json"

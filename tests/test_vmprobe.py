@@ -24,7 +24,7 @@ from bootstrap.commands.doctor_port import doctor_port
 from bootstrap.discovery import discover
 from bootstrap.errors import VectorlayError
 from bootstrap.host import LiveHost, RecordingRunner, TreeHost
-from bootstrap.paths import UNIT_PROBES
+from bootstrap.paths import IDENTITY_DIR, UNIT_PROBES
 from bootstrap.settings import Settings
 from bootstrap.stages import verify
 from bootstrap.stages.contract import Context, Facts
@@ -394,6 +394,21 @@ def test_the_verify_stage_probes_every_ready_unit_before_the_verdict_recording_q
     assert not host.path(UNIT_PROBES).exists()
 
 
+def test_the_verify_stage_reports_to_the_control_plane_after_the_probes(tmp_path: Path) -> None:
+    # Reported before them, every unit would reach the control plane as not probed, and none would
+    # be advertised until the agent's next heartbeat.
+    host = _hgx(tmp_path)
+    host.path(IDENTITY_DIR).mkdir(parents=True)  # an enrolled node's directory: the stage reports
+    lines: list[str] = []
+    ctx = Context(host, Settings(), RunState(), out=lines.append, doctor=doctor_port())
+    sp = verify.plan(ctx, Facts(inventory=discover(host)))
+    with contextlib.suppress(VectorlayError):
+        verify.apply(ctx, sp)
+    probes = [i for i, line in enumerate(lines) if line.startswith("probe: ")]
+    (report,) = [i for i, line in enumerate(lines) if line.startswith("node-agent: heartbeat")]
+    assert probes and max(probes) < report, lines
+
+
 def test_a_unit_with_a_passing_record_of_its_devices_is_not_probed_again(tmp_path: Path) -> None:
     host = _hgx(tmp_path)
     inventory = discover(host)
@@ -449,6 +464,10 @@ def test_a_failed_probe_record_keeps_its_unit_out_of_the_doctors_ready_count(tmp
     assert [r["code"] for r in unit["reasons"]] == ["probe_failed"]
     assert "Cannot reset device 0000:18:00.0" in unit["reasons"][0]["message"]
     assert unit["reasons"][0]["hint"] == vmprobe.HINT_RESET
+    # In text, the unit-wide reason is listed under its unit without a device in front (no "None:").
+    (gpu_units,) = [r for r in after.results if r.name == "gpu_units"]
+    shown = [ln for ln in gpu_units.details if "VM-attach probe failed" in ln]
+    assert shown == [f"  {unit['reasons'][0]['message']} ({vmprobe.HINT_RESET})"], gpu_units.details
     # A passing record of the same devices gives the unit back.
     vmprobe.save_records(
         host, [_result(first.iommu_group or "", Outcome.ATTACHED, vmprobe.unit_devices(inventory, first))]

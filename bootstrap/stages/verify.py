@@ -7,9 +7,10 @@ The checks run for the GPU mode this run installed (`--gpu-mode` included), not 
 settings held when the run started: on a first run those are still empty, and the doctor would
 judge a container-mode node by passthrough's IOMMU groups.
 
-Before them, the node reports to the control plane once (what `vectorlay-node-agent --once` does):
-the running agent's next heartbeat may be minutes away, and a node this run re-enrolled must not be
-shown what the control plane said of its previous identity (removed, say).
+Before them (after the probes), the node reports to the control plane once (what
+`vectorlay-node-agent --once` does): the running agent's next heartbeat may be minutes away, and a
+node this run re-enrolled must not be shown what the control plane said of its previous identity
+(removed, say).
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ def apply(ctx: Context, sp: StagePlan[None]) -> tuple[StageResult, Facts]:
     from doctor.model import Status
 
     doctor = ctx.need_doctor()
-    if ctx.host.path(IDENTITY_DIR).exists():
-        ctx.out(f"node-agent: {doctor.report_now(ctx.host)}")
     mode = gpu_mode_of(ctx, sp.facts)
     if mode == "passthrough":
         _probe_units(ctx)
+    # After the probes: a report before them would tell the control plane every unit is not probed
+    # yet, and it would advertise none of them until the agent's next heartbeat, minutes later.
+    if ctx.host.path(IDENTITY_DIR).exists():
+        ctx.out(f"node-agent: {doctor.report_now(ctx.host)}")
     report = doctor.run_checks(ctx.host, replace(ctx.settings, gpu_mode=mode))
     ctx.summary.report = report
     for line in doctor.render_text(report).rstrip("\n").splitlines():

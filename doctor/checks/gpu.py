@@ -42,14 +42,21 @@ def _unit_details(units: list[UnitHealth]) -> tuple[str, ...]:
         lines.append(u.line)
         if u.status != READY:
             lines.extend(
-                f"  {r.device}: {r.message} ({r.hint})" for r in u.reasons if r.code not in _TOLD_BY_LINE
+                f"  {_where(r.device)}{r.message} ({r.hint})"
+                for r in u.reasons
+                if r.code not in _TOLD_BY_LINE
             )
     return tuple(lines)
 
 
+def _where(device: str | None) -> str:
+    # A reason about the whole unit (the VM-attach probe's) names no device.
+    return "" if device is None else f"{device}: "
+
+
 def _first_reason_hint(units: list[UnitHealth], codes: frozenset[str]) -> str:
     unit, reason = next((u, r) for u in units for r in u.reasons if r.code in codes)
-    return f"unit {unit.id}, {reason.device}: {reason.hint}"
+    return f"unit {unit.id}, {_where(reason.device)}{reason.hint}"
 
 
 def _check_shared_gpus(ctx: Context, name: str) -> CheckResult:

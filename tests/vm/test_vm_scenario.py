@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 from harness import BASE_APPEND, BLOCKERS, STAND_INS, TIMINGS, Vm
 from image import RELEASES, GuestImage
 from product import NODE_YAML, installer_tarball
@@ -61,6 +62,7 @@ class Scenario:
     vm: Vm
     cp: cptesting.RunningControlPlane
     token: str
+    org: str
     broken: str | None = None
     before: dict[str, str | None] = field(default_factory=dict)  # sha256 of files before install
     node: dict[str, Any] = field(default_factory=dict)
@@ -139,9 +141,10 @@ def scenario(
     port = urlsplit(control_plane.url).port
     assert port is not None
     vm = make_vm(image=guest, forwards={"10.0.2.100:443": ("127.0.0.1", port)})
-    token = control_plane.token(control_plane.org("gpu-provider"))
+    org = control_plane.org("gpu-provider")
+    token = control_plane.token(org)
     t0 = time.monotonic()
-    yield Scenario(vm, control_plane, token)
+    yield Scenario(vm, control_plane, token, org)
     # The next guest's steps run on the same two cores: this one goes first.
     vm.shutdown()
     TIMINGS.add(f"{vm.name} scenario, first boot to power-off", time.monotonic() - t0)
@@ -270,18 +273,88 @@ def test_4_the_same_command_enrolls_installs_the_agents_and_ends_done(sc: Scenar
         assert sc.vm.run(["systemctl", "is-active", unit]).stdout.strip() == "active", unit
     mode = sc.vm.run("stat -c %a /etc/vectorlay/identity/node.key").stdout.strip()
     assert mode == "600"
+    # The agent's watcher reads the kernel log between heartbeats, under the unit's sandbox: /dev/kmsg
+    # must open there (ProtectKernelLogs=, the device policy, CAP_SYSLOG where dmesg_restrict is 1).
+    pid = sc.main_pids()["node-agent.service"]
+    opened = sc.vm.run(
+        f"for i in $(seq 120); do ls -l /proc/{pid}/fd | grep -q ' -> /dev/kmsg$' && exit 0; "
+        "journalctl -u node-agent.service -o cat | grep -q 'cannot read the kernel log' && exit 2; "
+        "sleep 1; done; exit 1",
+        timeout=180,
+    )
+    journal = sc.vm.run(["journalctl", "-u", "node-agent.service", "-o", "cat", "--no-pager"]).stdout
+    assert opened.rc == 0, journal
 
 
 def test_5_the_doctor_shows_the_stand_in_units_ready_and_the_not_isolatable_one(sc: Scenario) -> None:
     res = sc.vm.run(["/opt/vectorlay/venv/bin/vectorlay-node-doctor", "--json"], timeout=300)
     print(f"vectorlay-node-doctor --json -> rc={res.rc}\n{res.stdout}\n{res.stderr}")
     report = json.loads(res.stdout)
-    assert report["gpu_units"] == {"ready": 4, "total": 5}
+    units = {u["id"]: u for u in report["units"]}
+    by_gpu = {d["address"]: u for u in units.values() for d in u["devices"]}
+    codes = {i: sorted({r["code"] for r in u["reasons"]}) for i, u in units.items()}
+    # Binding-ready (the gpu stage's 4/5) is not rentable: the doctor also asks whether each GPU can be
+    # reset between renters and whether QEMU started with the unit (the verify stage probed each).
+    # QEMU's VGA on the root bus has no reset at all (no FLR, no PM reset, no bus to reset): the
+    # kernel lists none and QEMU refuses it, "Cannot reset device ..., no available reset mechanism".
+    (root_bus,) = [s.address for s in STAND_INS if s.unit == "alone-root-bus"]
+    assert codes[by_gpu[root_bus]["id"]] == ["no_reset_method", "probe_failed"], by_gpu[root_bus]
+    # Two GPUs behind one bridge: the kernel sets a device's reset methods when it adds it to the bus,
+    # so the first one gets a bus reset (alone on the bus then) and the second none. The unit is
+    # not ready for that, although QEMU's hot reset of the whole group worked (its probe attached).
+    first, second = sorted(s.address for s in STAND_INS if s.unit == "two-gpus-behind-bridge")
+    pair = by_gpu[second]
+    assert codes[pair["id"]] == ["no_reset_method"], pair
+    assert [r["device"] for r in pair["reasons"]] == [second]
+    resets = {d["address"]: d["reset_method"] for d in pair["devices"]}
+    assert resets[first] and not resets[second], resets
+    (with_nic,) = [s.address for s in STAND_INS if s.unit == "with-nic"]
+    assert codes[by_gpu[with_nic]["id"]] == ["not_isolatable"]
+    assert sorted(u["status"] for u in units.values()) == ["not_ready"] * 3 + ["ready"] * 2
+    assert report["gpu_units"] == {"ready": 2, "total": 5}
     checks = {c["name"]: c for c in report["checks"]}
     (nic,) = BLOCKERS["with-nic"]
     # Some units rentable: a warning, whose hint names the NIC that keeps the last one from being.
     assert checks["gpu_units"]["status"] == "WARN"
     assert nic in (checks["gpu_units"]["hint"] or ""), checks["gpu_units"]
+
+
+def test_5a_the_control_plane_lists_each_unit_as_the_agents_doctor_reported_it(sc: Scenario) -> None:
+    enrolled = _enrolled(sc)
+    res = sc.vm.run(["/opt/vectorlay/venv/bin/vectorlay-node-doctor", "--json"], timeout=300)
+    doctor = {u["id"]: u["status"] for u in json.loads(res.stdout)["units"]}
+    key = sc.cp.api_key(sc.org)
+    node: dict[str, Any] = {}
+    # The listing shows the last heartbeat's doctor run, which may predate this one by up to an
+    # advertise_interval (240 s): a budget to wait for the same states, not a speed check.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        r = requests.get(
+            f"{sc.cp.url}/v1/orgs/{sc.org}/provider/nodes",
+            headers={"Authorization": f"Bearer {key}"},
+            verify=str(sc.cp.ca_file),
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        (node,) = [n for n in r.json()["nodes"] if n["node_id"] == enrolled["node_id"]]
+        if node["units"] is not None and {u["id"]: u["status"] for u in node["units"]} == doctor:
+            break
+        time.sleep(5)
+    journal = sc.vm.run(["journalctl", "-u", "node-agent.service", "-o", "cat", "--no-pager"]).stdout
+    print(f"listing: {json.dumps(node, indent=2)}\nnode-agent journal:\n{journal}")
+    assert "heartbeat failed" not in journal, journal
+    assert node["units"] is not None, node
+    listed = {u["id"]: u for u in node["units"]}
+    assert {i: u["status"] for i, u in listed.items()} == doctor
+    # A unit is advertised when the doctor calls it rentable and the node-level rules hold; the TCG
+    # guest's doctor FAILs its kvm and memory floors, so those rules withhold every unit, saying so.
+    node_ok = node["verdict"] != "FAIL"
+    for i, u in listed.items():
+        assert u["advertised"] is (doctor[i] in ("ready", "degraded") and node_ok), u
+        if not node_ok:
+            assert u["reasons"][-1] == "node verdict FAIL", u
+    assert node["gpu_units"]["advertised"] == sum(u["advertised"] for u in listed.values())
+    assert node["gpu_units"]["ready"] == sum(s in ("ready", "degraded") for s in doctor.values())
 
 
 def test_5b_the_doctor_is_on_the_providers_path(sc: Scenario) -> None:
