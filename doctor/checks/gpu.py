@@ -59,15 +59,19 @@ def _first_reason_hint(units: list[UnitHealth], codes: frozenset[str]) -> str:
     return f"unit {unit.id}, {_where(reason.device)}{reason.hint}"
 
 
-def _check_shared_gpus(ctx: Context, name: str) -> CheckResult:
+def _counted(ctx: Context, what: str) -> tuple[list[UnitHealth], int, bool, str]:
+    """The units, how many can be rented, whether all are ready, and the check's message."""
     units = ctx.unit_health()
     ready, total = ctx.units()
     degraded = sum(1 for u in units if u.status == DEGRADED)
-    message = f"{ready}/{total} GPU(s) on the nvidia driver, shared through runsc"
-    if degraded:
-        message += f" ({degraded} degraded)"
+    message = f"{ready}/{total} {what}" + (f" ({degraded} degraded)" if degraded else "")
+    return units, ready, ready == total and not degraded, message
+
+
+def _check_shared_gpus(ctx: Context, name: str) -> CheckResult:
+    units, ready, all_ready, message = _counted(ctx, "GPU(s) on the nvidia driver, shared through runsc")
     details = _unit_details(units)
-    if ready == total and not degraded:
+    if all_ready:
         return CheckResult(name, Status.PASS, message, None, details)
     down = [u for u in units if u.status == NOT_READY]
     off = [
@@ -89,14 +93,9 @@ def check_gpu_units(ctx: Context, name: str) -> CheckResult:
         return skip
     if ctx.mode == "container":
         return _check_shared_gpus(ctx, name)
-    units = ctx.unit_health()
-    ready, total = ctx.units()
-    degraded = sum(1 for u in units if u.status == DEGRADED)
-    message = f"{ready}/{total} GPU unit(s) ready to rent"
-    if degraded:
-        message += f" ({degraded} degraded)"
+    units, ready, all_ready, message = _counted(ctx, "GPU unit(s) ready to rent")
     details = _unit_details(units)
-    if ready == total and not degraded:
+    if all_ready:
         return CheckResult(name, Status.PASS, message, None, details)
     codes = {r.code for u in units if u.status == NOT_READY for r in u.reasons}
     if "not_on_vfio" in codes or "group_unusable" in codes:

@@ -16,21 +16,13 @@ from bootstrap.identity import load_identity
 from controlplane import testing
 from hostsim import build_host, load_topology
 from hostsim.demo import build_container_host
-from tests.controlplane.unit_bodies import malformed_units
+from tests.controlplane.unit_bodies import BASE, malformed_units
 from tests.install.helpers import gpus_on_vfio
 
 pytestmark = pytest.mark.slow
 
-GOOD: dict[str, Any] = {
-    "doctor": {
-        "verdict": "PASS",
-        "checks": [{"name": "gpu_units", "status": "PASS", "message": "8/8 GPU unit(s) ready", "hint": None}],
-        "gpu_units": {"ready": 8, "total": 8},
-    },
-    "resources": {"cpu_percent": 12.5, "memory_percent": 40.0, "disk_percent": 30.0},
-    "agents": {"nebula": "1.9.5", "nomad": "1.8.4", "node-agent": "1.0.0"},
-    "draining": False,
-}
+# A heartbeat of a healthy 8-GPU node, the one the per-unit bodies start from too.
+GOOD: dict[str, Any] = BASE
 
 
 def _with(**changes: Any) -> dict[str, Any]:
