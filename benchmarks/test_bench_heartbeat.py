@@ -28,6 +28,8 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -176,22 +178,32 @@ def _run_load(
     }
 
 
+@contextmanager
+def _enrolled(
+    cp: Any, tmp_path: Path, count: int, gpu_mode: str = "none", hardware: dict[str, Any] | None = None
+) -> Iterator[tuple[list[Path], Path]]:
+    """`count` node roots enrolled with org "load" (in /dev/shm where there is one: 200 identities'
+    writes would otherwise time the disk), and their directory; removed afterwards."""
+    cp.org("load", node_quota=count)
+    shm = Path("/dev/shm")
+    nodes_dir = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else tmp_path))
+    roots = [nodes_dir / f"node-{i}" for i in range(count)]
+    try:
+        for r in roots:
+            r.mkdir()
+            api = ApiClient(cp.url, ca_file=cp.ca_file, attempts=1)
+            enroll(TreeHost(r), api, cp.token("load"), gpu_mode=gpu_mode, hardware=hardware or {})
+            api.close()
+        yield roots, nodes_dir
+    finally:
+        shutil.rmtree(nodes_dir, ignore_errors=True)
+
+
 @pytest.mark.benchmark(group="heartbeat")
 def test_bench_heartbeats_from_200_nodes_over_16_concurrent_clients(benchmark: Any, tmp_path: Path) -> None:
     with testing.running(tmp_path / "cp", args=("--workers", str(WORKERS))) as cp:
-        cp.org("load", node_quota=NODES)
-        shm = Path("/dev/shm")
-        nodes_dir = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else tmp_path))
-        roots = [nodes_dir / f"node-{i}" for i in range(NODES)]
-        try:
-            for r in roots:
-                r.mkdir()
-                api = ApiClient(cp.url, ca_file=cp.ca_file, attempts=1)
-                enroll(TreeHost(r), api, cp.token("load"), gpu_mode="none", hardware={})
-                api.close()
+        with _enrolled(cp, tmp_path, NODES) as (roots, nodes_dir):
             result = benchmark.pedantic(_run_load, args=(cp, roots, nodes_dir), rounds=1, iterations=1)
-        finally:
-            shutil.rmtree(nodes_dir, ignore_errors=True)
         benchmark.extra_info.update(result)
         print(
             f"\n{result['heartbeats']:.0f} heartbeats from {NODES} nodes, {CLIENTS} clients: "
@@ -234,22 +246,11 @@ def test_bench_heartbeats_with_the_doctors_eight_units_from_200_nodes(benchmark:
     """The first benchmark's load from 8-GPU passthrough nodes whose heartbeats carry the doctor's
     per-unit state (`doctor.units`): the cost of validating, storing and deciding it per unit."""
     with testing.running(tmp_path / "cp", args=("--workers", str(WORKERS))) as cp:
-        cp.org("load", node_quota=NODES)
-        shm = Path("/dev/shm")
-        nodes_dir = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else tmp_path))
-        roots = [nodes_dir / f"node-{i}" for i in range(NODES)]
-        try:
-            for r in roots:
-                r.mkdir()
-                api = ApiClient(cp.url, ca_file=cp.ca_file, attempts=1)
-                enroll(TreeHost(r), api, cp.token("load"), gpu_mode="passthrough", hardware=GPU_HARDWARE)
-                api.close()
+        with _enrolled(cp, tmp_path, NODES, "passthrough", GPU_HARDWARE) as (roots, nodes_dir):
             result = benchmark.pedantic(
                 _run_load, args=(cp, roots, nodes_dir), kwargs={"body": UNITS_BODY}, rounds=1, iterations=1
             )
             stored = cp.admin.db.conn().execute("SELECT units FROM node_heartbeats").fetchall()
-        finally:
-            shutil.rmtree(nodes_dir, ignore_errors=True)
         benchmark.extra_info.update(result)
         print(
             f"\n{result['heartbeats']:.0f} heartbeats with 8 units each from {NODES} nodes,"
@@ -277,25 +278,16 @@ def test_bench_heartbeats_while_200_idle_and_64_half_handshake_connections_are_h
     ClientHello, opening a new one whenever the server closes one at its handshake deadline.
     The figure to watch is the honest heartbeats' p99 latency (under 1 s is the bar)."""
     with testing.running(tmp_path / "cp", args=("--workers", str(WORKERS))) as cp:
-        cp.org("load", node_quota=HOSTILE_NODES)
-        shm = Path("/dev/shm")
-        nodes_dir = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else tmp_path))
-        roots = [nodes_dir / f"node-{i}" for i in range(HOSTILE_NODES)]
         url = urlsplit(cp.url)
         assert url.hostname is not None and url.port is not None
-        try:
-            for r in roots:
-                r.mkdir()
-                api = ApiClient(cp.url, ca_file=cp.ca_file, attempts=1)
-                enroll(TreeHost(r), api, cp.token("load"), gpu_mode="none", hardware={})
-                api.close()
-            with holding(url.hostname, url.port, idle=IDLE, half_hello=HALF_HELLO) as hostile:
-                result = benchmark.pedantic(
-                    _run_load, args=(cp, roots, nodes_dir, HOSTILE_ROUNDS), rounds=1, iterations=1
-                )
-                held, reopened = hostile.held(), hostile.reopened
-        finally:
-            shutil.rmtree(nodes_dir, ignore_errors=True)
+        with (
+            _enrolled(cp, tmp_path, HOSTILE_NODES) as (roots, nodes_dir),
+            holding(url.hostname, url.port, idle=IDLE, half_hello=HALF_HELLO) as hostile,
+        ):
+            result = benchmark.pedantic(
+                _run_load, args=(cp, roots, nodes_dir, HOSTILE_ROUNDS), rounds=1, iterations=1
+            )
+            held, reopened = hostile.held(), hostile.reopened
         benchmark.extra_info.update(result, hostile_reopened=reopened)
         print(
             f"\n{result['heartbeats']:.0f} heartbeats from {HOSTILE_NODES} nodes, {CLIENTS} clients, "
